@@ -1,0 +1,1 @@
+"""Decode attention kernels for MLA and TPLA (Triton) and their torch references."""

@@ -1,0 +1,1 @@
+"""PD-aware router for tpla-serve prefill/decode servers."""

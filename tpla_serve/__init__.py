@@ -1,0 +1,1 @@
+"""tpla-serve: disaggregated MLA serving with tensor-parallel latent attention."""
