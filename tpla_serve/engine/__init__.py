@@ -1,0 +1,1 @@
+"""Scheduler, model runner and the offline Engine."""

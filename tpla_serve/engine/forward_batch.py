@@ -1,0 +1,117 @@
+"""What one model step sees: the batch flattened along tokens plus its KV-cache addressing."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from tpla_serve.cache.pool import LatentKVPool
+    from tpla_serve.layers.attention.base import AttentionBackend
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # prompt (or prompt chunk) tokens: exact MLA in MHA form
+    DECODE = "decode"  # generated tokens: absorbed form over the latent cache; q_len >= 1 per request
+
+
+@dataclass
+class ForwardBatch:
+    """B requests, N = sum(q_lens) new tokens. Every new token's KV is written before attention runs,
+    so a request's KV (prefix + new) is exactly the slots kv_indices[kv_indptr[i]:kv_indptr[i+1]]."""
+
+    mode: ForwardMode
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    q_lens: list[int]  # new tokens per request (host)
+    seq_lens: list[int]  # KV tokens per request after this step, prefix + new (host)
+    qo_indptr: torch.Tensor  # [B+1] int64
+    kv_indptr: torch.Tensor  # [B+1] int64
+    kv_indices: torch.Tensor  # [sum(seq_lens)] int64 slots, in position order per request
+    out_cache_loc: torch.Tensor  # [N] int64 slots the new tokens are written to
+    page_table: torch.Tensor  # [B, max_pages] int32, padded with page 0
+    seq_lens_t: torch.Tensor  # [B] int32, seq_lens on the device
+    logits_indices: torch.Tensor  # [M] int64 rows of the N tokens whose logits the caller wants
+    kv_pool: LatentKVPool
+    attn_backend: AttentionBackend
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_lens)
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One request's part of a step: its new tokens, how many tokens it already has cached, its pages."""
+
+    new_token_ids: list[int]
+    prefix_len: int
+    pages: list[int]
+    logits_for_all: bool = False  # True: logits of every new token (prompt logprobs, verification)
+
+
+def build_forward_batch(
+    mode: ForwardMode,
+    entries: list[BatchEntry],
+    kv_pool: LatentKVPool,
+    attn_backend: AttentionBackend,
+    device: torch.device | str,
+) -> ForwardBatch:
+    """Lay out a step on the host, then move it to the device in one go per tensor.
+
+    A request's pages must already cover prefix_len + len(new_token_ids) tokens.
+    """
+    page_size = kv_pool.page_size
+    input_ids: list[int] = []
+    positions: list[int] = []
+    q_lens: list[int] = []
+    seq_lens: list[int] = []
+    kv_indices: list[int] = []
+    out_loc: list[int] = []
+    logits_rows: list[int] = []
+    for e in entries:
+        q_len = len(e.new_token_ids)
+        seq_len = e.prefix_len + q_len
+        if q_len == 0:
+            raise ValueError("a batch entry needs at least one new token")
+        if len(e.pages) * page_size < seq_len:
+            raise ValueError(f"{len(e.pages)} pages of {page_size} cannot hold {seq_len} tokens")
+        slots = [e.pages[t // page_size] * page_size + t % page_size for t in range(seq_len)]
+        row0 = len(input_ids)
+        input_ids.extend(e.new_token_ids)
+        positions.extend(range(e.prefix_len, seq_len))
+        kv_indices.extend(slots)
+        out_loc.extend(slots[e.prefix_len :])
+        logits_rows.extend(range(row0, row0 + q_len) if e.logits_for_all else [row0 + q_len - 1])
+        q_lens.append(q_len)
+        seq_lens.append(seq_len)
+    max_pages = max(len(e.pages) for e in entries)
+    page_table = torch.zeros(len(entries), max_pages, dtype=torch.int32)
+    for i, e in enumerate(entries):
+        page_table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
+
+    def indptr(lens: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(device)
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        mode=mode,
+        input_ids=ints(input_ids),
+        positions=ints(positions),
+        q_lens=q_lens,
+        seq_lens=seq_lens,
+        qo_indptr=indptr(q_lens),
+        kv_indptr=indptr(seq_lens),
+        kv_indices=ints(kv_indices),
+        out_cache_loc=ints(out_loc),
+        page_table=page_table.to(device),
+        seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+        logits_indices=ints(logits_rows),
+        kv_pool=kv_pool,
+        attn_backend=attn_backend,
+    )

@@ -1,0 +1,1 @@
+"""Tensor-parallel latent attention: shard layout, weight transforms, calibration."""
