@@ -1,0 +1,386 @@
+"""Wire messages of the prefill → decode KV stream.
+
+Each message is one multipart ZMQ message: frame 0 is a msgpack map {"v": version, "t": tag, fields...},
+any further frames are raw little-endian tensor bytes (never pickle). Decoding is strict and bounded:
+an unknown version or tag, a missing, extra or mistyped field, an out-of-range value, a wrong frame count
+or size all raise ProtocolError (a ValueError), so an IO loop can drop the message and carry on.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+import torch
+
+from tpla_serve.disagg.bootstrap import MAX_ROOM, check_endpoint
+from tpla_serve.disagg.spec import DecodeLayout, KVSpec
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_MESSAGE_LEN = 4096
+MAX_TOKENS = 1 << 24
+MAX_TOP_LOGPROBS = 1024
+MAX_RANKS = 1024
+_UNPACK_LIMITS = dict(
+    max_str_len=MAX_MESSAGE_LEN, max_bin_len=0, max_array_len=MAX_RANKS, max_map_len=32, max_ext_len=0
+)
+
+Frame = Union[bytes, memoryview, np.ndarray]
+
+
+class ProtocolError(ValueError):
+    """A peer sent something that is not a valid message of this protocol version."""
+
+
+class Tag(enum.IntEnum):
+    REGISTER = 1
+    LAYER_KV = 2
+    DONE = 3
+    ABORT = 4
+
+
+def tensor_frame(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy byte view of a contiguous CPU tensor; it keeps the tensor alive while ZMQ holds it."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"a wire tensor must be contiguous and on the CPU, got {t.device}, {t.stride()}")
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def frame_tensor(frame: memoryview, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """The tensor in a received frame (no copy), after checking its byte size against shape and dtype."""
+    expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    if frame.nbytes != expected:
+        raise ProtocolError(f"{what} frame has {frame.nbytes} bytes, expected {expected} for {shape}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(frame, dtype=dtype).view(shape)
+
+
+@dataclass(frozen=True)
+class Register:
+    """Decode rank 0 → prefill bootstrap: "send room's KV, sliced for this layout, to these endpoints"."""
+
+    room: int
+    layout: DecodeLayout
+    rank_endpoints: tuple[str, ...]  # rank k's PULL endpoint receives rank k's slice
+    notify_endpoint: str  # where the prefill sends ABORT about the room before it trusts rank_endpoints
+    n_tokens: int  # prompt tokens the decode expects (and reserved pages for)
+    max_frame_bytes: int  # largest frame the decode ranks accept; the prefill chunks tokens to fit
+
+    def __post_init__(self) -> None:
+        if len(self.rank_endpoints) != self.layout.tp_size:
+            raise ValueError(
+                f"rank_endpoints has {len(self.rank_endpoints)} entries for tp_size {self.layout.tp_size}"
+            )
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """Prefill → one decode rank: tokens [token_start, token_start + n_tokens) of one layer, as that rank
+    keeps them. Frames: ĉ slice [n_tokens, r/g] and k_pe [n_tokens, d_r], raw bytes of the KV dtype."""
+
+    room: int
+    layer: int
+    token_start: int
+    n_tokens: int
+    ckv: Frame
+    kpe: Frame
+
+    def tensors(self, dtype: torch.dtype, ckv_width: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.n_tokens,)
+        return (
+            frame_tensor(memoryview(self.ckv), dtype, shape + (ckv_width,), "ckv"),
+            frame_tensor(memoryview(self.kpe), dtype, shape + (rope_dim,), "kpe"),
+        )
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens start.. (float32 [m]) and optionally their top-k (values and ids [m, k])."""
+
+    start: int
+    logprobs: torch.Tensor
+    top_logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs.dim() != 1 or self.logprobs.dtype != torch.float32:
+            raise ValueError("PromptLogprobs.logprobs must be a float32 [m] tensor")
+        if (self.top_logprobs is None) != (self.top_ids is None):
+            raise ValueError("PromptLogprobs.top_logprobs and top_ids must be given together")
+        if self.top_logprobs is not None and self.top_ids is not None:
+            m = self.logprobs.shape[0]
+            if self.top_logprobs.dtype != torch.float32 or self.top_ids.dtype != torch.int32:
+                raise ValueError("PromptLogprobs top values must be float32 and top ids int32")
+            if self.top_logprobs.dim() != 2 or self.top_logprobs.shape[0] != m:
+                raise ValueError(f"PromptLogprobs.top_logprobs must be [{m}, k]")
+            if self.top_ids.shape != self.top_logprobs.shape:
+                raise ValueError("PromptLogprobs.top_ids must have the shape of top_logprobs")
+
+    @property
+    def top_k(self) -> int:
+        return 0 if self.top_logprobs is None else self.top_logprobs.shape[1]
+
+
+@dataclass(frozen=True)
+class Done:
+    """Prefill → every decode rank, after all of the room's layers: the first sampled token.
+    Prompt logprobs go to rank 0 only."""
+
+    room: int
+    first_token_id: int
+    first_token_logprob: float | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Either direction: the room is over; `message` says why."""
+
+    room: int
+    message: str
+
+
+Message = Union[Register, LayerKV, Done, Abort]
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _spec_map(spec: KVSpec) -> dict[str, Any]:
+    return {
+        "num_layers": spec.num_layers,
+        "kv_lora_rank": spec.kv_lora_rank,
+        "rope_dim": spec.rope_dim,
+        "dtype": spec.dtype,
+        "fingerprint": spec.fingerprint,
+    }
+
+
+def _header(tag: Tag, fields: dict[str, Any]) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": int(tag), **fields})
+
+
+def encode(msg: Message) -> list[Frame]:
+    """The frames of `msg`: a msgpack header, then its raw tensor frames (referenced, not copied)."""
+    if isinstance(msg, LayerKV):
+        fields = {"room": msg.room, "layer": msg.layer, "token_start": msg.token_start, "n_tokens": msg.n_tokens}
+        return [_header(Tag.LAYER_KV, fields), msg.ckv, msg.kpe]
+    if isinstance(msg, Done):
+        lp = msg.prompt_logprobs
+        lp_fields = None if lp is None else {"start": lp.start, "n": lp.logprobs.shape[0], "k": lp.top_k}
+        fields = {
+            "room": msg.room,
+            "first_token_id": msg.first_token_id,
+            "first_token_logprob": msg.first_token_logprob,
+            "prompt_logprobs": lp_fields,
+        }
+        frames: list[Frame] = [_header(Tag.DONE, fields)]
+        if lp is not None:
+            frames.append(tensor_frame(lp.logprobs.contiguous()))
+            if lp.top_logprobs is not None and lp.top_ids is not None:
+                frames += [tensor_frame(lp.top_logprobs.contiguous()), tensor_frame(lp.top_ids.contiguous())]
+        return frames
+    if isinstance(msg, Register):
+        layout = msg.layout
+        fields = {
+            "room": msg.room,
+            "layout": {
+                "tp_size": layout.tp_size,
+                "latent_groups": layout.latent_groups,
+                "page_size": layout.page_size,
+                "kv": _spec_map(layout.kv),
+                "draft": None if layout.draft is None else _spec_map(layout.draft),
+            },
+            "rank_endpoints": list(msg.rank_endpoints),
+            "notify_endpoint": msg.notify_endpoint,
+            "n_tokens": msg.n_tokens,
+            "max_frame_bytes": msg.max_frame_bytes,
+        }
+        return [_header(Tag.REGISTER, fields)]
+    if isinstance(msg, Abort):
+        return [_header(Tag.ABORT, {"room": msg.room, "message": msg.message[:MAX_MESSAGE_LEN]})]
+    raise TypeError(f"not a message: {type(msg).__name__}")
+
+
+# ---------------------------------------------------------------- strict decoding
+
+
+class _Fields:
+    """Typed access to a decoded header map that must hold exactly the expected keys."""
+
+    def __init__(self, obj: object, keys: frozenset[str], where: str) -> None:
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{where} must be a map, got {type(obj).__name__}")
+        missing, extra = keys - obj.keys(), obj.keys() - keys
+        if missing or extra:
+            raise ProtocolError(f"{where}: missing fields {sorted(missing)}, unexpected {sorted(extra)}")
+        self._map, self._where = obj, where
+
+    def _fail(self, key: str, want: str) -> ProtocolError:
+        return ProtocolError(f"{self._where}.{key} must be {want}, got {self._map[key]!r:.80}")
+
+    def int(self, key: str, lo: int = 0, hi: int = MAX_ROOM) -> int:
+        value = self._map[key]
+        if type(value) is not int or not lo <= value <= hi:
+            raise self._fail(key, f"an int in [{lo}, {hi}]")
+        return value
+
+    def str(self, key: str) -> str:
+        value = self._map[key]
+        if type(value) is not str:
+            raise self._fail(key, "a str")
+        return value
+
+    def opt_float(self, key: str) -> float | None:
+        value = self._map[key]
+        if value is None:
+            return None
+        if type(value) not in (int, float):
+            raise self._fail(key, "a float or null")
+        return float(value)
+
+    def str_list(self, key: str) -> list[str]:
+        value = self._map[key]
+        if type(value) is not list or any(type(v) is not str for v in value):
+            raise self._fail(key, "a list of str")
+        return value
+
+    def get(self, key: str) -> object:
+        return self._map[key]
+
+
+_SPEC_KEYS = frozenset({"num_layers", "kv_lora_rank", "rope_dim", "dtype", "fingerprint"})
+_LAYOUT_KEYS = frozenset({"tp_size", "latent_groups", "page_size", "kv", "draft"})
+
+
+def _spec(obj: object, where: str) -> KVSpec:
+    f = _Fields(obj, _SPEC_KEYS, where)
+    return KVSpec(
+        num_layers=f.int("num_layers", 1, 1 << 16),
+        kv_lora_rank=f.int("kv_lora_rank", 1, 1 << 16),
+        rope_dim=f.int("rope_dim", 1, 1 << 16),
+        dtype=f.str("dtype"),
+        fingerprint=f.str("fingerprint"),
+    )
+
+
+def _register(f: _Fields, frames: Sequence[memoryview]) -> Register:
+    lf = _Fields(f.get("layout"), _LAYOUT_KEYS, "register.layout")
+    draft = lf.get("draft")
+    layout = DecodeLayout(
+        kv=_spec(lf.get("kv"), "register.layout.kv"),
+        tp_size=lf.int("tp_size", 1, MAX_RANKS),
+        latent_groups=lf.int("latent_groups", 1, MAX_RANKS),
+        page_size=lf.int("page_size", 1, 1 << 20),
+        draft=None if draft is None else _spec(draft, "register.layout.draft"),
+    )
+    return Register(
+        room=f.int("room"),
+        layout=layout,
+        rank_endpoints=tuple(check_endpoint(e) for e in f.str_list("rank_endpoints")),
+        notify_endpoint=check_endpoint(f.str("notify_endpoint")),
+        n_tokens=f.int("n_tokens", 1, MAX_TOKENS),
+        max_frame_bytes=f.int("max_frame_bytes", 1, 1 << 40),
+    )
+
+
+def _layer_kv(f: _Fields, frames: Sequence[memoryview]) -> LayerKV:
+    return LayerKV(
+        room=f.int("room"),
+        layer=f.int("layer", 0, 1 << 16),
+        token_start=f.int("token_start", 0, MAX_TOKENS),
+        n_tokens=f.int("n_tokens", 1, MAX_TOKENS),
+        ckv=frames[0],
+        kpe=frames[1],
+    )
+
+
+def _done(f: _Fields, frames: Sequence[memoryview]) -> Done:
+    lp_obj = f.get("prompt_logprobs")
+    prompt_logprobs = None
+    if lp_obj is None:
+        if frames:
+            raise ProtocolError(f"done without prompt_logprobs carries {len(frames)} frames")
+    else:
+        lf = _Fields(lp_obj, frozenset({"start", "n", "k"}), "done.prompt_logprobs")
+        start, m, k = lf.int("start", 0, MAX_TOKENS), lf.int("n", 0, MAX_TOKENS), lf.int("k", 0, MAX_TOP_LOGPROBS)
+        if len(frames) != (3 if k else 1):
+            raise ProtocolError(f"done with top-{k} prompt logprobs carries {len(frames)} frames")
+        prompt_logprobs = PromptLogprobs(
+            start=start,
+            logprobs=frame_tensor(frames[0], torch.float32, (m,), "prompt logprobs"),
+            top_logprobs=frame_tensor(frames[1], torch.float32, (m, k), "top logprobs") if k else None,
+            top_ids=frame_tensor(frames[2], torch.int32, (m, k), "top ids") if k else None,
+        )
+    return Done(
+        room=f.int("room"),
+        first_token_id=f.int("first_token_id", 0, (1 << 31) - 1),
+        first_token_logprob=f.opt_float("first_token_logprob"),
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _abort(f: _Fields, frames: Sequence[memoryview]) -> Abort:
+    return Abort(room=f.int("room"), message=f.str("message"))
+
+
+@dataclass(frozen=True)
+class _Kind:
+    keys: frozenset[str]
+    n_frames: int | None  # None: the decoder checks
+    build: Callable[[_Fields, Sequence[memoryview]], Message]
+
+
+_KINDS = MappingProxyType(
+    {
+        Tag.REGISTER: _Kind(
+            frozenset({"room", "layout", "rank_endpoints", "notify_endpoint", "n_tokens", "max_frame_bytes"}),
+            0,
+            _register,
+        ),
+        Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens"}), 2, _layer_kv),
+        Tag.DONE: _Kind(
+            frozenset({"room", "first_token_id", "first_token_logprob", "prompt_logprobs"}), None, _done
+        ),
+        Tag.ABORT: _Kind(frozenset({"room", "message"}), 0, _abort),
+    }
+)
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """The message in `frames` (bytes or zmq.Frame); ProtocolError for anything malformed."""
+    if not frames:
+        raise ProtocolError("empty message")
+    views = [memoryview(f) for f in frames]
+    if views[0].nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {views[0].nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(views[0], raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack signals bad input with many exception types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    if header.get("v") != PROTOCOL_VERSION or type(header.get("v")) is not int:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r:.40} (want {PROTOCOL_VERSION})")
+    tag = header.get("t")
+    if type(tag) is not int or tag not in _KINDS.keys():
+        raise ProtocolError(f"unknown message tag {tag!r:.40}")
+    kind = _KINDS[Tag(tag)]
+    body = {k: v for k, v in header.items() if k not in ("v", "t")}
+    payload = views[1:]
+    if kind.n_frames is not None and len(payload) != kind.n_frames:
+        raise ProtocolError(f"{Tag(tag).name} carries {len(payload)} frames, expected {kind.n_frames}")
+    fields = _Fields(body, kind.keys, Tag(tag).name.lower())
+    try:
+        return kind.build(fields, payload)
+    except ProtocolError:
+        raise
+    except ValueError as exc:  # a well-typed but inconsistent value, e.g. g not dividing tp_size
+        raise ProtocolError(f"{Tag(tag).name.lower()}: {exc}") from exc

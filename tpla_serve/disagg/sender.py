@@ -1,0 +1,455 @@
+"""Prefill side of the KV stream: one KVSender per prefill scheduler.
+
+The engine calls send_layer() after each layer and send_done() after sampling the first token; both
+return at once. The IO thread slices each layer per decode rank (its r/g latent dims + the full k_pe) and
+sends it zero-copy while the engine computes the next layer. Decode servers REGISTER on the bootstrap
+socket; layers that are ready before their room registers wait in a bounded buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+import zmq
+
+from tpla_serve.disagg.bootstrap import check_room, tcp_endpoint
+from tpla_serve.disagg.events import EventSink, RoomEvent, RoomFailed
+from tpla_serve.disagg.io_loop import IOLoop, Outbound, frames_nbytes
+from tpla_serve.disagg.messages import (
+    MAX_HEADER_BYTES,
+    Abort,
+    Done,
+    LayerKV,
+    PromptLogprobs,
+    ProtocolError,
+    Register,
+    decode,
+    encode,
+    tensor_frame,
+)
+from tpla_serve.disagg.spec import KVSpec, layout_mismatch
+
+logger = logging.getLogger(__name__)
+
+_RECV_BATCH = 256
+_SWEEP_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class _LayerCmd:
+    room: int
+    layer: int
+    token_start: int
+    ckv: torch.Tensor
+    kpe: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _DoneCmd:
+    done: Done
+
+    @property
+    def room(self) -> int:
+        return self.done.room
+
+
+@dataclass(frozen=True)
+class _AbortCmd:
+    room: int
+    message: str
+
+
+_Cmd = Union[_LayerCmd, _DoneCmd, _AbortCmd]
+
+
+@dataclass
+class _Room:
+    room: int
+    deadline: float
+    next_start: list[int]  # per layer: tokens handed to the stream so far
+    registration: Register | None = None
+    buffered: list[_Cmd] = field(default_factory=list)
+    buffered_bytes: int = 0
+    touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
+
+
+@dataclass
+class _Ended:
+    message: str | None  # None: completed
+    reported: bool  # a RoomFailed went (or need not go) to the engine
+
+
+@dataclass(frozen=True)
+class SenderStats:
+    bytes_sent: int
+    rooms_sent: int
+    rooms_failed: int
+    rooms_live: int
+    messages_rejected: int
+
+
+class KVSender(IOLoop):
+    """Streams prompts' latent KV to the decode servers that register for them.
+
+    Threading: every method may be called from any thread; all sockets live on the sender's IO thread.
+    Tensors passed to send_layer are kept (not copied) until sent: do not modify them afterwards.
+    """
+
+    def __init__(
+        self,
+        kv: KVSpec,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        draft: KVSpec | None = None,
+        timeout_s: float = 60.0,
+        max_rooms: int = 1024,
+        max_buffered_bytes_per_room: int = 1 << 30,
+        max_buffered_bytes: int = 4 << 30,
+        on_event: Callable[[RoomEvent], None] | None = None,
+    ) -> None:
+        super().__init__(name="kv-sender")
+        self.kv = kv
+        self.draft = draft
+        self.timeout_s = timeout_s
+        self.max_rooms = max_rooms
+        self.max_buffered_bytes_per_room = max_buffered_bytes_per_room
+        self.max_buffered_bytes = max_buffered_bytes
+        self._events = EventSink(on_event)
+        self._bootstrap = self.ctx.socket(zmq.PULL)
+        self._bootstrap.setsockopt(zmq.LINGER, 0)
+        self._bootstrap.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
+        if port == 0:
+            self._bootstrap.bind(f"tcp://{host}:*")
+            self.bootstrap_port = int(self._bootstrap.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        else:
+            self._bootstrap.bind(tcp_endpoint(host, port))
+            self.bootstrap_port = port
+        self.bootstrap_endpoint = tcp_endpoint(host, self.bootstrap_port)
+        self.poller.register(self._bootstrap, zmq.POLLIN)
+        self._out = Outbound(self.ctx, self.poller)
+        # IO-thread state
+        self._rooms: dict[int, _Room] = {}
+        self._buffered_bytes = 0
+        self._next_sweep = 0.0
+        self._bytes_sent = self._rooms_sent = self._rooms_failed = self._rejected = 0
+        # shared with callers, under _cond
+        self._cond = threading.Condition()
+        self._registered: dict[int, Register] = {}
+        self._ended: OrderedDict[int, _Ended] = OrderedDict()
+        self._start()
+
+    # ------------------------------------------------------------ engine API
+
+    def registration(self, room: int) -> Register | None:
+        """The decode's REGISTER for `room` if it has arrived and the room is live (non-blocking)."""
+        with self._cond:
+            return self._registered.get(room)
+
+    def wait_for_registration(self, room: int, timeout_s: float) -> Register | None:
+        """Block until the room registers; None on timeout or when the room has ended (see failure())."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while room not in self._registered and room not in self._ended:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    break
+            return self._registered.get(room)
+
+    def failure(self, room: int) -> str | None:
+        """Why a recently ended room failed, or None (live, completed, or unknown)."""
+        with self._cond:
+            ended = self._ended.get(room)
+            return None if ended is None else ended.message
+
+    def send_layer(
+        self, room: int, layer: int, ckv: torch.Tensor, kpe: torch.Tensor, token_start: int = 0
+    ) -> None:
+        """Stream tokens [token_start, token_start + n) of `layer`: ĉ [n, r] and k_pe [n, d_r].
+
+        Each layer's token ranges must come in order without gaps (chunked prefill sends chunk after
+        chunk). Device tensors are copied to the host here, synchronously.
+        """
+        check_room(room)
+        if type(layer) is not int or not 0 <= layer < self.kv.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.kv.num_layers}), got {layer!r}")
+        if type(token_start) is not int or token_start < 0:
+            raise ValueError(f"token_start must be a non-negative int, got {token_start!r}")
+        n = ckv.shape[0] if ckv.dim() == 2 else -1
+        for name, t, width in (("ckv", ckv, self.kv.kv_lora_rank), ("kpe", kpe, self.kv.rope_dim)):
+            if t.dim() != 2 or t.shape[1] != width or t.shape[0] != n or n < 1:
+                raise ValueError(f"{name} must be [n >= 1, {width}] with the same n as ckv, got {tuple(t.shape)}")
+            if t.dtype != self.kv.torch_dtype:
+                raise ValueError(f"{name} dtype must be {self.kv.torch_dtype}, got {t.dtype}")
+        self._submit(_LayerCmd(room, layer, token_start, ckv.cpu(), kpe.cpu()))
+
+    def send_done(
+        self,
+        room: int,
+        first_token_id: int,
+        first_token_logprob: float | None = None,
+        prompt_logprobs: PromptLogprobs | None = None,
+    ) -> None:
+        """Finish the room: every layer has been sent; the decode may start from first_token_id."""
+        check_room(room)
+        if type(first_token_id) is not int or not 0 <= first_token_id < 1 << 31:
+            raise ValueError(f"first_token_id must be a non-negative int32, got {first_token_id!r}")
+        self._submit(_DoneCmd(Done(room, first_token_id, first_token_logprob, prompt_logprobs)))
+
+    def abort(self, room: int, message: str) -> None:
+        """End the room from the prefill side; the decode ranks get ABORT with `message`."""
+        check_room(room)
+        self._submit(_AbortCmd(room, str(message)))
+
+    def poll(self) -> list[RoomEvent]:
+        """Events since the last poll (when no on_event callback was given): RoomFailed only."""
+        return self._events.poll()
+
+    def stats(self) -> SenderStats:
+        return SenderStats(
+            self._bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms), self._rejected
+        )
+
+    # ------------------------------------------------------------ IO thread
+
+    def _on_command(self, cmd: _Cmd) -> None:
+        now = time.monotonic()
+        ended = self._ended.get(cmd.room)
+        if ended is not None:
+            if isinstance(cmd, _AbortCmd):
+                ended.reported = True
+            elif not ended.reported and ended.message is not None:
+                ended.reported = True
+                self._events.emit([RoomFailed(cmd.room, ended.message)])
+            return
+        state = self._rooms.get(cmd.room)
+        if state is None:
+            if isinstance(cmd, _AbortCmd):
+                self._end(cmd.room, cmd.message, reported=True)
+                return
+            if len(self._rooms) >= self.max_rooms:
+                message = f"prefill has too many rooms in flight ({self.max_rooms})"
+                self._rooms_failed += 1
+                self._end(cmd.room, message, reported=True)
+                self._events.emit([RoomFailed(cmd.room, message)])
+                return
+            state = self._new_room(cmd.room, now)
+        state.touched = True
+        state.deadline = now + self.timeout_s
+        if isinstance(cmd, _AbortCmd):
+            self._fail(state, cmd.message)
+        elif state.registration is not None:
+            self._stream(state, cmd, now)
+        else:
+            self._buffer(state, cmd)
+
+    def _on_sockets(self, ready: dict[Any, int]) -> None:
+        now = time.monotonic()
+        if ready.get(self._bootstrap, 0) & zmq.POLLIN:
+            for _ in range(_RECV_BATCH):
+                try:
+                    frames = self._bootstrap.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_bootstrap_message(frames, now)
+        self._out.on_writable(ready, now)
+
+    def _on_tick(self, now: float) -> None:
+        for state in [s for s in self._rooms.values() if s.deadline < now]:
+            if state.registration is None:
+                self._fail(state, f"timed out after {self.timeout_s:g}s waiting for the decode server to register")
+            else:
+                self._fail(state, f"timed out after {self.timeout_s:g}s waiting for the prefill to finish")
+        for room in self._out.expire(now, self.timeout_s):
+            state = self._rooms.get(room)
+            if state is not None:
+                self._fail(state, f"decode server did not take KV for {self.timeout_s:g}s", tell_decode=False)
+        if now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_EVERY_S
+            live = {e for s in self._rooms.values() if s.registration for e in s.registration.rank_endpoints}
+            self._out.sweep(now, self.timeout_s, live)
+
+    def _on_close(self) -> None:
+        self._out.close()
+        self._bootstrap.close()
+
+    def _on_bootstrap_message(self, frames: list[zmq.Frame], now: float) -> None:
+        try:
+            msg = decode(frames)
+            if not isinstance(msg, (Register, Abort)):
+                raise ProtocolError(f"{type(msg).__name__} is not a bootstrap message")
+        except ProtocolError as exc:
+            self._rejected += 1
+            logger.warning("rejected a bootstrap message: %s", exc)
+            return
+        if isinstance(msg, Abort):
+            self._on_decode_abort(msg)
+        else:
+            self._on_register(msg, now)
+
+    def _on_decode_abort(self, msg: Abort) -> None:
+        message = f"decode server aborted the room: {msg.message}"
+        state = self._rooms.get(msg.room)
+        if state is not None:
+            # Tell every decode rank, so ranks that did not fail end the room now rather than by timeout.
+            self._fail(state, message)
+        elif msg.room not in self._ended:
+            self._end(msg.room, message, reported=False)
+
+    def _on_register(self, reg: Register, now: float) -> None:
+        ended = self._ended.get(reg.room)
+        if ended is not None:
+            why = "it completed" if ended.message is None else ended.message
+            self._send_abort(reg, f"room {reg.room} already ended on the prefill server: {why}", now)
+            return
+        state = self._rooms.get(reg.room)
+        if state is not None and state.registration is not None:
+            self._fail(state, f"room {reg.room} registered twice")
+            self._send_abort(reg, f"room {reg.room} registered twice", now)
+            return
+        problem = layout_mismatch(self.kv, self.draft, reg.layout)
+        if problem is None and len(self._rooms) >= self.max_rooms and state is None:
+            problem = f"prefill has too many rooms in flight ({self.max_rooms})"
+        if problem is not None:
+            logger.warning("room %d: %s", reg.room, problem)
+            self._send_abort(reg, problem, now)
+            if state is not None:
+                self._fail(state, problem, tell_decode=False)
+            else:
+                self._end(reg.room, problem, reported=False)
+            return
+        if state is None:
+            state = self._new_room(reg.room, now)
+        state.registration = reg
+        state.deadline = now + self.timeout_s
+        with self._cond:
+            self._registered[reg.room] = reg
+            self._cond.notify_all()
+        buffered, state.buffered = state.buffered, []
+        self._buffered_bytes -= state.buffered_bytes
+        state.buffered_bytes = 0
+        for cmd in buffered:
+            if self._rooms.get(reg.room) is not state:
+                break  # a buffered command ended the room
+            self._stream(state, cmd, now)
+
+    def _new_room(self, room: int, now: float) -> _Room:
+        state = _Room(room=room, deadline=now + self.timeout_s, next_start=[0] * self.kv.num_layers)
+        self._rooms[room] = state
+        return state
+
+    def _buffer(self, state: _Room, cmd: _Cmd) -> None:
+        nbytes = 0
+        if isinstance(cmd, _LayerCmd):
+            nbytes = cmd.ckv.nbytes + cmd.kpe.nbytes
+        if state.buffered_bytes + nbytes > self.max_buffered_bytes_per_room:
+            self._fail(
+                state,
+                f"more than {self.max_buffered_bytes_per_room} bytes of KV were ready before the decode "
+                "server registered the room",
+            )
+            return
+        if self._buffered_bytes + nbytes > self.max_buffered_bytes:
+            self._fail(state, f"prefill's KV buffer for unregistered rooms is full ({self.max_buffered_bytes} bytes)")
+            return
+        state.buffered.append(cmd)
+        state.buffered_bytes += nbytes
+        self._buffered_bytes += nbytes
+
+    def _stream(self, state: _Room, cmd: _Cmd, now: float) -> None:
+        reg = state.registration
+        assert reg is not None
+        try:
+            if isinstance(cmd, _LayerCmd):
+                self._stream_layer(state, reg, cmd, now)
+            elif isinstance(cmd, _DoneCmd):
+                self._stream_done(state, reg, cmd.done, now)
+        except zmq.ZMQError as exc:
+            self._fail(state, f"cannot send to the decode server: {exc}")
+
+    def _stream_layer(self, state: _Room, reg: Register, cmd: _LayerCmd, now: float) -> None:
+        n = cmd.ckv.shape[0]
+        expected = state.next_start[cmd.layer]
+        if cmd.token_start != expected:
+            self._fail(state, f"layer {cmd.layer}: tokens from {cmd.token_start} sent, expected {expected}")
+            return
+        if cmd.token_start + n > reg.n_tokens:
+            self._fail(
+                state,
+                f"prefill has at least {cmd.token_start + n} prompt tokens but the decode server expects "
+                f"{reg.n_tokens}",
+            )
+            return
+        state.next_start[cmd.layer] += n
+        layout = reg.layout
+        itemsize = self.kv.itemsize
+        chunk = max(1, reg.max_frame_bytes // (max(layout.ckv_width, self.kv.rope_dim) * itemsize))
+        if chunk >= layout.page_size:
+            chunk -= chunk % layout.page_size
+        kpe = cmd.kpe.contiguous()
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            kpe_frame = tensor_frame(kpe[s:e])
+            group_frames: dict[int, Any] = {}
+            for rank, endpoint in enumerate(reg.rank_endpoints):
+                a, b = layout.latent_slice(rank)
+                if a not in group_frames:
+                    group_frames[a] = tensor_frame(cmd.ckv[s:e, a:b].contiguous())
+                frames = encode(LayerKV(state.room, cmd.layer, cmd.token_start + s, e - s, group_frames[a], kpe_frame))
+                self._out.send(endpoint, state.room, frames, now)
+                self._bytes_sent += frames_nbytes(frames)
+
+    def _stream_done(self, state: _Room, reg: Register, done: Done, now: float) -> None:
+        for layer, sent in enumerate(state.next_start):
+            if sent != reg.n_tokens:
+                self._fail(
+                    state,
+                    f"prefill finished with {sent} tokens of layer {layer}, the decode server expects {reg.n_tokens}",
+                )
+                return
+        others = Done(done.room, done.first_token_id, done.first_token_logprob, None)
+        for rank, endpoint in enumerate(reg.rank_endpoints):
+            self._out.send(endpoint, state.room, encode(done if rank == 0 else others), now)
+        self._rooms_sent += 1
+        self._remove(state)
+        self._end(state.room, None, reported=True)
+
+    def _fail(self, state: _Room, message: str, tell_decode: bool = True) -> None:
+        """End a live room: drop what is still queued, tell the decode ranks and (if it asked) the engine."""
+        self._remove(state)
+        self._out.drop_room(state.room)
+        if tell_decode and state.registration is not None:
+            self._send_abort(state.registration, message, time.monotonic())
+        self._rooms_failed += 1
+        self._end(state.room, message, reported=state.touched)
+        if state.touched:
+            self._events.emit([RoomFailed(state.room, message)])
+
+    def _send_abort(self, reg: Register, message: str, now: float) -> None:
+        frames = encode(Abort(reg.room, message))
+        for endpoint in dict.fromkeys((*reg.rank_endpoints, reg.notify_endpoint)):
+            try:
+                self._out.send(endpoint, reg.room, frames, now)
+            except zmq.ZMQError as exc:
+                logger.warning("room %d: cannot send ABORT to %s: %s", reg.room, endpoint, exc)
+
+    def _remove(self, state: _Room) -> None:
+        del self._rooms[state.room]
+        self._buffered_bytes -= state.buffered_bytes
+        state.buffered, state.buffered_bytes = [], 0
+
+    def _end(self, room: int, message: str | None, reported: bool) -> None:
+        with self._cond:
+            self._registered.pop(room, None)
+            self._ended[room] = _Ended(message, reported)
+            self._ended.move_to_end(room)
+            while len(self._ended) > 4 * self.max_rooms:
+                self._ended.popitem(last=False)
+            self._cond.notify_all()

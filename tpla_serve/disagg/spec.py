@@ -1,0 +1,119 @@
+"""What a prefill and a decode server must agree on before latent KV may flow between them.
+
+`KVSpec` describes one model's latent cache (identical on both sides, or the bytes are meaningless);
+`DecodeLayout` adds how the decode server shards it (TPLA: T ranks, g latent groups), which decides
+which slice of each layer every decode rank receives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+from tpla_serve.tpla.layout import ShardLayout
+
+KV_DTYPES = MappingProxyType(
+    {
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float32": torch.float32,
+        "float8_e4m3fn": torch.float8_e4m3fn,
+    }
+)
+MAX_FINGERPRINT_LEN = 256
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a KV dtype (the inverse of KV_DTYPES)."""
+    for name, value in KV_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"kv dtype {dtype} is not transferable; supported: {', '.join(KV_DTYPES)}")
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """One model's latent KV per token and layer: ĉ (kv_lora_rank wide) and k_pe (rope_dim wide).
+
+    `fingerprint` identifies weights + TPLA transform: equal shapes with different rotations would
+    silently corrupt every answer, so the handshake compares it too.
+    """
+
+    num_layers: int
+    kv_lora_rank: int
+    rope_dim: int
+    dtype: str
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "kv_lora_rank", "rope_dim"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(KV_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.fingerprint, str) or len(self.fingerprint) > MAX_FINGERPRINT_LEN:
+            raise ValueError(f"fingerprint must be a str of at most {MAX_FINGERPRINT_LEN} characters")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return KV_DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def mismatch(self, other: KVSpec, what: str) -> str | None:
+        """A message naming the first field where `other` (the decode's) differs from self, or None."""
+        for name in ("fingerprint", "kv_lora_rank", "rope_dim", "num_layers", "dtype"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{what} {name} mismatch: prefill has {mine!r}, decode has {theirs!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """A decode server's KV layout: its model's KVSpec, how it shards the latent, and an optional draft
+    model whose KV the decode server also wants (speculative decoding)."""
+
+    kv: KVSpec
+    tp_size: int
+    latent_groups: int
+    page_size: int
+    draft: KVSpec | None = None
+
+    def __post_init__(self) -> None:
+        if type(self.page_size) is not int or self.page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {self.page_size!r}")
+        # Validates tp_size / latent_groups and that g divides kv_lora_rank.
+        self.rank_layout(0).latent_slice(self.kv.kv_lora_rank)
+
+    def rank_layout(self, rank: int) -> ShardLayout:
+        return ShardLayout(tp_size=self.tp_size, tp_rank=rank, latent_groups=self.latent_groups)
+
+    @property
+    def ckv_width(self) -> int:
+        """Latent dims each decode rank keeps (r / g)."""
+        return self.kv.kv_lora_rank // self.latent_groups
+
+    def latent_slice(self, rank: int) -> tuple[int, int]:
+        return self.rank_layout(rank).latent_slice(self.kv.kv_lora_rank)
+
+    def token_bytes(self) -> int:
+        """Bytes of one token of one layer as one decode rank receives it (ĉ slice + k_pe)."""
+        return (self.ckv_width + self.kv.rope_dim) * self.kv.itemsize
+
+
+def layout_mismatch(kv: KVSpec, draft: KVSpec | None, layout: DecodeLayout) -> str | None:
+    """Why a prefill with (kv, draft) cannot serve a decode with `layout`, or None when it can."""
+    problem = kv.mismatch(layout.kv, "model")
+    if problem is not None:
+        return problem
+    if layout.draft is not None:
+        if draft is None:
+            return "decode wants draft-model KV, but the prefill server has no draft model"
+        return draft.mismatch(layout.draft, "draft model")
+    return None
