@@ -1,0 +1,198 @@
+"""Incremental detokenization and stop conditions for one request's output stream.
+
+`IncrementalDetokenizer` decodes a window of recent tokens each step instead of the whole output
+(SGLang's surr/read offsets): text is committed only when the window's decode does not end in
+U+FFFD, so a UTF-8 character split across byte-level tokens is never shown half-done, and the
+committed text always equals `tokenizer.decode(ids)` of the ids seen so far, up to that point.
+
+`StopChecker` applies SGLang's finish rules in SGLang's order — length first, then EOS /
+stop_token_ids (unless ignore_eos), then stop strings — and its trimming: a matched stop string
+and everything after it are cut from the text (kept, with nothing after it, under no_stop_trim);
+a matched stop token is left out of the text unless no_stop_trim. It also tells a streamer how
+much of the text is final: a tail that could still grow into a stop string is held back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+from tpla_serve.sampling.params import SamplingParams
+
+_REPLACEMENT = "\ufffd"
+
+FinishReason = dict[str, Any]
+
+
+class _Tokenizer(Protocol):
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text."""
+
+    def __init__(
+        self,
+        tokenizer: _Tokenizer,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._decode_kwargs = {
+            "skip_special_tokens": skip_special_tokens,
+            "spaces_between_special_tokens": spaces_between_special_tokens,
+        }
+        self._ids: list[int] = []
+        self._committed = ""  # text of ids[:read]
+        self._surr = 0  # start of the decode window; ids[surr:read] is context already committed
+        self._read = 0  # first id whose text is not committed
+        self._surr_text = ""  # decode(ids[surr:read])
+        self._pending = ""  # decode(ids[surr:])[len(surr_text):], not committed (ends in U+FFFD or empty)
+
+    @classmethod
+    def for_request(cls, tokenizer: _Tokenizer, params: SamplingParams) -> IncrementalDetokenizer:
+        return cls(tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, **self._decode_kwargs) if ids else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def append(self, token_ids: Iterable[int]) -> str:
+        """Add tokens; returns the text that became final with them (possibly empty)."""
+        before = len(self.text)
+        self._ids.extend(int(t) for t in token_ids)
+        window = self._decode(self._ids[self._surr :])
+        new_text = window[len(self._surr_text) :]
+        if new_text and not new_text.endswith(_REPLACEMENT):
+            self._committed += new_text
+            self._surr, self._read = self._read, len(self._ids)
+            self._surr_text = self._decode(self._ids[self._surr : self._read])
+            self._pending = ""
+        else:
+            self._pending = new_text
+        return self.text[before:]
+
+    @property
+    def text(self) -> str:
+        """Text that later tokens cannot change: committed text plus the pending text up to an
+        incomplete trailing character."""
+        return self._committed + self._pending.rstrip(_REPLACEMENT)
+
+    def final_text(self) -> str:
+        """Everything, including a trailing incomplete character as U+FFFD (what decode gives)."""
+        return self._committed + self._pending
+
+
+def trim_stop_text(text: str, finish_reason: FinishReason | None, no_stop_trim: bool) -> str:
+    """SGLang's text trimming for a request finished by a stop string."""
+    matched = (finish_reason or {}).get("matched")
+    if not isinstance(matched, str):
+        return text
+    pos = text.find(matched)
+    if pos < 0:
+        return text
+    return text[: pos + len(matched)] if no_stop_trim else text[:pos]
+
+
+def stop_holdback(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+class StopChecker:
+    """One request's output: feeds sampled tokens to its detokenizer and decides when it ends.
+
+    `eos_token_ids` are the model's EOS ids (generation config / tokenizer); the request's own
+    stop_token_ids are added. `output_ids` keeps the matched stop token (SGLang reports it in
+    output_ids and completion_tokens); only the text leaves it out.
+    """
+
+    def __init__(
+        self, params: SamplingParams, detokenizer: IncrementalDetokenizer, eos_token_ids: Iterable[int] = ()
+    ) -> None:
+        if params.max_new_tokens is None:
+            raise ValueError(
+                "max_new_tokens must be resolved (SamplingParams.validate_against) before generation"
+            )
+        self._params = params
+        self._detok = detokenizer
+        self._stop_ids = frozenset(params.stop_token_ids).union(int(t) for t in eos_token_ids)
+        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        self._searched = 0  # text length already searched for stop strings
+        self.output_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        if params.max_new_tokens == 0:
+            self.finish_reason = {"type": "length", "length": 0}
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_ids: Sequence[int]) -> int:
+        """Feed newly sampled tokens (one per step, or several accepted draft tokens).
+
+        Returns how many were taken: tokens after the one that finished the request are dropped,
+        so the caller can roll back their KV.
+        """
+        taken = 0
+        for t in token_ids:
+            if self.finished:
+                break
+            t = int(t)
+            taken += 1
+            self.output_ids.append(t)
+            if len(self.output_ids) >= self._params.max_new_tokens:
+                self._detok.append([t])
+                self.finish_reason = {"type": "length", "length": self._params.max_new_tokens}
+            elif not self._params.ignore_eos and t in self._stop_ids:
+                if self._params.no_stop_trim:
+                    self._detok.append([t])
+                self.finish_reason = {"type": "stop", "matched": t}
+            else:
+                self._detok.append([t])
+                self._check_stop_strings()
+        return taken
+
+    def abort(self, message: str) -> None:
+        if not self.finished:
+            self.finish_reason = {"type": "abort", "message": message}
+
+    def _check_stop_strings(self) -> None:
+        if not self._params.stop:
+            return
+        text = self._detok.text
+        start = max(0, self._searched - self._max_stop_len + 1)
+        best: tuple[int, str] | None = None
+        for s in self._params.stop:
+            pos = text.find(s, start)
+            if pos >= 0 and (best is None or pos < best[0]):
+                best = (pos, s)
+        self._searched = len(text)
+        if best is not None:
+            self.finish_reason = {"type": "stop", "matched": best[1]}
+
+    @property
+    def text(self) -> str:
+        """The output text: final and trimmed once finished, else everything decoded so far."""
+        if not self.finished:
+            return self._detok.text
+        return trim_stop_text(self._detok.final_text(), self.finish_reason, self._params.no_stop_trim)
+
+    def stream_text(self) -> str:
+        """Cumulative text a streamer may send now; every value is a prefix of the next and of
+        the final `text`."""
+        if self.finished:
+            return self.text
+        text = self._detok.text
+        if self._params.no_stop_trim:
+            return text
+        return text[: len(text) - stop_holdback(text, self._params.stop)]

@@ -1,0 +1,297 @@
+"""Batched next-token sampling on fp32 logits [B, V], without host syncs on the device path.
+
+Pipeline per step (SGLang's order): penalties -> min_new_tokens stop-token mask -> temperature ->
+top-k / top-p / min-p truncation (joint, all measured on the untruncated softmax) -> draw.
+Greedy rows (temperature 0) take the exact argmax of the penalized logits.
+
+Randomness is counter-based, as in SGLang's seeded sampler: the noise for token v of a row is a hash
+of (request seed, step, v), turned into an Exp(1) variate for an exponential race
+(argmax_v p_v / E_v, which draws v with probability p_v). There is no generator state: the same seed,
+step and logits give the same token whatever else is in the batch, on any device, and a decode
+server continues a prefill server's request without receiving any RNG state.
+
+Logprobs follow SGLang: log_softmax of the penalized logits divided by the request's temperature
+(1 for greedy rows), before top-k/top-p/min-p truncation; `return_original_logprob=True` gives them
+before temperature (SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB). Values are clamped to the fp32 minimum
+so masked tokens stay JSON-encodable.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from tpla_serve.sampling.params import SamplingParams
+from tpla_serve.sampling.penalties import PenaltyInputs, StopTokenMask, apply_penalties, host_to_device
+
+_M32 = 0xFFFFFFFF
+_LOGPROB_MIN = torch.finfo(torch.float32).min
+
+
+def resolve_seed(params: SamplingParams) -> int:
+    """The seed a request samples with: its own, else a fresh random one (drawn once per request)."""
+    return params.sampling_seed if params.sampling_seed is not None else secrets.randbits(64)
+
+
+# ---- counter-based noise (murmur3-style 32-bit mixing, in int64 so nothing overflows) ----------
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32): the constant is split in 16-bit halves so every
+    intermediate product stays below 2**48."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _rotl32(x: torch.Tensor, r: int) -> torch.Tensor:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def _scramble(k: torch.Tensor) -> torch.Tensor:
+    return _mul32(_rotl32(_mul32(k, 0xCC9E2D51), 15), 0x1B873593)
+
+
+def _absorb(h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return (_rotl32(h ^ _scramble(k), 13) * 5 + 0xE6546B64) & _M32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def gumbel_noise(
+    seeds_lo: torch.Tensor, seeds_hi: torch.Tensor, steps: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """[B, V] float64 Gumbel(0, 1) noise, a pure function of (seed, step, token id) per element.
+
+    -log(E) with E = -log1p(-u) ~ Exp(1): adding it to logits and taking the argmax is the
+    exponential race. u has 32 random bits, so E never reaches 0 and the noise is always finite.
+    """
+    row = _absorb(_absorb(_absorb(torch.zeros_like(seeds_lo), seeds_lo), seeds_hi), steps)
+    col = _scramble(torch.arange(vocab_size, dtype=torch.int64, device=steps.device))
+    h = (_rotl32(row.unsqueeze(1) ^ col.unsqueeze(0), 13) * 5 + 0xE6546B64) & _M32
+    h = _fmix32(h ^ 16)
+    u = (h.to(torch.float64) + 0.5) * 2.0**-32
+    return -torch.log(-torch.log1p(-u))
+
+
+# ---- per-step batch description ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Everything the sampler needs for one step of B rows, built on the host and moved to the
+    device once. The host-side flags let the sampler skip whole stages without reading the device."""
+
+    temperatures: torch.Tensor  # [B, 1] float32; 1.0 on greedy rows
+    top_ps: torch.Tensor  # [B, 1] float32
+    top_ks: torch.Tensor  # [B, 1] int64; vocab_size where disabled
+    min_ps: torch.Tensor  # [B, 1] float32
+    greedy: torch.Tensor  # [B] bool
+    seeds_lo: torch.Tensor  # [B] int64, low 32 bits of the seed
+    seeds_hi: torch.Tensor  # [B] int64, high 32 bits
+    steps: torch.Tensor  # [B] int64, output index of the token being sampled
+    penalties: PenaltyInputs | None
+    stop_mask: StopTokenMask | None
+    is_all_greedy: bool
+    need_top_k: bool
+    need_top_p: bool
+    need_min_p: bool
+    max_top_k: int  # largest enabled top_k (0 when none)
+
+    @property
+    def batch_size(self) -> int:
+        return self.greedy.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        output_ids: Sequence[Sequence[int]],
+        seeds: Sequence[int],
+        vocab_size: int,
+        device: torch.device | str,
+        eos_token_ids: Collection[int] = (),
+        steps: Sequence[int] | None = None,
+    ) -> SamplingBatch:
+        """Row i samples request `params[i]` whose generated tokens so far are `output_ids[i]`.
+
+        `seeds[i]` comes from `resolve_seed` (fixed for the request's lifetime). `steps[i]` defaults
+        to len(output_ids[i]); pass it explicitly when several rows belong to one request (draft
+        verification). `eos_token_ids` are the model's EOS ids, masked with each request's
+        stop_token_ids while it is short of min_new_tokens.
+        """
+        device = torch.device(device)
+        n = len(params)
+        if not (len(output_ids) == len(seeds) == n) or (steps is not None and len(steps) != n):
+            raise ValueError("params, output_ids, seeds and steps must have one entry per row")
+        if steps is None:
+            steps = [len(ids) for ids in output_ids]
+        greedy = [p.is_greedy for p in params]
+        sampling = [p for p, g in zip(params, greedy) if not g]
+        top_ks = [p.top_k if (p.top_k != -1 and p.top_k < vocab_size) else vocab_size for p in params]
+        enabled_k = [k for k, g in zip(top_ks, greedy) if not g and k < vocab_size]
+
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        penalties = None
+        if pen_rows:
+            penalties = PenaltyInputs.build(
+                pen_rows,
+                [output_ids[i] for i in pen_rows],
+                [params[i].frequency_penalty for i in pen_rows],
+                [params[i].presence_penalty for i in pen_rows],
+                [params[i].repetition_penalty for i in pen_rows],
+                vocab_size,
+                device,
+            )
+        eos = sorted({int(t) for t in eos_token_ids})
+        short = [i for i, p in enumerate(params) if len(output_ids[i]) < p.min_new_tokens]
+        stop_mask = None
+        if short:
+            token_sets = [sorted(set(params[i].stop_token_ids).union(eos)) for i in short]
+            if any(token_sets):
+                stop_mask = StopTokenMask.build(short, token_sets, device)
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return host_to_device(values, dtype, device).unsqueeze(1)
+
+        return cls(
+            temperatures=column([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            top_ps=column([p.top_p for p in params], torch.float32),
+            top_ks=column(top_ks, torch.int64),
+            min_ps=column([p.min_p for p in params], torch.float32),
+            greedy=host_to_device(greedy, torch.bool, device),
+            seeds_lo=host_to_device([s & _M32 for s in seeds], torch.int64, device),
+            seeds_hi=host_to_device([(s >> 32) & _M32 for s in seeds], torch.int64, device),
+            steps=host_to_device([s & _M32 for s in steps], torch.int64, device),
+            penalties=penalties,
+            stop_mask=stop_mask,
+            is_all_greedy=not sampling,
+            need_top_k=bool(enabled_k),
+            need_top_p=any(p.top_p < 1.0 for p in sampling),
+            need_min_p=any(p.min_p > 0.0 for p in sampling),
+            max_top_k=max(enabled_k, default=0),
+        )
+
+
+class SamplerOutput(NamedTuple):
+    """Device tensors; `tolist` is the step's single host transfer."""
+
+    next_token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32, logprob of the chosen token
+    top_logprobs_vals: torch.Tensor | None  # [B, max k] float32, descending
+    top_logprobs_ids: torch.Tensor | None  # [B, max k] int64
+    top_logprobs_nums: tuple[int, ...] | None  # k per row
+
+    def tolist(
+        self,
+    ) -> tuple[list[int], list[float] | None, list[list[float]] | None, list[list[int]] | None]:
+        """(token ids, logprobs, top-k values, top-k ids), the top-k lists cut to each row's own k."""
+        ids = self.next_token_ids.tolist()
+        lps = self.logprobs.tolist() if self.logprobs is not None else None
+        if self.top_logprobs_vals is None or self.top_logprobs_nums is None:
+            return ids, lps, None, None
+        vals, tids = self.top_logprobs_vals.tolist(), self.top_logprobs_ids.tolist()
+        ks = self.top_logprobs_nums
+        return ids, lps, [v[:k] for v, k in zip(vals, ks)], [t[:k] for t, k in zip(tids, ks)]
+
+
+class Sampler:
+    """Stateless; one instance per model runner."""
+
+    def __init__(self, return_original_logprob: bool = False) -> None:
+        self.return_original_logprob = return_original_logprob
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        return_logprob: bool = False,
+        top_logprobs_nums: Sequence[int] | None = None,
+    ) -> SamplerOutput:
+        """Sample one token per row of `logits` [B, V]. The caller's logits are not modified.
+
+        `top_logprobs_nums[i]` (k per row, 0 for none) asks for the k most likely tokens' logprobs.
+        """
+        if logits.dim() != 2 or logits.shape[0] != batch.batch_size:
+            raise ValueError(f"logits must be [B={batch.batch_size}, V], got {tuple(logits.shape)}")
+        if top_logprobs_nums is not None and len(top_logprobs_nums) != batch.batch_size:
+            raise ValueError("top_logprobs_nums must have one entry per row")
+        logits = logits.float()
+        if batch.penalties is not None or batch.stop_mask is not None:
+            logits = logits.clone()
+            if batch.penalties is not None:
+                apply_penalties(logits, batch.penalties)
+            if batch.stop_mask is not None:
+                batch.stop_mask.apply(logits)
+
+        max_k = max(top_logprobs_nums, default=0) if top_logprobs_nums is not None else 0
+        want_logprobs = return_logprob or max_k > 0
+        if batch.is_all_greedy:
+            next_ids = logits.argmax(dim=-1)
+            full = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        else:
+            scaled = logits / batch.temperatures
+            full = None
+            if want_logprobs:
+                full = torch.log_softmax(logits if self.return_original_logprob else scaled, dim=-1)
+            next_ids = torch.where(batch.greedy, logits.argmax(dim=-1), self._draw(scaled, batch))
+        return self._pack(next_ids, full, return_logprob, top_logprobs_nums, max_k)
+
+    @staticmethod
+    def _draw(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.need_top_k or batch.need_top_p or batch.need_min_p:
+            scaled = scaled.masked_fill(~truncation_mask(scaled, batch), float("-inf"))
+        noise = gumbel_noise(batch.seeds_lo, batch.seeds_hi, batch.steps, scaled.shape[1])
+        return (scaled.to(torch.float64) + noise).argmax(dim=-1)
+
+    @staticmethod
+    def _pack(
+        next_ids: torch.Tensor,
+        full: torch.Tensor | None,
+        return_logprob: bool,
+        top_logprobs_nums: Sequence[int] | None,
+        max_k: int,
+    ) -> SamplerOutput:
+        logprobs = top_vals = top_ids = None
+        if full is not None:
+            full = full.clamp(min=_LOGPROB_MIN)
+            if return_logprob:
+                logprobs = full.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+            if max_k > 0:
+                top_vals, top_ids = full.topk(max_k, dim=-1)
+        nums = tuple(top_logprobs_nums) if top_vals is not None and top_logprobs_nums is not None else None
+        return SamplerOutput(next_ids, logprobs, top_vals, top_ids, nums)
+
+
+def truncation_mask(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[B, V] bool, True for tokens top-k, top-p and min-p all keep.
+
+    All three are measured on softmax(scaled) before any of them is applied (SGLang's joint order):
+    top-p keeps a token if the mass strictly before it in descending order is <= top_p, so the most
+    likely token is always kept; min-p keeps tokens with p >= min_p * p_max.
+    """
+    probs = torch.softmax(scaled, dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if batch.need_min_p:
+        keep &= probs >= batch.min_ps * probs.amax(dim=-1, keepdim=True)
+    if batch.need_top_p:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        keep_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) <= batch.top_ps
+        if batch.need_top_k:
+            ranks = torch.arange(probs.shape[1], device=probs.device).unsqueeze(0)
+            keep_sorted &= ranks < batch.top_ks
+        keep &= torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+    elif batch.need_top_k:
+        top = scaled.topk(batch.max_top_k, dim=-1).values
+        kth = top.gather(1, batch.top_ks.clamp(max=batch.max_top_k) - 1)
+        kth = torch.where(batch.top_ks >= scaled.shape[1], torch.full_like(kth, float("-inf")), kth)
+        keep &= scaled >= kth
+    return keep
