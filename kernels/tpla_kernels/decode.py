@@ -35,7 +35,7 @@ def _decode_split_kernel(
     num_rows, heads, q_len, num_splits, qk_scale, pe_rescale,
     D: tl.constexpr, D_PE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attention of one head block over one KV split.
 
@@ -79,11 +79,23 @@ def _decode_split_kernel(
         visible = (tokens[None, :] < kv_limit[:, None]) & tok_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        if LAZY_RESCALE:
+            # Keep a stale running max until some row's max grows by 2^8: p stays <= 256, and the
+            # [BLOCK_H, D] rescale of the accumulator is skipped on most blocks.
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_i += tl.sum(p, 1)
+            acc = tl.dot(p.to(ckv.dtype), ckv, acc, input_precision=DOT_PRECISION)
+        else:
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
 
     seen = l_i > 0.0
     o = acc * tl.where(seen, 1.0 / l_i, 0.0)[:, None]
@@ -228,7 +240,7 @@ def launch_mla_decode(
         rows, heads, q_len, num_kv_splits, sm_scale * nope_scale * _LOG2E, 1.0 / nope_scale,
         D=ckv, D_PE=d_pe, PAGE_SIZE=page_size,
         BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-        PARTIAL=partial, DOT_PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
+        PARTIAL=partial, LAZY_RESCALE=config.lazy_rescale, DOT_PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if partial:

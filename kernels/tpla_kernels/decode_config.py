@@ -19,6 +19,7 @@ class DecodeConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    lazy_rescale: bool = False
 
 
 _MAX_SPLITS = 64

@@ -52,6 +52,7 @@ def test_decode_matches_reference(
     DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=1),
     DecodeConfig(block_h=32, block_n=64, num_warps=4, num_stages=2),
     DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2),
+    DecodeConfig(block_h=32, block_n=16, num_warps=4, num_stages=2, lazy_rescale=True),
 ])
 def test_tiling_does_not_change_result(interp: SimpleNamespace, config: DecodeConfig) -> None:
     gen = torch.Generator().manual_seed(7)

@@ -1,0 +1,271 @@
+"""Paged MLA/TPLA decode kernel on a GPU: bandwidth against the card's copy bandwidth, and TPLA vs MLA-TP.
+
+Sections (each prints a markdown table; all of them go to one dated file under --results-dir):
+  copy      device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel
+  check     the kernel against the fp32 torch reference at real shapes (poisoned outputs, fresh inputs)
+  sweep     (--sweep) candidate tilings at a few shapes, to pick decode_config's tables
+  grid      B x context x heads x ckv with the default tiling: time, GB/s, % of copy bandwidth
+  paper     per-rank attention time of MLA-TP (all 512 latent dims) against TPLA (r/g dims), equal batch
+
+Each time is the median of triton.testing.do_bench over a CUDA-graph replay of one call (the way the
+engine runs decode), with the L2 cache flushed before every replay. Bytes counted: every KV token's
+latent + rope row once, the queries, the outputs and the LSE.
+
+    python benchmarks/bench_decode_kernel.py [--quick] [--sweep] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from tpla_kernels.decode import launch_mla_decode, mla_decode
+from tpla_kernels.decode_config import DecodeConfig, default_config, default_num_splits
+from tpla_kernels.reference import mla_decode_reference
+
+D_PE = 64
+PAGE = 64
+DTYPE = torch.bfloat16
+SM_SCALE = 1 / math.sqrt(192)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+class Pool:
+    """One layer's paged latent cache for B requests of ctx tokens each, pages scattered at random."""
+
+    def __init__(self, batch: int, ctx: int, ckv: int, gen: torch.Generator) -> None:
+        pages_per = -(-ctx // PAGE)
+        num_pages = batch * pages_per
+        self.ckv = torch.randn(num_pages, PAGE, ckv, device="cuda", dtype=DTYPE, generator=gen)
+        self.kpe = torch.randn(num_pages, PAGE, D_PE, device="cuda", dtype=DTYPE, generator=gen)
+        perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+        self.page_table = perm.view(batch, pages_per).contiguous()
+        self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        self.batch, self.ctx, self.ckv_dim = batch, ctx, ckv
+
+    def queries(self, heads: int, gen: torch.Generator, q_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = heads * q_len
+        q_nope = torch.randn(self.batch, rows, self.ckv_dim, device="cuda", dtype=DTYPE, generator=gen)
+        q_pe = torch.randn(self.batch, rows, D_PE, device="cuda", dtype=DTYPE, generator=gen)
+        return q_nope, q_pe
+
+    def bytes_moved(self, heads: int) -> int:
+        elem = torch.finfo(DTYPE).bits // 8
+        kv = self.batch * self.ctx * (self.ckv_dim + D_PE) * elem
+        q = self.batch * heads * (self.ckv_dim + D_PE) * elem
+        out = self.batch * heads * (self.ckv_dim * elem + 4)
+        return kv + q + out
+
+
+def time_graph(fn: Callable[[], object]) -> float:
+    """Median ms of one CUDA-graph replay of fn, L2 flushed before each replay."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
+    del graph
+    return ms
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s, counting bytes read plus bytes written."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * n / ms / 1e6
+
+
+def section_check(gen: torch.Generator) -> tuple[str, bool]:
+    rows, ok = [], True
+    cases = [(64, 512, 1, 1.0), (128, 256, 1, 0.8), (128, 128, 1, 1.0), (16, 512, 2, 1.0), (64, 256, 3, 1.1)]
+    for heads, ckv, q_len, mu in cases:
+        pool = Pool(6, 4096, ckv, gen)
+        pool.seq_lens.copy_(torch.tensor([4096, 3001, 17, 1024, 2500, 4000], dtype=torch.int32))
+        q_nope, q_pe = pool.queries(heads, gen, q_len)
+        args = (q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, 1 / math.sqrt(192))
+        out = torch.full_like(q_nope, float("nan"))
+        mla_decode(*args, q_len=q_len, nope_scale=mu, out=out)
+        ref, ref_lse = mla_decode_reference(*args, q_len=q_len, nope_scale=mu)
+        _, lse = mla_decode(*args, q_len=q_len, nope_scale=mu)
+        err = float((out.double() - ref.double()).norm() / ref.double().norm())
+        lse_err = float((lse - ref_lse).abs().max())
+        good = bool(torch.isfinite(out).all()) and err < 1e-2 and lse_err < 5e-3
+        ok &= good
+        rows.append([str(heads), str(ckv), str(q_len), str(mu), f"{err:.2e}", f"{lse_err:.2e}", "ok" if good else "FAIL"])
+        del pool
+    return table(["heads", "ckv", "q_len", "nope_scale", "rel err out", "max abs err lse", ""], rows), ok
+
+
+def run_kernel(pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor, config: DecodeConfig | None = None,
+               splits: int | None = None) -> Callable[[], object]:
+    heads = q_nope.shape[1]
+    cfg = config or default_config(heads, pool.ckv_dim, DTYPE)
+    if splits is None:
+        splits = default_num_splits(pool.batch, triton.cdiv(heads, cfg.block_h), pool.page_table.shape[1] * PAGE,
+                                    torch.cuda.get_device_properties(0).multi_processor_count)
+    out = torch.empty_like(q_nope)
+    args = (q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, SM_SCALE, 1, 1.0, splits, cfg, out)
+    return lambda: (launch_mla_decode(*args), out)[1]
+
+
+SWEEP_SHAPES = [  # (batch, ctx, heads, ckv)
+    (32, 16384, 64, 512),
+    (32, 16384, 128, 256),
+    (32, 16384, 128, 128),
+    (32, 16384, 64, 256),
+    (32, 16384, 16, 512),
+    (4, 16384, 128, 256),
+]
+
+
+def sweep_candidates(heads: int, ckv: int) -> list[DecodeConfig]:
+    c = DecodeConfig
+    if heads <= 16:
+        return [c(16, 32, 4, 2), c(16, 64, 4, 2), c(16, 64, 4, 3), c(16, 32, 4, 3)] + (
+            [c(16, 128, 4, 2)] if ckv <= 256 else [])
+    if ckv == 512:
+        return [c(64, 32, 8, 2), c(64, 32, 8, 3), c(64, 64, 8, 1), c(64, 32, 8, 2, True), c(32, 32, 4, 2),
+                c(16, 32, 4, 2)]
+    if heads >= 128:
+        return [c(128, 64, 8, 2), c(128, 32, 8, 2), c(128, 64, 8, 3), c(128, 64, 8, 2, True), c(64, 64, 8, 2),
+                c(64, 64, 4, 2)] + ([c(128, 128, 8, 2)] if ckv <= 128 else [])
+    return [c(64, 64, 4, 2), c(64, 64, 8, 2), c(64, 32, 4, 3), c(64, 64, 4, 2, True), c(32, 64, 4, 2)]
+
+
+def section_sweep(gen: torch.Generator, copy_bw: float) -> str:
+    rows = []
+    for batch, ctx, heads, ckv in SWEEP_SHAPES:
+        pool = Pool(batch, ctx, ckv, gen)
+        q_nope, q_pe = pool.queries(heads, gen)
+        nbytes = pool.bytes_moved(heads)
+        ref, _ = mla_decode_reference(q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, SM_SCALE)
+        ref = ref.double()
+        for cfg in sweep_candidates(heads, ckv):
+            t0 = time.time()
+            shape = f"{batch}x{ctx} {heads}h x{ckv}"
+            try:
+                fn = run_kernel(pool, q_nope, q_pe, cfg)
+                err = float((fn().double() - ref).norm() / ref.norm())
+                ms = time_graph(fn)
+            except Exception as exc:  # a tiling that does not fit (shared memory, registers) is reported
+                rows.append([shape, str(tuple(cfg)), "-", "-", "-", type(exc).__name__])
+                log(f"sweep {shape} {tuple(cfg)}: {exc!r}"[:300])
+                continue
+            gbs = nbytes / ms / 1e6
+            rows.append([shape, str(tuple(cfg)), f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / copy_bw:.0f}%",
+                         f"{err:.1e}"])
+            log(f"sweep {shape} {tuple(cfg)}: {ms * 1e3:.1f} us {gbs:.0f} GB/s err {err:.1e} "
+                f"(wall {time.time() - t0:.1f}s)")
+        del pool, ref
+    return table(["shape", "config (bh, bn, warps, stages, lazy)", "us", "GB/s", "% copy", "rel err"], rows)
+
+
+def section_grid(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
+    batches = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
+    ctxs = [1024, 32768] if quick else [1024, 4096, 16384, 32768]
+    rows = []
+    for ckv in (512, 256, 128):
+        for ctx in ctxs:
+            for batch in batches:
+                pool = Pool(batch, ctx, ckv, gen)
+                for heads in (16, 64, 128):
+                    q_nope, q_pe = pool.queries(heads, gen)
+                    ms = time_graph(run_kernel(pool, q_nope, q_pe))
+                    gbs = pool.bytes_moved(heads) / ms / 1e6
+                    cfg = default_config(heads, ckv, DTYPE)
+                    rows.append([str(ckv), str(ctx), str(batch), str(heads), f"{ms * 1e3:.1f}", f"{gbs:.0f}",
+                                 f"{100 * gbs / copy_bw:.0f}%", f"{cfg.block_h}/{cfg.block_n}/{cfg.num_warps}"])
+                    log("grid " + " ".join(rows[-1]))
+                del pool
+    return table(["ckv", "context", "B", "heads", "us", "GB/s", "% copy", "bh/bn/warps"], rows)
+
+
+def section_paper(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
+    """MLA-TP vs TPLA per rank: T=2 (DeepSeek-V3: 128 heads) and T=4, g=2."""
+    settings = [("T=2", 64, 128), ("T=4", 32, 64)]  # (label, MLA heads per rank, TPLA heads per rank)
+    rows = []
+    for label, mla_heads, tpla_heads in settings:
+        for ctx in ([4096, 32768] if quick else [4096, 8192, 16384, 32768]):
+            for batch in ([32] if quick else [8, 32, 64]):
+                times = {}
+                for name, heads, ckv in (("mla", mla_heads, 512), ("tpla", tpla_heads, 256)):
+                    pool = Pool(batch, ctx, ckv, gen)
+                    q_nope, q_pe = pool.queries(heads, gen)
+                    ms = time_graph(run_kernel(pool, q_nope, q_pe))
+                    times[name] = (ms, pool.bytes_moved(heads) / ms / 1e6)
+                    del pool
+                (m_ms, m_bw), (t_ms, t_bw) = times["mla"], times["tpla"]
+                rows.append([label, str(ctx), str(batch), f"{m_ms * 1e3:.1f}", f"{100 * m_bw / copy_bw:.0f}%",
+                             f"{t_ms * 1e3:.1f}", f"{100 * t_bw / copy_bw:.0f}%", f"{m_ms / t_ms:.2f}x"])
+                log("paper " + " ".join(rows[-1]))
+    return table([
+        "TP", "context", "B", "MLA us (H/T heads x 512+64)", "MLA % copy", "TPLA us (g=2: 2H/T heads x 256+64)",
+        "TPLA % copy", "speed-up"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a reduced grid")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate tilings")
+    parser.add_argument("--skip-grid", action="store_true", help="skip the B x context x heads x ckv grid")
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    props = torch.cuda.get_device_properties(0)
+    today = dt.date.today().isoformat()
+    header = (f"# Paged MLA/TPLA decode kernel — {props.name}, {today}\n\n"
+              f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB), "
+              f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}. "
+              f"bf16, page size {PAGE}, d_r {D_PE}, uniform context per request, random page placement. "
+              "Times: median of do_bench over CUDA-graph replays, L2 flushed before each.\n")
+    parts = [header]
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth {copy_bw:.0f} GB/s")
+    parts.append(f"## Copy bandwidth\n\nDevice-to-device copy of 1 GiB (read + write): **{copy_bw:.0f} GB/s**.\n")
+    check, ok = section_check(gen)
+    log(check)
+    parts.append("## Correctness at real shapes (vs fp32 torch reference)\n\n" + check + "\n")
+    if args.sweep:
+        parts.append("## Tiling sweep\n\n" + section_sweep(gen, copy_bw) + "\n")
+    paper = section_paper(gen, copy_bw, args.quick)
+    log(paper)
+    parts.append("## MLA-TP vs TPLA per rank (equal batch)\n\n" + paper + "\n")
+    if not args.skip_grid:
+        grid = section_grid(gen, copy_bw, args.quick)
+        parts.append("## Kernel bandwidth grid (default tiling)\n\n" + grid + "\n")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in props.name).strip("-").lower()
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"kernel_decode_{today}_{slug}.md"
+    path.write_text("\n".join(parts))
+    log(f"wrote {path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
