@@ -1,0 +1,101 @@
+"""Shared pieces of the KV-stream tests: small model specs, a paged writer, deterministic prompt KV."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from tpla_serve.cache.pool import LatentKVPool, PageAllocator
+from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, RoomEvent
+
+NUM_LAYERS = 4
+KV_LORA_RANK = 16
+ROPE_DIM = 8
+PAGE_SIZE = 4
+
+
+def small_spec(**overrides: object) -> KVSpec:
+    fields: dict = dict(
+        num_layers=NUM_LAYERS, kv_lora_rank=KV_LORA_RANK, rope_dim=ROPE_DIM, dtype="bfloat16", fingerprint="m1"
+    )
+    fields.update(overrides)
+    return KVSpec(**fields)
+
+
+def prompt_kv(room: int, n_tokens: int, spec: KVSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (ĉ [n, r], k_pe [n, d_r]), a function of the room only, so two processes agree."""
+    gen = torch.Generator().manual_seed(room % (2**31))
+    return [
+        (
+            torch.randn(n_tokens, spec.kv_lora_rank, generator=gen).to(spec.torch_dtype),
+            torch.randn(n_tokens, spec.rope_dim, generator=gen).to(spec.torch_dtype),
+        )
+        for _ in range(spec.num_layers)
+    ]
+
+
+def expected_ckv_slice(ckv: torch.Tensor, tp_size: int, groups: int, rank: int) -> torch.Tensor:
+    """Rank k of T with g groups keeps latent dims of group k // (T/g): written out by hand, as DESIGN §3."""
+    width = ckv.shape[1] // groups
+    group = rank // (tp_size // groups)
+    return ckv[:, group * width : (group + 1) * width]
+
+
+class PagedRank:
+    """One decode rank's KV pool; writer() places received chunks into a room's pages like an engine."""
+
+    def __init__(self, layout: DecodeLayout, num_pages: int = 64) -> None:
+        kv = layout.kv
+        self.pool = LatentKVPool(
+            kv.num_layers, num_pages, layout.page_size, layout.ckv_width, kv.rope_dim, kv.torch_dtype, "cpu"
+        )
+        self.alloc = PageAllocator(num_pages)
+        self.page_size = layout.page_size
+        self.calls: list[tuple[int, int, int, float]] = []  # (layer, token_start, n, time)
+
+    def reserve(self, n_tokens: int) -> torch.Tensor:
+        pages = self.alloc.alloc(-(-n_tokens // self.page_size))
+        assert pages is not None
+        slots = torch.tensor([p * self.page_size + o for p in pages for o in range(self.page_size)])
+        return slots[:n_tokens]
+
+    def writer(self, slots: torch.Tensor) -> Callable[[int, int, torch.Tensor, torch.Tensor], None]:
+        def write(layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+            n = ckv.shape[0]
+            self.pool.write(layer, slots[token_start : token_start + n], ckv, kpe)
+            self.calls.append((layer, token_start, n, time.monotonic()))
+
+        return write
+
+
+def wait_events(receivers: list[KVReceiver], timeout_s: float = 10.0, per_rank: int = 1) -> list[list[RoomEvent]]:
+    """Poll every receiver until each has `per_rank` events (or the timeout)."""
+    got: list[list[RoomEvent]] = [[] for _ in receivers]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(len(g) < per_rank for g in got):
+        for i, r in enumerate(receivers):
+            got[i] += r.poll()
+        time.sleep(0.005)
+    return got
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return predicate()
+
+
+def poll_until(transport: KVSender | KVReceiver, timeout_s: float = 10.0) -> list[RoomEvent]:
+    """The first non-empty poll() of a transport (empty after the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = transport.poll()
+        if events:
+            return events
+        time.sleep(0.005)
+    return transport.poll()

@@ -1,0 +1,390 @@
+"""KVSender → KVReceiver over real ZMQ TCP sockets on loopback (sender and ranks in this process)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from kv_stream_helpers import (
+    PAGE_SIZE,
+    PagedRank,
+    expected_ckv_slice,
+    poll_until,
+    prompt_kv,
+    small_spec,
+    wait_events,
+    wait_until,
+)
+from tpla_serve.disagg import (
+    PROTOCOL_VERSION,
+    DecodeLayout,
+    KVReceiver,
+    KVSender,
+    KVSpec,
+    PromptLogprobs,
+    RoomCompleted,
+    RoomFailed,
+)
+
+
+class Decode:
+    """A decode server's transport: T receivers, each with its own paged KV pool."""
+
+    def __init__(self, layout: DecodeLayout, **kwargs: object) -> None:
+        self.layout = layout
+        self.ranks = [PagedRank(layout) for _ in range(layout.tp_size)]
+        self.rx = [KVReceiver(layout, r, **kwargs) for r in range(layout.tp_size)]
+        self.slots: dict[int, torch.Tensor] = {}
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [r.endpoint for r in self.rx]
+
+    def expect(self, room: int, n_tokens: int, port: int | None, register: bool = True) -> None:
+        for rank, rx in zip(self.ranks, self.rx):
+            slots = rank.reserve(n_tokens)
+            rx.expect(room, n_tokens, rank.writer(slots), "127.0.0.1", port)
+            self.slots[room] = slots
+        if register:
+            self.rx[0].send_register(room, self.endpoints)
+
+    def events(self, timeout_s: float = 10.0) -> list[list]:
+        return wait_events(self.rx, timeout_s)
+
+    def assert_holds(self, room: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        T, g = self.layout.tp_size, self.layout.latent_groups
+        for r, rank in enumerate(self.ranks):
+            for layer, (ckv, kpe) in enumerate(kv):
+                got_ckv, got_kpe = rank.pool.read(layer, self.slots[room])
+                assert torch.equal(got_ckv, expected_ckv_slice(ckv, T, g, r)), (r, layer)
+                assert torch.equal(got_kpe, kpe), (r, layer)
+
+    def close(self) -> None:
+        for rx in self.rx:
+            rx.close()
+
+
+@pytest.fixture
+def closing() -> Iterator[list]:
+    """Transports to close at the end of the test, whatever happens."""
+    objs: list = []
+    yield objs
+    for obj in objs:
+        obj.close()
+
+
+def _sender(closing: list, spec: KVSpec | None = None, **kwargs: object) -> KVSender:
+    sender = KVSender(spec or small_spec(), **kwargs)
+    closing.append(sender)
+    return sender
+
+
+def _decode(closing: list, tp: int = 2, groups: int = 2, spec: KVSpec | None = None, **kwargs: object) -> Decode:
+    decode = Decode(DecodeLayout(kv=spec or small_spec(), tp_size=tp, latent_groups=groups, page_size=PAGE_SIZE), **kwargs)
+    closing.append(decode)
+    return decode
+
+
+def _send_all(sender: KVSender, room: int, kv: list, first_token: int = 5) -> None:
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv, kpe)
+    sender.send_done(room, first_token, -0.75)
+
+
+@pytest.mark.parametrize("groups", [2, 1])
+@pytest.mark.parametrize("register_first", [True, False], ids=["register-first", "layers-first"])
+def test_each_rank_receives_exactly_its_slice(closing: list, groups: int, register_first: bool) -> None:
+    sender, decode = _sender(closing), _decode(closing, groups=groups)
+    room, n = 2**62 + 17, 11
+    kv = prompt_kv(room, n, sender.kv)
+    if register_first:
+        decode.expect(room, n, sender.bootstrap_port)
+        assert sender.wait_for_registration(room, 5.0) is not None
+        _send_all(sender, room, kv)
+    else:
+        _send_all(sender, room, kv)
+        time.sleep(0.05)  # the layers are buffered on the prefill before the decode registers
+        decode.expect(room, n, sender.bootstrap_port)
+    events = decode.events()
+    for rank_events in events:
+        assert len(rank_events) == 1 and isinstance(rank_events[0], RoomCompleted), rank_events
+        done = rank_events[0]
+        assert (done.room, done.first_token_id, done.first_token_logprob) == (room, 5, -0.75)
+        assert done.nbytes == n * sender.kv.num_layers * (16 // groups + 8) * 2
+    decode.assert_holds(room, kv)
+    assert sender.poll() == [] and sender.stats().rooms_live == 0
+    assert all(rx.stats().rooms_live == 0 for rx in decode.rx)
+
+
+def test_chunked_prefill_and_frame_limit_split_tokens_on_page_boundaries(closing: list) -> None:
+    sender = _sender(closing)
+    # 9 tokens of the widest row (16 dims of bf16) fit a frame: chunks of 8 (two pages of 4).
+    decode = _decode(closing, groups=1, max_frame_bytes=9 * 16 * 2)
+    room, n = 7, 30
+    kv = prompt_kv(room, n, sender.kv)
+    decode.expect(room, n, sender.bootstrap_port)
+    for layer, (ckv, kpe) in enumerate(kv):  # prefill in two chunks: tokens [0, 19) and [19, 30)
+        sender.send_layer(room, layer, ckv[:19], kpe[:19])
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv[19:], kpe[19:], token_start=19)
+    sender.send_done(room, 1)
+    assert all(isinstance(e[0], RoomCompleted) for e in decode.events())
+    decode.assert_holds(room, kv)
+    starts = sorted({(start, count) for _, start, count, _ in decode.ranks[0].calls})
+    assert starts == [(0, 8), (8, 8), (16, 3), (19, 8), (27, 3)]
+
+
+def test_prompt_logprobs_reach_rank_zero_only(closing: list) -> None:
+    sender, decode = _sender(closing), _decode(closing)
+    room, n = 99, 6
+    kv = prompt_kv(room, n, sender.kv)
+    decode.expect(room, n, sender.bootstrap_port)
+    lp = PromptLogprobs(start=1, logprobs=torch.randn(5), top_logprobs=torch.randn(5, 2), top_ids=torch.arange(10, dtype=torch.int32).view(5, 2))
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv, kpe)
+    sender.send_done(room, 3, None, lp)
+    (r0,), (r1,) = decode.events()
+    assert isinstance(r0, RoomCompleted) and isinstance(r1, RoomCompleted)
+    assert r0.prompt_logprobs is not None and r1.prompt_logprobs is None
+    assert torch.equal(r0.prompt_logprobs.logprobs, lp.logprobs)
+    assert torch.equal(r0.prompt_logprobs.top_ids, lp.top_ids)
+    assert r0.first_token_logprob is None and r1.first_token_id == 3
+
+
+@pytest.mark.parametrize(
+    "decode_spec, field",
+    [
+        (small_spec(fingerprint="other-transform"), "fingerprint"),
+        (small_spec(kv_lora_rank=32), "kv_lora_rank"),
+        (small_spec(rope_dim=16), "rope_dim"),
+        (small_spec(num_layers=5), "num_layers"),
+        (small_spec(dtype="float16"), "dtype"),
+    ],
+)
+def test_layout_mismatch_fails_both_sides_with_the_field_named(closing: list, decode_spec: KVSpec, field: str) -> None:
+    sender, decode = _sender(closing), _decode(closing, spec=decode_spec)
+    room, n = 5, 4
+    kv = prompt_kv(room, n, sender.kv)
+    _send_all(sender, room, kv)  # the prefill already knows the room when the REGISTER is refused
+    decode.expect(room, n, sender.bootstrap_port)
+    for (event,) in decode.events():
+        assert isinstance(event, RoomFailed) and f"{field} mismatch" in event.message, event
+    (failed,) = poll_until(sender)
+    assert isinstance(failed, RoomFailed) and failed.room == room and f"{field} mismatch" in failed.message
+    assert all(rx.stats().rooms_live == 0 for rx in decode.rx) and sender.stats().rooms_live == 0
+
+
+def test_refused_register_is_reported_when_the_prefill_reaches_the_room(closing: list) -> None:
+    sender, decode = _sender(closing), _decode(closing, spec=small_spec(fingerprint="x"))
+    room = 77
+    decode.expect(room, 4, sender.bootstrap_port)
+    assert all(isinstance(e[0], RoomFailed) for e in decode.events())
+    assert sender.wait_for_registration(room, 5.0) is None
+    assert "fingerprint mismatch" in (sender.failure(room) or "")
+    assert sender.poll() == []  # the engine had not touched the room yet
+    ckv, kpe = prompt_kv(room, 4, sender.kv)[0]
+    sender.send_layer(room, 0, ckv, kpe)
+    (failed,) = poll_until(sender)
+    assert "fingerprint mismatch" in failed.message
+
+
+@pytest.mark.parametrize("prefill_tokens, match", [(12, "at least 12 prompt tokens"), (8, "finished with 8 tokens")])
+def test_prompt_length_disagreement_fails_the_room(closing: list, prefill_tokens: int, match: str) -> None:
+    sender, decode = _sender(closing), _decode(closing)
+    room = 3
+    decode.expect(room, 10, sender.bootstrap_port)
+    assert sender.wait_for_registration(room, 5.0) is not None
+    _send_all(sender, room, prompt_kv(room, prefill_tokens, sender.kv))
+    for (event,) in decode.events():
+        assert isinstance(event, RoomFailed) and match in event.message, event
+    assert match in poll_until(sender)[0].message
+
+
+def test_cancel_tells_the_prefill_and_the_other_ranks(closing: list) -> None:
+    sender, decode = _sender(closing), _decode(closing)
+    room, n = 11, 8
+    kv = prompt_kv(room, n, sender.kv)
+    decode.expect(room, n, sender.bootstrap_port)
+    assert sender.wait_for_registration(room, 5.0) is not None
+    sender.send_layer(room, 0, *kv[0])
+    assert wait_until(lambda: len(decode.ranks[0].calls) > 0, 5.0)
+    assert decode.rx[0].cancel(room) is True
+    assert decode.rx[0].cancel(room) is False
+    (failed,) = poll_until(sender)
+    assert failed.room == room and "aborted by the client" in failed.message
+    (rank1,) = wait_events([decode.rx[1]])[0]
+    assert isinstance(rank1, RoomFailed) and "aborted by the client" in rank1.message
+    for layer in range(1, len(kv)):  # the engine's late calls for the dead room are ignored
+        sender.send_layer(room, layer, *kv[layer])
+    sender.send_done(room, 0)
+    time.sleep(0.1)
+    assert decode.rx[0].poll() == [] and sender.poll() == []
+    assert sender.stats().rooms_live == 0 and decode.rx[1].stats().rooms_live == 0
+
+
+def test_decode_room_expires_when_no_kv_arrives(closing: list) -> None:
+    sender = _sender(closing, timeout_s=30.0)
+    decode = _decode(closing, timeout_s=0.5)
+    room = 12
+    start = time.monotonic()
+    decode.expect(room, 4, sender.bootstrap_port)
+    assert sender.wait_for_registration(room, 5.0) is not None  # the prefill never computes it
+    events = decode.events(timeout_s=5.0)
+    assert time.monotonic() - start < 3.0
+    for (event,) in events:
+        assert isinstance(event, RoomFailed) and "timed out" in event.message and "0 of 4 layers" in event.message
+    # rank 0's timeout ABORTs the room on the prefill too
+    assert wait_until(lambda: sender.registration(room) is None and sender.failure(room) is not None, 5.0)
+    assert "timed out" in sender.failure(room)
+
+
+def test_unregistered_room_expires_on_the_prefill_and_late_register_is_refused(closing: list) -> None:
+    sender, decode = _sender(closing, timeout_s=0.3), _decode(closing)
+    room = 13
+    _send_all(sender, room, prompt_kv(room, 4, sender.kv))
+    (failed,) = poll_until(sender)
+    assert "waiting for the decode server to register" in failed.message
+    decode.expect(room, 4, sender.bootstrap_port)
+    for (event,) in decode.events():
+        assert isinstance(event, RoomFailed) and "already ended on the prefill" in event.message
+
+
+def test_prefill_buffer_cap_aborts_the_room(closing: list) -> None:
+    sender, decode = _sender(closing, max_buffered_bytes_per_room=1000), _decode(closing)
+    room, n = 14, 16  # one layer is 16 * (16 + 8) * 2 = 768 bytes: the second overflows
+    _send_all(sender, room, prompt_kv(room, n, sender.kv))
+    assert "more than 1000 bytes" in poll_until(sender)[0].message
+    assert sender.stats().rooms_live == 0
+    decode.expect(room, n, sender.bootstrap_port)
+    for (event,) in decode.events():
+        assert isinstance(event, RoomFailed) and "more than 1000 bytes" in event.message
+
+
+def test_writer_error_fails_the_room_and_tells_the_prefill(closing: list) -> None:
+    sender, decode = _sender(closing), _decode(closing, tp=1, groups=1)
+
+    def broken(layer: int, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        raise RuntimeError("page table corrupt")
+
+    room = 15
+    decode.rx[0].expect(room, 4, broken, "127.0.0.1", sender.bootstrap_port)
+    decode.rx[0].send_register(room, decode.endpoints)
+    sender.send_layer(room, 0, *prompt_kv(room, 4, sender.kv)[0])
+    ((event,),) = decode.events()
+    assert isinstance(event, RoomFailed) and "page table corrupt" in event.message
+    assert "page table corrupt" in poll_until(sender)[0].message
+
+
+def _raw_push(closing: list, endpoint: str) -> zmq.Socket:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(endpoint)
+
+    class _Closer:
+        def close(self) -> None:
+            sock.close()
+            ctx.term()
+
+    closing.append(_Closer())
+    return sock
+
+
+def _layer_header(room: int, layer: int, start: int, n: int) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": 2, "room": room, "layer": layer, "token_start": start, "n_tokens": n})
+
+
+def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: list) -> None:
+    sender = _sender(closing)
+    decode = _decode(closing, tp=1, groups=1, max_frame_bytes=4096)
+    rx = decode.rx[0]
+    victim = 21
+    decode.expect(victim, 4, sender.bootstrap_port, register=False)
+    raw = _raw_push(closing, rx.endpoint)
+    width, rope = 16, 8
+    bad = [
+        [b"\xc1not msgpack"],
+        [msgpack.packb({"v": PROTOCOL_VERSION, "t": 42})],
+        [msgpack.packb({"v": 999, "t": 2})],
+        [_layer_header(404, 0, 0, 1), b"\0" * width * 2, b"\0" * rope * 2],  # unknown room: dropped
+        [_layer_header(victim, 0, 0, 2**20), b"", b""],  # declares far more tokens than expected
+    ]
+    for frames in bad:
+        raw.send_multipart(frames)
+    assert wait_until(lambda: rx.stats().messages_rejected >= 3 and rx.stats().messages_dropped >= 1, 5.0)
+    ((event,),) = decode.events()
+    assert isinstance(event, RoomFailed) and event.room == victim and "tokens [0, 1048576)" in event.message
+    # Wrong frame size for a live room fails that room only.
+    victim2 = 22
+    decode.expect(victim2, 4, sender.bootstrap_port, register=False)
+    raw.send_multipart([_layer_header(victim2, 0, 0, 4), b"\0" * (4 * width * 2 + 2), b"\0" * 4 * rope * 2])
+    ((event,),) = decode.events()
+    assert event.room == victim2 and "bad KV frame" in event.message
+    # A frame over max_frame_bytes makes ZMQ drop that connection before anything is allocated for it.
+    raw.send_multipart([_layer_header(victim2, 0, 0, 4), b"\0" * 10_000, b""])
+    time.sleep(0.2)
+    # A good room still streams end to end.
+    room, n = 23, 9
+    kv = prompt_kv(room, n, sender.kv)
+    decode.expect(room, n, sender.bootstrap_port)
+    _send_all(sender, room, kv)
+    ((event,),) = decode.events()
+    assert isinstance(event, RoomCompleted), event
+    decode.assert_holds(room, kv)
+    assert rx.stats().rooms_live == 0 and rx.stats().rooms_failed == 2
+
+
+def test_malformed_bootstrap_messages_are_rejected_and_the_sender_keeps_working(closing: list) -> None:
+    sender, decode = _sender(closing), _decode(closing)
+    raw = _raw_push(closing, sender.bootstrap_endpoint)
+    raw.send_multipart([b"\x00\x01"])
+    raw.send_multipart([_layer_header(1, 0, 0, 1), b"\0" * 32, b"\0" * 16])  # not a bootstrap message
+    raw.send_multipart([b"\x80" * 100_000])  # over the bootstrap frame limit: connection dropped
+    assert wait_until(lambda: sender.stats().messages_rejected >= 2, 5.0)
+    room, n = 31, 5
+    kv = prompt_kv(room, n, sender.kv)
+    decode.expect(room, n, sender.bootstrap_port)
+    _send_all(sender, room, kv)
+    assert all(isinstance(e[0], RoomCompleted) for e in decode.events())
+    decode.assert_holds(room, kv)
+
+
+def test_api_validation(closing: list) -> None:
+    sender = _sender(closing)
+    decode = _decode(closing, tp=1, groups=1, default_bootstrap_port=sender.bootstrap_port)
+    rx = decode.rx[0]
+    writer = decode.ranks[0].writer(decode.ranks[0].reserve(4))
+    rx.expect(1, 4, writer, "127.0.0.1", None)  # null port: this server's default
+    rx.send_register(1, decode.endpoints)
+    reg = sender.wait_for_registration(1, 5.0)
+    assert reg is not None and reg.n_tokens == 4 and reg.rank_endpoints == (rx.endpoint,)
+    with pytest.raises(ValueError, match="already expected"):
+        rx.expect(1, 4, writer, "127.0.0.1", None)
+    with pytest.raises(ValueError, match="not expected"):
+        rx.send_register(2, decode.endpoints)
+    with pytest.raises(ValueError, match="rank_endpoints has 2 entries"):
+        rx.send_register(1, decode.endpoints * 2)
+    with pytest.raises(ValueError, match="bootstrap_room"):
+        rx.expect(2**63, 4, writer, "127.0.0.1", None)
+    with pytest.raises(ValueError, match="n_tokens"):
+        rx.expect(2, 0, writer, "127.0.0.1", None)
+    ckv, kpe = prompt_kv(1, 4, sender.kv)[0]
+    with pytest.raises(ValueError, match="layer"):
+        sender.send_layer(1, 4, ckv, kpe)
+    with pytest.raises(ValueError, match="ckv must be"):
+        sender.send_layer(1, 0, ckv[:, :8], kpe)
+    with pytest.raises(ValueError, match="kpe must be"):
+        sender.send_layer(1, 0, ckv, kpe[:3])
+    with pytest.raises(ValueError, match="dtype"):
+        sender.send_layer(1, 0, ckv.float(), kpe)
+    with pytest.raises(ValueError, match="first_token_id"):
+        sender.send_done(1, -1)
+    no_default = KVReceiver(decode.layout, 0)
+    closing.append(no_default)
+    with pytest.raises(ValueError, match="no default bootstrap port"):
+        no_default.expect(1, 4, writer, "127.0.0.1", None)
