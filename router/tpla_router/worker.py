@@ -1,0 +1,107 @@
+"""Workers as the router sees them: address, in-flight load, health state and circuit breaker."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+from .circuit_breaker import CircuitBreaker
+from .config import Role, RouterConfig, WorkerSpec
+
+
+class Worker:
+    """One prefill or decode server.
+
+    A request holds a reference to its Worker for its whole life, so removing a worker from its pool
+    stops new traffic while in-flight requests finish and release their load here.
+    """
+
+    def __init__(self, spec: WorkerSpec, config: RouterConfig) -> None:
+        self.spec = spec
+        self.url = spec.url
+        self.role = spec.role
+        self.bootstrap_host = urlsplit(spec.url).hostname
+        self.bootstrap_port = spec.bootstrap_port
+        self.in_flight = 0
+        self.requests_total = 0
+        self.healthy = True
+        self._health_failures = 0
+        self._health_successes = 0
+        self._health_failure_threshold = config.health_failure_threshold
+        self._health_success_threshold = config.health_success_threshold
+        self.breaker = CircuitBreaker(
+            config.cb_failure_threshold,
+            config.cb_success_threshold,
+            config.cb_timeout_duration_secs,
+            enabled=not config.disable_circuit_breaker,
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.breaker.allows()
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self.requests_total += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def record_health(self, ok: bool) -> None:
+        """Flip health only after `threshold` consecutive results, so one blip changes nothing."""
+        if ok:
+            self._health_failures = 0
+            self._health_successes += 1
+            if not self.healthy and self._health_successes >= self._health_success_threshold:
+                self.healthy = True
+        else:
+            self._health_successes = 0
+            self._health_failures += 1
+            if self.healthy and self._health_failures >= self._health_failure_threshold:
+                self.healthy = False
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "role": self.role.value,
+            "bootstrap_port": self.bootstrap_port,
+            "healthy": self.healthy,
+            "circuit": self.breaker.state.name.lower(),
+            "in_flight": self.in_flight,
+        }
+
+
+class WorkerPool:
+    """The workers of one role, in insertion order."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self._workers: dict[str, Worker] = {}
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __contains__(self, url: str) -> bool:
+        return url in self._workers
+
+    def add(self, worker: Worker) -> None:
+        if worker.role is not self.role:
+            raise ValueError(f"cannot add a {worker.role.value} worker to the {self.role.value} pool")
+        if worker.url in self._workers:
+            raise ValueError(f"{self.role.value} worker {worker.url} is already registered")
+        self._workers[worker.url] = worker
+
+    def remove(self, url: str) -> Worker:
+        try:
+            return self._workers.pop(url)
+        except KeyError:
+            raise KeyError(f"no {self.role.value} worker {url}") from None
+
+    def candidates(self, exclude: set[str]) -> list[Worker]:
+        """Available workers, avoiding `exclude` unless nothing else is available."""
+        available = [w for w in self._workers.values() if w.available]
+        preferred = [w for w in available if w.url not in exclude]
+        return preferred or available
