@@ -1,0 +1,117 @@
+"""The engine's one configuration object, and the command-line flags that build it (SGLang's names)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The project's own small trained model, the default everywhere a model is not named.
+DEFAULT_MODEL_PATH = str(Path(__file__).resolve().parents[1] / "models" / "mla-tiny")
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str = DEFAULT_MODEL_PATH
+    tokenizer_path: str | None = None
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"  # auto | safetensors | dummy
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    context_length: int | None = None
+    page_size: int | None = None  # auto: 64 on GPU, 16 on CPU
+    mem_fraction_static: float = 0.85  # GPU: share of total memory for weights + KV cache
+    kv_cache_bytes: int = 1 << 30  # CPU: byte budget of the KV cache (per rank)
+    max_total_tokens: int | None = None  # cap on KV tokens, whatever memory allows
+    max_running_requests: int = 256
+    chunked_prefill_size: int = 4096  # <= 0 disables chunking
+    attention_backend: str = "auto"
+    random_seed: int = 0
+    tp_size: int = 1
+    tpla_groups: int = 1
+    tpla_norm: str = "exact"
+    tpla_transform: str = "none"
+    tpla_calibration: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.tpla_norm not in ("exact", "local"):
+            raise ValueError(f"tpla_norm must be exact or local, got {self.tpla_norm!r}")
+        if self.tpla_transform not in ("none", "hadamard", "pca"):
+            raise ValueError(f"tpla_transform must be none, hadamard or pca, got {self.tpla_transform!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    @property
+    def resolved_page_size(self) -> int:
+        if self.page_size is not None:
+            return self.page_size
+        return 64 if self.torch_device.type == "cuda" else 16
+
+    @property
+    def resolved_tokenizer_path(self) -> str:
+        return self.tokenizer_path or self.model_path
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Engine flags, named as SGLang names them where SGLang has the same knob."""
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model-path", default=d.model_path, help="local model directory (default: the bundled model)")
+    g.add_argument("--tokenizer-path", default=None)
+    g.add_argument("--skip-tokenizer-init", action="store_true", help="accept and return token ids only")
+    g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--dtype", default=d.dtype)
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--context-length", type=int, default=None)
+    g.add_argument("--page-size", type=int, default=None)
+    g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
+    g.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes, help="KV cache budget on CPU")
+    g.add_argument("--max-total-tokens", type=int, default=None)
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
+    g.add_argument("--attention-backend", default=d.attention_backend)
+    g.add_argument("--random-seed", type=int, default=d.random_seed)
+    g.add_argument("--tp-size", type=int, default=d.tp_size)
+    g.add_argument("--tpla-groups", type=int, default=d.tpla_groups, help="latent groups g (1 = plain MLA-TP)")
+    g.add_argument("--tpla-norm", default=d.tpla_norm, choices=["exact", "local"])
+    g.add_argument("--tpla-transform", default=d.tpla_transform, choices=["none", "hadamard", "pca"])
+    g.add_argument("--tpla-calibration", default=None, help="calibration file (PCA bases, logit scales)")

@@ -1,0 +1,35 @@
+"""A request's state as the SGLang-shaped dict that /generate and Engine.generate return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tpla_serve.engine.request import Request
+from tpla_serve.sampling.logprobs import format_token_logprobs, format_top_logprobs
+
+
+def request_output(
+    req: Request, tokenizer: Any | None, return_text_in_logprobs: bool = False, streaming: bool = False
+) -> dict[str, Any]:
+    """`text` is cumulative; while streaming, a tail that may still become a stop string is held back."""
+    text = req.checker.stream_text() if streaming else req.checker.text
+    meta: dict[str, Any] = {
+        "id": req.rid,
+        "finish_reason": req.finish_reason,
+        "prompt_tokens": len(req.prompt_ids),
+        "completion_tokens": len(req.output_ids),
+        "cached_tokens": 0,
+    }
+    if req.finish_time is not None:
+        meta["e2e_latency"] = req.finish_time - req.arrival_time
+    if req.return_logprob:
+        decoder = tokenizer if return_text_in_logprobs else None
+        n_out = len(req.output_logprobs)
+        meta["input_token_logprobs"] = format_token_logprobs(req.input_logprobs, req.input_logprob_ids, decoder)
+        meta["output_token_logprobs"] = format_token_logprobs(
+            req.output_logprobs, req.output_ids[:n_out], decoder
+        )
+        if req.top_logprobs_num:
+            meta["input_top_logprobs"] = format_top_logprobs(req.input_top_vals, req.input_top_ids, decoder)
+            meta["output_top_logprobs"] = format_top_logprobs(req.output_top_vals, req.output_top_ids, decoder)
+    return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
