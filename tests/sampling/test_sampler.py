@@ -147,6 +147,23 @@ def test_truncation_mask_matches_definitions():
         assert torch.equal(mask[row], reference_keep(logits[row], p)), (row, p)
 
 
+def test_truncation_mask_when_every_top_p_row_has_a_top_k():
+    """The top-k head replaces the full sort; rows without any truncation must keep everything."""
+    params = [
+        SamplingParams(temperature=1.0, top_k=5, top_p=0.6),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=3),
+        SamplingParams(temperature=0.9, top_k=8, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=0.0, top_p=0.3),  # greedy: its mask is irrelevant
+    ]
+    b = batch(params, vocab=40)
+    assert b.top_p_within_top_k and b.max_top_k == 8
+    logits = torch.randn(len(params), 40, generator=torch.Generator().manual_seed(11)) * 2
+    mask = truncation_mask(logits / b.temperatures, b)
+    for row, p in enumerate(params[:4]):
+        assert torch.equal(mask[row], reference_keep(logits[row], p)), (row, p)
+
+
 @pytest.mark.parametrize("params", TRUNCATIONS[:5], ids=["top_k", "top_p", "min_p", "k+p", "k+p+min_p"])
 def test_truncated_distribution_is_renormalized_softmax(params):
     g = torch.Generator().manual_seed(5)
@@ -272,18 +289,80 @@ def test_shape_errors():
 
 
 @pytest.mark.gpu
-def test_gpu_matches_cpu():
+def test_gpu_matches_cpu_without_host_sync():
     g = torch.Generator().manual_seed(9)
     logits = torch.randn(32, 1000, generator=g) * 2
     params = [
-        SamplingParams(temperature=0.8, top_p=0.9, top_k=50, repetition_penalty=1.2, sampling_seed=i)
+        SamplingParams(
+            temperature=0.0 if i % 4 == 0 else 0.8,
+            top_p=0.9,
+            top_k=50,
+            repetition_penalty=1.2,
+            min_new_tokens=25,
+        )
         for i in range(32)
     ]
     outputs = [torch.randint(0, 1000, (20,), generator=g).tolist() for _ in range(32)]
     seeds = list(range(32))
-    cpu = Sampler()(logits, SamplingBatch.build(params, outputs, seeds, 1000, "cpu"), return_logprob=True)
-    dev = Sampler()(
-        logits.cuda(), SamplingBatch.build(params, outputs, seeds, 1000, "cuda"), return_logprob=True
+    cpu = Sampler()(
+        logits, SamplingBatch.build(params, outputs, seeds, 1000, "cpu", eos_token_ids=[3]), True, [5] * 32
     )
+    dev_logits = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        b = SamplingBatch.build(params, outputs, seeds, 1000, "cuda", eos_token_ids=[3])
+        dev = Sampler()(dev_logits, b, return_logprob=True, top_logprobs_nums=[5] * 32)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(dev.next_token_ids.cpu(), cpu.next_token_ids)
     torch.testing.assert_close(dev.logprobs.cpu(), cpu.logprobs)
+    torch.testing.assert_close(dev.top_logprobs_vals.cpu(), cpu.top_logprobs_vals)
+
+
+_FUSED_CHECK = """
+import torch
+from tpla_serve.sampling.gumbel_triton import gumbel_argmax_cuda
+from tpla_serve.sampling.sampler import gumbel_noise
+g = torch.Generator().manual_seed(0)
+z = torch.randn(4, 5000, generator=g)
+z[1, 40:] = float("-inf")
+lo = torch.tensor([1, 2, 0xFFFFFFFF, 5])
+hi = torch.tensor([0, 7, 0xFFFFFFFF, 0])
+steps = torch.tensor([0, 1, 2, 123456])
+fused = gumbel_argmax_cuda(z, lo, hi, steps)
+ref = (z.double() + gumbel_noise(lo, hi, steps, 5000)).argmax(-1)
+assert torch.equal(fused, ref), (fused, ref)
+"""
+
+
+def test_fused_draw_kernel_matches_torch_definition_in_interpreter():
+    """The CUDA kernel's hash and race, run by Triton's interpreter on the CPU in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _FUSED_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_fused_draw_kernel_matches_torch_definition_on_gpu():
+    from tpla_serve.sampling.gumbel_triton import gumbel_argmax_cuda
+    from tpla_serve.sampling.sampler import gumbel_noise
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(64, 129280, device="cuda", generator=g) * 2
+    z[::3, 1000:] = float("-inf")
+    seeds = torch.randint(0, 2**32, (3, 64), device="cuda", generator=g)
+    fused = gumbel_argmax_cuda(z, seeds[0], seeds[1], seeds[2])
+    ref = (z.double() + gumbel_noise(seeds[0], seeds[1], seeds[2], z.shape[1])).argmax(-1)
+    assert torch.equal(fused, ref)

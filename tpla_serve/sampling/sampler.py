@@ -66,20 +66,38 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def gumbel_noise(
+def noise_bits(
     seeds_lo: torch.Tensor, seeds_hi: torch.Tensor, steps: torch.Tensor, vocab_size: int
 ) -> torch.Tensor:
-    """[B, V] float64 Gumbel(0, 1) noise, a pure function of (seed, step, token id) per element.
-
-    -log(E) with E = -log1p(-u) ~ Exp(1): adding it to logits and taking the argmax is the
-    exponential race. u has 32 random bits, so E never reaches 0 and the noise is always finite.
-    """
+    """[B, V] int64 in [0, 2**32): a pure function of (seed, step, token id) per element."""
     row = _absorb(_absorb(_absorb(torch.zeros_like(seeds_lo), seeds_lo), seeds_hi), steps)
     col = _scramble(torch.arange(vocab_size, dtype=torch.int64, device=steps.device))
     h = (_rotl32(row.unsqueeze(1) ^ col.unsqueeze(0), 13) * 5 + 0xE6546B64) & _M32
-    h = _fmix32(h ^ 16)
-    u = (h.to(torch.float64) + 0.5) * 2.0**-32
-    return -torch.log(-torch.log1p(-u))
+    return _fmix32(h ^ 16)
+
+
+def gumbel_noise(
+    seeds_lo: torch.Tensor, seeds_hi: torch.Tensor, steps: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """[B, V] float64 Gumbel(0, 1) noise: -log(E) with E = -log(u) ~ Exp(1).
+
+    Adding it to logits and taking the argmax is the exponential race. u = (bits + 0.5) / 2**32 is
+    exact in fp64 and never 0 or 1, so the noise is always finite.
+    """
+    u = (noise_bits(seeds_lo, seeds_hi, steps, vocab_size).to(torch.float64) + 0.5) * 2.0**-32
+    return -torch.log(-torch.log(u))
+
+
+def gumbel_argmax(
+    scaled: torch.Tensor, seeds_lo: torch.Tensor, seeds_hi: torch.Tensor, steps: torch.Tensor
+) -> torch.Tensor:
+    """argmax(scaled + gumbel_noise) per row: one fused kernel on CUDA, the torch definition elsewhere."""
+    if scaled.is_cuda:
+        from tpla_serve.sampling.gumbel_triton import gumbel_argmax_cuda
+
+        return gumbel_argmax_cuda(scaled, seeds_lo, seeds_hi, steps)
+    noise = gumbel_noise(seeds_lo, seeds_hi, steps, scaled.shape[1])
+    return (scaled.to(torch.float64) + noise).argmax(dim=-1)
 
 
 # ---- per-step batch description ------------------------------------------------------------------
@@ -101,10 +119,12 @@ class SamplingBatch:
     penalties: PenaltyInputs | None
     stop_mask: StopTokenMask | None
     is_all_greedy: bool
+    any_greedy: bool
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
     max_top_k: int  # largest enabled top_k (0 when none)
+    top_p_within_top_k: bool  # every sampling row with top_p < 1 also has a top_k
 
     @property
     def batch_size(self) -> int:
@@ -174,10 +194,14 @@ class SamplingBatch:
             penalties=penalties,
             stop_mask=stop_mask,
             is_all_greedy=not sampling,
+            any_greedy=any(greedy),
             need_top_k=bool(enabled_k),
             need_top_p=any(p.top_p < 1.0 for p in sampling),
             need_min_p=any(p.min_p > 0.0 for p in sampling),
             max_top_k=max(enabled_k, default=0),
+            top_p_within_top_k=all(
+                k < vocab_size for p, k in zip(params, top_ks) if not p.is_greedy and p.top_p < 1.0
+            ),
         )
 
 
@@ -242,15 +266,16 @@ class Sampler:
             full = None
             if want_logprobs:
                 full = torch.log_softmax(logits if self.return_original_logprob else scaled, dim=-1)
-            next_ids = torch.where(batch.greedy, logits.argmax(dim=-1), self._draw(scaled, batch))
+            next_ids = self._draw(scaled, batch)
+            if batch.any_greedy:
+                next_ids = torch.where(batch.greedy, logits.argmax(dim=-1), next_ids)
         return self._pack(next_ids, full, return_logprob, top_logprobs_nums, max_k)
 
     @staticmethod
     def _draw(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if batch.need_top_k or batch.need_top_p or batch.need_min_p:
             scaled = scaled.masked_fill(~truncation_mask(scaled, batch), float("-inf"))
-        noise = gumbel_noise(batch.seeds_lo, batch.seeds_hi, batch.steps, scaled.shape[1])
-        return (scaled.to(torch.float64) + noise).argmax(dim=-1)
+        return gumbel_argmax(scaled, batch.seeds_lo, batch.seeds_hi, batch.steps)
 
     @staticmethod
     def _pack(
@@ -276,19 +301,27 @@ def truncation_mask(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     All three are measured on softmax(scaled) before any of them is applied (SGLang's joint order):
     top-p keeps a token if the mass strictly before it in descending order is <= top_p, so the most
-    likely token is always kept; min-p keeps tokens with p >= min_p * p_max.
+    likely token is always kept; min-p keeps tokens with p >= min_p * p_max. When every top-p row also
+    has a top-k, only the top max_top_k entries can survive, so a top-k replaces the full sort.
+    Greedy rows' masks are meaningless (their token is the argmax).
     """
-    probs = torch.softmax(scaled, dim=-1)
-    keep = torch.ones_like(probs, dtype=torch.bool)
-    if batch.need_min_p:
+    keep = torch.ones_like(scaled, dtype=torch.bool)
+    probs = torch.softmax(scaled, dim=-1) if batch.need_min_p or batch.need_top_p else None
+    if probs is not None and batch.need_min_p:
         keep &= probs >= batch.min_ps * probs.amax(dim=-1, keepdim=True)
-    if batch.need_top_p:
-        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    if probs is not None and batch.need_top_p:
+        if batch.top_p_within_top_k:
+            sorted_p, order = probs.topk(batch.max_top_k, dim=-1)
+        else:
+            sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
         keep_sorted = (sorted_p.cumsum(dim=-1) - sorted_p) <= batch.top_ps
         if batch.need_top_k:
-            ranks = torch.arange(probs.shape[1], device=probs.device).unsqueeze(0)
+            ranks = torch.arange(sorted_p.shape[1], device=probs.device).unsqueeze(0)
             keep_sorted &= ranks < batch.top_ks
-        keep &= torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        kept = torch.zeros_like(keep).scatter_(1, order, keep_sorted)
+        if batch.top_p_within_top_k:  # rows with neither top-k nor top-p keep everything
+            kept |= (batch.top_ks >= scaled.shape[1]) & (batch.top_ps >= 1.0)
+        keep &= kept
     elif batch.need_top_k:
         top = scaled.topk(batch.max_top_k, dim=-1).values
         kth = top.gather(1, batch.top_ks.clamp(max=batch.max_top_k) - 1)
