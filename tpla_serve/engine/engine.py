@@ -159,6 +159,16 @@ class Engine:
         """Abort a queued or running request; its pages return to the pool."""
         return self.scheduler.abort(rid) is not None
 
+    def shutdown(self) -> None:
+        """Stop the TP ranks (a no-op on one rank)."""
+        self.runner.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.stats()
         return {
