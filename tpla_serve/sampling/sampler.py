@@ -7,8 +7,9 @@ Greedy rows (temperature 0) take the exact argmax of the penalized logits.
 Randomness is counter-based, as in SGLang's seeded sampler: the noise for token v of a row is a hash
 of (request seed, step, v), turned into an Exp(1) variate for an exponential race
 (argmax_v p_v / E_v, which draws v with probability p_v). There is no generator state: the same seed,
-step and logits give the same token whatever else is in the batch, on any device, and a decode
-server continues a prefill server's request without receiving any RNG state.
+step and logits give the same token whatever else is in the batch, on CPU and GPU alike (barring
+floating-point near-ties), and a decode server continues a prefill server's request without
+receiving any RNG state. On CUDA the hash, noise and argmax run as one Triton kernel.
 
 Logprobs follow SGLang: log_softmax of the penalized logits divided by the request's temperature
 (1 for greedy rows), before top-k/top-p/min-p truncation; `return_original_logprob=True` gives them
@@ -125,6 +126,7 @@ class SamplingBatch:
     need_min_p: bool
     max_top_k: int  # largest enabled top_k (0 when none)
     top_p_within_top_k: bool  # every sampling row with top_p < 1 also has a top_k
+    vocab_size: int
 
     @property
     def batch_size(self) -> int:
@@ -199,6 +201,7 @@ class SamplingBatch:
             need_top_p=any(p.top_p < 1.0 for p in sampling),
             need_min_p=any(p.min_p > 0.0 for p in sampling),
             max_top_k=max(enabled_k, default=0),
+            vocab_size=vocab_size,
             top_p_within_top_k=all(
                 k < vocab_size for p, k in zip(params, top_ks) if not p.is_greedy and p.top_p < 1.0
             ),
@@ -244,8 +247,10 @@ class Sampler:
 
         `top_logprobs_nums[i]` (k per row, 0 for none) asks for the k most likely tokens' logprobs.
         """
-        if logits.dim() != 2 or logits.shape[0] != batch.batch_size:
-            raise ValueError(f"logits must be [B={batch.batch_size}, V], got {tuple(logits.shape)}")
+        if logits.dim() != 2 or logits.shape != (batch.batch_size, batch.vocab_size):
+            raise ValueError(
+                f"logits must be [B={batch.batch_size}, V={batch.vocab_size}], got {tuple(logits.shape)}"
+            )
         if top_logprobs_nums is not None and len(top_logprobs_nums) != batch.batch_size:
             raise ValueError("top_logprobs_nums must have one entry per row")
         logits = logits.float()
