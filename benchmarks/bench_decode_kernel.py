@@ -3,15 +3,15 @@
 Sections (each prints a markdown table; all of them go to one dated file under --results-dir):
   copy      device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel
   check     the kernel against the fp32 torch reference at real shapes (poisoned outputs, fresh inputs)
-  sweep     (--sweep) candidate tilings at a few shapes, to pick decode_config's tables
-  grid      B x context x heads x ckv with the default tiling: time, GB/s, % of copy bandwidth
+  tune      (--tune) candidate tilings per decode_config table entry; the fastest correct one is used below
+  grid      B x context x heads x ckv: time, GB/s, % of copy bandwidth
   paper     per-rank attention time of MLA-TP (all 512 latent dims) against TPLA (r/g dims), equal batch
 
 Each time is the median of triton.testing.do_bench over a CUDA-graph replay of one call (the way the
 engine runs decode), with the L2 cache flushed before every replay. Bytes counted: every KV token's
 latent + rope row once, the queries, the outputs and the LSE.
 
-    python benchmarks/bench_decode_kernel.py [--quick] [--sweep] [--out-dir DIR]
+    python benchmarks/bench_decode_kernel.py [--quick] [--tune] [--skip-grid] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import triton
 from triton.testing import do_bench
 
 from tpla_kernels.decode import launch_mla_decode, mla_decode
-from tpla_kernels.decode_config import DecodeConfig, default_config, default_num_splits
+from tpla_kernels.decode_config import DecodeConfig, default_config, default_num_splits, shape_class
 from tpla_kernels.reference import mla_decode_reference
 
 D_PE = 64
@@ -124,66 +124,81 @@ def run_kernel(pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor, config: Dec
     heads = q_nope.shape[1]
     cfg = config or default_config(heads, pool.ckv_dim, DTYPE)
     if splits is None:
+        slots = torch.cuda.get_device_properties(0).multi_processor_count * cfg.ctas_per_sm
         splits = default_num_splits(pool.batch, triton.cdiv(heads, cfg.block_h), pool.page_table.shape[1] * PAGE,
-                                    torch.cuda.get_device_properties(0).multi_processor_count)
+                                    slots)
     out = torch.empty_like(q_nope)
     args = (q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, SM_SCALE, 1, 1.0, splits, cfg, out)
     return lambda: (launch_mla_decode(*args), out)[1]
 
 
-SWEEP_SHAPES = [  # (batch, ctx, heads, ckv)
-    (32, 16384, 64, 512),
-    (32, 16384, 128, 256),
-    (32, 16384, 128, 128),
-    (32, 16384, 64, 256),
-    (32, 16384, 16, 512),
-    (4, 16384, 128, 256),
-]
+TUNE_BATCH, TUNE_CTX = 32, 16384
 
 
-def sweep_candidates(heads: int, ckv: int) -> list[DecodeConfig]:
+def tune_candidates(row_class: int, ckv: int) -> list[DecodeConfig]:
+    """Tilings worth timing for one (query-row class, ckv) table entry; the current entry comes first."""
     c = DecodeConfig
-    if heads <= 16:
-        return [c(16, 32, 4, 2), c(16, 64, 4, 2), c(16, 64, 4, 3), c(16, 32, 4, 3)] + (
-            [c(16, 128, 4, 2)] if ckv <= 256 else [])
-    if ckv == 512:
-        return [c(64, 32, 8, 2), c(64, 32, 8, 3), c(64, 64, 8, 1), c(64, 32, 8, 2, True), c(32, 32, 4, 2),
-                c(16, 32, 4, 2)]
-    if heads >= 128:
-        return [c(128, 64, 8, 2), c(128, 32, 8, 2), c(128, 64, 8, 3), c(128, 64, 8, 2, True), c(64, 64, 8, 2),
-                c(64, 64, 4, 2)] + ([c(128, 128, 8, 2)] if ckv <= 128 else [])
-    return [c(64, 64, 4, 2), c(64, 64, 8, 2), c(64, 32, 4, 3), c(64, 64, 4, 2, True), c(32, 64, 4, 2)]
+    extra = {
+        (16, 512): [c(16, 32, 4, 2, 2), c(16, 64, 4, 3, 1), c(16, 32, 4, 4, 2)],
+        (16, 256): [c(16, 32, 4, 3, 2), c(16, 64, 4, 2, 2), c(16, 128, 4, 3, 1)],
+        (16, 128): [c(16, 128, 4, 3, 2), c(16, 64, 4, 2, 2), c(16, 32, 4, 3, 3)],
+        (64, 512): [c(64, 32, 8, 4, 1), c(64, 64, 8, 1, 1), c(64, 64, 8, 2, 1), c(64, 16, 8, 4, 1)],
+        (64, 256): [c(64, 64, 4, 3, 1), c(64, 64, 4, 2, 1), c(64, 64, 8, 3, 1)],
+        (64, 128): [c(64, 64, 8, 3, 1), c(64, 128, 4, 3, 1), c(64, 32, 4, 3, 2)],
+        (128, 512): [c(64, 32, 8, 4, 1), c(64, 64, 8, 1, 1)],
+        (128, 256): [c(128, 64, 8, 2, 1), c(128, 32, 8, 3, 1), c(128, 64, 8, 3, 1, True), c(64, 32, 4, 3, 2)],
+        (128, 128): [c(128, 128, 8, 3, 1), c(128, 128, 8, 2, 1), c(64, 64, 4, 3, 2)],
+    }[(row_class, ckv)]
+    return [default_config(row_class, ckv, DTYPE)] + extra
 
 
-def section_sweep(gen: torch.Generator, copy_bw: float) -> str:
-    rows = []
-    for batch, ctx, heads, ckv in SWEEP_SHAPES:
-        pool = Pool(batch, ctx, ckv, gen)
-        q_nope, q_pe = pool.queries(heads, gen)
-        nbytes = pool.bytes_moved(heads)
-        ref, _ = mla_decode_reference(q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, SM_SCALE)
-        ref = ref.double()
-        for cfg in sweep_candidates(heads, ckv):
-            t0 = time.time()
-            shape = f"{batch}x{ctx} {heads}h x{ckv}"
-            try:
-                fn = run_kernel(pool, q_nope, q_pe, cfg)
-                err = float((fn().double() - ref).norm() / ref.norm())
-                ms = time_graph(fn)
-            except Exception as exc:  # a tiling that does not fit (shared memory, registers) is reported
-                rows.append([shape, str(tuple(cfg)), "-", "-", "-", type(exc).__name__])
-                log(f"sweep {shape} {tuple(cfg)}: {exc!r}"[:300])
-                continue
-            gbs = nbytes / ms / 1e6
-            rows.append([shape, str(tuple(cfg)), f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / copy_bw:.0f}%",
-                         f"{err:.1e}"])
-            log(f"sweep {shape} {tuple(cfg)}: {ms * 1e3:.1f} us {gbs:.0f} GB/s err {err:.1e} "
-                f"(wall {time.time() - t0:.1f}s)")
-        del pool, ref
-    return table(["shape", "config (bh, bn, warps, stages, lazy)", "us", "GB/s", "% copy", "rel err"], rows)
+def section_tune(gen: torch.Generator, copy_bw: float) -> tuple[str, dict[tuple[int, int], DecodeConfig]]:
+    """Time each table entry's candidates at B=32, 16K context; keep the fastest correct one."""
+    rows, chosen = [], {}
+    for ckv in (512, 256, 128):
+        pool = Pool(TUNE_BATCH, TUNE_CTX, ckv, gen)
+        for heads in (16, 64, 128):
+            q_nope, q_pe = pool.queries(heads, gen)
+            nbytes = pool.bytes_moved(heads)
+            ref, _ = mla_decode_reference(q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens,
+                                          SM_SCALE)
+            ref = ref.double()
+            best: tuple[float, DecodeConfig] | None = None
+            for cfg in tune_candidates(heads, ckv):
+                t0 = time.time()
+                shape = f"{heads}h x{ckv}"
+                try:
+                    fn = run_kernel(pool, q_nope, q_pe, cfg)
+                    err = float((fn().double() - ref).norm() / ref.norm())
+                    ms = time_graph(fn)
+                except Exception as exc:  # a tiling that does not fit (shared memory, registers) is reported
+                    rows.append([shape, str(tuple(cfg)), "-", "-", "-", type(exc).__name__])
+                    log(f"tune {shape} {tuple(cfg)}: {exc!r}"[:300])
+                    continue
+                gbs = nbytes / ms / 1e6
+                rows.append([shape, str(tuple(cfg)), f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / copy_bw:.0f}%",
+                             f"{err:.1e}"])
+                log(f"tune {shape} {tuple(cfg)}: {ms * 1e3:.1f} us {gbs:.0f} GB/s err {err:.1e} "
+                    f"(wall {time.time() - t0:.1f}s)")
+                if err < 1e-2 and (best is None or ms < best[0]):
+                    best = (ms, cfg)
+            if best is not None:
+                chosen[shape_class(heads, ckv)] = best[1]
+            del ref
+        del pool
+    picks = "\n".join(f"    {key}: {cfg}," for key, cfg in sorted(chosen.items()))
+    log("chosen table:\n" + picks)
+    header = ["shape (B=32, 16K)", "config (bh, bn, warps, stages, ctas/SM, lazy)", "us", "GB/s", "% copy",
+              "rel err"]
+    return table(header, rows) + "\n\nChosen (used below):\n\n```\n" + picks + "\n```", chosen
 
 
-def section_grid(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
+def pick(configs: dict[tuple[int, int], DecodeConfig], heads: int, ckv: int) -> DecodeConfig:
+    return configs.get(shape_class(heads, ckv)) or default_config(heads, ckv, DTYPE)
+
+
+def section_grid(gen: torch.Generator, copy_bw: float, quick: bool,
+                 configs: dict[tuple[int, int], DecodeConfig]) -> str:
     batches = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
     ctxs = [1024, 32768] if quick else [1024, 4096, 16384, 32768]
     rows = []
@@ -193,17 +208,18 @@ def section_grid(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
                 pool = Pool(batch, ctx, ckv, gen)
                 for heads in (16, 64, 128):
                     q_nope, q_pe = pool.queries(heads, gen)
-                    ms = time_graph(run_kernel(pool, q_nope, q_pe))
+                    cfg = pick(configs, heads, ckv)
+                    ms = time_graph(run_kernel(pool, q_nope, q_pe, cfg))
                     gbs = pool.bytes_moved(heads) / ms / 1e6
-                    cfg = default_config(heads, ckv, DTYPE)
                     rows.append([str(ckv), str(ctx), str(batch), str(heads), f"{ms * 1e3:.1f}", f"{gbs:.0f}",
-                                 f"{100 * gbs / copy_bw:.0f}%", f"{cfg.block_h}/{cfg.block_n}/{cfg.num_warps}"])
+                                 f"{100 * gbs / copy_bw:.0f}%", "/".join(map(str, cfg[:5]))])
                     log("grid " + " ".join(rows[-1]))
                 del pool
-    return table(["ckv", "context", "B", "heads", "us", "GB/s", "% copy", "bh/bn/warps"], rows)
+    return table(["ckv", "context", "B", "heads", "us", "GB/s", "% copy", "bh/bn/warps/stages/ctas"], rows)
 
 
-def section_paper(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
+def section_paper(gen: torch.Generator, copy_bw: float, quick: bool,
+                  configs: dict[tuple[int, int], DecodeConfig]) -> str:
     """MLA-TP vs TPLA per rank: T=2 (DeepSeek-V3: 128 heads) and T=4, g=2."""
     settings = [("T=2", 64, 128), ("T=4", 32, 64)]  # (label, MLA heads per rank, TPLA heads per rank)
     rows = []
@@ -214,7 +230,7 @@ def section_paper(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
                 for name, heads, ckv in (("mla", mla_heads, 512), ("tpla", tpla_heads, 256)):
                     pool = Pool(batch, ctx, ckv, gen)
                     q_nope, q_pe = pool.queries(heads, gen)
-                    ms = time_graph(run_kernel(pool, q_nope, q_pe))
+                    ms = time_graph(run_kernel(pool, q_nope, q_pe, pick(configs, heads, ckv)))
                     times[name] = (ms, pool.bytes_moved(heads) / ms / 1e6)
                     del pool
                 (m_ms, m_bw), (t_ms, t_bw) = times["mla"], times["tpla"]
@@ -229,7 +245,8 @@ def section_paper(gen: torch.Generator, copy_bw: float, quick: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced grid")
-    parser.add_argument("--sweep", action="store_true", help="also time candidate tilings")
+    parser.add_argument("--tune", action="store_true",
+                        help="time candidate tilings per table entry first and use the fastest below")
     parser.add_argument("--skip-grid", action="store_true", help="skip the B x context x heads x ckv grid")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -250,13 +267,15 @@ def main() -> int:
     check, ok = section_check(gen)
     log(check)
     parts.append("## Correctness at real shapes (vs fp32 torch reference)\n\n" + check + "\n")
-    if args.sweep:
-        parts.append("## Tiling sweep\n\n" + section_sweep(gen, copy_bw) + "\n")
-    paper = section_paper(gen, copy_bw, args.quick)
+    configs: dict[tuple[int, int], DecodeConfig] = {}
+    if args.tune:
+        tuned, configs = section_tune(gen, copy_bw)
+        parts.append("## Tiling candidates (B=32, 16K context)\n\n" + tuned + "\n")
+    paper = section_paper(gen, copy_bw, args.quick, configs)
     log(paper)
     parts.append("## MLA-TP vs TPLA per rank (equal batch)\n\n" + paper + "\n")
     if not args.skip_grid:
-        grid = section_grid(gen, copy_bw, args.quick)
+        grid = section_grid(gen, copy_bw, args.quick, configs)
         parts.append("## Kernel bandwidth grid (default tiling)\n\n" + grid + "\n")
     slug = "".join(ch if ch.isalnum() else "-" for ch in props.name).strip("-").lower()
     out_dir = Path(args.out_dir)

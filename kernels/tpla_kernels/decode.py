@@ -65,14 +65,19 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
     page_row = PageTable + b * stride_pt_b
+    first = start + tl.arange(0, BLOCK_N)
+    page = tl.load(page_row + first // PAGE_SIZE, mask=first < end, other=0)
     for n0 in range(start, end, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tokens < end
-        page = tl.load(page_row + tokens // PAGE_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        # Page indices of the next block are read one iteration ahead, so that the latent loads
+        # never wait on a page-table read.
+        nxt = tokens + BLOCK_N
+        page_next = tl.load(page_row + nxt // PAGE_SIZE, mask=nxt < end, other=0)
         slot = tokens % PAGE_SIZE
-        ckv = tl.load(Ckv + page[:, None] * stride_c_page + slot[:, None] * stride_c_tok + offs_d[None, :],
+        ckv = tl.load(Ckv + page.to(tl.int64)[:, None] * stride_c_page + slot[:, None] * stride_c_tok + offs_d[None, :],
                       mask=tok_ok[:, None], other=0.0)
-        kpe = tl.load(Kpe + page[:, None] * stride_k_page + slot[:, None] * stride_k_tok + offs_pe[None, :],
+        kpe = tl.load(Kpe + page.to(tl.int64)[:, None] * stride_k_page + slot[:, None] * stride_k_tok + offs_pe[None, :],
                       mask=tok_ok[:, None], other=0.0)
         s = tl.dot(q_pe, tl.trans(kpe), input_precision=DOT_PRECISION) * pe_rescale
         s = tl.dot(q, tl.trans(ckv), s, input_precision=DOT_PRECISION) * qk_scale
@@ -96,6 +101,7 @@ def _decode_split_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
+        page = page_next
 
     seen = l_i > 0.0
     o = acc * tl.where(seen, 1.0 / l_i, 0.0)[:, None]
@@ -288,7 +294,7 @@ def mla_decode(
                    if q_nope.device.type == "cuda" else 1)
         num_kv_splits = default_num_splits(
             batch=shape.batch, head_blocks=triton.cdiv(shape.rows, config.block_h),
-            max_kv=page_table.shape[1] * shape.page_size, num_sms=num_sms)
+            max_kv=page_table.shape[1] * shape.page_size, slots=num_sms * config.ctas_per_sm)
     if out is None:
         out = torch.empty_like(q_nope)
     lse = launch_mla_decode(q_nope, q_pe, ckv_cache, kpe_cache, page_table, seq_lens, sm_scale, q_len,

@@ -136,10 +136,13 @@ def test_bad_scalars_raise(interp: SimpleNamespace) -> None:
 
 
 def test_split_heuristic_fills_the_gpu() -> None:
-    # Large batches already fill 132 SMs: no split, no merge pass.
-    assert default_num_splits(batch=128, head_blocks=2, max_kv=32768, num_sms=132) == 1
+    # Large batches already fill 132 program slots: no split, no merge pass.
+    assert default_num_splits(batch=128, head_blocks=2, max_kv=32768, slots=132) == 1
     # One request of one head block at 32K spreads over many programs, within the cap.
-    one = default_num_splits(batch=1, head_blocks=1, max_kv=32768, num_sms=132)
+    one = default_num_splits(batch=1, head_blocks=1, max_kv=32768, slots=132)
     assert 32 <= one <= 64
     # Short contexts are not split below the minimum split length.
-    assert default_num_splits(batch=1, head_blocks=1, max_kv=512, num_sms=132) <= 2
+    assert default_num_splits(batch=1, head_blocks=1, max_kv=512, slots=132) <= 2
+    # Two resident programs per SM: twice the programs for the same batch.
+    assert default_num_splits(batch=32, head_blocks=1, max_kv=16384, slots=264) == 8
+    assert default_num_splits(batch=32, head_blocks=1, max_kv=16384, slots=132) == 4
