@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,6 +39,15 @@ class _WorkerCollector(Collector):
         yield from (in_flight, healthy, circuit, sent)
 
 
+class RouteMetrics(NamedTuple):
+    """One route's labelled children, resolved once (labels() costs a lock and a lookup per call)."""
+
+    requests: Counter
+    retries: Counter
+    duration: Histogram
+    first_byte: Histogram
+
+
 class RouterMetrics:
     def __init__(self, workers: Callable[[], Iterable[Worker]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -55,6 +65,15 @@ class RouterMetrics:
                                     "Time from request to the first response byte sent, by route", ["route"],
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_WorkerCollector(workers))
+        self._routes: dict[str, RouteMetrics] = {}
+
+    def route(self, path: str) -> RouteMetrics:
+        metrics = self._routes.get(path)
+        if metrics is None:
+            metrics = RouteMetrics(self.requests.labels(path), self.retries.labels(path),
+                                   self.duration.labels(path), self.first_byte.labels(path))
+            self._routes[path] = metrics
+        return metrics
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind).inc()

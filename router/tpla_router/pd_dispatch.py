@@ -15,7 +15,6 @@ import random
 import aiohttp
 from aiohttp import web
 
-from .config import Role
 from .errors import RouterError, error_response
 from .logprobs import StreamMerger, merge_response, prefill_prompt_logprobs
 from .protocol import PDRequest, Route, parse_request
@@ -98,12 +97,12 @@ class PDDispatcher:
     async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        self._metrics.requests.labels(route.value).inc()
+        self._metrics.route(route.value).requests.inc()
         try:
             pd = parse_request(route, await request.read(), self._config.max_new_tokens_cap)
             return await self._dispatch(request, pd, start, start + self._config.request_timeout_secs)
         finally:
-            self._metrics.duration.labels(route.value).observe(loop.time() - start)
+            self._metrics.route(route.value).duration.observe(loop.time() - start)
 
     async def _dispatch(self, request: web.Request, pd: PDRequest, start: float,
                         deadline: float) -> web.StreamResponse:
@@ -112,12 +111,13 @@ class PDDispatcher:
         exclude: set[str] = set()
         failure: _AttemptFailed | None = None
         attempts = self._config.retry_max_retries
+        made = 0
         for attempt in range(attempts):
             if attempt:
                 delay = self._backoff(attempt)
                 if loop.time() + delay >= deadline:
                     break
-                self._metrics.retries.labels(pd.route.value).inc()
+                self._metrics.route(pd.route.value).retries.inc()
                 await asyncio.sleep(delay)
             try:
                 prefill, decode = self._router.select_pair(pd.routing_key, exclude)
@@ -125,6 +125,7 @@ class PDDispatcher:
                 if failure is None:
                     raise
                 break
+            made += 1
             payload, rids = pd.render(prefill)
             try:
                 if pd.stream:
@@ -145,7 +146,7 @@ class PDDispatcher:
                 self._metrics.error("client_disconnect")
                 raise
         assert failure is not None, "the loop runs at least once and returns on success"
-        return self._give_up(failure, attempts)
+        return self._give_up(failure, made)
 
     def _give_up(self, failure: _AttemptFailed, attempts: int) -> web.Response:
         up = failure.upstream
@@ -169,7 +170,7 @@ class PDDispatcher:
                     deadline: float) -> Reply:
         """POST and read the whole answer; releases the worker's load when done."""
         try:
-            async with self._router.session.post(worker.url + path, data=payload, headers=headers,
+            async with self._router.session.post(worker.endpoint(path), data=payload, headers=headers,
                                                  timeout=self._timeout(deadline)) as resp:
                 res = Reply(resp.status, await resp.read(), resp.headers.get("Content-Type"))
         except asyncio.TimeoutError:
@@ -204,7 +205,7 @@ class PDDispatcher:
         body = d_res.body
         if pd.merge_logprobs:
             body = merge_response(prefill_prompt_logprobs(results[prefill].body), body)
-        self._metrics.first_byte.labels(path).observe(asyncio.get_running_loop().time() - start)
+        self._metrics.route(path).first_byte.observe(asyncio.get_running_loop().time() - start)
         return web.Response(status=d_res.status, body=body,
                             headers={"Content-Type": d_res.content_type or "application/json"})
 
@@ -212,7 +213,7 @@ class PDDispatcher:
                     deadline: float) -> aiohttp.ClientResponse:
         """POST to the decode worker and return once its status line is in; the body is read later."""
         try:
-            resp = await self._router.session.post(decode.url + path, data=payload, headers=headers,
+            resp = await self._router.session.post(decode.endpoint(path), data=payload, headers=headers,
                                                    timeout=self._timeout(deadline))
         except asyncio.TimeoutError:
             raise _failure(decode, Reply(None, timed_out=True)) from None
@@ -261,7 +262,7 @@ class PDDispatcher:
             })
             await out.prepare(request)
             committed = True
-            self._metrics.first_byte.labels(path).observe(asyncio.get_running_loop().time() - start)
+            self._metrics.route(path).first_byte.observe(asyncio.get_running_loop().time() - start)
             await self._pump(out, resp, first, merger, prefill, decode, rids, headers)
             return out
         finally:

@@ -46,9 +46,11 @@ class Router:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        # Bodies pass through byte for byte: ask workers not to compress, and never decompress.
+        # Bodies pass through byte for byte: ask workers not to compress, and never decompress. A
+        # proxy keeps no cookies: one client's Set-Cookie must never ride along on another's request.
         self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
+            connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         if not self.config.disable_health_check:
             self._loops.append(asyncio.create_task(self._health_loop()))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+from yarl import URL
+
 from .circuit_breaker import CircuitBreaker
 from .config import Role, RouterConfig, WorkerSpec
 
@@ -22,6 +24,7 @@ class Worker:
         self.role = spec.role
         self.bootstrap_host = urlsplit(spec.url).hostname
         self.bootstrap_port = spec.bootstrap_port
+        self._urls: dict[str, URL] = {}
         self.in_flight = 0
         self.requests_total = 0
         self.healthy = True
@@ -35,6 +38,13 @@ class Worker:
             config.cb_timeout_duration_secs,
             enabled=not config.disable_circuit_breaker,
         )
+
+    def endpoint(self, path: str) -> URL:
+        """The parsed URL of one of the worker's routes, built once (URL parsing is per-request cost)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.url + path)
+        return url
 
     @property
     def available(self) -> bool:

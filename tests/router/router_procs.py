@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -33,9 +33,10 @@ def _env() -> dict[str, str]:
 class StubWorker:
     """One stub_worker.py process; `kill()` then `start()` brings it back on the same port."""
 
-    def __init__(self, role: str, port: int = 0, wait: bool = True) -> None:
+    def __init__(self, role: str, port: int = 0, wait: bool = True, quiet: bool = False) -> None:
         self.role = role
         self.port = port
+        self.quiet = quiet
         self.proc: subprocess.Popen[str] | None = None
         self.client = httpx.Client(timeout=10)
         self.launch()
@@ -43,9 +44,9 @@ class StubWorker:
             self.wait_ready()
 
     @classmethod
-    def many(cls, roles: list[str]) -> list[StubWorker]:
+    def many(cls, roles: list[str], quiet: bool = False) -> list[StubWorker]:
         """Start several stubs in parallel (process start-up dominates test time)."""
-        stubs = [cls(role, wait=False) for role in roles]
+        stubs = [cls(role, wait=False, quiet=quiet) for role in roles]
         for stub in stubs:
             stub.wait_ready()
         return stubs
@@ -57,7 +58,7 @@ class StubWorker:
     def launch(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(STUB), "--role", self.role, "--host", HOST, "--port", str(self.port)],
-            stdout=subprocess.PIPE, text=True, env=_env())
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if self.quiet else None, text=True, env=_env())
 
     def wait_ready(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

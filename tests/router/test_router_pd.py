@@ -40,7 +40,7 @@ def test_bootstrap_injection_and_pairing(http: httpx.Client, router: RouterProce
     for stub, body in decoded:
         room = body["bootstrap_room"]
         assert isinstance(room, int) and 0 <= room < 2**63
-        p_stub, p_body = prefilled[room]
+        _, p_body = prefilled[room]
         assert p_body == body  # the same body went to both halves of the pair
         assert body["bootstrap_host"] == "127.0.0.1"
         assert body["bootstrap_port"] == 8998
@@ -159,7 +159,7 @@ def test_openai_routes(http: httpx.Client, router: RouterProcess, workers: Worke
     chunks = sse_data(r.text.splitlines())
     assert [c["choices"][0]["delta"]["content"] for c in chunks] == [" decode0", " decode1", " decode2"]
     recorded = bodies(workers.decode)
-    completions = [b for _, b in recorded if "prompt" in b][0]
+    completions = next(b for _, b in recorded if "prompt" in b)
     assert len(completions["bootstrap_room"]) == 2
     assert all(isinstance(b["bootstrap_room"], int) for _, b in recorded if "messages" in b)
 

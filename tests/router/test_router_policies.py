@@ -7,10 +7,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-
 from tpla_router.circuit_breaker import BreakerState, CircuitBreaker
 from tpla_router.config import Role, RouterConfig, WorkerSpec
-from tpla_router.policies import CacheAwarePolicy, PowerOfTwoPolicy, RandomPolicy, RoundRobinPolicy, make_policy
+from tpla_router.policies import (
+    CacheAwarePolicy,
+    PowerOfTwoPolicy,
+    RandomPolicy,
+    RoundRobinPolicy,
+    make_policy,
+)
 from tpla_router.policies.prefix_tree import PrefixTree
 from tpla_router.worker import Worker, WorkerPool
 

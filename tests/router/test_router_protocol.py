@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-
 from tpla_router.cli import add_router_args, config_from_args
 from tpla_router.config import Role, RouterConfig, WorkerSpec
 from tpla_router.errors import RouterError

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 
 class _Node:
-    __slots__ = ("label", "children", "parent", "tenants")
+    __slots__ = ("children", "label", "parent", "tenants")
 
     def __init__(self, label: str, parent: _Node | None) -> None:
         self.label = label
