@@ -7,13 +7,17 @@ import logging
 from collections.abc import Sequence
 
 from .app import run
-from .config import POLICY_NAMES, Role, RouterConfig, WorkerSpec
+from .config import LOG_LEVELS, POLICY_NAMES, Role, RouterConfig, WorkerSpec
 
 _DEFAULTS = RouterConfig()
 
 
-def add_router_args(parser: argparse.ArgumentParser) -> None:
-    """Add the router's flags to `parser` (also used by `python -m tpla_serve.launch --role router`)."""
+def add_router_args(parser: argparse.ArgumentParser, common: bool = True) -> None:
+    """Add the router's flags to `parser` (also used by `python -m tpla_serve.launch --role router`).
+
+    `common=False` leaves out --host, --port and --log-level, for a parser that defines them itself
+    under the same names.
+    """
     d = _DEFAULTS
     g = parser.add_argument_group("workers")
     g.add_argument("--prefill", nargs="+", action="append", default=[], metavar=("URL", "BOOTSTRAP_PORT"),
@@ -22,8 +26,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
                    help="decode server URL; repeat per server")
     g.add_argument("--pd-disaggregation", action="store_true",
                    help="accepted so SGLang router command lines work unchanged; this router is always PD")
-    g.add_argument("--host", default=d.host, help="address to listen on")
-    g.add_argument("--port", type=int, default=d.port, help="port to listen on")
+    if common:
+        g.add_argument("--host", default=d.host, help="address to listen on")
+        g.add_argument("--port", type=int, default=d.port, help="port to listen on")
 
     g = parser.add_argument_group("routing policy")
     g.add_argument("--policy", choices=POLICY_NAMES, default=d.policy,
@@ -78,7 +83,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("security and logging")
     g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health")
-    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d.log_level)
+    if common:
+        g.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level)
 
 
 def _prefill_spec(values: list[str]) -> WorkerSpec:

@@ -7,6 +7,7 @@ from enum import Enum
 from urllib.parse import urlsplit
 
 POLICY_NAMES = ("round_robin", "random", "power_of_two", "cache_aware")
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
 
 class Role(str, Enum):
@@ -88,6 +89,8 @@ class RouterConfig:
             value = getattr(self, name)
             if value is not None and value not in POLICY_NAMES:
                 raise ValueError(f"{name} must be one of {POLICY_NAMES}, got {value!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if not 0.0 <= self.cache_threshold <= 1.0:

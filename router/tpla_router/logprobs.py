@@ -13,6 +13,12 @@ from typing import Any
 _DATA = b"data:"
 
 
+def _index(event: dict[str, Any]) -> int:
+    """A streamed batch event's item index; events of a single request carry none."""
+    index = event.get("index", 0)
+    return index if isinstance(index, int) else 0
+
+
 def _items(payload: Any) -> list[Any]:
     return payload if isinstance(payload, list) else [payload]
 
@@ -48,7 +54,7 @@ def prefill_prompt_logprobs(body: bytes) -> dict[int, list[Any]]:
                 continue
             lp = _prompt_logprobs(event)
             if lp is not None:
-                found[int(event.get("index", 0))] = lp
+                found[_index(event)] = lp
         return found
     try:
         payload = json.loads(body)
@@ -109,6 +115,6 @@ class StreamMerger:
             except json.JSONDecodeError:
                 continue
             if isinstance(payload, dict):
-                _prepend(payload, self._prefill.get(int(payload.get("index", 0))))
+                _prepend(payload, self._prefill.get(_index(payload)))
                 lines[n] = b"data: " + json.dumps(payload, ensure_ascii=False).encode()
         return b"\n".join(lines)

@@ -165,6 +165,16 @@ def test_cli_flags_build_the_config() -> None:
         config_from_args(bad)
 
 
+def test_add_router_args_can_leave_common_flags_to_the_caller() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="warn")
+    add_router_args(parser, common=False)
+    config = config_from_args(parser.parse_args(["--decode", "http://127.0.0.1:4", "--port", "9"]))
+    assert (config.host, config.port, config.log_level) == ("0.0.0.0", 9, "warn")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"decode": (WorkerSpec("http://x:1", Role.DECODE),) * 2}, "unique"),
     ({"policy": "fastest"}, "policy"),
