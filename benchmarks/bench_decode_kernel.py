@@ -114,7 +114,8 @@ def section_check(gen: torch.Generator) -> tuple[str, bool]:
         lse_err = float((lse - ref_lse).abs().max())
         good = bool(torch.isfinite(out).all()) and err < 1e-2 and lse_err < 5e-3
         ok &= good
-        rows.append([str(heads), str(ckv), str(q_len), str(mu), f"{err:.2e}", f"{lse_err:.2e}", "ok" if good else "FAIL"])
+        rows.append([str(heads), str(ckv), str(q_len), str(mu), f"{err:.2e}", f"{lse_err:.2e}",
+                     "ok" if good else "FAIL"])
         del pool
     return table(["heads", "ckv", "q_len", "nope_scale", "rel err out", "max abs err lse", ""], rows), ok
 
@@ -125,10 +126,11 @@ def run_kernel(pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor, config: Dec
     cfg = config or default_config(heads, pool.ckv_dim, DTYPE)
     if splits is None:
         slots = torch.cuda.get_device_properties(0).multi_processor_count * cfg.ctas_per_sm
-        splits = default_num_splits(pool.batch, triton.cdiv(heads, cfg.block_h), pool.page_table.shape[1] * PAGE,
-                                    slots)
+        splits = default_num_splits(pool.batch, triton.cdiv(heads, cfg.block_h),
+                                    pool.page_table.shape[1] * PAGE, slots)
     out = torch.empty_like(q_nope)
-    args = (q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, SM_SCALE, 1, 1.0, splits, cfg, out)
+    args = (q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens, SM_SCALE, 1, 1.0, splits, cfg,
+            out)
     return lambda: (launch_mla_decode(*args), out)[1]
 
 
@@ -146,7 +148,7 @@ def tune_candidates(row_class: int, ckv: int) -> list[DecodeConfig]:
         (64, 256): [c(64, 64, 4, 3, 1), c(64, 64, 4, 2, 1), c(64, 64, 8, 3, 1)],
         (64, 128): [c(64, 64, 8, 3, 1), c(64, 128, 4, 3, 1), c(64, 32, 4, 3, 2)],
         (128, 512): [c(64, 32, 8, 4, 1), c(64, 64, 8, 1, 1)],
-        (128, 256): [c(128, 64, 8, 2, 1), c(128, 32, 8, 3, 1), c(128, 64, 8, 3, 1, True), c(64, 32, 4, 3, 2)],
+        (128, 256): [c(128, 64, 8, 2, 1), c(128, 32, 8, 3, 1), c(64, 32, 4, 3, 2)],
         (128, 128): [c(128, 128, 8, 3, 1), c(128, 128, 8, 2, 1), c(64, 64, 4, 3, 2)],
     }[(row_class, ckv)]
     return [default_config(row_class, ckv, DTYPE)] + extra
@@ -176,8 +178,8 @@ def section_tune(gen: torch.Generator, copy_bw: float) -> tuple[str, dict[tuple[
                     log(f"tune {shape} {tuple(cfg)}: {exc!r}"[:300])
                     continue
                 gbs = nbytes / ms / 1e6
-                rows.append([shape, str(tuple(cfg)), f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / copy_bw:.0f}%",
-                             f"{err:.1e}"])
+                rows.append([shape, str(tuple(cfg)), f"{ms * 1e3:.1f}", f"{gbs:.0f}",
+                             f"{100 * gbs / copy_bw:.0f}%", f"{err:.1e}"])
                 log(f"tune {shape} {tuple(cfg)}: {ms * 1e3:.1f} us {gbs:.0f} GB/s err {err:.1e} "
                     f"(wall {time.time() - t0:.1f}s)")
                 if err < 1e-2 and (best is None or ms < best[0]):
@@ -188,7 +190,7 @@ def section_tune(gen: torch.Generator, copy_bw: float) -> tuple[str, dict[tuple[
         del pool
     picks = "\n".join(f"    {key}: {cfg}," for key, cfg in sorted(chosen.items()))
     log("chosen table:\n" + picks)
-    header = ["shape (B=32, 16K)", "config (bh, bn, warps, stages, ctas/SM, lazy)", "us", "GB/s", "% copy",
+    header = ["shape (B=32, 16K)", "config (bh, bn, warps, stages, ctas/SM)", "us", "GB/s", "% copy",
               "rel err"]
     return table(header, rows) + "\n\nChosen (used below):\n\n```\n" + picks + "\n```", chosen
 
@@ -238,12 +240,13 @@ def section_paper(gen: torch.Generator, copy_bw: float, quick: bool,
                              f"{t_ms * 1e3:.1f}", f"{100 * t_bw / copy_bw:.0f}%", f"{m_ms / t_ms:.2f}x"])
                 log("paper " + " ".join(rows[-1]))
     return table([
-        "TP", "context", "B", "MLA us (H/T heads x 512+64)", "MLA % copy", "TPLA us (g=2: 2H/T heads x 256+64)",
-        "TPLA % copy", "speed-up"], rows)
+        "TP", "context", "B", "MLA us (H/T heads x 512+64)", "MLA % copy",
+        "TPLA us (g=2: 2H/T heads x 256+64)", "TPLA % copy", "speed-up"], rows)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced grid")
     parser.add_argument("--tune", action="store_true",
                         help="time candidate tilings per table entry first and use the fastest below")
@@ -263,7 +266,8 @@ def main() -> int:
     parts = [header]
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
-    parts.append(f"## Copy bandwidth\n\nDevice-to-device copy of 1 GiB (read + write): **{copy_bw:.0f} GB/s**.\n")
+    parts.append("## Copy bandwidth\n\nDevice-to-device copy of 1 GiB (read + write): "
+                 f"**{copy_bw:.0f} GB/s**.\n")
     check, ok = section_check(gen)
     log(check)
     parts.append("## Correctness at real shapes (vs fp32 torch reference)\n\n" + check + "\n")

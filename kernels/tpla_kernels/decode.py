@@ -35,7 +35,7 @@ def _decode_split_kernel(
     num_rows, heads, q_len, num_splits, qk_scale, pe_rescale,
     D: tl.constexpr, D_PE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr, LAZY_RESCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attention of one head block over one KV split.
 
@@ -75,32 +75,20 @@ def _decode_split_kernel(
         nxt = tokens + BLOCK_N
         page_next = tl.load(page_row + nxt // PAGE_SIZE, mask=nxt < end, other=0)
         slot = tokens % PAGE_SIZE
-        ckv = tl.load(Ckv + page.to(tl.int64)[:, None] * stride_c_page + slot[:, None] * stride_c_tok + offs_d[None, :],
-                      mask=tok_ok[:, None], other=0.0)
-        kpe = tl.load(Kpe + page.to(tl.int64)[:, None] * stride_k_page + slot[:, None] * stride_k_tok + offs_pe[None, :],
-                      mask=tok_ok[:, None], other=0.0)
+        ckv = tl.load(Ckv + page.to(tl.int64)[:, None] * stride_c_page + slot[:, None] * stride_c_tok
+                      + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
+        kpe = tl.load(Kpe + page.to(tl.int64)[:, None] * stride_k_page + slot[:, None] * stride_k_tok
+                      + offs_pe[None, :], mask=tok_ok[:, None], other=0.0)
         s = tl.dot(q_pe, tl.trans(kpe), input_precision=DOT_PRECISION) * pe_rescale
         s = tl.dot(q, tl.trans(ckv), s, input_precision=DOT_PRECISION) * qk_scale
         visible = (tokens[None, :] < kv_limit[:, None]) & tok_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if LAZY_RESCALE:
-            # Keep a stale running max until some row's max grows by 2^8: p stays <= 256, and the
-            # [BLOCK_H, D] rescale of the accumulator is skipped on most blocks.
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_i += tl.sum(p, 1)
-            acc = tl.dot(p.to(ckv.dtype), ckv, acc, input_precision=DOT_PRECISION)
-        else:
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
         page = page_next
 
     seen = l_i > 0.0
@@ -144,7 +132,8 @@ def _merge_splits_kernel(
     seen = total > 0.0
     out = acc * tl.where(seen, 1.0 / total, 0.0)
     tl.store(Out + b * stride_o_b + row * stride_o_r + offs_d, out.to(Out.dtype.element_ty))
-    tl.store(Lse + b * stride_l_b + row * stride_l_r, tl.where(seen, (m + tl.log2(total)) * LN2, float("-inf")))
+    lse = tl.where(seen, (m + tl.log2(total)) * LN2, float("-inf"))
+    tl.store(Lse + b * stride_l_b + row * stride_l_r, lse)
 
 
 class _Shape(NamedTuple):
@@ -165,8 +154,9 @@ def _check_inputs(
     out: Tensor | None,
 ) -> _Shape:
     """Validate shapes, dtypes, devices and layouts; never reads device memory (no host sync)."""
-    for name, t, ndim in (("q_nope", q_nope, 3), ("q_pe", q_pe, 3), ("ckv_cache", ckv_cache, 3),
-                          ("kpe_cache", kpe_cache, 3), ("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
+    tensors = (("q_nope", q_nope, 3), ("q_pe", q_pe, 3), ("ckv_cache", ckv_cache, 3),
+               ("kpe_cache", kpe_cache, 3), ("page_table", page_table, 2), ("seq_lens", seq_lens, 1))
+    for name, t, ndim in tensors:
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
         if t.device != q_nope.device:
@@ -246,7 +236,7 @@ def launch_mla_decode(
         rows, heads, q_len, num_kv_splits, sm_scale * nope_scale * _LOG2E, 1.0 / nope_scale,
         D=ckv, D_PE=d_pe, PAGE_SIZE=page_size,
         BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-        PARTIAL=partial, LAZY_RESCALE=config.lazy_rescale, DOT_PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
+        PARTIAL=partial, DOT_PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if partial:

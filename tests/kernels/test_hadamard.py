@@ -18,7 +18,9 @@ from tpla_kernels.hadamard import hadamard_matrix, hadamard_transform_reference
     ((4, 2), torch.float32, False),
     ((6, 1), torch.float32, True),
 ])
-def test_fwht_matches_reference(interp, shape: tuple[int, ...], dtype: torch.dtype, normalize: bool) -> None:  # noqa: ANN001
+def test_fwht_matches_reference(
+    interp, shape: tuple[int, ...], dtype: torch.dtype, normalize: bool,  # noqa: ANN001
+) -> None:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(dtype)
     y = interp.hadamard_transform(x, normalize=normalize)
     ref = hadamard_transform_reference(x, normalize=normalize)
