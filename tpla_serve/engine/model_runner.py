@@ -25,12 +25,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "torch"
-    return name
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, rank: int = 0, control: ControlChannel | None = None) -> None:
         self.config = config
@@ -56,9 +50,7 @@ class ModelRunner:
             seed=config.random_seed,
         )
         self.model_config = self.model.config
-        self.attn_backend = create_attention_backend(
-            resolve_attention_backend(config.attention_backend, self.device)
-        )
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device)
         self.page_size = config.resolved_page_size
         self.ckv_dim = self.model_config.kv_lora_rank // self.layout.latent_groups
         self.rope_dim = self.model_config.qk_rope_head_dim

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import torch
+
 from tpla_serve.layers.attention.base import AttentionBackend
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "triton")
 
 
-def create_attention_backend(name: str) -> AttentionBackend:
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """auto: our Triton kernel on GPU, plain torch on CPU."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda":
+        raise ValueError("--attention-backend triton needs a CUDA device; use torch on CPU")
+    return name
+
+
+def create_attention_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
     """Backends import lazily so that a missing optional kernel library only matters when asked for."""
-    if name == "torch":
-        from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
+    name = resolve_backend_name(name, torch.device(device))
+    if name == "triton":
+        from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend
 
-        return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+        return TritonAttentionBackend()
+    from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
 
 
-__all__ = ["AttentionBackend", "BACKENDS", "create_attention_backend"]
+__all__ = ["AttentionBackend", "BACKENDS", "create_attention_backend", "resolve_backend_name"]
