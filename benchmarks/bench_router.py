@@ -172,6 +172,7 @@ def main() -> None:
     if not args.no_sglang and not _has("sglang-router"):
         parser.error("sglang-router is not installed (pip install sglang-router==0.3.2), or pass --no-sglang")
 
+    load_at_start = os.getloadavg()[0]
     prefill, decode = StubWorker.many(["prefill", "decode"], quiet=True)
     routers: dict[str, RouterProcess] = {}
     try:
@@ -203,7 +204,7 @@ def main() -> None:
                     t, lat = cell.throughput[-1], cell.latency[-1]
                     print(f"round {r} {mode:17s} {name:20s} {t.rate:7.0f} req/s {t.cpu_ms_per_request:6.3f} "
                           f"CPU-ms/req  seq p50 {lat.pct(0.5):6.2f} ms p99 {lat.pct(0.99):6.2f} ms", flush=True)
-        print(f"wrote {_write(args, results)}")
+        print(f"wrote {_write(args, results, load_at_start)}")
     finally:
         for router in routers.values():
             router.stop()
@@ -211,7 +212,7 @@ def main() -> None:
         decode.stop()
 
 
-def _write(args: argparse.Namespace, results: dict[tuple[str, str], Series]) -> Path:
+def _write(args: argparse.Namespace, results: dict[tuple[str, str], Series], load_at_start: float) -> Path:
     today = time.strftime("%Y-%m-%d")
     versions = [f"aiohttp {metadata.version('aiohttp')}"]
     versions.append(f"uvloop {metadata.version('uvloop')}" if _has("uvloop") else "no uvloop")
@@ -221,15 +222,17 @@ def _write(args: argparse.Namespace, results: dict[tuple[str, str], Series]) -> 
         "# Router overhead: tpla_router vs SGLang's router (PD mode, stub workers)",
         "",
         f"Date: {today}  ",
-        (f"Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, load average at the end "
-        f"{os.getloadavg()[0]:.1f}; Python {platform.python_version()}; {', '.join(versions)}  "),
+        (f"Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs, 1-min load average {load_at_start:.1f} "
+        f"before the run and {os.getloadavg()[0]:.1f} after it; Python {platform.python_version()}; "
+        f"{', '.join(versions)}  "),
         (f"Throughput: {args.requests} requests at concurrency {args.concurrency} from {args.loadgen_procs} "
         f"aiohttp load-generator processes. Latency: {args.latency_requests} sequential requests, time to the "
         f"last byte. Streamed answers carry {args.stream_chunks} events. Medians over {args.rounds} rounds, "
         "targets alternating.  "),
         ("Both routers use round_robin over one prefill and one decode stub (instant answers) on the same "
         "machine as the load generators; 'added' = router latency minus direct-to-stub latency. CPU-ms/req "
-        "is the target process's CPU time (all threads) per request served."),
+        "is the target process's CPU time (all threads) per request served; unlike req/s and p99 it does not "
+        "depend on what else runs on the machine."),
         "",
         "| mode | target | req/s | CPU-ms/req | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|",

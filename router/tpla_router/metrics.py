@@ -62,7 +62,7 @@ class RouterMetrics:
                                   "Time from request to the last byte of the response, by route", ["route"],
                                   buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.first_byte = Histogram("tpla_router_time_to_first_byte_seconds",
-                                    "Time from request to the first response byte sent, by route", ["route"],
+                                    "Streaming: time from request to the first byte sent, by route", ["route"],
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_WorkerCollector(workers))
         self._routes: dict[str, RouteMetrics] = {}

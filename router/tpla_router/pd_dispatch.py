@@ -131,7 +131,7 @@ class PDDispatcher:
                 if pd.stream:
                     return await self._stream(request, pd, prefill, decode, payload, rids, headers, start,
                                               deadline)
-                return await self._full(pd, prefill, decode, payload, headers, start, deadline)
+                return await self._full(pd, prefill, decode, payload, headers, deadline)
             except _AttemptFailed as f:
                 self._router.abort((prefill, decode), rids, headers)
                 self._metrics.error(f.kind)
@@ -183,7 +183,7 @@ class PDDispatcher:
         return res
 
     async def _full(self, pd: PDRequest, prefill: Worker, decode: Worker, payload: bytes,
-                    headers: dict[str, str], start: float, deadline: float) -> web.Response:
+                    headers: dict[str, str], deadline: float) -> web.Response:
         path = pd.route.value
         tasks = {
             asyncio.ensure_future(self._call(prefill, path, payload, headers, deadline)): prefill,
@@ -205,7 +205,6 @@ class PDDispatcher:
         body = d_res.body
         if pd.merge_logprobs:
             body = merge_response(prefill_prompt_logprobs(results[prefill].body), body)
-        self._metrics.route(path).first_byte.observe(asyncio.get_running_loop().time() - start)
         return web.Response(status=d_res.status, body=body,
                             headers={"Content-Type": d_res.content_type or "application/json"})
 
