@@ -4,11 +4,20 @@ pages. Tolerance: REL_TOL (1e-4) of the logits' largest magnitude."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 import torch
-from model_test_utils import HF_CASES, VOCAB, PagedRunner, assert_close_rel, hf_logits
+from model_test_utils import (
+    HF_CASES,
+    VOCAB,
+    PagedRunner,
+    assert_bf16_no_worse_than_transformers,
+    assert_close_rel,
+    hf_logits,
+    prefill_then_decode,
+)
 
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.models import load_model
@@ -88,3 +97,13 @@ def test_final_hidden_states(case) -> None:
     assert hidden.shape == (len(tokens), ours.config.hidden_size) and logits.shape == (1, VOCAB)
     assert_close_rel(hidden, ref, f"{name} final hidden states")
     assert_close_rel(logits[0], hf_logits(hf_model, tokens)[-1], f"{name} last-token logits")
+
+
+def test_bf16_as_close_to_fp32_as_transformers_bf16(case, hf_checkpoints) -> None:
+    name, hf_model, _ = case
+    tokens = _tokens(7, 160)
+    ours = load_model(hf_checkpoints[name][0], dtype=torch.bfloat16, show_progress=False)
+    hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+    assert_bf16_no_worse_than_transformers(
+        prefill_then_decode(ours, tokens, 64), hf_logits(hf_bf16, tokens), hf_logits(hf_model, tokens)
+    )
