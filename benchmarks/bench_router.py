@@ -231,8 +231,8 @@ def _write(args: argparse.Namespace, results: dict[tuple[str, str], Series], loa
         "targets alternating.  "),
         ("Both routers use round_robin over one prefill and one decode stub (instant answers) on the same "
         "machine as the load generators; 'added' = router latency minus direct-to-stub latency. CPU-ms/req "
-        "is the target process's CPU time (all threads) per request served; unlike req/s and p99 it does not "
-        "depend on what else runs on the machine."),
+        "is the target process's CPU time (all threads) per request served; it depends far less than req/s "
+        "and p99 on what else runs on the machine."),
         "",
         "| mode | target | req/s | CPU-ms/req | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|",
