@@ -58,7 +58,7 @@ def test_prefill_and_decode_receive_the_request_concurrently(http: httpx.Client,
     thread.start()
     # The prefill cannot answer until released, yet the decode already has the body.
     decoded = wait_for(lambda: bodies(workers.decode), what="the decode body")
-    held = bodies(workers.prefill)
+    held = wait_for(lambda: bodies(workers.prefill), what="the prefill body")
     assert len(held) == 1 and held[0][1] == decoded[0][1]
     assert "r" not in result
     for p in workers.prefill:
