@@ -39,7 +39,9 @@ class ModelShape:
         if self.first_k_dense_replace >= self.num_hidden_layers:
             raise ValueError("first_k_dense_replace: must leave at least one MoE layer")
         if self.n_routed_experts % self.n_group:
-            raise ValueError(f"n_group: {self.n_group} does not divide n_routed_experts {self.n_routed_experts}")
+            raise ValueError(
+                f"n_group: {self.n_group} does not divide n_routed_experts {self.n_routed_experts}"
+            )
         if self.topk_group > self.n_group:
             raise ValueError(f"topk_group: {self.topk_group} exceeds n_group {self.n_group}")
         if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):

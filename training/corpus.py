@@ -81,20 +81,23 @@ def load_split(
     if limit_files is not None and limit_files < 1:
         raise ValueError(f"limit_files: must be >= 1, got {limit_files}")
     root = stdlib_root() if root is None else root
+    max_train = limit_files
+    max_held_out = max(1, limit_files // 10) if limit_files is not None else None
     train: list[SourceFile] = []
     held_out: list[SourceFile] = []
     for path in discover_files(root, max_file_bytes):
         relpath = path.relative_to(root).as_posix()
+        bucket, cap = (
+            (held_out, max_held_out) if is_held_out(relpath, held_out_fraction) else (train, max_train)
+        )
+        if cap is not None and len(bucket) >= cap:
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        if not text.strip():
-            continue
-        (held_out if is_held_out(relpath, held_out_fraction) else train).append(SourceFile(relpath, text))
-    if limit_files is not None:
-        train = train[:limit_files]
-        held_out = held_out[: max(1, limit_files // 10)]
+        if text.strip():
+            bucket.append(SourceFile(relpath, text))
     if not train or not held_out:
         raise ValueError(f"root: {root} yields {len(train)} training and {len(held_out)} held-out files")
     return CorpusSplit(root=root, train=tuple(train), held_out=tuple(held_out))

@@ -61,7 +61,7 @@ def machine_name(device: torch.device) -> str:
 def load_model(path: Path, device: torch.device) -> DeepseekV3ForCausalLM:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if not isinstance(model, DeepseekV3ForCausalLM):
-        raise ValueError(f"{path}: expected a DeepseekV3ForCausalLM, got {type(model).__name__}")
+        raise TypeError(f"{path}: expected a DeepseekV3ForCausalLM, got {type(model).__name__}")
     return model.to(device).eval()
 
 
@@ -109,7 +109,9 @@ Command: `{command}`
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {args.batch_size}")
@@ -135,15 +137,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, score in zip(("target", "draft"), scores):
         log.info(
             "%s: nll %.4f perplexity %.2f accuracy %.3f agreement %.3f",
-            name, score.mean_nll, score.perplexity, score.accuracy, score.agreement,
+            name,
+            score.mean_nll,
+            score.perplexity,
+            score.accuracy,
+            score.agreement,
         )
     sample = greedy_sample(target, tokenizer, SAMPLE_PROMPT, 48, device)
     log.info("target greedy sample:\n%s%s", SAMPLE_PROMPT, sample)
 
     machine = machine_name(device)
     table = render_table(
-        [args.target.name, args.draft.name], [target, draft], scores, machine, len(split.held_out), seq_len,
-        seconds, sample, shlex.join(["python", "-m", "training.evaluate", *(argv if argv is not None else sys.argv[1:])]),
+        [args.target.name, args.draft.name],
+        [target, draft],
+        scores,
+        machine,
+        len(split.held_out),
+        seq_len,
+        seconds,
+        sample,
+        shlex.join(["python", "-m", "training.evaluate", *(argv if argv is not None else sys.argv[1:])]),
     )
     slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)

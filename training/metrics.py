@@ -58,4 +58,6 @@ def evaluate_models(
         tokens += labels.numel()
     if tokens == 0:
         raise ValueError("stream: too short to score")
-    return [Score(tokens, nll[i] / tokens, correct[i] / tokens, agree[i] / tokens) for i in range(len(models))]
+    return [
+        Score(tokens, nll[i] / tokens, correct[i] / tokens, agree[i] / tokens) for i in range(len(models))
+    ]

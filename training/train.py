@@ -20,7 +20,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,18 +41,19 @@ from training.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 log = logging.getLogger("training.train")
 
 SAMPLE_PROMPT = "def fibonacci(n):"
-_SMOKE_DEFAULTS = dict(
-    preset="smoke",
-    vocab_size=512,
-    seq_len=64,
-    batch_size=4,
-    steps=6,
-    warmup_steps=2,
-    limit_files=24,
-    device="cpu",
-    log_every=1,
-    sample_tokens=8,
-)
+_SMOKE_DEFAULTS = {
+    "preset": "smoke",
+    "vocab_size": 512,
+    "seq_len": 64,
+    "batch_size": 4,
+    "steps": 6,
+    "warmup_steps": 2,
+    "limit_files": 12,
+    "eval_tokens": 4096,
+    "device": "cpu",
+    "log_every": 1,
+    "sample_tokens": 8,
+}
 # Steps timed to size a --time-budget run: after these warm-up steps, over this many steps.
 _TIMING_SKIP_STEPS = 5
 _TIMING_STEPS = 20
@@ -74,14 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (HF format)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="target", help="model shape preset")
     for name, kind in _shape_overrides().items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override the preset's {name}")
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=None, help=f"override the preset's {name}"
+        )
     p.add_argument("--tokenizer", type=Path, default=None, help="reuse the tokenizer files in this directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when training one")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps (ignored with --time-budget)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training; sets the step count")
-    p.add_argument("--max-epochs", type=float, default=None, help="cap the steps at this many passes over the data")
+    p.add_argument(
+        "--max-epochs", type=float, default=None, help="cap the steps at this many passes over the data"
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -93,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-files", type=int, default=None, help="use only the first N training files")
     p.add_argument("--held-out-fraction", type=float, default=DEFAULT_HELD_OUT_FRACTION)
     p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--eval-tokens", type=int, default=None, help="score only the first N held-out tokens")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sample-tokens", type=int, default=64, help="greedy tokens of the logged sample")
     p.add_argument("--name", default=None, help="model name in the card (default: the output folder name)")
-    p.add_argument("--smoke", action="store_true", help="a few steps of a tiny model on a small slice, on CPU")
+    p.add_argument(
+        "--smoke", action="store_true", help="a few steps of a tiny model on a small slice, on CPU"
+    )
     return p
 
 
@@ -106,6 +114,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if known.smoke:
         parser.set_defaults(**_SMOKE_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.eval_tokens is not None and args.eval_tokens < 2:
+        raise ValueError(f"eval_tokens: must be >= 2, got {args.eval_tokens}")
     for name in ("seq_len", "batch_size", "steps", "warmup_steps", "log_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name}: must be >= 1, got {getattr(args, name)}")
@@ -116,7 +126,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise ValueError(f"time_budget: must be > 0, got {args.time_budget}")
         if args.warmup_steps < _TIMING_SKIP_STEPS + _TIMING_STEPS:
             # The step count is fixed while still warming up, so the schedule equals a --steps run's.
-            raise ValueError(f"warmup_steps: must be >= {_TIMING_SKIP_STEPS + _TIMING_STEPS} with --time-budget")
+            raise ValueError(
+                f"warmup_steps: must be >= {_TIMING_SKIP_STEPS + _TIMING_STEPS} with --time-budget"
+            )
     return args
 
 
@@ -148,7 +160,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float = 0.
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not norms or biases)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -156,6 +170,48 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, devic
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+class StepBudget:
+    """The run's step count: fixed, or sized from the step time measured early in warm-up.
+
+    With a time budget the count is fixed after step _TIMING_SKIP_STEPS + _TIMING_STEPS, still inside warm-up,
+    so the learning-rate schedule is the one a `--steps` run of the same length follows.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        time_budget: float | None,
+        warmup_steps: int,
+        cap: int,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.time_budget = time_budget
+        self.warmup_steps = warmup_steps
+        self.cap = cap
+        self.total = min(steps, cap)
+        if time_budget is not None:
+            self.total = max(warmup_steps + 1, _TIMING_SKIP_STEPS + _TIMING_STEPS + 1)
+        self._clock = clock
+        self._start = clock()
+        self._timing_start = 0.0
+
+    def after_step(self, step: int, device: torch.device) -> bool:
+        """Record that `step` steps are done; True when this fixed the step count."""
+        if self.time_budget is None or step not in (_TIMING_SKIP_STEPS, _TIMING_SKIP_STEPS + _TIMING_STEPS):
+            return False
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = self._clock()
+        if step == _TIMING_SKIP_STEPS:
+            self._timing_start = now
+            return False
+        per_step = (now - self._timing_start) / _TIMING_STEPS
+        affordable = step + int((self.time_budget - (now - self._start)) / per_step)
+        self.total = max(step + 1, self.warmup_steps + 1, min(self.cap, affordable))
+        log.info("%.1f ms/step measured: training for %d steps", per_step * 1e3, self.total)
+        return True
 
 
 def train_loop(
@@ -170,20 +226,17 @@ def train_loop(
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
     balancer = ExpertLoadBalancer(model, args.bias_update_rate)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    total = min(args.steps, cap)
-    if args.time_budget is not None:
-        total = max(args.warmup_steps + 1, _TIMING_SKIP_STEPS + _TIMING_STEPS + 1)
+    budget = StepBudget(args.steps, args.time_budget, args.warmup_steps, cap)
     model.train()
     interval_loss = torch.zeros((), device=device)
     interval_steps = 0
     last_loss = float("nan")
-    timing_start = 0.0
     start = time.perf_counter()
     step = 0
-    with logging_redirect_tqdm(), tqdm(total=total, desc="train", unit="step", mininterval=5.0) as bar:
-        while step < total:
+    with logging_redirect_tqdm(), tqdm(total=budget.total, desc="train", unit="step", mininterval=5.0) as bar:
+        while step < budget.total:
             batch = sampler.next_batch().to(device, non_blocking=True)
-            lr = lr_at(step, total, args.lr, args.warmup_steps)
+            lr = lr_at(step, budget.total, args.lr, args.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast:
@@ -198,24 +251,19 @@ def train_loop(
             interval_steps += 1
             step += 1
             bar.update(1)
-            if args.time_budget is not None and step in (_TIMING_SKIP_STEPS, _TIMING_SKIP_STEPS + _TIMING_STEPS):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                now = time.perf_counter()
-                if step == _TIMING_SKIP_STEPS:
-                    timing_start = now
-                else:
-                    per_step = (now - timing_start) / _TIMING_STEPS
-                    remaining = args.time_budget - (now - start)
-                    total = max(step + 1, args.warmup_steps + 1, min(cap, step + int(remaining / per_step)))
-                    bar.total = total
-                    log.info("%.1f ms/step measured: training for %d steps", per_step * 1e3, total)
+            if budget.after_step(step, device):
+                bar.total = budget.total
+            total = budget.total
             if step % args.log_every == 0 or step == total:
                 last_loss = (interval_loss / interval_steps).item()
                 elapsed = time.perf_counter() - start
                 log.info(
                     "step %d/%d loss %.4f lr %.2e max/mean expert load %.2f %.0f tok/s",
-                    step, total, last_loss, lr, balancer.imbalance(),
+                    step,
+                    total,
+                    last_loss,
+                    lr,
+                    balancer.imbalance(),
                     step * sampler.batch_size * sampler.seq_len / elapsed,
                 )
                 bar.set_postfix(loss=f"{last_loss:.3f}")
@@ -224,12 +272,18 @@ def train_loop(
     balancer.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return RunResult(steps=total, train_seconds=time.perf_counter() - start, final_train_loss=last_loss)
+    return RunResult(
+        steps=budget.total, train_seconds=time.perf_counter() - start, final_train_loss=last_loss
+    )
 
 
 @torch.no_grad()
 def greedy_sample(
-    model: DeepseekV3ForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, new_tokens: int, device: torch.device
+    model: DeepseekV3ForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    new_tokens: int,
+    device: torch.device,
 ) -> str:
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -258,14 +312,20 @@ def run(args: argparse.Namespace) -> ModelCard:
     split = load_split(held_out_fraction=args.held_out_fraction, limit_files=args.limit_files)
     log.info(
         "corpus %s: %d training files (%.1f MB), %d held-out files (%.2f MB)",
-        split.root, len(split.train), split.train_bytes / 1e6, len(split.held_out), split.held_out_bytes / 1e6,
+        split.root,
+        len(split.train),
+        split.train_bytes / 1e6,
+        len(split.held_out),
+        split.held_out_bytes / 1e6,
     )
     tokenizer = prepare_tokenizer(args, [f.text for f in split.train])
     train_stream = encode_files(tokenizer, split.train)
-    held_out_stream = encode_files(tokenizer, split.held_out)
+    held_out_stream = encode_files(tokenizer, split.held_out)[: args.eval_tokens]
     log.info(
         "%d training tokens, %d held-out tokens (%.1f s to prepare)",
-        train_stream.numel(), held_out_stream.numel(), time.perf_counter() - started,
+        train_stream.numel(),
+        held_out_stream.numel(),
+        time.perf_counter() - started,
     )
 
     shape = model_shape(args)
@@ -287,14 +347,23 @@ def run(args: argparse.Namespace) -> ModelCard:
     sampler = WindowSampler(train_stream, args.seq_len, args.batch_size, seed=args.seed)
     max_steps = None
     if args.max_epochs is not None:
-        max_steps = max(1, math.ceil(args.max_epochs * train_stream.numel() / (args.batch_size * args.seq_len)))
+        max_steps = max(
+            1, math.ceil(args.max_epochs * train_stream.numel() / (args.batch_size * args.seq_len))
+        )
         log.info("--max-epochs %g caps training at %d steps", args.max_epochs, max_steps)
     result = train_loop(model, sampler, args, device, max_steps)
-    log.info("trained %d steps in %.1f s, final loss %.4f", result.steps, result.train_seconds, result.final_train_loss)
+    log.info(
+        "trained %d steps in %.1f s, final loss %.4f",
+        result.steps,
+        result.train_seconds,
+        result.final_train_loss,
+    )
 
     model.eval()
     (score,) = evaluate_models([model], held_out_stream, args.seq_len, args.eval_batch_size, device)
-    log.info("held-out: nll %.4f perplexity %.2f accuracy %.3f", score.mean_nll, score.perplexity, score.accuracy)
+    log.info(
+        "held-out: nll %.4f perplexity %.2f accuracy %.3f", score.mean_nll, score.perplexity, score.accuracy
+    )
     completion = greedy_sample(model, tokenizer, SAMPLE_PROMPT, args.sample_tokens, device)
     log.info("greedy sample:\n%s%s", SAMPLE_PROMPT, completion)
 
@@ -304,7 +373,11 @@ def run(args: argparse.Namespace) -> ModelCard:
         role={"target": "target", "draft": "draft"}.get(args.preset, "smoke-test"),
         total_params=total_params,
         activated_params=activated,
-        config_summary={"vocab_size": len(tokenizer), "max_position_embeddings": args.seq_len, **dataclasses.asdict(shape)},
+        config_summary={
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": args.seq_len,
+            **dataclasses.asdict(shape),
+        },
         python_version=platform.python_version(),
         train_files=len(split.train),
         train_tokens=train_stream.numel(),
@@ -342,8 +415,18 @@ def _reproduce_command(args: argparse.Namespace, steps: int) -> str:
     else:
         parts += ["--vocab-size", str(args.vocab_size)]
     parts += [
-        "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--steps", str(steps),
-        "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(steps),
+        "--lr",
+        str(args.lr),
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--seed",
+        str(args.seed),
     ]
     if args.limit_files is not None:
         parts += ["--limit-files", str(args.limit_files)]
@@ -355,7 +438,9 @@ def _reproduce_command(args: argparse.Namespace, steps: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
     run(parse_args(argv))
     return 0
 
