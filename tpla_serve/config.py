@@ -46,6 +46,7 @@ class EngineConfig:
     tpla_norm: str = "exact"
     tpla_transform: str = "none"
     tpla_calibration: str | None = None
+    tpla_pd_sep: bool = True  # False runs prompt tokens through TPLA too (the paper's ablation)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -115,3 +116,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tpla-norm", default=d.tpla_norm, choices=["exact", "local"])
     g.add_argument("--tpla-transform", default=d.tpla_transform, choices=["none", "hadamard", "pca"])
     g.add_argument("--tpla-calibration", default=None, help="calibration file (PCA bases, logit scales)")
+    g.add_argument(
+        "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
+        help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
+    )

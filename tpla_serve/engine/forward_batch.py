@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from tpla_serve.cache.pool import LatentKVPool
     from tpla_serve.layers.attention.base import AttentionBackend
+
+
+class LatentObserver(Protocol):
+    """Receives every layer's normalized latent ĉ [N, r] and absorbed queries q̃ [N, H, r] (calibration)."""
+
+    def observe(self, layer: int, c_hat: torch.Tensor, q_abs: torch.Tensor) -> None: ...
 
 
 class ForwardMode(enum.Enum):
@@ -37,6 +43,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [M] int64 rows of the N tokens whose logits the caller wants
     kv_pool: LatentKVPool
     attn_backend: AttentionBackend
+    capture: LatentObserver | None = None
 
     @property
     def batch_size(self) -> int:
@@ -59,6 +66,7 @@ def build_forward_batch(
     kv_pool: LatentKVPool,
     attn_backend: AttentionBackend,
     device: torch.device | str,
+    capture: LatentObserver | None = None,
 ) -> ForwardBatch:
     """Lay out a step on the host, then move it to the device in one go per tensor.
 
@@ -114,4 +122,5 @@ def build_forward_batch(
         logits_indices=ints(logits_rows),
         kv_pool=kv_pool,
         attn_backend=attn_backend,
+        capture=capture,
     )

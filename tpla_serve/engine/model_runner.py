@@ -20,6 +20,7 @@ from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
 from tpla_serve.layers.attention import create_attention_backend
 from tpla_serve.models.loader import load_model
 from tpla_serve.tpla.layout import ShardLayout
+from tpla_serve.tpla.options import TPLAOptions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,13 +34,21 @@ class ModelRunner:
         self.device = rank_device(config, rank)
         self.peers: TPRanks | None = None
         self.control = control
-        if rank == 0 and config.tp_size > 1:
-            self.peers = TPRanks(config)
-            try:
-                self.control = init_tp(config, 0, self.peers.port)
-            except Exception as e:
-                raise RuntimeError(self.peers.failure() or f"joining the TP group failed: {e}") from e
         self.dtype = config.torch_dtype
+        try:
+            if rank == 0 and config.tp_size > 1:
+                self.peers = TPRanks(config)
+                try:
+                    self.control = init_tp(config, 0, self.peers.port)
+                except Exception as e:
+                    raise RuntimeError(self.peers.failure() or f"joining the TP group failed: {e}") from e
+            self._build()
+        except BaseException:
+            self.shutdown(kill=True)  # no rank may stay behind waiting for a collective
+            raise
+
+    def _build(self) -> None:
+        config = self.config
         torch.manual_seed(config.random_seed)
         self.model = load_model(
             config.model_path,
@@ -48,6 +57,9 @@ class ModelRunner:
             load_format=config.load_format,
             layout=self.layout,
             seed=config.random_seed,
+            tpla=TPLAOptions(norm=config.tpla_norm, pd_sep=config.tpla_pd_sep),
+            transform=config.tpla_transform,
+            calibration_path=config.tpla_calibration,
         )
         self.model_config = self.model.config
         self.attn_backend = create_attention_backend(config.attention_backend, self.device)
@@ -153,10 +165,12 @@ class ModelRunner:
             entries = [BatchEntry(ids, prefix, pages, bool(all_rows)) for ids, prefix, pages, all_rows in msg["entries"]]
             self._forward_local(ForwardMode(msg["mode"]), entries)
 
-    def shutdown(self) -> None:
-        """Stop the other ranks and leave the TP group."""
+    def shutdown(self, kill: bool = False) -> None:
+        """Stop the other ranks and leave the TP group (kill: without telling them, after a failed start)."""
         if self.peers is not None:
-            if self.peers.failure() is None:
+            if kill:
+                self.peers.kill()
+            elif self.peers.failure() is None:
                 try:
                     self.control.send({"op": "shutdown"})
                 except Exception:  # a rank already gone: nothing left to tell

@@ -135,3 +135,8 @@ class TPRanks:
             if p.is_alive():
                 p.kill()
                 p.join()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()

@@ -25,6 +25,7 @@ from tpla_serve.layers.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
     WeightSource,
+    tp_all_gather,
     tp_all_reduce,
 )
 from tpla_serve.layers.moe import MoEExperts, MoEGate
@@ -32,7 +33,10 @@ from tpla_serve.layers.norm import RMSNorm
 from tpla_serve.layers.rotary import RotaryEmbedding, apply_rotary
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.weight_utils import CheckpointTensorError
+from tpla_serve.tpla.calibration import Calibration
 from tpla_serve.tpla.layout import ShardLayout
+from tpla_serve.tpla.options import TPLAOptions
+from tpla_serve.tpla.transforms import fold_norm_and_rotate
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +103,29 @@ class DeepseekMoE(nn.Module):
 
 
 class DeepseekAttention(nn.Module):
-    """Multi-head latent attention for this rank's heads (DESIGN §2 notation)."""
+    """Multi-head latent attention for this rank's heads (DESIGN §2 notation), TPLA-sharded (DESIGN §3).
 
-    def __init__(self, config: ModelConfig, layer_id: int, layout: ShardLayout, dtype: torch.dtype) -> None:
+    The rank computes the full latent c (kv_a_proj is replicated), caches only its group's slice
+    [lat0, lat1) of ĉ plus the full k_pe, and decodes over that slice with its own softmax and logit scale
+    μ (nope_scale); o_proj's all-reduce sums the groups' partial outputs. Prompt tokens (pd-sep) run exact
+    MLA: each rank takes 1/g of its heads and expands the full latent, gathered from the groups when a
+    prefix is already cached. With g = 1 all of this is plain MLA-TP.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        layout: ShardLayout,
+        dtype: torch.dtype,
+        tpla: TPLAOptions = TPLAOptions(),
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
+        self.layout = layout
+        self.tpla = tpla
+        self.lat0, self.lat1 = layout.latent_slice(config.kv_lora_rank)
+        self.nope_scale = 1.0  # μ of this rank's group; set from a calibration file
         self.interleaved = config.rope_interleave
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
@@ -112,6 +134,13 @@ class DeepseekAttention(nn.Module):
         self.scale = config.softmax_scale
         h0, h1 = layout.head_range(config.num_attention_heads)
         self.num_local_heads = h1 - h0
+        if self.num_local_heads % layout.latent_groups:
+            raise ValueError(
+                f"num_attention_heads ({config.num_attention_heads}) must be divisible by tp_size "
+                f"({layout.tp_size}) for exact prefill across {layout.latent_groups} latent groups"
+            )
+        per_group = self.num_local_heads // layout.latent_groups
+        self.prefill_heads = (layout.group * per_group, (layout.group + 1) * per_group)  # local indices
         num_heads, hidden, qk = config.num_attention_heads, config.hidden_size, config.qk_head_dim
         kv_dim = self.nope_dim + self.v_dim
 
@@ -152,8 +181,17 @@ class DeepseekAttention(nn.Module):
 
     def post_load_weights(self) -> None:
         w = self.kv_b_proj.weight.view(self.num_local_heads, self.nope_dim + self.v_dim, self.kv_rank)
-        self.w_uk = w[:, : self.nope_dim].contiguous()
-        self.w_uv = w[:, self.nope_dim :].contiguous()
+        self.w_uk = w[:, : self.nope_dim, self.lat0 : self.lat1].contiguous()
+        self.w_uv = w[:, self.nope_dim :, self.lat0 : self.lat1].contiguous()
+
+    def _latent_for_cache(self, c: torch.Tensor, exact: bool) -> torch.Tensor:
+        """This rank's slice of ĉ: of the globally normalized latent, or (local norm) normalized alone."""
+        if exact or self.tpla.norm == "exact":
+            return self.kv_a_layernorm(c)[:, self.lat0 : self.lat1]
+        part = c[:, self.lat0 : self.lat1]
+        pf = part.float()
+        pf = pf * torch.rsqrt(pf.pow(2).mean(-1, keepdim=True) + self.kv_a_layernorm.eps)
+        return self.kv_a_layernorm.weight[self.lat0 : self.lat1] * pf.to(part.dtype)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
@@ -166,39 +204,71 @@ class DeepseekAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_pe = q.view(n, self.num_local_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        c = self.kv_a_layernorm(c)
         q_pe = apply_rotary(q_pe, cos[:, None], sin[:, None], self.interleaved)
         k_pe = apply_rotary(k_pe, cos, sin, self.interleaved)
-        fb.kv_pool.write(self.layer_id, fb.out_cache_loc, c, k_pe)
-        if fb.mode is ForwardMode.EXTEND:
-            o = self._extend(q_nope, q_pe, fb)
+        exact = fb.mode is ForwardMode.EXTEND and self.tpla.pd_sep
+        fb.kv_pool.write(self.layer_id, fb.out_cache_loc, self._latent_for_cache(c, exact), k_pe)
+        if fb.capture is not None:
+            fb.capture.observe(self.layer_id, self.kv_a_layernorm(c), self._absorb_full(q_nope))
+        if exact:
+            o = self._extend(q_nope, q_pe, self.kv_a_layernorm(c), k_pe, fb)
         else:
             o = self._decode(q_nope, q_pe, fb)
         return self.o_proj(o.reshape(n, -1))
 
-    def _extend(self, q_nope: torch.Tensor, q_pe: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """MHA form: expand every KV token's latent to per-head keys and values, then causal attention."""
+    def _absorb_full(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q̃ = W_UKᵀ q_nope over the whole latent [N, H, r] (calibration only: the rank holds all of W_UK)."""
+        w = self.kv_b_proj.weight.view(self.num_local_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return torch.bmm(q_nope.transpose(0, 1), w[:, : self.nope_dim]).transpose(0, 1)
+
+    def _full_latent(self, c_hat: torch.Tensor, k_pe: torch.Tensor, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ĉ, k_pe) of every KV token of the batch, prefix then new per request, over the whole latent.
+
+        Without a cached prefix these are just the new tokens'. With one, a rank of g > 1 holds only its
+        slice of the prefix, so the slices are gathered from one rank of each group.
+        """
+        if all(q == s for q, s in zip(fb.q_lens, fb.seq_lens)):
+            return c_hat, k_pe
         ckv, kpe = fb.kv_pool.read(self.layer_id, fb.kv_indices)
-        kv = self.kv_b_proj(ckv.to(q_nope.dtype)).view(-1, self.num_local_heads, self.nope_dim + self.v_dim)
+        if self.layout.latent_groups > 1:
+            per_rank = tp_all_gather(ckv, self.layout).view(ckv.shape[0], self.layout.tp_size, -1)
+            ckv = per_rank[:, :: self.layout.ranks_per_group].reshape(ckv.shape[0], self.kv_rank)
+        return ckv.to(c_hat.dtype), kpe.to(k_pe.dtype)
+
+    def _extend(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_hat: torch.Tensor, k_pe: torch.Tensor, fb: ForwardBatch
+    ) -> torch.Tensor:
+        """Exact MHA form over this rank's prefill heads: expand each KV token's full latent, causal attention."""
+        e0, e1 = self.prefill_heads
+        ckv, kpe = self._full_latent(c_hat, k_pe, fb)
+        kv_dim = self.nope_dim + self.v_dim
+        w = self.kv_b_proj.weight.view(self.num_local_heads, kv_dim, self.kv_rank)[e0:e1]
+        kv = torch.nn.functional.linear(ckv, w.reshape(-1, self.kv_rank)).view(-1, e1 - e0, kv_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_pe = kpe.to(q_nope.dtype)[:, None].expand(-1, self.num_local_heads, -1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe], dim=-1)
-        return fb.attn_backend.extend(q, k, v, fb, self.scale)
+        q = torch.cat([q_nope[:, e0:e1], q_pe[:, e0:e1]], dim=-1)
+        k = torch.cat([k_nope, kpe[:, None].expand(-1, e1 - e0, -1)], dim=-1)
+        o_heads = fb.attn_backend.extend(q, k, v, fb, self.scale)
+        if e1 - e0 == self.num_local_heads:
+            return o_heads
+        o = o_heads.new_zeros(o_heads.shape[0], self.num_local_heads, self.v_dim)
+        o[:, e0:e1] = o_heads  # the other heads are another group's share of o_proj's all-reduce
+        return o
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
-        """Absorbed form: q̃ = W_UKᵀ q_nope scores against ĉ directly; v = W_UV o."""
+        """Absorbed form over this rank's latent slice: q̃ = W_UKᵀ q_nope scores against ĉ; v = W_UV o."""
         if self.w_uk is None or self.w_uv is None:
             raise RuntimeError("decode needs W_UK/W_UV: call post_load_weights() after loading the weights")
         q_abs = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [N, H, r]
-        o = fb.attn_backend.decode(q_abs, q_pe, self.layer_id, fb, self.scale)  # [N, H, r]
+        o = fb.attn_backend.decode(q_abs, q_pe, self.layer_id, fb, self.scale, self.nope_scale)  # [N, H, r/g]
         return torch.bmm(o.transpose(0, 1), self.w_uv.transpose(1, 2)).transpose(0, 1)  # [N, H, d_v]
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, layout: ShardLayout, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, layout: ShardLayout, dtype: torch.dtype, tpla: TPLAOptions
+    ) -> None:
         super().__init__()
-        self.self_attn = DeepseekAttention(config, layer_id, layout, dtype)
+        self.self_attn = DeepseekAttention(config, layer_id, layout, dtype, tpla)
         self.mlp: DeepseekMoE | DeepseekMLP
         if config.is_moe_layer(layer_id):
             self.mlp = DeepseekMoE(config, layout, dtype)
@@ -216,7 +286,12 @@ class DeepseekDecoderLayer(nn.Module):
 
 class DeepseekModel(nn.Module):
     def __init__(
-        self, config: ModelConfig, layout: ShardLayout, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: ModelConfig,
+        layout: ShardLayout,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        tpla: TPLAOptions,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, layout, dtype=dtype)
@@ -224,7 +299,7 @@ class DeepseekModel(nn.Module):
             config.qk_rope_head_dim, config.rope, config.rope_interleave, device=device
         )
         self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, layout, dtype) for i in range(config.num_hidden_layers)
+            DeepseekDecoderLayer(config, i, layout, dtype, tpla) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
@@ -250,19 +325,16 @@ class DeepseekForCausalLM(nn.Module):
         layout: ShardLayout = ShardLayout(),
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        tpla: TPLAOptions = TPLAOptions(),
     ) -> None:
         super().__init__()
-        if layout.latent_groups != 1:
-            raise ValueError(
-                f"tpla_groups = {layout.latent_groups}: this model runs exact MLA and needs tpla_groups = 1"
-            )
         if config.mlp_bias:
             raise ValueError(f"{config.source}: mlp_bias = true is not supported by DeepSeek models")
         self.config = config
         self.layout = layout
         self.dtype = dtype
         with torch.device(device):
-            self.model = DeepseekModel(config, layout, dtype, device)
+            self.model = DeepseekModel(config, layout, dtype, device, tpla)
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, layout, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -278,6 +350,28 @@ class DeepseekForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def fingerprint_probe(self) -> torch.Tensor:
+        """A weight every rank holds whole (kv_a_proj is replicated), to fingerprint the checkpoint."""
+        return self.model.layers[0].self_attn.kv_a_proj_with_mqa.weight
+
+    @torch.no_grad()
+    def transform_latent(
+        self, rotations: list[torch.Tensor | None], fold_norm: bool, calibration: Calibration | None
+    ) -> None:
+        """Fold γ and the orthogonal latent transform into the weights, set each layer's logit scale μ."""
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            if fold_norm:
+                fold_norm_and_rotate(
+                    attn.kv_a_proj_with_mqa.weight,
+                    attn.kv_a_proj_with_mqa.bias,
+                    attn.kv_a_layernorm.weight,
+                    attn.kv_b_proj.weight,
+                    rotations[i],
+                )
+            if calibration is not None:
+                attn.nope_scale = float(calibration.mu[i, self.layout.group])
 
     def post_load_weights(self) -> None:
         """Derive the absorbed-decode weights from the loaded ones; rerun after changing kv_b_proj."""

@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 from tpla_serve.models.config import ModelConfig, QuantConfig
 from tpla_serve.models.registry import get_model_class
 from tpla_serve.models.weight_utils import CheckpointTensorError, LazyTensor, dequantize_fp8_blocks
+from tpla_serve.tpla.calibration import Calibration
 from tpla_serve.tpla.layout import ShardLayout
+from tpla_serve.tpla.options import TPLAOptions
+from tpla_serve.tpla.transforms import latent_rotations, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +43,17 @@ def load_model(
     seed: int = 0,
     config_overrides: Mapping[str, Any] | None = None,
     show_progress: bool = True,
+    tpla: TPLAOptions = TPLAOptions(),
+    transform: str = "none",
+    calibration_path: str | None = None,
 ) -> nn.Module:
     """The model of a checkpoint directory, with its weights, ready for forward().
 
     model_path: a directory with config.json (+ *.safetensors unless dummy), or, for `dummy`, a config
     .json file itself (see tpla_serve.models.builtin_config). config_overrides replace config.json keys,
     e.g. {"num_hidden_layers": 2} to run a real config's shapes at a fraction of its depth.
+    transform / calibration_path: the latent transform folded into the weights after loading and the
+    file with PCA bases and logit scales μ (DESIGN §3); `model.fingerprint` names the untransformed weights.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
@@ -56,11 +64,17 @@ def load_model(
         config = ModelConfig.from_json_file(path, overrides=config_overrides)
     else:
         config = ModelConfig.from_pretrained_dir(path, overrides=config_overrides)
-    model = get_model_class(config.architecture)(config, layout=layout, dtype=dtype, device=device)
+    model = get_model_class(config.architecture)(config, layout=layout, dtype=dtype, device=device, tpla=tpla)
     if load_format == "dummy":
         init_dummy_weights(model, config.initializer_range, seed)
     else:
         SafetensorsCheckpoint(path).load_into(model, config.quantization, device, dtype, show_progress)
+    model.fingerprint = weights_fingerprint(config, model.fingerprint_probe())
+    calibration = None
+    if calibration_path is not None:
+        calibration = Calibration.load(calibration_path, model.fingerprint, layout.latent_groups, transform)
+    rotations = latent_rotations(transform, config.num_hidden_layers, config.kv_lora_rank, calibration)
+    model.transform_latent(rotations, fold_norm=transform != "none", calibration=calibration)
     model.post_load_weights()
     return model.eval()
 
