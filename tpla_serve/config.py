@@ -120,3 +120,52 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
     )
+
+
+ROLES = ("prefill", "decode", "router", "all")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A prefill or decode server: the engine it runs plus how it listens and pairs (SGLang's flag names)."""
+
+    engine: EngineConfig
+    role: str = "decode"  # prefill | decode
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str | None = None
+    disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
+    disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
+    max_body_bytes: int = 32 << 20
+    api_key: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"a server's role is prefill or decode, got {self.role!r}")
+        if not 0 < self.port < 65536 or not 0 < self.disaggregation_bootstrap_port < 65536:
+            raise ValueError("ports must be in 1..65535")
+        if self.disaggregation_timeout <= 0:
+            raise ValueError(f"disaggregation_timeout must be > 0, got {self.disaggregation_timeout}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.engine.model_path).name
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig(EngineConfig())
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host)
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument("--served-model-name", default=None)
+    g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
+    g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    g.add_argument("--api-key", default=None)
+    g.add_argument("--log-level", default=d.log_level)
+
+
+def server_config_from_cli(args: argparse.Namespace) -> ServerConfig:
+    names = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine"}
+    return ServerConfig(engine=EngineConfig.from_cli(args), **{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,1 @@
+"""HTTP servers (SGLang native + OpenAI APIs) and the scheduler process behind them."""
