@@ -47,6 +47,9 @@ class EngineConfig:
     tpla_transform: str = "none"
     tpla_calibration: str | None = None
     tpla_pd_sep: bool = True  # False runs prompt tokens through TPLA too (the paper's ablation)
+    disaggregation_mode: str = "null"  # null: plain server; prefill / decode: one side of a PD pair
+    disaggregation_host: str = "127.0.0.1"  # decode: where each rank binds its KV receiving socket
+    disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -61,6 +64,8 @@ class EngineConfig:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
         if self.tpla_norm not in ("exact", "local"):
             raise ValueError(f"tpla_norm must be exact or local, got {self.tpla_norm!r}")
+        if self.disaggregation_mode not in ("null", "prefill", "decode"):
+            raise ValueError(f"disaggregation_mode must be null, prefill or decode, got {self.disaggregation_mode!r}")
         if self.tpla_transform not in ("none", "hadamard", "pca"):
             raise ValueError(f"tpla_transform must be none, hadamard or pca, got {self.tpla_transform!r}")
 
@@ -116,6 +121,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tpla-norm", default=d.tpla_norm, choices=["exact", "local"])
     g.add_argument("--tpla-transform", default=d.tpla_transform, choices=["none", "hadamard", "pca"])
     g.add_argument("--tpla-calibration", default=None, help="calibration file (PCA bases, logit scales)")
+    g.add_argument("--disaggregation-mode", default=d.disaggregation_mode, choices=["null", "prefill", "decode"])
+    g.add_argument("--disaggregation-host", default=d.disaggregation_host,
+                   help="decode: the address its TP ranks receive KV on (reachable from the prefill servers)")
+    g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
     g.add_argument(
         "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
@@ -130,12 +139,11 @@ class ServerConfig:
     """A prefill or decode server: the engine it runs plus how it listens and pairs (SGLang's flag names)."""
 
     engine: EngineConfig
-    role: str = "decode"  # prefill | decode
+    role: str = "decode"  # prefill | decode (the engine's disaggregation_mode says whether it pairs)
     host: str = "127.0.0.1"
     port: int = 30000
     served_model_name: str | None = None
     disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
-    disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
     max_body_bytes: int = 32 << 20
     api_key: str | None = None
     log_level: str = "info"
@@ -145,8 +153,6 @@ class ServerConfig:
             raise ValueError(f"a server's role is prefill or decode, got {self.role!r}")
         if not 0 < self.port < 65536 or not 0 < self.disaggregation_bootstrap_port < 65536:
             raise ValueError("ports must be in 1..65535")
-        if self.disaggregation_timeout <= 0:
-            raise ValueError(f"disaggregation_timeout must be > 0, got {self.disaggregation_timeout}")
 
     @property
     def model_name(self) -> str:
@@ -160,7 +166,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--served-model-name", default=None)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
-    g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument("--api-key", default=None)
     g.add_argument("--log-level", default=d.log_level)

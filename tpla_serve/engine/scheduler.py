@@ -114,7 +114,7 @@ class Scheduler:
         )
         self.requests[rid] = req
         self.prompt_tokens += len(prompt_ids)
-        if req.checker.finished:  # max_new_tokens == 0
+        if req.checker.finished and not req.wants_prompt_logprobs:  # max_new_tokens == 0: nothing to run
             self._finish(req, req.checker.finish_reason)
         else:
             self.waiting.append(req)
@@ -244,7 +244,9 @@ class Scheduler:
             if entry.logits_for_all:
                 self._record_prompt_logprobs(req, logits[row : row + rows], req.num_computed, n)
             req.num_computed += n
-            if req.num_computed == req.seq_len:
+            if req.num_computed == req.seq_len and req.checker.finished:  # prompt logprobs only
+                self._finish(req, req.checker.finish_reason)
+            elif req.num_computed == req.seq_len:
                 sample_reqs.append(req)
                 sample_rows.append(row + rows - 1)
             row += rows

@@ -1,0 +1,194 @@
+"""The scheduler process of a server: owns the engine (and its TP ranks), talks to the HTTP front over ZMQ.
+
+Loop: take every message the front sent, run one scheduler step when there is work, publish the
+requests the step changed (every step for streaming requests, the final state for the rest). Role
+specifics (PD pairing, KV streaming) live in tpla_serve.server.pd and plug into the same loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from tpla_serve.config import ServerConfig
+from tpla_serve.engine.model_runner import ModelRunner
+from tpla_serve.engine.output import request_output
+from tpla_serve.engine.request import Request
+from tpla_serve.engine.scheduler import Scheduler
+from tpla_serve.engine.tokenizer import eos_token_ids, load_tokenizer
+from tpla_serve.sampling.params import SamplingParams
+from tpla_serve.server.messages import (
+    AbortRequest,
+    FlushCache,
+    GenerateRequest,
+    GetStats,
+    Message,
+    RequestError,
+    RequestOutput,
+    Stats,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+IDLE_POLL_MS = 1000  # how often an idle scheduler checks that its front is still alive
+BUSY_POLL_MS = 5  # how long to wait for messages while transfers are in flight but nothing can run
+
+
+class SchedulerProcess:
+    def __init__(self, config: ServerConfig, to_scheduler: str, from_scheduler: str) -> None:
+        self.config = config
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.connect(to_scheduler)
+        self.outbox = self.ctx.socket(zmq.PUSH)
+        self.outbox.connect(from_scheduler)
+        self.front_pid = os.getppid()
+        engine = config.engine
+        self.runner = ModelRunner(engine)
+        self.tokenizer = None if engine.skip_tokenizer_init else load_tokenizer(engine.resolved_tokenizer_path)
+        self.scheduler = Scheduler(self.runner, self.tokenizer, eos_token_ids(engine.model_path, self.tokenizer))
+        self.text_in_logprobs: dict[str, bool] = {}
+        self.pd = self._make_pd()
+
+    def _make_pd(self):  # type: ignore[no-untyped-def]
+        mode = self.config.engine.disaggregation_mode
+        if mode == "null":
+            return None
+        from tpla_serve.server.pd import make_pd_role
+
+        return make_pd_role(self)
+
+    # ------------------------------------------------------------------ messages
+
+    def send(self, msg: Message) -> None:
+        self.outbox.send(encode(msg))
+
+    def model_info(self) -> dict[str, Any]:
+        cfg = self.runner.model_config
+        return {
+            "model_path": self.config.engine.model_path,
+            "served_model_name": self.config.model_name,
+            "architecture": cfg.architecture,
+            "vocab_size": cfg.vocab_size,
+            "context_length": self.runner.context_length,
+            "is_generation": True,
+            "tokenizer_path": self.config.engine.resolved_tokenizer_path,
+            "fingerprint": self.runner.model.fingerprint,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = dataclasses.asdict(self.scheduler.stats())
+        data["max_total_tokens"] = self.runner.max_total_tokens
+        data["context_length"] = self.runner.context_length
+        if self.pd is not None:
+            data.update(self.pd.stats())
+        return data
+
+    def handle(self, msg: Message) -> None:
+        if isinstance(msg, GenerateRequest):
+            self.handle_generate(msg)
+        elif isinstance(msg, AbortRequest):
+            if self.pd is not None:
+                self.pd.abort(msg.rid, msg.message)
+            req = self.scheduler.abort(msg.rid, msg.message)
+            if req is not None:
+                self.publish([req])
+        elif isinstance(msg, FlushCache):  # no prefix cache to flush: report success
+            self.send(Stats({"flushed": True}))
+        elif isinstance(msg, GetStats):
+            self.send(Stats(self.stats()))
+        else:
+            logger.warning("the scheduler got an unexpected %s", type(msg).__name__)
+
+    def handle_generate(self, msg: GenerateRequest) -> None:
+        try:
+            params = SamplingParams.from_dict(msg.sampling_params)
+            if self.pd is not None and msg.bootstrap_room is not None:
+                self.pd.add(msg, params)
+                return
+            req = self.scheduler.add_request(
+                msg.input_ids, params, rid=msg.rid, return_logprob=msg.return_logprob,
+                logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num, stream=msg.stream,
+            )
+        except ValueError as e:
+            self.send(RequestError(msg.rid, 400, str(e)))
+            return
+        self.text_in_logprobs[msg.rid] = msg.return_text_in_logprobs
+        if req.finished:
+            self.publish([req])
+
+    def publish(self, reqs: list[Request]) -> None:
+        for req in reqs:
+            if not (req.finished or req.stream):
+                continue
+            text = self.text_in_logprobs.get(req.rid, False)
+            out = request_output(req, self.tokenizer, text, streaming=not req.finished)
+            self.send(RequestOutput(req.rid, out, req.finished))
+            if req.finished:
+                self.text_in_logprobs.pop(req.rid, None)
+                self.scheduler.pop_finished(req.rid)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        self.send(Stats({"ready": True, "model_info": self.model_info(), **self.stats()}))
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        while True:
+            busy = self.scheduler.has_work or (self.pd is not None and self.pd.has_work)
+            if self.scheduler.has_work:
+                timeout = 0
+            elif busy:
+                timeout = BUSY_POLL_MS
+            else:
+                timeout = IDLE_POLL_MS
+            if poller.poll(timeout):
+                while True:
+                    try:
+                        data = self.inbox.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(decode(data))
+            elif not busy and os.getppid() != self.front_pid:
+                logger.info("the HTTP front is gone; the scheduler exits")
+                return
+            if self.pd is not None:
+                self.publish(self.pd.poll())
+            if self.scheduler.has_work:
+                self.publish(self.scheduler.step())
+
+    def close(self) -> None:
+        if self.pd is not None:
+            self.pd.close()
+        self.runner.shutdown()
+        self.inbox.close(0)
+        self.outbox.close(0)
+        self.ctx.term()
+
+
+def run_scheduler_process(config: ServerConfig, to_scheduler: str, from_scheduler: str) -> None:
+    """Entry point of the scheduler process (multiprocessing spawn target)."""
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        proc = SchedulerProcess(config, to_scheduler, from_scheduler)
+    except BaseException:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(from_scheduler)
+        sock.send(encode(RequestError("", 500, f"the scheduler failed to start:\n{traceback.format_exc()}")))
+        sock.close(linger=2000)
+        ctx.term()
+        raise
+    try:
+        proc.run()
+    finally:
+        proc.close()
