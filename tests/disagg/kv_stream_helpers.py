@@ -17,9 +17,13 @@ PAGE_SIZE = 4
 
 
 def small_spec(**overrides: object) -> KVSpec:
-    fields: dict = dict(
-        num_layers=NUM_LAYERS, kv_lora_rank=KV_LORA_RANK, rope_dim=ROPE_DIM, dtype="bfloat16", fingerprint="m1"
-    )
+    fields: dict = {
+        "num_layers": NUM_LAYERS,
+        "kv_lora_rank": KV_LORA_RANK,
+        "rope_dim": ROPE_DIM,
+        "dtype": "bfloat16",
+        "fingerprint": "m1",
+    }
     fields.update(overrides)
     return KVSpec(**fields)
 
@@ -70,7 +74,9 @@ class PagedRank:
         return write
 
 
-def wait_events(receivers: list[KVReceiver], timeout_s: float = 10.0, per_rank: int = 1) -> list[list[RoomEvent]]:
+def wait_events(
+    receivers: list[KVReceiver], timeout_s: float = 10.0, per_rank: int = 1
+) -> list[list[RoomEvent]]:
     """Poll every receiver until each has `per_rank` events (or the timeout)."""
     got: list[list[RoomEvent]] = [[] for _ in receivers]
     deadline = time.monotonic() + timeout_s

@@ -15,6 +15,7 @@ import sys
 import time
 
 from kv_stream_helpers import prompt_kv, small_spec
+
 from tpla_serve.disagg import KVSender
 
 

@@ -24,20 +24,22 @@ from tpla_serve.disagg import (
 )
 from tpla_serve.disagg.messages import tensor_frame
 
-SPEC = KVSpec(num_layers=27, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="deepseek-v2-lite/pca")
+SPEC = KVSpec(
+    num_layers=27, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="deepseek-v2-lite/pca"
+)
 LAYOUT = DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64, draft=SPEC)
 ROOM = 2**63 - 1
 
 
 def _register(**overrides: object) -> Register:
-    fields: dict = dict(
-        room=ROOM,
-        layout=LAYOUT,
-        rank_endpoints=("tcp://10.0.0.2:5000", "tcp://[::1]:5001"),
-        notify_endpoint="tcp://10.0.0.2:5000",
-        n_tokens=8192,
-        max_frame_bytes=1 << 26,
-    )
+    fields: dict = {
+        "room": ROOM,
+        "layout": LAYOUT,
+        "rank_endpoints": ("tcp://10.0.0.2:5000", "tcp://[::1]:5001"),
+        "notify_endpoint": "tcp://10.0.0.2:5000",
+        "n_tokens": 8192,
+        "max_frame_bytes": 1 << 26,
+    }
     fields.update(overrides)
     return Register(**fields)
 
@@ -64,9 +66,16 @@ def test_register_round_trip() -> None:
 def test_layer_kv_round_trip_is_bitwise() -> None:
     ckv = torch.randn(5, 256).bfloat16()
     kpe = torch.randn(5, 64).bfloat16()
-    frames = encode(LayerKV(room=3, layer=26, token_start=100, n_tokens=5, ckv=tensor_frame(ckv), kpe=tensor_frame(kpe)))
+    frames = encode(
+        LayerKV(room=3, layer=26, token_start=100, n_tokens=5, ckv=tensor_frame(ckv), kpe=tensor_frame(kpe))
+    )
     msg = decode(_bytes(frames))
-    assert isinstance(msg, LayerKV) and (msg.room, msg.layer, msg.token_start, msg.n_tokens) == (3, 26, 100, 5)
+    assert isinstance(msg, LayerKV) and (msg.room, msg.layer, msg.token_start, msg.n_tokens) == (
+        3,
+        26,
+        100,
+        5,
+    )
     got_ckv, got_kpe = msg.tensors(torch.bfloat16, 256, 64)
     assert torch.equal(got_ckv, ckv) and torch.equal(got_kpe, kpe)
     with pytest.raises(ProtocolError, match="ckv frame"):
@@ -82,7 +91,9 @@ def test_done_and_abort_round_trip() -> None:
         top_logprobs=torch.randn(7, 3),
         top_ids=torch.randint(0, 100, (7, 3), dtype=torch.int32),
     )
-    msg = decode(_bytes(encode(Done(room=9, first_token_id=42, first_token_logprob=-1.25, prompt_logprobs=lp))))
+    msg = decode(
+        _bytes(encode(Done(room=9, first_token_id=42, first_token_logprob=-1.25, prompt_logprobs=lp)))
+    )
     assert isinstance(msg, Done) and (msg.room, msg.first_token_id, msg.first_token_logprob) == (9, 42, -1.25)
     assert msg.prompt_logprobs is not None and msg.prompt_logprobs.start == 1
     assert torch.equal(msg.prompt_logprobs.logprobs, lp.logprobs)
@@ -108,22 +119,54 @@ def _done_header() -> dict:
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 99, "room": 1, "message": ""})], "unknown message tag"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": "4", "room": 1, "message": ""})], "unknown message tag"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 1})], "missing fields \\['message'\\]"),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 1, "message": "", "x": 0})], "unexpected \\['x'\\]"),
+        (
+            [msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 1, "message": "", "x": 0})],
+            "unexpected \\['x'\\]",
+        ),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": "1", "message": ""})], "abort.room"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": True, "message": ""})], "abort.room"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": -1, "message": ""})], "abort.room"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 2**63, "message": ""})], "abort.room"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 1, "message": 5})], "abort.message"),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 1, "message": ""}), b"extra"], "carries 1 frames"),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 0, "token_start": 0, "n_tokens": 1})], "carries 0 frames"),
         (
-            [msgpack.packb({"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 0, "token_start": 0, "n_tokens": 2**40}), b"", b""],
+            [msgpack.packb({"v": PROTOCOL_VERSION, "t": 4, "room": 1, "message": ""}), b"extra"],
+            "carries 1 frames",
+        ),
+        (
+            [
+                msgpack.packb(
+                    {"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 0, "token_start": 0, "n_tokens": 1}
+                )
+            ],
+            "carries 0 frames",
+        ),
+        (
+            [
+                msgpack.packb(
+                    {
+                        "v": PROTOCOL_VERSION,
+                        "t": 2,
+                        "room": 1,
+                        "layer": 0,
+                        "token_start": 0,
+                        "n_tokens": 2**40,
+                    }
+                ),
+                b"",
+                b"",
+            ],
             "layer_kv.n_tokens",
         ),
         ([msgpack.packb({**_done_header(), "first_token_logprob": "x"})], "first_token_logprob"),
         ([msgpack.packb(_done_header()), b"\0" * 4], "without prompt_logprobs"),
-        ([msgpack.packb({**_done_header(), "prompt_logprobs": {"start": 0, "n": 3, "k": 0}}), b"\0" * 8], "prompt logprobs frame"),
-        ([msgpack.packb({**_done_header(), "prompt_logprobs": {"start": 0, "n": 2**30, "k": 0}}), b""], "prompt_logprobs.n"),
+        (
+            [msgpack.packb({**_done_header(), "prompt_logprobs": {"start": 0, "n": 3, "k": 0}}), b"\0" * 8],
+            "prompt logprobs frame",
+        ),
+        (
+            [msgpack.packb({**_done_header(), "prompt_logprobs": {"start": 0, "n": 2**30, "k": 0}}), b""],
+            "prompt_logprobs.n",
+        ),
         ([b"\x81" + b"\xa1a" + b"\x00" * 10], "not valid msgpack"),  # trailing bytes
         ([b"\xdd\xff\xff\xff\xff"], "not valid msgpack"),  # declares a 4-billion-entry array
         ([b"\xdb\x7f\xff\xff\xff"], "not valid msgpack"),  # declares a 2 GiB string

@@ -9,7 +9,6 @@ import msgpack
 import pytest
 import torch
 import zmq
-
 from kv_stream_helpers import (
     PAGE_SIZE,
     PagedRank,
@@ -20,6 +19,7 @@ from kv_stream_helpers import (
     wait_events,
     wait_until,
 )
+
 from tpla_serve.disagg import (
     PROTOCOL_VERSION,
     DecodeLayout,
@@ -84,8 +84,12 @@ def _sender(closing: list, spec: KVSpec | None = None, **kwargs: object) -> KVSe
     return sender
 
 
-def _decode(closing: list, tp: int = 2, groups: int = 2, spec: KVSpec | None = None, **kwargs: object) -> Decode:
-    decode = Decode(DecodeLayout(kv=spec or small_spec(), tp_size=tp, latent_groups=groups, page_size=PAGE_SIZE), **kwargs)
+def _decode(
+    closing: list, tp: int = 2, groups: int = 2, spec: KVSpec | None = None, **kwargs: object
+) -> Decode:
+    decode = Decode(
+        DecodeLayout(kv=spec or small_spec(), tp_size=tp, latent_groups=groups, page_size=PAGE_SIZE), **kwargs
+    )
     closing.append(decode)
     return decode
 
@@ -144,7 +148,12 @@ def test_prompt_logprobs_reach_rank_zero_only(closing: list) -> None:
     room, n = 99, 6
     kv = prompt_kv(room, n, sender.kv)
     decode.expect(room, n, sender.bootstrap_port)
-    lp = PromptLogprobs(start=1, logprobs=torch.randn(5), top_logprobs=torch.randn(5, 2), top_ids=torch.arange(10, dtype=torch.int32).view(5, 2))
+    lp = PromptLogprobs(
+        start=1,
+        logprobs=torch.randn(5),
+        top_logprobs=torch.randn(5, 2),
+        top_ids=torch.arange(10, dtype=torch.int32).view(5, 2),
+    )
     for layer, (ckv, kpe) in enumerate(kv):
         sender.send_layer(room, layer, ckv, kpe)
     sender.send_done(room, 3, None, lp)
@@ -166,7 +175,9 @@ def test_prompt_logprobs_reach_rank_zero_only(closing: list) -> None:
         (small_spec(dtype="float16"), "dtype"),
     ],
 )
-def test_layout_mismatch_fails_both_sides_with_the_field_named(closing: list, decode_spec: KVSpec, field: str) -> None:
+def test_layout_mismatch_fails_both_sides_with_the_field_named(
+    closing: list, decode_spec: KVSpec, field: str
+) -> None:
     sender, decode = _sender(closing), _decode(closing, spec=decode_spec)
     room, n = 5, 4
     kv = prompt_kv(room, n, sender.kv)
@@ -193,7 +204,9 @@ def test_refused_register_is_reported_when_the_prefill_reaches_the_room(closing:
     assert "fingerprint mismatch" in failed.message
 
 
-@pytest.mark.parametrize("prefill_tokens, match", [(12, "at least 12 prompt tokens"), (8, "finished with 8 tokens")])
+@pytest.mark.parametrize(
+    "prefill_tokens, match", [(12, "at least 12 prompt tokens"), (8, "finished with 8 tokens")]
+)
 def test_prompt_length_disagreement_fails_the_room(closing: list, prefill_tokens: int, match: str) -> None:
     sender, decode = _sender(closing), _decode(closing)
     room = 3
@@ -237,7 +250,11 @@ def test_decode_room_expires_when_no_kv_arrives(closing: list) -> None:
     events = decode.events(timeout_s=5.0)
     assert time.monotonic() - start < 3.0
     for (event,) in events:
-        assert isinstance(event, RoomFailed) and "timed out" in event.message and "0 of 4 layers" in event.message
+        assert (
+            isinstance(event, RoomFailed)
+            and "timed out" in event.message
+            and "0 of 4 layers" in event.message
+        )
     # rank 0's timeout ABORTs the room on the prefill too
     assert wait_until(lambda: sender.registration(room) is None and sender.failure(room) is not None, 5.0)
     assert "timed out" in sender.failure(room)
@@ -296,7 +313,9 @@ def _raw_push(closing: list, endpoint: str) -> zmq.Socket:
 
 
 def _layer_header(room: int, layer: int, start: int, n: int) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": 2, "room": room, "layer": layer, "token_start": start, "n_tokens": n})
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "t": 2, "room": room, "layer": layer, "token_start": start, "n_tokens": n}
+    )
 
 
 def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: list) -> None:
@@ -388,3 +407,44 @@ def test_api_validation(closing: list) -> None:
     closing.append(no_default)
     with pytest.raises(ValueError, match="no default bootstrap port"):
         no_default.expect(1, 4, writer, "127.0.0.1", None)
+
+
+def test_prefill_abort_reaches_every_rank_and_a_late_register(closing: list) -> None:
+    sender, decode = _sender(closing), _decode(closing)
+    room, n = 41, 4
+    kv = prompt_kv(room, n, sender.kv)
+    decode.expect(room, n, sender.bootstrap_port)
+    assert sender.wait_for_registration(room, 5.0) is not None
+    sender.send_layer(room, 0, *kv[0])
+    sender.abort(room, "prefill out of memory")
+    for (event,) in decode.events():
+        assert isinstance(event, RoomFailed) and "prefill out of memory" in event.message
+    assert sender.poll() == []  # the engine ended the room itself
+    late = 42  # aborted by the prefill before its decode registered
+    sender.abort(late, "client disconnected from the prefill")
+    decode.expect(late, n, sender.bootstrap_port)
+    for (event,) in decode.events():
+        assert isinstance(event, RoomFailed) and "client disconnected from the prefill" in event.message
+
+
+def test_sender_outlives_a_decode_server_that_dies_mid_stream(closing: list) -> None:
+    sender = _sender(closing, timeout_s=1.0)
+    dead = Decode(DecodeLayout(kv=small_spec(), tp_size=2, latent_groups=2, page_size=PAGE_SIZE))
+    room, n = 51, 8
+    kv = prompt_kv(room, n, sender.kv)
+    dead.expect(room, n, sender.bootstrap_port)
+    assert sender.wait_for_registration(room, 5.0) is not None
+    sender.send_layer(room, 0, *kv[0])
+    assert wait_until(lambda: all(r.calls for r in dead.ranks), 5.0)
+    dead.close()
+    for layer in range(1, len(kv)):
+        sender.send_layer(room, layer, *kv[layer])
+    sender.send_done(room, 0)
+    decode = _decode(closing)
+    room2 = 52
+    kv2 = prompt_kv(room2, n, sender.kv)
+    decode.expect(room2, n, sender.bootstrap_port)
+    _send_all(sender, room2, kv2)
+    assert all(isinstance(e[0], RoomCompleted) for e in decode.events())
+    decode.assert_holds(room2, kv2)
+    assert sender.stats().rooms_live == 0 and sender.poll() == []

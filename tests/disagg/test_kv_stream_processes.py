@@ -12,8 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kv_stream_helpers import (
+    PAGE_SIZE,
+    PagedRank,
+    expected_ckv_slice,
+    prompt_kv,
+    small_spec,
+    wait_events,
+    wait_until,
+)
 
-from kv_stream_helpers import PAGE_SIZE, PagedRank, expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
 from tpla_serve.disagg import DecodeLayout, KVReceiver, RoomCompleted, RoomFailed
 
 WORKER = Path(__file__).with_name("prefill_worker.py")
@@ -73,7 +81,10 @@ class DecodeRanks:
         for r, rank in enumerate(self.ranks):
             for layer, (ckv, kpe) in enumerate(prompt_kv(room, n, self.layout.kv)):
                 got_ckv, got_kpe = rank.pool.read(layer, self.slots[room])
-                assert (got_ckv == expected_ckv_slice(ckv, T, g, r)).all() and (got_kpe == kpe).all(), (r, layer)
+                assert (got_ckv == expected_ckv_slice(ckv, T, g, r)).all() and (got_kpe == kpe).all(), (
+                    r,
+                    layer,
+                )
 
     def close(self) -> None:
         for rx in self.rx:
@@ -116,7 +127,9 @@ def test_layers_stream_while_the_prefill_is_still_computing(prefill: Prefill, de
     prefill.send(cmd="send", room=room, n=n, mode="gate")
     assert prefill.read() == {"gated": room}
     # The prefill now holds back layers 1..: layer 0 must reach both ranks anyway.
-    assert wait_until(lambda: all(r.calls for r in decode.ranks), 10.0), "layer 0 did not arrive before layer 1"
+    assert wait_until(lambda: all(r.calls for r in decode.ranks), 10.0), (
+        "layer 0 did not arrive before layer 1"
+    )
     assert {layer for r in decode.ranks for layer, *_ in r.calls} == {0}
     assert all(rx.poll() == [] for rx in decode.rx)
     prefill.send(cmd="go")
@@ -163,6 +176,10 @@ def test_killed_prefill_fails_the_room_within_the_timeout(decode_ranks: list) ->
     finally:
         doomed.close()
     for (event,) in events:
-        assert isinstance(event, RoomFailed) and "timed out" in event.message and "2 of 4 layers" in event.message
+        assert (
+            isinstance(event, RoomFailed)
+            and "timed out" in event.message
+            and "2 of 4 layers" in event.message
+        )
     assert elapsed < timeout_s + 3.0
     assert all(rx.stats().rooms_live == 0 for rx in decode.rx)

@@ -7,7 +7,6 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Union
 
 from tpla_serve.disagg.messages import PromptLogprobs
 
@@ -34,7 +33,7 @@ class RoomFailed:
     message: str
 
 
-RoomEvent = Union[RoomCompleted, RoomFailed]
+RoomEvent = RoomCompleted | RoomFailed
 
 
 class EventSink:

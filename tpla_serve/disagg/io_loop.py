@@ -89,12 +89,6 @@ class IOLoop:
         self.ctx.term()
         self._waker.close()
 
-    def __enter__(self) -> IOLoop:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _run(self) -> None:
         waker_fd = self._waker.fileno()
         tick_ms = max(1, int(self._tick_s * 1000))
@@ -140,16 +134,21 @@ class IOLoop:
         raise NotImplementedError
 
 
+def bind_tcp(sock: zmq.Socket, host: str, port: int) -> int:
+    """Bind `sock` on host:port (port 0: any free port) and return the port it got."""
+    if ":" in host:
+        sock.setsockopt(zmq.IPV6, 1)
+        host = host if host.startswith("[") else f"[{host}]"
+    sock.bind(f"tcp://{host}:{port or '*'}")
+    return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+
+
 @dataclass
 class _Peer:
     socket: zmq.Socket
     last_used: float
     outbox: deque[tuple[int, float, list[Frame]]] = field(default_factory=deque)  # (room, queued_at, frames)
     polling: bool = False
-
-
-def frames_nbytes(frames: list[Frame]) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
 
 
 class Outbound:
@@ -221,6 +220,7 @@ class Outbound:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.IPV6, 1)  # dual stack: IPv4 endpoints still work
         try:
             sock.connect(endpoint)
         except zmq.ZMQError:

@@ -9,10 +9,11 @@ or size all raise ProtocolError (a ValueError), so an IO loop can drop the messa
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -27,11 +28,15 @@ MAX_MESSAGE_LEN = 4096
 MAX_TOKENS = 1 << 24
 MAX_TOP_LOGPROBS = 1024
 MAX_RANKS = 1024
-_UNPACK_LIMITS = dict(
-    max_str_len=MAX_MESSAGE_LEN, max_bin_len=0, max_array_len=MAX_RANKS, max_map_len=32, max_ext_len=0
-)
+_UNPACK_LIMITS = {
+    "max_str_len": MAX_MESSAGE_LEN,
+    "max_bin_len": 0,
+    "max_array_len": MAX_RANKS,
+    "max_map_len": 32,
+    "max_ext_len": 0,
+}
 
-Frame = Union[bytes, memoryview, np.ndarray]
+Frame = bytes | memoryview | np.ndarray
 
 
 class ProtocolError(ValueError):
@@ -54,11 +59,13 @@ def tensor_frame(t: torch.Tensor) -> np.ndarray:
 
 def frame_tensor(frame: memoryview, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
     """The tensor in a received frame (no copy), after checking its byte size against shape and dtype."""
-    expected = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * dtype.itemsize
     if frame.nbytes != expected:
         raise ProtocolError(f"{what} frame has {frame.nbytes} bytes, expected {expected} for {shape}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    if frame.readonly:  # bytes from a non-ZMQ source; ZMQ frames are writable and stay zero-copy
+        frame = memoryview(bytearray(frame))
     return torch.frombuffer(frame, dtype=dtype).view(shape)
 
 
@@ -69,7 +76,7 @@ class Register:
     room: int
     layout: DecodeLayout
     rank_endpoints: tuple[str, ...]  # rank k's PULL endpoint receives rank k's slice
-    notify_endpoint: str  # where the prefill sends ABORT about the room before it trusts rank_endpoints
+    notify_endpoint: str  # also gets every ABORT for the room (rank 0's endpoint unless the decode says)
     n_tokens: int  # prompt tokens the decode expects (and reserved pages for)
     max_frame_bytes: int  # largest frame the decode ranks accept; the prefill chunks tokens to fit
 
@@ -147,7 +154,7 @@ class Abort:
     message: str
 
 
-Message = Union[Register, LayerKV, Done, Abort]
+Message = Register | LayerKV | Done | Abort
 
 
 # ---------------------------------------------------------------- encoding
@@ -170,7 +177,12 @@ def _header(tag: Tag, fields: dict[str, Any]) -> bytes:
 def encode(msg: Message) -> list[Frame]:
     """The frames of `msg`: a msgpack header, then its raw tensor frames (referenced, not copied)."""
     if isinstance(msg, LayerKV):
-        fields = {"room": msg.room, "layer": msg.layer, "token_start": msg.token_start, "n_tokens": msg.n_tokens}
+        fields = {
+            "room": msg.room,
+            "layer": msg.layer,
+            "token_start": msg.token_start,
+            "n_tokens": msg.n_tokens,
+        }
         return [_header(Tag.LAYER_KV, fields), msg.ckv, msg.kpe]
     if isinstance(msg, Done):
         lp = msg.prompt_logprobs
@@ -310,7 +322,11 @@ def _done(f: _Fields, frames: Sequence[memoryview]) -> Done:
             raise ProtocolError(f"done without prompt_logprobs carries {len(frames)} frames")
     else:
         lf = _Fields(lp_obj, frozenset({"start", "n", "k"}), "done.prompt_logprobs")
-        start, m, k = lf.int("start", 0, MAX_TOKENS), lf.int("n", 0, MAX_TOKENS), lf.int("k", 0, MAX_TOP_LOGPROBS)
+        start, m, k = (
+            lf.int("start", 0, MAX_TOKENS),
+            lf.int("n", 0, MAX_TOKENS),
+            lf.int("k", 0, MAX_TOP_LOGPROBS),
+        )
         if len(frames) != (3 if k else 1):
             raise ProtocolError(f"done with top-{k} prompt logprobs carries {len(frames)} frames")
         prompt_logprobs = PromptLogprobs(
@@ -370,7 +386,7 @@ def decode(frames: Sequence[Any]) -> Message:
     if header.get("v") != PROTOCOL_VERSION or type(header.get("v")) is not int:
         raise ProtocolError(f"unsupported protocol version {header.get('v')!r:.40} (want {PROTOCOL_VERSION})")
     tag = header.get("t")
-    if type(tag) is not int or tag not in _KINDS.keys():
+    if type(tag) is not int or tag not in _KINDS:
         raise ProtocolError(f"unknown message tag {tag!r:.40}")
     kind = _KINDS[Tag(tag)]
     body = {k: v for k, v in header.items() if k not in ("v", "t")}

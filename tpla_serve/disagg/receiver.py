@@ -20,7 +20,7 @@ import zmq
 
 from tpla_serve.disagg.bootstrap import bootstrap_endpoint, check_room, tcp_endpoint
 from tpla_serve.disagg.events import EventSink, RoomCompleted, RoomEvent, RoomFailed
-from tpla_serve.disagg.io_loop import IOLoop, Outbound
+from tpla_serve.disagg.io_loop import IOLoop, Outbound, bind_tcp
 from tpla_serve.disagg.messages import (
     MAX_HEADER_BYTES,
     MAX_TOKENS,
@@ -111,12 +111,7 @@ class KVReceiver(IOLoop):
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, MAX_HEADER_BYTES))
         self._pull.setsockopt(zmq.RCVHWM, 16)
-        if port == 0:
-            self._pull.bind(f"tcp://{host}:*")
-            port = int(self._pull.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-        else:
-            self._pull.bind(tcp_endpoint(host, port))
-        self.endpoint = tcp_endpoint(advertise_host or host, port)
+        self.endpoint = tcp_endpoint(advertise_host or host, bind_tcp(self._pull, host, port))
         self.poller.register(self._pull, zmq.POLLIN)
         self._out = Outbound(self.ctx, self.poller)
         self._lock = threading.Lock()
@@ -136,7 +131,7 @@ class KVReceiver(IOLoop):
         if type(n_tokens) is not int or not 1 <= n_tokens <= MAX_TOKENS:
             raise ValueError(f"n_tokens must be an int in [1, {MAX_TOKENS}], got {n_tokens!r}")
         if not callable(writer):
-            raise ValueError("writer must be callable")
+            raise TypeError("writer must be callable")
         bootstrap = bootstrap_endpoint(bootstrap_host, bootstrap_port, self.default_bootstrap_port)
         state = _Expected(
             room=room,
@@ -245,7 +240,12 @@ class KVReceiver(IOLoop):
             state = self._rooms.get(msg.room)
             if state is None:
                 self._dropped += 1
-                logger.debug("rank %d dropped %s for room %d, which it does not expect", self.rank, type(msg).__name__, msg.room)
+                logger.debug(
+                    "rank %d dropped %s for room %d, which it does not expect",
+                    self.rank,
+                    type(msg).__name__,
+                    msg.room,
+                )
                 return
             if isinstance(msg, LayerKV):
                 problem = self._on_layer(state, msg, now)

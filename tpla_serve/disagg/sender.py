@@ -14,14 +14,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 import zmq
 
 from tpla_serve.disagg.bootstrap import check_room, tcp_endpoint
 from tpla_serve.disagg.events import EventSink, RoomEvent, RoomFailed
-from tpla_serve.disagg.io_loop import IOLoop, Outbound, frames_nbytes
+from tpla_serve.disagg.io_loop import IOLoop, Outbound, bind_tcp
 from tpla_serve.disagg.messages import (
     MAX_HEADER_BYTES,
     Abort,
@@ -66,7 +66,7 @@ class _AbortCmd:
     message: str
 
 
-_Cmd = Union[_LayerCmd, _DoneCmd, _AbortCmd]
+_Cmd = _LayerCmd | _DoneCmd | _AbortCmd
 
 
 @dataclass
@@ -75,6 +75,10 @@ class _Room:
     deadline: float
     next_start: list[int]  # per layer: tokens handed to the stream so far
     registration: Register | None = None
+    # per decode rank: its endpoint and latent slice [a, b)
+    routes: list[tuple[str, int, int]] = field(default_factory=list)
+    ckv_width: int = 0
+    chunk_tokens: int = 0  # tokens per message, so that no frame exceeds the decode's max_frame_bytes
     buffered: list[_Cmd] = field(default_factory=list)
     buffered_bytes: int = 0
     touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
@@ -126,12 +130,7 @@ class KVSender(IOLoop):
         self._bootstrap = self.ctx.socket(zmq.PULL)
         self._bootstrap.setsockopt(zmq.LINGER, 0)
         self._bootstrap.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
-        if port == 0:
-            self._bootstrap.bind(f"tcp://{host}:*")
-            self.bootstrap_port = int(self._bootstrap.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-        else:
-            self._bootstrap.bind(tcp_endpoint(host, port))
-            self.bootstrap_port = port
+        self.bootstrap_port = bind_tcp(self._bootstrap, host, port)
         self.bootstrap_endpoint = tcp_endpoint(host, self.bootstrap_port)
         self.poller.register(self._bootstrap, zmq.POLLIN)
         self._out = Outbound(self.ctx, self.poller)
@@ -185,7 +184,9 @@ class KVSender(IOLoop):
         n = ckv.shape[0] if ckv.dim() == 2 else -1
         for name, t, width in (("ckv", ckv, self.kv.kv_lora_rank), ("kpe", kpe, self.kv.rope_dim)):
             if t.dim() != 2 or t.shape[1] != width or t.shape[0] != n or n < 1:
-                raise ValueError(f"{name} must be [n >= 1, {width}] with the same n as ckv, got {tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must be [n >= 1, {width}] with the same n as ckv, got {tuple(t.shape)}"
+                )
             if t.dtype != self.kv.torch_dtype:
                 raise ValueError(f"{name} dtype must be {self.kv.torch_dtype}, got {t.dtype}")
         self._submit(_LayerCmd(room, layer, token_start, ckv.cpu(), kpe.cpu()))
@@ -201,7 +202,8 @@ class KVSender(IOLoop):
         check_room(room)
         if type(first_token_id) is not int or not 0 <= first_token_id < 1 << 31:
             raise ValueError(f"first_token_id must be a non-negative int32, got {first_token_id!r}")
-        self._submit(_DoneCmd(Done(room, first_token_id, first_token_logprob, prompt_logprobs)))
+        logprob = None if first_token_logprob is None else float(first_token_logprob)
+        self._submit(_DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs)))
 
     def abort(self, room: int, message: str) -> None:
         """End the room from the prefill side; the decode ranks get ABORT with `message`."""
@@ -244,7 +246,7 @@ class KVSender(IOLoop):
         state.touched = True
         state.deadline = now + self.timeout_s
         if isinstance(cmd, _AbortCmd):
-            self._fail(state, cmd.message)
+            self._fail(state, cmd.message, report=False)
         elif state.registration is not None:
             self._stream(state, cmd, now)
         else:
@@ -264,7 +266,9 @@ class KVSender(IOLoop):
     def _on_tick(self, now: float) -> None:
         for state in [s for s in self._rooms.values() if s.deadline < now]:
             if state.registration is None:
-                self._fail(state, f"timed out after {self.timeout_s:g}s waiting for the decode server to register")
+                self._fail(
+                    state, f"timed out after {self.timeout_s:g}s waiting for the decode server to register"
+                )
             else:
                 self._fail(state, f"timed out after {self.timeout_s:g}s waiting for the prefill to finish")
         for room in self._out.expire(now, self.timeout_s):
@@ -319,15 +323,21 @@ class KVSender(IOLoop):
             problem = f"prefill has too many rooms in flight ({self.max_rooms})"
         if problem is not None:
             logger.warning("room %d: %s", reg.room, problem)
-            self._send_abort(reg, problem, now)
             if state is not None:
                 self._fail(state, problem, tell_decode=False)
             else:
                 self._end(reg.room, problem, reported=False)
+            self._send_abort(reg, problem, now)
             return
         if state is None:
             state = self._new_room(reg.room, now)
         state.registration = reg
+        layout = reg.layout
+        state.routes = [(e, *layout.latent_slice(rank)) for rank, e in enumerate(reg.rank_endpoints)]
+        state.ckv_width = layout.ckv_width
+        widest = max(layout.ckv_width, self.kv.rope_dim) * self.kv.itemsize
+        chunk = max(1, reg.max_frame_bytes // widest)
+        state.chunk_tokens = chunk - chunk % layout.page_size if chunk >= layout.page_size else chunk
         state.deadline = now + self.timeout_s
         with self._cond:
             self._registered[reg.room] = reg
@@ -357,7 +367,9 @@ class KVSender(IOLoop):
             )
             return
         if self._buffered_bytes + nbytes > self.max_buffered_bytes:
-            self._fail(state, f"prefill's KV buffer for unregistered rooms is full ({self.max_buffered_bytes} bytes)")
+            self._fail(
+                state, f"prefill's KV buffer for unregistered rooms is full ({self.max_buffered_bytes} bytes)"
+            )
             return
         state.buffered.append(cmd)
         state.buffered_bytes += nbytes
@@ -388,23 +400,20 @@ class KVSender(IOLoop):
             )
             return
         state.next_start[cmd.layer] += n
-        layout = reg.layout
-        itemsize = self.kv.itemsize
-        chunk = max(1, reg.max_frame_bytes // (max(layout.ckv_width, self.kv.rope_dim) * itemsize))
-        if chunk >= layout.page_size:
-            chunk -= chunk % layout.page_size
         kpe = cmd.kpe.contiguous()
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
+        ckv_bytes = state.ckv_width * self.kv.itemsize
+        for s in range(0, n, state.chunk_tokens):
+            e = min(n, s + state.chunk_tokens)
             kpe_frame = tensor_frame(kpe[s:e])
-            group_frames: dict[int, Any] = {}
-            for rank, endpoint in enumerate(reg.rank_endpoints):
-                a, b = layout.latent_slice(rank)
-                if a not in group_frames:
-                    group_frames[a] = tensor_frame(cmd.ckv[s:e, a:b].contiguous())
-                frames = encode(LayerKV(state.room, cmd.layer, cmd.token_start + s, e - s, group_frames[a], kpe_frame))
+            slices: dict[int, Any] = {}  # ranks of one latent group share their slice's bytes
+            for endpoint, a, b in state.routes:
+                if a not in slices:
+                    slices[a] = tensor_frame(cmd.ckv[s:e, a:b].contiguous())
+                frames = encode(
+                    LayerKV(state.room, cmd.layer, cmd.token_start + s, e - s, slices[a], kpe_frame)
+                )
                 self._out.send(endpoint, state.room, frames, now)
-                self._bytes_sent += frames_nbytes(frames)
+                self._bytes_sent += (e - s) * ckv_bytes + kpe_frame.nbytes
 
     def _stream_done(self, state: _Room, reg: Register, done: Done, now: float) -> None:
         for layer, sent in enumerate(state.next_start):
@@ -421,15 +430,17 @@ class KVSender(IOLoop):
         self._remove(state)
         self._end(state.room, None, reported=True)
 
-    def _fail(self, state: _Room, message: str, tell_decode: bool = True) -> None:
-        """End a live room: drop what is still queued, tell the decode ranks and (if it asked) the engine."""
+    def _fail(self, state: _Room, message: str, tell_decode: bool = True, report: bool = True) -> None:
+        """End a live room: drop what is still queued, tell the decode ranks and, once the engine has
+        sent anything for the room (and did not end it itself), the engine."""
         self._remove(state)
         self._out.drop_room(state.room)
         if tell_decode and state.registration is not None:
             self._send_abort(state.registration, message, time.monotonic())
         self._rooms_failed += 1
-        self._end(state.room, message, reported=state.touched)
-        if state.touched:
+        report = report and state.touched
+        self._end(state.room, message, reported=report or state.touched)
+        if report:
             self._events.emit([RoomFailed(state.room, message)])
 
     def _send_abort(self, reg: Register, message: str, now: float) -> None:

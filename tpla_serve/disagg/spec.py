@@ -63,7 +63,7 @@ class KVSpec:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     def mismatch(self, other: KVSpec, what: str) -> str | None:
         """A message naming the first field where `other` (the decode's) differs from self, or None."""
