@@ -50,6 +50,7 @@ class EngineConfig:
     disaggregation_mode: str = "null"  # null: plain server; prefill / decode: one side of a PD pair
     disaggregation_host: str = "127.0.0.1"  # decode: where each rank binds its KV receiving socket
     disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
+    disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -66,6 +67,10 @@ class EngineConfig:
             raise ValueError(f"tpla_norm must be exact or local, got {self.tpla_norm!r}")
         if self.disaggregation_mode not in ("null", "prefill", "decode"):
             raise ValueError(f"disaggregation_mode must be null, prefill or decode, got {self.disaggregation_mode!r}")
+        if self.disaggregation_mode == "prefill" and self.tpla_groups != 1:
+            raise ValueError("a prefill server runs exact MLA: --tpla-groups must be 1 with --disaggregation-mode prefill")
+        if not 0 < self.disaggregation_bootstrap_port < 65536:
+            raise ValueError(f"disaggregation_bootstrap_port must be in 1..65535, got {self.disaggregation_bootstrap_port}")
         if self.tpla_transform not in ("none", "hadamard", "pca"):
             raise ValueError(f"tpla_transform must be none, hadamard or pca, got {self.tpla_transform!r}")
 
@@ -125,6 +130,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-host", default=d.disaggregation_host,
                    help="decode: the address its TP ranks receive KV on (reachable from the prefill servers)")
     g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
+    g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
     g.add_argument(
         "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
@@ -143,7 +149,6 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     served_model_name: str | None = None
-    disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
     max_body_bytes: int = 32 << 20
     api_key: str | None = None
     log_level: str = "info"
@@ -151,8 +156,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"a server's role is prefill or decode, got {self.role!r}")
-        if not 0 < self.port < 65536 or not 0 < self.disaggregation_bootstrap_port < 65536:
-            raise ValueError("ports must be in 1..65535")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
 
     @property
     def model_name(self) -> str:
@@ -165,7 +170,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default=d.host)
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--served-model-name", default=None)
-    g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     g.add_argument("--api-key", default=None)
     g.add_argument("--log-level", default=d.log_level)

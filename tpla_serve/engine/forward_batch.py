@@ -19,6 +19,12 @@ class LatentObserver(Protocol):
     def observe(self, layer: int, c_hat: torch.Tensor, q_abs: torch.Tensor) -> None: ...
 
 
+class LayerKVSink(Protocol):
+    """Receives every layer's newly written cache rows (ĉ as cached, k_pe) of the N new tokens (PD prefill)."""
+
+    def on_layer(self, layer: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None: ...
+
+
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # prompt (or prompt chunk) tokens: exact MLA in MHA form
     DECODE = "decode"  # generated tokens: absorbed form over the latent cache; q_len >= 1 per request
@@ -44,6 +50,7 @@ class ForwardBatch:
     kv_pool: LatentKVPool
     attn_backend: AttentionBackend
     capture: LatentObserver | None = None
+    kv_sink: LayerKVSink | None = None
 
     @property
     def batch_size(self) -> int:
@@ -58,6 +65,7 @@ class BatchEntry:
     prefix_len: int
     pages: list[int]
     logits_for_all: bool = False  # True: logits of every new token (prompt logprobs, verification)
+    kv_room: int | None = None  # PD prefill: stream these tokens' KV to this bootstrap room
 
 
 def build_forward_batch(

@@ -6,8 +6,10 @@ runners replay the steps in serve_forever().
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -15,7 +17,9 @@ import torch.distributed as dist
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.config import EngineConfig
+from tpla_serve.disagg import DecodeLayout, KVSender
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
 from tpla_serve.layers.attention import create_attention_backend
 from tpla_serve.models.loader import load_model
@@ -34,6 +38,9 @@ class ModelRunner:
         self.device = rank_device(config, rank)
         self.peers: TPRanks | None = None
         self.control = control
+        self.kv_sender: KVSender | None = None  # PD prefill, rank 0: set by the server's prefill role
+        self.kv_port: DecodeKVPort | None = None  # PD decode: this rank's KV receiver
+        self.kv_endpoints: list[str] = []  # PD decode, rank 0: every rank's receiving endpoint
         self.dtype = config.torch_dtype
         try:
             if rank == 0 and config.tp_size > 1:
@@ -77,6 +84,23 @@ class ModelRunner:
             self.device,
         )
         self.allocator = PageAllocator(num_pages)
+        self.kv_fingerprint = self._kv_fingerprint()
+        if config.disaggregation_mode == "decode":
+            cfg = self.model_config
+            layout = DecodeLayout(
+                kv_spec(self.kv_pool, cfg.kv_lora_rank, self.kv_fingerprint),
+                config.tp_size,
+                config.tpla_groups,
+                self.page_size,
+            )
+            self.kv_port = DecodeKVPort(
+                layout, self.rank, self.kv_pool, config.disaggregation_host, config.disaggregation_timeout,
+                config.disaggregation_bootstrap_port,
+            )
+            group = self.control.group if self.control is not None else None
+            self.kv_endpoints = self._collective(
+                lambda: gather_endpoints(self.kv_port.endpoint, group, config.tp_size)
+            )
         logger.info(
             "KV cache: %d pages x %d tokens (%d tokens), %d bytes per token per rank (%d latent + %d rope dims)",
             num_pages - 1,
@@ -86,6 +110,13 @@ class ModelRunner:
             self.ckv_dim,
             self.rope_dim,
         )
+
+    def _kv_fingerprint(self) -> str:
+        """What a PD peer must match: the weights, the latent transform and the calibration folded in."""
+        h = hashlib.sha256(f"{self.model.fingerprint}|{self.config.tpla_transform}".encode())
+        if self.config.tpla_calibration is not None:
+            h.update(Path(self.config.tpla_calibration).read_bytes())
+        return h.hexdigest()[:16]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -152,21 +183,65 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward_local(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor:
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
+        if self.kv_sender is not None and any(e.kv_room is not None for e in entries):
+            fb.kv_sink = LayerKVStreamer(self.kv_sender, entries)
         self.attn_backend.prepare(fb)
         return self.model(fb)
+
+    # ------------------------------------------------------------------ PD decode, rank 0
+
+    def expect_room(self, room: int, n_tokens: int, pages: list[int], host: str, port: int | None) -> None:
+        """Every rank starts accepting the room's KV into `pages`; returns once all of them do."""
+        assert self.kv_port is not None and self.rank == 0
+        self.kv_port.expect(room, n_tokens, pages, host, port)
+        if self.control is not None:
+            control = self.control
+            msg = {"op": "expect", "room": room, "n_tokens": n_tokens, "pages": pages, "host": host, "port": port}
+            self._collective(lambda: (control.send(msg), dist.barrier(group=control.group)))
+
+    def await_room(self, room: int) -> None:
+        """Rank 0 holds the room's KV; return once every other rank holds its slice too."""
+        if self.control is not None:
+            control = self.control
+            self._collective(lambda: (control.send({"op": "await", "room": room}), dist.barrier(group=control.group)))
+
+    def cancel_room(self, room: int, message: str) -> None:
+        assert self.kv_port is not None and self.rank == 0
+        self.kv_port.receiver.cancel(room, message)
+        self.kv_port.forget(room)
+        if self.control is not None:
+            control = self.control
+            self._collective(lambda: control.send({"op": "cancel", "room": room, "message": message}))
 
     def serve_forever(self) -> None:
         """Ranks > 0: replay rank 0's steps until it says stop."""
         assert self.control is not None and self.rank > 0
         while True:
             msg = self.control.receive()
-            if msg["op"] == "shutdown":
+            op = msg["op"]
+            if op == "shutdown":
                 return
-            entries = [BatchEntry(ids, prefix, pages, bool(all_rows)) for ids, prefix, pages, all_rows in msg["entries"]]
-            self._forward_local(ForwardMode(msg["mode"]), entries)
+            if op == "expect":
+                assert self.kv_port is not None
+                self.kv_port.expect(msg["room"], msg["n_tokens"], msg["pages"], msg["host"], msg["port"])
+                dist.barrier(group=self.control.group)
+            elif op == "cancel":
+                assert self.kv_port is not None
+                self.kv_port.receiver.cancel(msg["room"], msg["message"])
+                self.kv_port.forget(msg["room"])
+            elif op == "await":
+                assert self.kv_port is not None
+                self.kv_port.wait_complete(msg["room"])
+                dist.barrier(group=self.control.group)
+            else:
+                entries = [BatchEntry(ids, prefix, pages, bool(a)) for ids, prefix, pages, a in msg["entries"]]
+                self._forward_local(ForwardMode(msg["mode"]), entries)
 
     def shutdown(self, kill: bool = False) -> None:
         """Stop the other ranks and leave the TP group (kill: without telling them, after a failed start)."""
+        if self.kv_port is not None:
+            self.kv_port.close()
+            self.kv_port = None
         if self.peers is not None:
             if kill:
                 self.peers.kill()

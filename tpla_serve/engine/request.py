@@ -41,7 +41,7 @@ class Request:
     input_logprob_ids: list[int] = field(default_factory=list)
     input_top_vals: list[list[float] | None] = field(default_factory=list)
     input_top_ids: list[list[int] | None] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
+    output_logprobs: list[float | None] = field(default_factory=list)
     output_top_vals: list[list[float] | None] = field(default_factory=list)
     output_top_ids: list[list[int] | None] = field(default_factory=list)
     prompt_logprobs_done: bool = False
@@ -49,6 +49,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_retractions: int = 0
+    bootstrap_room: int | None = None  # PD prefill: the room this prompt's KV streams to
 
     @property
     def all_ids(self) -> list[int]:

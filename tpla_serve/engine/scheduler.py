@@ -77,8 +77,35 @@ class Scheduler:
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        bootstrap_room: int | None = None,
     ) -> Request:
-        """Validate and queue a request. Bad input raises ValueError naming the field; nothing is queued."""
+        """Validate and queue a request. Bad input raises ValueError naming the field; nothing is queued.
+
+        bootstrap_room (PD prefill): stream the prompt's KV to that room as it is computed.
+        """
+        req = self.new_request(
+            prompt_ids, params, rid, return_logprob, logprob_start_len, top_logprobs_num, stream
+        )
+        req.bootstrap_room = bootstrap_room
+        self.requests[req.rid] = req
+        self.prompt_tokens += len(prompt_ids)
+        if req.checker.finished and not req.wants_prompt_logprobs:  # max_new_tokens == 0: nothing to run
+            self._finish(req, req.checker.finish_reason)
+        else:
+            self.waiting.append(req)
+        return req
+
+    def new_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        rid: str | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> Request:
+        """A validated request that nothing tracks yet (add_request queues it; PD decode adds it prefilled)."""
         rid = rid or uuid.uuid4().hex
         if rid in self.requests:
             raise ValueError(f"rid {rid!r} is already in use")
@@ -112,13 +139,27 @@ class Scheduler:
             stream=stream,
             seed=resolve_seed(params),
         )
-        self.requests[rid] = req
-        self.prompt_tokens += len(prompt_ids)
-        if req.checker.finished and not req.wants_prompt_logprobs:  # max_new_tokens == 0: nothing to run
-            self._finish(req, req.checker.finish_reason)
-        else:
-            self.waiting.append(req)
         return req
+
+    def add_prefilled(self, req: Request, pages: list[int], first_token: int, first_logprob: float | None) -> None:
+        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode)."""
+        if req.rid in self.requests:
+            raise ValueError(f"rid {req.rid!r} is already in use")
+        req.pages = pages
+        req.num_computed = len(req.prompt_ids)
+        req.status = RequestStatus.RUNNING
+        self.requests[req.rid] = req
+        self.prompt_tokens += len(req.prompt_ids)
+        self.running.append(req)
+        self._append_token(req, first_token, first_logprob, None, None, time.monotonic())
+
+    def add_aborted(self, req: Request, message: str) -> None:
+        """Track a request that ended before it ran (PD: its KV never came), so its output can be reported."""
+        if req.rid in self.requests:
+            raise ValueError(f"rid {req.rid!r} is already in use")
+        self.requests[req.rid] = req
+        req.checker.abort(message)
+        self._finish(req, req.checker.finish_reason)
 
     def abort(self, rid: str, message: str = "aborted by request") -> Request | None:
         """End a request wherever it is; its pages return to the pool at once."""
@@ -234,7 +275,9 @@ class Scheduler:
         entries = []
         for req, n in chosen:
             ids = req.all_ids[req.num_computed : req.num_computed + n]
-            entries.append(BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs))
+            entries.append(
+                BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
+            )
         logits = self.runner.forward(ForwardMode.EXTEND, entries)
         row = 0
         sample_reqs: list[Request] = []
@@ -297,19 +340,32 @@ class Scheduler:
         ids, logprobs, top_vals, top_ids = out.tolist()
         now = time.monotonic()
         for i, req in enumerate(reqs):
-            tok = ids[i]
-            req.output_ids.append(tok)
-            self.generated_tokens += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-            if req.return_logprob:
-                assert logprobs is not None
-                req.output_logprobs.append(logprobs[i])
-                req.output_top_vals.append(top_vals[i] if top_vals is not None else None)
-                req.output_top_ids.append(top_ids[i] if top_ids is not None else None)
-            self._check_finished(req, tok)
+            self._append_token(
+                req,
+                ids[i],
+                logprobs[i] if logprobs is not None else None,
+                top_vals[i] if top_vals is not None else None,
+                top_ids[i] if top_ids is not None else None,
+                now,
+            )
 
-    def _check_finished(self, req: Request, tok: int) -> None:
+    def _append_token(
+        self,
+        req: Request,
+        tok: int,
+        logprob: float | None,
+        top_vals: list[float] | None,
+        top_ids: list[int] | None,
+        now: float,
+    ) -> None:
+        req.output_ids.append(tok)
+        self.generated_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if req.return_logprob:
+            req.output_logprobs.append(logprob)
+            req.output_top_vals.append(top_vals)
+            req.output_top_ids.append(top_ids)
         req.checker.append([tok])
         if req.checker.finished:
             self._finish(req, req.checker.finish_reason)

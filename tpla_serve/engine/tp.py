@@ -91,13 +91,22 @@ def _worker_main(rank: int, config_fields: dict[str, Any], port: int, errors: An
         config = EngineConfig(**config_fields)
         control = init_tp(config, rank, port)
         runner = ModelRunner(config, rank=rank, control=control)
-        runner.serve_forever()
     except BaseException:  # report to rank 0 before dying, so its error says why
         errors.put((rank, traceback.format_exc()))
         raise
+    try:
+        runner.serve_forever()
+    except RuntimeError as e:
+        if not _peer_closed(e):
+            errors.put((rank, traceback.format_exc()))
+            raise
+        logger.info("rank 0 is gone; TP rank %d exits", rank)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        runner.shutdown()
+
+
+def _peer_closed(e: RuntimeError) -> bool:
+    return "Connection closed by peer" in str(e) or "Connection reset by peer" in str(e)
 
 
 class TPRanks:

@@ -207,7 +207,10 @@ class DeepseekAttention(nn.Module):
         q_pe = apply_rotary(q_pe, cos[:, None], sin[:, None], self.interleaved)
         k_pe = apply_rotary(k_pe, cos, sin, self.interleaved)
         exact = fb.mode is ForwardMode.EXTEND and self.tpla.pd_sep
-        fb.kv_pool.write(self.layer_id, fb.out_cache_loc, self._latent_for_cache(c, exact), k_pe)
+        cached = self._latent_for_cache(c, exact)
+        fb.kv_pool.write(self.layer_id, fb.out_cache_loc, cached, k_pe)
+        if fb.kv_sink is not None:
+            fb.kv_sink.on_layer(self.layer_id, cached, k_pe)
         if fb.capture is not None:
             fb.capture.observe(self.layer_id, self.kv_a_layernorm(c), self._absorb_full(q_nope))
         if exact:

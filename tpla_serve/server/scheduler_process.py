@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 import traceback
 from typing import Any
@@ -23,6 +24,7 @@ from tpla_serve.engine.request import Request
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.engine.tokenizer import eos_token_ids, load_tokenizer
 from tpla_serve.sampling.params import SamplingParams
+from tpla_serve.server.pd import DecodeRole, PrefillRole, make_pd_role
 from tpla_serve.server.messages import (
     AbortRequest,
     FlushCache,
@@ -57,12 +59,9 @@ class SchedulerProcess:
         self.text_in_logprobs: dict[str, bool] = {}
         self.pd = self._make_pd()
 
-    def _make_pd(self):  # type: ignore[no-untyped-def]
-        mode = self.config.engine.disaggregation_mode
-        if mode == "null":
+    def _make_pd(self) -> PrefillRole | DecodeRole | None:
+        if self.config.engine.disaggregation_mode == "null":
             return None
-        from tpla_serve.server.pd import make_pd_role
-
         return make_pd_role(self)
 
     # ------------------------------------------------------------------ messages
@@ -95,11 +94,9 @@ class SchedulerProcess:
         if isinstance(msg, GenerateRequest):
             self.handle_generate(msg)
         elif isinstance(msg, AbortRequest):
-            if self.pd is not None:
-                self.pd.abort(msg.rid, msg.message)
+            ended = self.pd.abort(msg.rid, msg.message) if self.pd is not None else []
             req = self.scheduler.abort(msg.rid, msg.message)
-            if req is not None:
-                self.publish([req])
+            self.publish(ended + ([req] if req is not None else []))
         elif isinstance(msg, FlushCache):  # no prefix cache to flush: report success
             self.send(Stats({"flushed": True}))
         elif isinstance(msg, GetStats):
@@ -111,18 +108,19 @@ class SchedulerProcess:
         try:
             params = SamplingParams.from_dict(msg.sampling_params)
             if self.pd is not None and msg.bootstrap_room is not None:
-                self.pd.add(msg, params)
-                return
-            req = self.scheduler.add_request(
-                msg.input_ids, params, rid=msg.rid, return_logprob=msg.return_logprob,
-                logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num, stream=msg.stream,
-            )
+                ready = self.pd.add(msg, params)
+            else:
+                req = self.scheduler.add_request(
+                    msg.input_ids, params, rid=msg.rid, return_logprob=msg.return_logprob,
+                    logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num,
+                    stream=msg.stream,
+                )
+                ready = [req] if req.finished else []
         except ValueError as e:
             self.send(RequestError(msg.rid, 400, str(e)))
             return
         self.text_in_logprobs[msg.rid] = msg.return_text_in_logprobs
-        if req.finished:
-            self.publish([req])
+        self.publish(ready)
 
     def publish(self, reqs: list[Request]) -> None:
         for req in reqs:
@@ -162,7 +160,10 @@ class SchedulerProcess:
             if self.pd is not None:
                 self.publish(self.pd.poll())
             if self.scheduler.has_work:
-                self.publish(self.scheduler.step())
+                updated = self.scheduler.step()
+                if self.pd is not None:
+                    self.pd.after_step(updated)
+                self.publish(updated)
 
     def close(self) -> None:
         if self.pd is not None:
@@ -173,8 +174,13 @@ class SchedulerProcess:
         self.ctx.term()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)  # unwinds into close(): TP ranks are told to stop, nothing is orphaned
+
+
 def run_scheduler_process(config: ServerConfig, to_scheduler: str, from_scheduler: str) -> None:
-    """Entry point of the scheduler process (multiprocessing spawn target)."""
+    """Entry point of the scheduler process (multiprocessing spawn target). SIGTERM stops it cleanly."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s"
     )

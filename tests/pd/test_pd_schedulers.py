@@ -1,0 +1,146 @@
+"""Prefill and decode scheduler processes paired through bootstrap rooms, with the KV streamed over ZMQ.
+
+The HTTP layer is left out here (tests/server and the router tests cover it); these drive the real
+scheduler processes through their own ZMQ message protocol, as each server's front does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import socket
+import tempfile
+
+import pytest
+import zmq
+
+from tpla_serve import Engine
+from tpla_serve.config import EngineConfig, ServerConfig
+from tpla_serve.server.messages import GenerateRequest, GetStats, RequestOutput, Stats, decode, encode
+from tpla_serve.server.scheduler_process import run_scheduler_process
+
+PROMPT = [0] + [(7 * i) % 300 + 2 for i in range(40)]
+PARAMS = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sched:
+    """A scheduler process and the two sockets a front would hold."""
+
+    def __init__(self, engine: EngineConfig) -> None:
+        d = tempfile.mkdtemp()
+        to_s, from_s = f"ipc://{d}/to", f"ipc://{d}/from"
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.bind(to_s)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(from_s)
+        self.proc = mp.get_context("spawn").Process(
+            target=run_scheduler_process, args=(ServerConfig(engine), to_s, from_s)
+        )
+        self.proc.start()
+        ready = self.recv(120)
+        assert isinstance(ready, Stats) and ready.data["ready"], ready
+
+    def send(self, msg) -> None:
+        self.push.send(encode(msg))
+
+    def recv(self, timeout_s: float = 60):
+        assert self.pull.poll(int(timeout_s * 1000)), "no answer from the scheduler"
+        return decode(self.pull.recv())
+
+    def final(self, timeout_s: float = 60) -> RequestOutput:
+        while True:
+            msg = self.recv(timeout_s)
+            if isinstance(msg, RequestOutput) and msg.finished:
+                return msg
+
+    def stats(self) -> dict:
+        self.send(GetStats())
+        while not isinstance(msg := self.recv(), Stats):
+            pass
+        return msg.data
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(30)
+        assert self.proc.exitcode is not None
+        self.ctx.destroy(0)
+
+
+def engine_config(model_dir, **kw) -> EngineConfig:
+    return EngineConfig(model_path=str(model_dir), dtype="float32", device="cpu", page_size=4,
+                        max_total_tokens=1024, disaggregation_timeout=5.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_v3_dir):
+    port = free_port()
+    prefill = Sched(engine_config(tiny_v3_dir, disaggregation_mode="prefill", disaggregation_bootstrap_port=port))
+    decode_ = Sched(engine_config(tiny_v3_dir, disaggregation_mode="decode", tp_size=2, tpla_groups=2,
+                                  disaggregation_bootstrap_port=port))
+    yield prefill, decode_
+    decode_.stop()
+    prefill.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_v3_dir) -> list[int]:
+    with Engine(model_path=str(tiny_v3_dir), dtype="float32", device="cpu", page_size=4, tp_size=2,
+                tpla_groups=2, max_total_tokens=1024) as engine:
+        return engine.generate(input_ids=PROMPT, sampling_params=PARAMS)["output_ids"]
+
+
+@pytest.mark.parametrize("decode_first", [False, True])
+def test_pd_pair_equals_in_process_tpla(pair, expected, decode_first):
+    prefill, decode_ = pair
+    baseline = decode_.stats()["pages_free"]
+    room = random.getrandbits(63)
+    body = GenerateRequest(f"pd-{decode_first}", PROMPT, PARAMS, bootstrap_host="127.0.0.1",
+                           bootstrap_port=None, bootstrap_room=room)
+    for server in (decode_, prefill) if decode_first else (prefill, decode_):
+        server.send(body)
+    first = prefill.final()
+    assert first.output["output_ids"] == expected[:1]
+    out = decode_.final()
+    assert out.output["output_ids"] == expected
+    assert out.output["meta_info"]["finish_reason"] == {"type": "length", "length": 10}
+    stats = decode_.stats()
+    assert stats["pages_free"] == baseline and stats["kv_transfer_bytes"] > 0
+
+
+def test_room_without_prefill_times_out_and_frees_pages(pair):
+    _, decode_ = pair
+    baseline = decode_.stats()["pages_free"]
+    body = GenerateRequest("lonely", PROMPT, PARAMS, bootstrap_host="127.0.0.1", bootstrap_port=None,
+                           bootstrap_room=random.getrandbits(63))
+    decode_.send(body)
+    out = decode_.final(timeout_s=30)
+    reason = out.output["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["message"]
+    assert decode_.stats()["pages_free"] == baseline
+
+
+def test_fingerprint_mismatch_aborts_both_sides(tiny_v3_dir, pair):
+    """A prefill whose latent is rotated differently must never feed this decode."""
+    _, decode_ = pair
+    port = free_port()
+    other = Sched(engine_config(tiny_v3_dir, disaggregation_mode="prefill", disaggregation_bootstrap_port=port,
+                                tpla_transform="hadamard"))
+    try:
+        baseline = decode_.stats()["pages_free"]
+        body = GenerateRequest("mismatch", PROMPT, PARAMS, bootstrap_host="127.0.0.1", bootstrap_port=port,
+                               bootstrap_room=random.getrandbits(63))
+        decode_.send(body)
+        other.send(body)
+        out = decode_.final(timeout_s=30)
+        reason = out.output["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "fingerprint" in reason["message"]
+        assert decode_.stats()["pages_free"] == baseline
+    finally:
+        other.stop()
