@@ -1,0 +1,74 @@
+"""Health, model and server info, cache flush, /metrics and the OpenAPI schema."""
+
+from __future__ import annotations
+
+from server_procs import ServerProcess
+
+
+def test_health_generate_runs_a_real_generation(server: ServerProcess) -> None:
+    before = server.stats()["generated_tokens"]
+    r = server.client.get("/health_generate")
+    assert r.status_code == 200, r.text
+    assert server.stats()["generated_tokens"] == before + 1
+
+
+def test_model_info_routes_agree(server: ServerProcess, chat_model_dir, engine) -> None:
+    a = server.client.get("/model_info").json()
+    b = server.client.get("/get_model_info").json()
+    assert a == b
+    assert a["model_path"] == str(chat_model_dir)
+    assert a["is_generation"] is True
+    assert a["vocab_size"] == engine.runner.model_config.vocab_size
+    assert a["context_length"] == engine.runner.context_length
+    models = server.client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [chat_model_dir.name]
+
+
+def test_server_info_shows_flags_and_scheduler_state_without_secrets(server: ServerProcess, engine) -> None:
+    info = server.client.get("/server_info").json()
+    alias = server.client.get("/get_server_info").json()
+    assert {k: v for k, v in info.items() if k != "internal_states"} == {
+        k: v for k, v in alias.items() if k != "internal_states"}
+    assert "api_key" not in info and server.api_key not in str(info)
+    assert info["role"] == "decode" and info["port"] == server.port
+    state = info["internal_states"][0]
+    assert state["pages_used"] + state["pages_free"] == engine.scheduler.stats().pages_free
+    assert state["page_size"] == engine.scheduler.page_size
+
+
+def test_flush_cache(server: ServerProcess) -> None:
+    for method in ("GET", "POST"):
+        r = server.client.request(method, "/flush_cache")
+        assert r.status_code == 200, r.text
+        assert r.json()["success"] is True
+
+
+def test_metrics_exposition(server: ServerProcess) -> None:
+    body = {"text": "def f(x):", "sampling_params": {"max_new_tokens": 3, "temperature": 0.0}, "stream": True}
+    with server.client.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        r.read()
+    r = server.client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("num_queue_reqs", "num_running_reqs", "kv_pages_used", "kv_pages_free",
+                 "generation_tokens_total", "time_to_first_token_seconds_bucket",
+                 "time_per_output_token_seconds_bucket", "e2e_request_latency_seconds_count",
+                 "kv_transfer_bytes_total", "kv_transfer_seconds_total", "http_requests_total"):
+        assert "tpla_serve_" + name in text, name
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    stats = server.stats()
+    assert float(samples["tpla_serve_kv_pages_free"]) == stats["pages_free"]
+    assert float(samples["tpla_serve_time_to_first_token_seconds_count"]) >= 1
+    assert float(samples['tpla_serve_http_requests_total{code="200",route="/generate"}']) >= 1
+
+
+def test_openapi_describes_the_request_models(server: ServerProcess) -> None:
+    spec = server.client.get("/openapi.json").json()
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/abort_request"):
+        assert path in spec["paths"], path
+    schemas = spec["components"]["schemas"]
+    assert "bootstrap_room" in schemas["GenerateReqInput"]["properties"]
+    assert "messages" in schemas["ChatCompletionRequest"]["properties"]

@@ -1,0 +1,55 @@
+"""Start-up and shutdown of a TP=2 server: /health only when ready, and no process left behind."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+from server_procs import ServerProcess, alive, descendants
+
+TPLA = ("--tp-size", "2", "--tpla-groups", "2")
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def test_health_waits_for_the_model_and_sigterm_leaves_no_orphans(chat_model_dir) -> None:
+    server = ServerProcess(chat_model_dir, *TPLA, api_key=None)
+    answers = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            r = httpx.get(server.url + "/health", timeout=2)
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        answers.append(r.status_code)
+        if r.status_code == 200:
+            break
+        assert "loading" in r.json()["error"]["message"]
+        assert server.client.post("/generate", json={"input_ids": [1]}).status_code == 503
+        time.sleep(0.1)
+    assert answers and answers[-1] == 200, answers
+    assert set(answers[:-1]) <= {503}
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4}}
+    r = server.client.post("/generate", json=body)
+    assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 4
+
+    tree = descendants(server.proc.pid)
+    assert len(tree) >= 2  # the scheduler and TP rank 1 (plus multiprocessing helpers)
+    assert server.stop(signal.SIGTERM) == 0
+    assert not wait_gone(tree, 30), "processes left after SIGTERM"
+
+
+def test_scheduler_and_ranks_exit_when_the_front_dies(chat_model_dir) -> None:
+    server = ServerProcess(chat_model_dir, *TPLA, api_key=None)
+    server.wait_healthy()
+    tree = descendants(server.proc.pid)
+    assert len(tree) >= 2
+    server.stop(signal.SIGKILL)
+    assert not wait_gone(tree, 60), "processes left after the front was killed"

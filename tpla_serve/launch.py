@@ -1,0 +1,85 @@
+"""Start a server: `python -m tpla_serve.launch --role prefill|decode|router|all ...`.
+
+prefill / decode: an HTTP front plus its scheduler process (and TP ranks), flags as SGLang's
+`launch_server`. router: tpla_router with SGLang router flags. all: a router, one prefill and one decode
+server on this machine (see tpla_serve.server.local_cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tpla_serve.config import ROLES, add_engine_args, add_server_args, server_config_from_cli
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _role_parser(role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tpla_serve.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--role", choices=ROLES, required=True)
+    return parser
+
+
+def _serve(role: str, argv: Sequence[str]) -> int:
+    parser = _role_parser(role)
+    add_engine_args(parser)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = server_config_from_cli(args)
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: "
+                                                                "%(message)s")
+    from tpla_serve.server.http_server import run_server
+
+    return run_server(config)
+
+
+def _route(argv: Sequence[str]) -> int:
+    from tpla_router.app import run
+    from tpla_router.cli import add_router_args, config_from_args
+    from tpla_router.config import LOG_LEVELS, RouterConfig
+
+    parser = _role_parser("router")
+    defaults = RouterConfig()
+    parser.add_argument("--host", default=defaults.host, help="address to listen on")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port to listen on")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=defaults.log_level)
+    add_router_args(parser, common=False)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=config.log_level.upper(), format=_LOG_FORMAT)
+    run(config)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--role", choices=ROLES)
+    role = peek.parse_known_args(argv)[0].role
+    if role is None:
+        _role_parser("").parse_args(argv)  # prints usage: --role is required
+        return
+    try:
+        if role == "router":
+            sys.exit(_route(argv))
+        if role == "all":
+            from tpla_serve.server.local_cluster import main as run_all
+
+            sys.exit(run_all(argv))
+        sys.exit(_serve(role, argv))
+    except KeyboardInterrupt:  # Ctrl-C before serving began; everything started has been stopped
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

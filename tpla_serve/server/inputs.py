@@ -1,0 +1,135 @@
+"""Turn a validated HTTP body into scheduler requests: tokenize, check, fan a batch out.
+
+Everything that can be checked without running the model is checked here, before anything is queued,
+so a bad item fails the whole batch with a 400 naming the field; the scheduler repeats the checks that
+need its state (KV budget) and answers RequestError.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tpla_serve.sampling.params import SamplingParams
+from tpla_serve.server.errors import APIError
+from tpla_serve.server.messages import GenerateRequest
+from tpla_serve.server.protocol import PDFields
+
+
+def per_item(value: Any, n: int, name: str, batched: bool) -> list[Any]:
+    """Broadcast a scalar field over a batch, or check a list has one entry per prompt."""
+    if isinstance(value, list):
+        if not batched:
+            raise APIError(400, f"{name}: a list is given for a single prompt")
+        if len(value) != n:
+            raise APIError(400, f"{name}: {len(value)} entries for {n} prompts")
+        return value
+    return [value] * n
+
+
+@dataclass(frozen=True)
+class ItemOptions:
+    """Per-request options of a (possibly batched) body, one list entry per prompt."""
+
+    sampling_params: list[dict[str, Any] | None]
+    return_logprob: list[bool]
+    logprob_start_len: list[int]
+    top_logprobs_num: list[int]
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+
+
+class InputProcessor:
+    """The front's tokenizer plus the model limits the scheduler reported at start-up."""
+
+    def __init__(self, tokenizer: Any | None, model_info: dict[str, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size: int | None = model_info.get("vocab_size")
+        self.context_length: int | None = model_info.get("context_length")
+
+    def tokenize(self, text: str) -> list[int]:
+        """As the offline Engine tokenizes a prompt (special tokens added by the tokenizer's rules)."""
+        return list(self.require_tokenizer("text").encode(text))
+
+    def require_tokenizer(self, field: str) -> Any:
+        if self.tokenizer is None:
+            raise APIError(400, f"{field}: this server runs without a tokenizer (--skip-tokenizer-init); "
+                                "send input_ids")
+        return self.tokenizer
+
+    def check_ids(self, ids: Sequence[int], field: str) -> None:
+        if not ids:
+            raise APIError(400, f"{field}: the prompt is empty; give at least one token")
+        for t in ids:
+            if t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
+                bound = f"[0, {self.vocab_size})" if self.vocab_size is not None else ">= 0"
+                raise APIError(400, f"{field}: token id {t} is outside the vocabulary {bound}")
+        if self.context_length is not None and len(ids) >= self.context_length:
+            raise APIError(
+                400,
+                f"{field}: the prompt has {len(ids)} tokens; this model's context length is "
+                f"{self.context_length}, so at most {self.context_length - 1} prompt tokens fit",
+            )
+
+    def build(
+        self,
+        prompts: list[list[int]],
+        options: ItemOptions,
+        rid: str | list[str] | None,
+        pd: PDFields,
+        batched: bool,
+        sampling_field: str | None = "sampling_params",
+    ) -> list[GenerateRequest]:
+        """One GenerateRequest per prompt. `sampling_field` prefixes sampling errors (None: the
+        message's own field name stands alone, as for OpenAI bodies whose sampling fields are top-level)."""
+        n = len(prompts)
+        if n == 0:
+            raise APIError(400, "the batch is empty")
+        rids = _rids(rid, n, batched)
+        hosts = per_item(pd.bootstrap_host, n, "bootstrap_host", batched)
+        ports = per_item(pd.bootstrap_port, n, "bootstrap_port", batched)
+        if batched and n > 1 and pd.bootstrap_room is not None and not isinstance(pd.bootstrap_room, list):
+            raise APIError(400, "bootstrap_room: a batch needs a list with one room per prompt")
+        rooms = per_item(pd.bootstrap_room, n, "bootstrap_room", batched)
+        if batched and len(set(r for r in rooms if r is not None)) < sum(r is not None for r in rooms):
+            raise APIError(400, "bootstrap_room: each prompt of a batch needs its own room")
+        out = []
+        for i, ids in enumerate(prompts):
+            if (hosts[i] is None) != (rooms[i] is None):
+                raise APIError(400, "bootstrap_host and bootstrap_room come together: a PD request has both")
+            try:
+                params = SamplingParams.from_dict(options.sampling_params[i]).to_dict()
+            except ValueError as e:
+                raise APIError(400, f"{sampling_field}: {e}" if sampling_field else str(e)) from None
+            start = options.logprob_start_len[i]
+            if start >= len(ids):
+                raise APIError(400, f"logprob_start_len: {start} is outside the prompt of {len(ids)} tokens")
+            out.append(GenerateRequest(
+                rid=rids[i],
+                input_ids=list(ids),
+                sampling_params=params,
+                return_logprob=options.return_logprob[i],
+                logprob_start_len=start,
+                top_logprobs_num=options.top_logprobs_num[i],
+                return_text_in_logprobs=options.return_text_in_logprobs,
+                stream=options.stream,
+                bootstrap_host=hosts[i],
+                bootstrap_port=ports[i],
+                bootstrap_room=rooms[i],
+            ))
+        return out
+
+
+def _rids(rid: str | list[str] | None, n: int, batched: bool) -> list[str]:
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(n)]
+    if isinstance(rid, str):
+        if not rid:
+            raise APIError(400, "rid: must not be empty")
+        return [f"{rid}_{i}" for i in range(n)] if batched else [rid]
+    rids = per_item(rid, n, "rid", batched)
+    if any(not r for r in rids) or len(set(rids)) != n:
+        raise APIError(400, "rid: a batch needs one distinct, non-empty rid per prompt")
+    return rids

@@ -1,0 +1,177 @@
+"""`python -m tpla_serve.launch --role all`: a whole PD cluster on this machine, for trying things out.
+
+One prefill server (exact MLA, T=1), one decode server (TPLA, T=2, g=2 by default) and a router in front,
+each a `python -m tpla_serve.launch` child process on a free port. Waits until all are healthy, prints
+the router's URL with a ready-to-paste request, and stops them all on Ctrl-C / SIGTERM (or when any of
+them dies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tpla_serve.config import DEFAULT_MODEL_PATH
+
+logger = logging.getLogger("tpla_serve.local_cluster")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tpla_serve.launch --role all", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--role", choices=["all"], required=True)
+    p.add_argument("--model-path", default=DEFAULT_MODEL_PATH, help="default: the bundled model")
+    p.add_argument("--host", default="127.0.0.1", help="address every process listens on")
+    p.add_argument("--port", type=int, default=0, help="router port (0: a free port)")
+    p.add_argument("--prefill-port", type=int, default=0)
+    p.add_argument("--decode-port", type=int, default=0)
+    p.add_argument("--disaggregation-bootstrap-port", type=int, default=0,
+                   help="the prefill server's bootstrap port (0: a free port)")
+    p.add_argument("--decode-tp-size", type=int, default=2)
+    p.add_argument("--decode-tpla-groups", type=int, default=2)
+    p.add_argument("--prefill-args", default="", help="extra flags for the prefill server, one string")
+    p.add_argument("--decode-args", default="", help="extra flags for the decode server, one string")
+    p.add_argument("--router-args", default="", help="extra flags for the router, one string")
+    p.add_argument("--api-key", default=None, help="one key for the router and both servers")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for health")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _launch(name: str, args: list[str], url: str) -> Child:
+    cmd = [sys.executable, "-m", "tpla_serve.launch", *args]
+    logger.info("starting %s: %s", name, shlex.join(cmd))
+    return Child(name, url, subprocess.Popen(cmd))
+
+
+def _healthy(child: Child, api_key: str | None) -> bool:
+    req = urllib.request.Request(child.url + "/health")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_healthy(children: list[Child], api_key: str | None, deadline: float) -> None:
+    pending = list(children)
+    while pending:
+        for child in list(pending):
+            code = child.proc.poll()
+            if code is not None:
+                raise RuntimeError(f"the {child.name} exited with code {code} while starting")
+            if _healthy(child, api_key):
+                logger.info("%s is healthy at %s", child.name, child.url)
+                pending.remove(child)
+        if pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not healthy in time: {', '.join(c.name for c in pending)}")
+            time.sleep(0.5)
+
+
+def _stop(children: list[Child], timeout: float = 30.0) -> None:
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("killing the %s (pid %d): it did not stop in time", child.name, child.proc.pid)
+            child.proc.kill()
+            child.proc.wait()
+
+
+def _example(router_url: str, api_key: str | None) -> str:
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    body = json.dumps({"text": "def fibonacci(n):",
+                       "sampling_params": {"max_new_tokens": 32, "temperature": 0}})
+    return (f"curl -s {router_url}/generate -H 'Content-Type: application/json'{auth} -d '{body}'")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s all %(levelname)s: %(message)s")
+    host = args.host
+    ports = {name: getattr(args, name) or free_port(host)
+             for name in ("port", "prefill_port", "decode_port", "disaggregation_bootstrap_port")}
+    common = ["--model-path", args.model_path, "--host", host, "--log-level", args.log_level]
+    if args.api_key:
+        common += ["--api-key", args.api_key]
+    prefill_url = f"http://{host}:{ports['prefill_port']}"
+    decode_url = f"http://{host}:{ports['decode_port']}"
+    router_url = f"http://{host}:{ports['port']}"
+    bootstrap = str(ports["disaggregation_bootstrap_port"])
+    children: list[Child] = []
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        children.append(_launch("prefill server", [
+            "--role", "prefill", "--disaggregation-mode", "prefill", *common,
+            "--port", str(ports["prefill_port"]), "--disaggregation-bootstrap-port", bootstrap,
+            "--tp-size", "1", *shlex.split(args.prefill_args)], prefill_url))
+        children.append(_launch("decode server", [
+            "--role", "decode", "--disaggregation-mode", "decode", *common,
+            "--port", str(ports["decode_port"]), "--disaggregation-bootstrap-port", bootstrap,
+            "--tp-size", str(args.decode_tp_size), "--tpla-groups", str(args.decode_tpla_groups),
+            *shlex.split(args.decode_args)], decode_url))
+        deadline = time.monotonic() + args.startup_timeout
+        _wait_healthy(children, args.api_key, deadline)
+        router_args = ["--role", "router", "--host", host, "--port", str(ports["port"]),
+                       "--prefill", prefill_url, bootstrap, "--decode", decode_url,
+                       "--log-level", args.log_level, *shlex.split(args.router_args)]
+        if args.api_key:
+            router_args += ["--api-key", args.api_key]
+        children.append(_launch("router", router_args, router_url))
+        _wait_healthy(children[-1:], args.api_key, deadline)
+        print(f"\ntpla-serve is ready at {router_url}  (prefill {prefill_url}, decode {decode_url})\n"
+              f"Try:\n  {_example(router_url, args.api_key)}\n\nCtrl-C stops everything.\n", flush=True)
+        while True:
+            for child in children:
+                code = child.proc.poll()
+                if code is not None:
+                    raise RuntimeError(f"the {child.name} exited with code {code}")
+            time.sleep(1.0)
+    except (KeyboardInterrupt, _Stop):
+        logger.info("stopping")
+        return 0
+    except RuntimeError as e:
+        logger.error("%s; stopping the rest", e)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        _stop(children)

@@ -1,0 +1,76 @@
+"""Prometheus metrics of one server, in a registry of its own (never the process-global one).
+
+Latencies are measured in the front, on its own clock: end-to-end for every request; time to first
+token and time per output token for streamed requests, the ones whose tokens the front sees arrive.
+Scheduler state (queue, running requests, KV pages, token and KV-transfer counters) is read from the
+scheduler's latest Stats at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PREFIX = "tpla_serve_"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+                    320.0, 640.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                 0.3, 0.5, 1.0, 2.5)
+
+# Scheduler Stats keys (the first present wins) -> metric name, kind, help. Absent keys read as 0:
+# a plain server transfers no KV.
+STATS_METRICS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
+    (("num_waiting",), "num_queue_reqs", "gauge", "Requests waiting in the scheduler's queue"),
+    (("num_running",), "num_running_reqs", "gauge", "Requests in the running batch"),
+    (("pages_used",), "kv_pages_used", "gauge", "KV cache pages in use"),
+    (("pages_free",), "kv_pages_free", "gauge", "KV cache pages free"),
+    (("generated_tokens",), "generation_tokens", "counter", "Tokens generated"),
+    (("prompt_tokens",), "prompt_tokens", "counter", "Prompt tokens received"),
+    (("kv_transfer_bytes", "kv_transfer_bytes_sent"), "kv_transfer_bytes", "counter",
+     "Bytes of KV cache received (decode) or sent (prefill) for PD requests"),
+    (("kv_transfer_seconds",), "kv_transfer_seconds", "counter", "Seconds spent receiving KV cache (PD)"),
+)
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for keys, name, kind, help_text in STATS_METRICS:
+            value = next((stats[k] for k in keys if k in stats), 0)
+            value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(PREFIX + name, help_text, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(PREFIX + "http_requests", "HTTP requests answered, by route and status code",
+                                ["route", "code"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Streamed requests: arrival to first output token",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.time_per_output_token = Histogram(
+            PREFIX + "time_per_output_token_seconds",
+            "Streamed requests: (last token - first token) / (output tokens - 1)",
+            buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e_latency = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to the last output",
+                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_StatsCollector(stats))
+
+    def observe_finished(self, arrival: float, first_token: float | None, now: float, tokens: int) -> None:
+        self.e2e_latency.observe(now - arrival)
+        if first_token is not None and tokens > 1:
+            self.time_per_output_token.observe((now - first_token) / (tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
