@@ -57,6 +57,10 @@ def _ppids() -> dict[int, int]:
     return out
 
 
+def parent(pid: int) -> int | None:
+    return _ppids().get(pid)
+
+
 def descendants(pid: int) -> set[int]:
     ppids = _ppids()
     found: set[int] = set()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 
 import httpx
-from server_procs import ServerProcess, alive, descendants
+from server_procs import ServerProcess, alive, descendants, parent
 
 TPLA = ("--tp-size", "2", "--tpla-groups", "2")
 
@@ -53,3 +55,24 @@ def test_scheduler_and_ranks_exit_when_the_front_dies(chat_model_dir) -> None:
     assert len(tree) >= 2
     server.stop(signal.SIGKILL)
     assert not wait_gone(tree, 60), "processes left after the front was killed"
+
+
+def test_a_dead_scheduler_fails_requests_and_stops_the_server(chat_model_dir) -> None:
+    server = ServerProcess(chat_model_dir, *TPLA, api_key=None)
+    server.wait_healthy()
+    tree = descendants(server.proc.pid)
+    scheduler = next(p for p in tree if parent(p) == server.proc.pid and descendants(p))
+    result: dict = {}
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+    worker = threading.Thread(target=lambda: result.update(r=server.client.post("/generate", json=body)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while server.stats()["num_running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(scheduler, signal.SIGKILL)
+    worker.join(60)
+    assert result["r"].status_code == 503
+    assert "scheduler" in result["r"].json()["error"]["message"]
+    assert server.proc.wait(60) == 1
+    assert not wait_gone(tree, 30), "processes left after the scheduler died"

@@ -195,8 +195,8 @@ def run_server(config: ServerConfig) -> int:
             timeout_graceful_shutdown=5, access_log=False, log_config=None,
         ))
 
-        def stop(reason: str) -> None:
-            logger.error("shutting down: %s", reason)
+        def stop(reason: str) -> None:  # the client has logged the reason
+            logger.error("shutting down: the scheduler cannot serve")
             server.should_exit = True
 
         client.on_fatal = stop
