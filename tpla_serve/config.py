@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class EngineConfig:
     tokenizer_path: str | None = None
     skip_tokenizer_init: bool = False
     load_format: str = "auto"  # auto | safetensors | dummy
+    json_model_override_args: str = "{}"  # JSON object replacing config.json keys, e.g. '{"num_hidden_layers": 4}'
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: str = "auto"  # auto: cuda when available
     context_length: int | None = None
@@ -53,6 +55,12 @@ class EngineConfig:
     disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
 
     def __post_init__(self) -> None:
+        try:
+            overrides = json.loads(self.json_model_override_args)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"json_model_override_args is not valid JSON: {e}") from e
+        if not isinstance(overrides, dict):
+            raise ValueError("json_model_override_args must be a JSON object")
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -73,6 +81,10 @@ class EngineConfig:
             raise ValueError(f"disaggregation_bootstrap_port must be in 1..65535, got {self.disaggregation_bootstrap_port}")
         if self.tpla_transform not in ("none", "hadamard", "pca"):
             raise ValueError(f"tpla_transform must be none, hadamard or pca, got {self.tpla_transform!r}")
+
+    @property
+    def model_overrides(self) -> dict:
+        return json.loads(self.json_model_override_args)
 
     @property
     def torch_device(self) -> torch.device:
@@ -110,6 +122,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-path", default=None)
     g.add_argument("--skip-tokenizer-init", action="store_true", help="accept and return token ids only")
     g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--json-model-override-args", default=d.json_model_override_args,
+                   help='JSON object replacing config.json keys, e.g. \'{"num_hidden_layers": 4}\'')
     g.add_argument("--dtype", default=d.dtype)
     g.add_argument("--device", default=d.device)
     g.add_argument("--context-length", type=int, default=None)

@@ -118,6 +118,8 @@ def test_retries_exhausted(http: httpx.Client, workers: Workers, start_router: S
 
 
 def _served_by(workers: Workers) -> tuple[StubWorker, StubWorker, str]:
+    # The router sends to both workers at once: the decode may answer before the prefill has logged its copy.
+    wait_for(lambda: any(p.requests() for p in workers.prefill), what="the prefill's copy of the request")
     (p, p_rec), = [(p, r) for p in workers.prefill for r in p.requests()]
     (d, d_rec), = [(d, r) for d in workers.decode for r in d.requests()]
     assert p_rec["body"]["rid"] == d_rec["body"]["rid"]

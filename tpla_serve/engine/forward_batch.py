@@ -85,7 +85,6 @@ def build_forward_batch(
     positions: list[int] = []
     q_lens: list[int] = []
     seq_lens: list[int] = []
-    kv_indices: list[int] = []
     out_loc: list[int] = []
     logits_rows: list[int] = []
     for e in entries:
@@ -95,25 +94,30 @@ def build_forward_batch(
             raise ValueError("a batch entry needs at least one new token")
         if len(e.pages) * page_size < seq_len:
             raise ValueError(f"{len(e.pages)} pages of {page_size} cannot hold {seq_len} tokens")
-        slots = [e.pages[t // page_size] * page_size + t % page_size for t in range(seq_len)]
         row0 = len(input_ids)
         input_ids.extend(e.new_token_ids)
         positions.extend(range(e.prefix_len, seq_len))
-        kv_indices.extend(slots)
-        out_loc.extend(slots[e.prefix_len :])
+        out_loc.extend(e.pages[t // page_size] * page_size + t % page_size for t in range(e.prefix_len, seq_len))
         logits_rows.extend(range(row0, row0 + q_len) if e.logits_for_all else [row0 + q_len - 1])
         q_lens.append(q_len)
         seq_lens.append(seq_len)
     max_pages = max(len(e.pages) for e in entries)
-    page_table = torch.zeros(len(entries), max_pages, dtype=torch.int32)
+    table = torch.zeros(len(entries), max_pages, dtype=torch.int32)
     for i, e in enumerate(entries):
-        page_table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
+        table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
+    page_table = table.to(device, non_blocking=True)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True)
 
     def indptr(lens: list[int]) -> torch.Tensor:
         return torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(device)
 
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    # Every KV slot of every request, in position order, computed on the device from the page table.
+    t = torch.arange(max(seq_lens), device=device)
+    slots = page_table[:, t // page_size].long() * page_size + t % page_size
+    kv_indices = slots[t[None, :] < seq_lens_t[:, None].long()]
 
     return ForwardBatch(
         mode=mode,
@@ -123,10 +127,10 @@ def build_forward_batch(
         seq_lens=seq_lens,
         qo_indptr=indptr(q_lens),
         kv_indptr=indptr(seq_lens),
-        kv_indices=ints(kv_indices),
+        kv_indices=kv_indices,
         out_cache_loc=ints(out_loc),
-        page_table=page_table.to(device),
-        seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+        page_table=page_table,
+        seq_lens_t=seq_lens_t,
         logits_indices=ints(logits_rows),
         kv_pool=kv_pool,
         attn_backend=attn_backend,

@@ -64,6 +64,7 @@ class ModelRunner:
             load_format=config.load_format,
             layout=self.layout,
             seed=config.random_seed,
+            config_overrides=config.model_overrides,
             tpla=TPLAOptions(norm=config.tpla_norm, pd_sep=config.tpla_pd_sep),
             transform=config.tpla_transform,
             calibration_path=config.tpla_calibration,
@@ -229,6 +230,8 @@ class ModelRunner:
                 assert self.kv_port is not None
                 self.kv_port.receiver.cancel(msg["room"], msg["message"])
                 self.kv_port.forget(msg["room"])
+            elif op == "randomize_kv":
+                self._randomize_kv_local(msg["seed"])
             elif op == "await":
                 assert self.kv_port is not None
                 self.kv_port.wait_complete(msg["room"])
@@ -236,6 +239,20 @@ class ModelRunner:
             else:
                 entries = [BatchEntry(ids, prefix, pages, bool(a)) for ids, prefix, pages, a in msg["entries"]]
                 self._forward_local(ForwardMode(msg["mode"]), entries)
+
+    @torch.no_grad()
+    def randomize_kv(self, seed: int) -> None:
+        """Fill every rank's KV pool with random values: decode speed runs skip prefill, and a decode step's
+        cost does not depend on what the cache holds (zeros, though, could flatter a kernel)."""
+        if self.control is not None:
+            control = self.control
+            self._collective(lambda: control.send({"op": "randomize_kv", "seed": seed}))
+        self._randomize_kv_local(seed)
+
+    def _randomize_kv_local(self, seed: int) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(seed + self.rank)
+        for t in self.kv_pool.ckv + self.kv_pool.kpe:
+            t.normal_(generator=gen)
 
     def shutdown(self, kill: bool = False) -> None:
         """Stop the other ranks and leave the TP group (kill: without telling them, after a failed start)."""
