@@ -6,8 +6,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
+import pytest
 from server_procs import ServerProcess, alive, descendants, parent
 
 TPLA = ("--tp-size", "2", "--tpla-groups", "2")
@@ -48,18 +50,29 @@ def test_health_waits_for_the_model_and_sigterm_leaves_no_orphans(chat_model_dir
     assert not wait_gone(tree, 30), "processes left after SIGTERM"
 
 
-def test_scheduler_and_ranks_exit_when_the_front_dies(chat_model_dir) -> None:
-    server = ServerProcess(chat_model_dir, *TPLA, api_key=None)
-    server.wait_healthy()
+@pytest.fixture(scope="module")
+def doomed(chat_model_dir) -> Iterator[list[ServerProcess]]:
+    """Two TP=2 servers for the tests that kill a process, started together to share the start-up time."""
+    servers = [ServerProcess(chat_model_dir, *TPLA, api_key=None) for _ in range(2)]
+    try:
+        for s in servers:
+            s.wait_healthy()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop(signal.SIGKILL)
+
+
+def test_scheduler_and_ranks_exit_when_the_front_dies(doomed: list[ServerProcess]) -> None:
+    server = doomed[0]
     tree = descendants(server.proc.pid)
     assert len(tree) >= 2
     server.stop(signal.SIGKILL)
     assert not wait_gone(tree, 60), "processes left after the front was killed"
 
 
-def test_a_dead_scheduler_fails_requests_and_stops_the_server(chat_model_dir) -> None:
-    server = ServerProcess(chat_model_dir, *TPLA, api_key=None)
-    server.wait_healthy()
+def test_a_dead_scheduler_fails_requests_and_stops_the_server(doomed: list[ServerProcess]) -> None:
+    server = doomed[1]
     tree = descendants(server.proc.pid)
     scheduler = next(p for p in tree if parent(p) == server.proc.pid and descendants(p))
     result: dict = {}

@@ -110,3 +110,15 @@ def test_seed_reaches_the_sampler(client: openai.OpenAI, model: str, engine) -> 
     assert ref["output_ids"] != other["output_ids"]  # the seed matters for this prompt
     r = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=1234)
     assert r.choices[0].text == ref["text"]
+
+
+def test_stop_string_ends_the_completion(client: openai.OpenAI, model: str, engine) -> None:
+    params = {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    full = engine.generate(PROMPT, params)["text"]
+    stop = full[len(full) // 2:][:2]
+    assert stop.strip() and stop in full
+    ref = engine.generate(PROMPT, {**params, "stop": [stop]})
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == ref["text"] == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"

@@ -138,7 +138,8 @@ def main(argv: Sequence[str]) -> int:
     router_url = f"http://{host}:{ports['port']}"
     bootstrap = str(ports["disaggregation_bootstrap_port"])
     children: list[Child] = []
-    signal.signal(signal.SIGTERM, _raise_stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
+        signal.signal(sig, _raise_stop)
     try:
         children.append(_launch("prefill server", [
             "--role", "prefill", "--disaggregation-mode", "prefill", *common,
@@ -166,7 +167,7 @@ def main(argv: Sequence[str]) -> int:
                 if code is not None:
                     raise RuntimeError(f"the {child.name} exited with code {code}")
             time.sleep(1.0)
-    except (KeyboardInterrupt, _Stop):
+    except _Stop:
         logger.info("stopping")
         return 0
     except RuntimeError as e:

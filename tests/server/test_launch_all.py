@@ -1,0 +1,53 @@
+"""`python -m tpla_serve.launch --role all`: router + prefill + decode (T=2, g=2) from one command."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from server_procs import alive, descendants
+
+
+def test_role_all_serves_through_the_router_and_stops_on_ctrl_c(chat_model_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "all.log"
+    small = "--kv-cache-bytes 33554432"
+    cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--model-path", str(chat_model_dir),
+           "--prefill-args", small, "--decode-args", small, "--log-level", "warning"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        url = None
+        while url is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            found = re.search(r"ready at (http://\S+)", log.read_text())
+            url = found.group(1) if found else None
+            time.sleep(0.25)
+        assert "curl -s " + url + "/generate" in log.read_text()  # the copy-paste example
+        body = {"text": "def fibonacci(n):", "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}
+        r = httpx.post(url + "/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["meta_info"]["completion_tokens"] == 6
+        workers = httpx.get(url + "/server_info", timeout=30).json()
+        assert "prefill" in str(workers) and "decode" in str(workers)
+
+        tree = descendants(proc.pid)
+        assert len(tree) >= 6  # router, 2 fronts, 2 schedulers, decode TP rank 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+        deadline = time.monotonic() + 30
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(tree), "processes left after Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
