@@ -271,3 +271,7 @@ class ModelRunner:
             self.peers = None
         if dist.is_initialized():
             dist.destroy_process_group()
+        if self.device.type == "cuda":  # give the memory back: another engine may start in this process
+            for name in ("model", "kv_pool", "attn_backend"):
+                self.__dict__.pop(name, None)
+            torch.cuda.empty_cache()
