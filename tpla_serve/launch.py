@@ -12,20 +12,23 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tpla_serve.config import ROLES, add_engine_args, add_server_args, server_config_from_cli
-
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Spelled out here rather than taken from tpla_serve.config, which imports torch: the router and the
+# `all` supervisor start without it.
+_ROLES = ("prefill", "decode", "router", "all")
 
 
-def _role_parser(role: str) -> argparse.ArgumentParser:
+def _role_parser(*roles: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tpla_serve.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=ROLES, required=True)
+    parser.add_argument("--role", choices=roles or _ROLES, required=True)
     return parser
 
 
 def _serve(role: str, argv: Sequence[str]) -> int:
-    parser = _role_parser(role)
+    from tpla_serve.config import add_engine_args, add_server_args, server_config_from_cli
+
+    parser = _role_parser("prefill", "decode")
     add_engine_args(parser)
     add_server_args(parser)
     args = parser.parse_args(argv)
@@ -64,10 +67,10 @@ def _route(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--role", choices=ROLES)
+    peek.add_argument("--role")
     role = peek.parse_known_args(argv)[0].role
-    if role is None:
-        _role_parser("").parse_args(argv)  # prints usage: --role is required
+    if role not in _ROLES:
+        _role_parser().parse_args(argv)  # prints the usage error
         return
     try:
         if role == "router":

@@ -57,8 +57,12 @@ def _ppids() -> dict[int, int]:
     return out
 
 
-def parent(pid: int) -> int | None:
-    return _ppids().get(pid)
+def scheduler_pid(front_pid: int) -> int:
+    """The front's multiprocessing-spawned child (its other child is multiprocessing's resource tracker)."""
+    for pid, ppid in _ppids().items():
+        if ppid == front_pid and b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    raise LookupError(f"no scheduler process under pid {front_pid}")
 
 
 def descendants(pid: int) -> set[int]:

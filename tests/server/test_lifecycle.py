@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_procs import ServerProcess, alive, descendants, parent
+from server_procs import ServerProcess, alive, descendants, scheduler_pid
 
 TPLA = ("--tp-size", "2", "--tpla-groups", "2")
 
@@ -52,8 +52,8 @@ def test_health_waits_for_the_model_and_sigterm_leaves_no_orphans(chat_model_dir
 
 @pytest.fixture(scope="module")
 def doomed(chat_model_dir) -> Iterator[list[ServerProcess]]:
-    """Two TP=2 servers for the tests that kill a process, started together to share the start-up time."""
-    servers = [ServerProcess(chat_model_dir, *TPLA, api_key=None) for _ in range(2)]
+    """Servers for the tests that kill a process (TP=2, TP=1), started together to share the start-up time."""
+    servers = [ServerProcess(chat_model_dir, *args, api_key=None) for args in (TPLA, ())]
     try:
         for s in servers:
             s.wait_healthy()
@@ -74,7 +74,7 @@ def test_scheduler_and_ranks_exit_when_the_front_dies(doomed: list[ServerProcess
 def test_a_dead_scheduler_fails_requests_and_stops_the_server(doomed: list[ServerProcess]) -> None:
     server = doomed[1]
     tree = descendants(server.proc.pid)
-    scheduler = next(p for p in tree if parent(p) == server.proc.pid and descendants(p))
+    scheduler = scheduler_pid(server.proc.pid)
     result: dict = {}
     body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
     worker = threading.Thread(target=lambda: result.update(r=server.client.post("/generate", json=body)))

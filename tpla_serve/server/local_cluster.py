@@ -22,8 +22,6 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tpla_serve.config import DEFAULT_MODEL_PATH
-
 logger = logging.getLogger("tpla_serve.local_cluster")
 
 
@@ -44,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tpla_serve.launch --role all", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", choices=["all"], required=True)
-    p.add_argument("--model-path", default=DEFAULT_MODEL_PATH, help="default: the bundled model")
+    p.add_argument("--model-path", default=None, help="default: the servers' default, the bundled model")
     p.add_argument("--host", default="127.0.0.1", help="address every process listens on")
     p.add_argument("--port", type=int, default=0, help="router port (0: a free port)")
     p.add_argument("--prefill-port", type=int, default=0)
@@ -130,7 +128,9 @@ def main(argv: Sequence[str]) -> int:
     host = args.host
     ports = {name: getattr(args, name) or free_port(host)
              for name in ("port", "prefill_port", "decode_port", "disaggregation_bootstrap_port")}
-    common = ["--model-path", args.model_path, "--host", host, "--log-level", args.log_level]
+    common = ["--host", host, "--log-level", args.log_level]
+    if args.model_path:
+        common += ["--model-path", args.model_path]
     if args.api_key:
         common += ["--api-key", args.api_key]
     prefill_url = f"http://{host}:{ports['prefill_port']}"
