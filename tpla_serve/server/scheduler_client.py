@@ -140,10 +140,6 @@ class SchedulerClient:
         self._proc.start()
         logger.info("scheduler process started (pid %d)", self._proc.pid)
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
     async def run(self) -> None:
         """Receive answers until closed; notices the scheduler's exit through its process sentinel."""
         assert self._proc is not None, "start() first"
