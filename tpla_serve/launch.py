@@ -32,6 +32,8 @@ def _serve(role: str, argv: Sequence[str]) -> int:
     add_engine_args(parser)
     add_server_args(parser)
     args = parser.parse_args(argv)
+    if not any(a.startswith("--disaggregation-mode") for a in argv):
+        args.disaggregation_mode = role  # a prefill or decode server pairs unless told otherwise
     try:
         config = server_config_from_cli(args)
     except ValueError as e:

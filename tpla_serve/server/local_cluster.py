@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["all"], required=True)
     p.add_argument("--model-path", default=None, help="default: the servers' default, the bundled model")
     p.add_argument("--host", default="127.0.0.1", help="address every process listens on")
-    p.add_argument("--port", type=int, default=0, help="router port (0: a free port)")
+    p.add_argument("--port", type=int, default=30000, help="router port (0: a free port)")
     p.add_argument("--prefill-port", type=int, default=0)
     p.add_argument("--decode-port", type=int, default=0)
     p.add_argument("--disaggregation-bootstrap-port", type=int, default=0,

@@ -95,7 +95,13 @@ class PrefillRole:
 
     def stats(self) -> dict[str, Any]:
         s = self.sender.stats()
-        return {"kv_transfer_" + k: v for k, v in dataclasses.asdict(s).items()}
+        return {
+            "kv_transfer_bytes": s.bytes_sent,
+            "kv_rooms_sent": s.rooms_sent,
+            "kv_rooms_failed": s.rooms_failed,
+            "kv_rooms_live": s.rooms_live,
+            "kv_messages_rejected": s.messages_rejected,
+        }
 
     def close(self) -> None:
         self.sender.close()
