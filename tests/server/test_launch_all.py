@@ -17,7 +17,7 @@ from server_procs import alive, descendants
 def test_role_all_serves_through_the_router_and_stops_on_ctrl_c(chat_model_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "all.log"
     small = "--kv-cache-bytes 33554432"
-    cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--model-path", str(chat_model_dir),
+    cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--port", "0", "--model-path", str(chat_model_dir),
            "--prefill-args", small, "--decode-args", small, "--log-level", "warning"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
