@@ -7,6 +7,7 @@ target dtype tensor by tensor, on the target device.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -82,17 +83,18 @@ def load_model(
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, std: float, seed: int) -> None:
     """Random weights in place, on the parameters' own device: N(0, std²) matrices, unit norms, zero biases
-    (and a zero routing correction bias). Deterministic for a seed, device and parameter order."""
-    generators: dict[torch.device, torch.Generator] = {}
+    (and a zero routing correction bias). Each parameter draws from its own generator, seeded by `seed` and
+    its name, so replicated parameters (and with them the fingerprint) are equal on every rank and in every
+    TP layout; sharded ones differ between layouts. Dummy weights are for speed runs, not for text."""
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith((".bias", "e_score_correction_bias")):
             param.zero_()
         else:
-            if param.device not in generators:
-                generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-            param.normal_(0.0, std, generator=generators[param.device])
+            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+            gen = torch.Generator(device=param.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            param.normal_(0.0, std, generator=gen)
 
 
 class SafetensorsCheckpoint:

@@ -1,0 +1,125 @@
+"""Time to first token: prefill alone against prefill + layer-streamed KV transfer to a TPLA decode server.
+
+    python benchmarks/bench_pd_ttft.py [--lengths 256,1024,4096,8192] [--repeats 3]
+
+Real servers over HTTP on this machine: a plain server (prefill only: max_new_tokens 1), and a PD pair
+(prefill T=1; decode T=2, g=2) behind our router, where the decode answers with the prefill's first token
+once every layer's KV has reached both of its ranks (max_new_tokens 1: no decode step is timed). Dummy weights with
+DeepSeek-V2-Lite's latent shapes (kv_lora_rank 512, rope 64), 8 dense layers and narrow heads, so the
+transfer is real-sized while CPU prefill stays affordable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from tpla_serve.models.registry import builtin_config  # noqa: E402
+
+HOST = "127.0.0.1"
+OVERRIDE = {"num_hidden_layers": 8, "first_k_dense_replace": 8, "hidden_size": 1024, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "intermediate_size": 1024, "vocab_size": 4096, "max_position_embeddings": 16384}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tpla_serve.launch", *args, "--host", HOST, "--port", str(port),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.5)
+
+
+def first_token_seconds(url: str, ids: list[int]) -> float:
+    """Seconds until the answer with the first (and only) token: max_new_tokens 1 ends the request there."""
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "ignore_eos": True}}
+    start = time.perf_counter()
+    r = httpx.post(url + "/generate", json=body, timeout=600)
+    r.raise_for_status()
+    if len(r.json()["output_ids"]) != 1:
+        raise RuntimeError(f"expected one token, got {r.text[:300]}")
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="256,1024,4096,8192")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model = ["--model-path", str(builtin_config("deepseek-v2-lite")), "--load-format", "dummy",
+             "--skip-tokenizer-init", "--json-model-override-args", json.dumps(OVERRIDE), "--dtype", "float32",
+             "--kv-cache-bytes", str(1 << 30), "--chunked-prefill-size", "2048", "--disaggregation-timeout", "600"]
+    bootstrap = str(free_port())
+    procs = []
+    try:
+        plain, plain_url = launch("--role", "decode", "--disaggregation-mode", "null", *model)
+        procs.append(plain)
+        prefill, prefill_url = launch("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
+        procs.append(prefill)
+        decode, decode_url = launch("--role", "decode", *model, "--tp-size", "2", "--tpla-groups", "2",
+                                    "--disaggregation-bootstrap-port", bootstrap)
+        procs.append(decode)
+        router, router_url = launch("--role", "router", "--prefill", prefill_url, bootstrap, "--decode", decode_url,
+                                    "--request-timeout-secs", "600")
+        procs.append(router)
+        rng = random.Random(0)
+        for url in (plain_url, router_url):  # warm-up: first-request costs stay out of the numbers
+            first_token_seconds(url, [rng.randrange(2, 4096) for _ in range(64)])
+        rows = []
+        for n in (int(x) for x in args.lengths.split(",")):
+            alone, pd = [], []
+            for _ in range(args.repeats):
+                ids = [rng.randrange(2, 4096) for _ in range(n)]
+                alone.append(first_token_seconds(plain_url, ids))
+                pd.append(first_token_seconds(router_url, ids))
+            a, p = sorted(alone)[len(alone) // 2], sorted(pd)[len(pd) // 2]
+            kv_mb = n * 8 * (512 + 64) * 4 / 1e6
+            rows.append((n, a, p, kv_mb))
+            print(f"{n:>6} tokens: prefill alone {a * 1e3:9.1f} ms, PD {p * 1e3:9.1f} ms ({p / a:.2f}x), "
+                  f"{kv_mb:.1f} MB of KV", flush=True)
+    finally:
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+    table = "| prompt tokens | KV streamed (MB) | TTFT prefill alone (ms) | TTFT prefill + transfer (ms) | ratio |\n|---|---|---|---|---|\n"
+    table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
+    body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32, CPU; medians of "
+            f"{args.repeats}. PD: prefill T=1 -> decode T=2, g=2 over loopback ZMQ, through tpla_router, "
+            "TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV transfer + handshake).\n\n" + table)
+    print(write_result("pd_ttft", "Time to first token: prefill alone vs prefill + KV transfer", body))
+
+
+if __name__ == "__main__":
+    main()
