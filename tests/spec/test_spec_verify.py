@@ -92,18 +92,23 @@ def test_shape_errors_name_the_argument():
 
 def bigram_tables(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    target = torch.softmax(1.2 * torch.randn(V + 1, V, generator=g, dtype=torch.float64), dim=-1)
-    draft = torch.softmax(1.2 * torch.randn(V + 1, V, generator=g, dtype=torch.float64), dim=-1)
+    target = torch.softmax(torch.randn(V + 1, V, generator=g, dtype=torch.float64), dim=-1)
+    draft = torch.softmax(torch.randn(V + 1, V, generator=g, dtype=torch.float64), dim=-1)
     return target, draft
 
 
 def generate(
-    target: torch.Tensor, draft: torch.Tensor, length: int, verify: Verifier, counter_based: bool
+    target: torch.Tensor,
+    draft: torch.Tensor,
+    length: int,
+    verify: Verifier,
+    counter_based: bool,
+    n: int = N_TRIALS,
 ) -> torch.Tensor:
-    """[N_TRIALS, length] tokens, each trial decoding block after block from BOS; the draft samples
-    from its own generator, the verifier from per-trial (seed, step) counters or a generator."""
+    """[n, length] tokens, each trial decoding block after block from BOS; the draft samples from
+    its own generator, the verifier from per-trial (seed, step) counters or a generator."""
     g_draft, g_verify = torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)
-    n = N_TRIALS
+    draft_cdf = draft.cumsum(dim=-1)
     rows = torch.arange(n)
     out = torch.full((n, length), -1, dtype=torch.int64)
     filled = torch.zeros(n, dtype=torch.int64)
@@ -111,7 +116,9 @@ def generate(
         ctx = torch.where(filled > 0, out[rows, (filled - 1).clamp(min=0)], BOS)
         contexts = [ctx]
         for _ in range(K):
-            contexts.append(torch.multinomial(draft[contexts[-1]], 1, generator=g_draft).squeeze(1))
+            cdf = draft_cdf[contexts[-1]]
+            u = torch.rand(n, 1, dtype=cdf.dtype, generator=g_draft) * cdf[:, -1:]
+            contexts.append(torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=V - 1))
         contexts_t = torch.stack(contexts, dim=1)
         drafts = contexts_t[:, 1:]
         if counter_based:
@@ -236,7 +243,9 @@ PARAMS = [
 
 def test_processed_probs_match_the_sampling_parameters():
     logits = 2.0 * torch.randn(len(PARAMS), 9, generator=torch.Generator().manual_seed(4))
-    batch = build_verify_batch(PARAMS, [[]] * len(PARAMS), list(range(len(PARAMS))), [[]] * len(PARAMS), 1, 9, "cpu")
+    batch = build_verify_batch(
+        PARAMS, [[]] * len(PARAMS), list(range(len(PARAMS))), [[]] * len(PARAMS), 1, 9, "cpu"
+    )
     got = processed_probs(logits, batch)
     for row, p in enumerate(PARAMS):
         torch.testing.assert_close(got[row], reference_probs(logits[row], p), rtol=1e-5, atol=1e-6)
@@ -260,7 +269,7 @@ def test_lossless_under_truncation(row):
     target = processed_probs(target_logits, batch).double()
     draft = processed_probs(draft_logits, batch).double()
     assert (target == 0).any(), "truncation should exclude tokens the draft may still propose"
-    tokens = generate(target, draft, 2, speculative_verify, counter_based=True)
+    tokens = generate(target, draft, 2, speculative_verify, counter_based=True, n=50_000)
     assert chi_square_pvalue(sequence_counts(tokens), sequence_probs(target, 2)) > ALPHA
 
 
