@@ -3,7 +3,9 @@
 from tpla_serve.spec.verify import (
     VerifyOutput,
     VerifyUniforms,
+    accepted_lengths,
     build_verify_batch,
+    correction_tokens,
     greedy_verify,
     processed_probs,
     speculative_verify,
@@ -12,7 +14,9 @@ from tpla_serve.spec.verify import (
 __all__ = [
     "VerifyOutput",
     "VerifyUniforms",
+    "accepted_lengths",
     "build_verify_batch",
+    "correction_tokens",
     "greedy_verify",
     "processed_probs",
     "speculative_verify",
