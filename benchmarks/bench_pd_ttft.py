@@ -31,7 +31,7 @@ from common import write_result  # noqa: E402
 from tpla_serve.models.registry import builtin_config  # noqa: E402
 
 HOST = "127.0.0.1"
-OVERRIDE = {"num_hidden_layers": 8, "first_k_dense_replace": 8, "hidden_size": 1024, "num_attention_heads": 4, "num_key_value_heads": 4,
+OVERRIDE = {"num_hidden_layers": 8, "first_k_dense_replace": 8, "hidden_size": 1024, "num_attention_heads": 2, "num_key_value_heads": 2,
             "intermediate_size": 1024, "vocab_size": 4096, "max_position_embeddings": 16384}
 
 
