@@ -10,6 +10,7 @@ import multiprocessing as mp
 import random
 import socket
 import tempfile
+import time
 
 import pytest
 import zmq
@@ -144,3 +145,34 @@ def test_fingerprint_mismatch_aborts_both_sides(tiny_v3_dir, pair):
         assert decode_.stats()["pages_free"] == baseline
     finally:
         other.stop()
+
+
+def test_prefill_that_dies_fails_the_room_and_frees_pages(tiny_v3_dir, pair):
+    _, decode_ = pair
+    port = free_port()
+    doomed = Sched(engine_config(tiny_v3_dir, disaggregation_mode="prefill", disaggregation_bootstrap_port=port))
+    baseline = decode_.stats()["pages_free"]
+    body = GenerateRequest("orphan", PROMPT, PARAMS, bootstrap_host="127.0.0.1", bootstrap_port=port,
+                           bootstrap_room=random.getrandbits(63))
+    decode_.send(body)
+    doomed.proc.kill()  # gone before it could send a single layer
+    doomed.proc.join(30)
+    doomed.ctx.destroy(0)
+    reason = decode_.final(timeout_s=30).output["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["message"]
+    assert decode_.stats()["pages_free"] == baseline
+
+
+def test_prefill_keeps_serving_when_its_decode_is_gone(tiny_v3_dir, pair, expected):
+    """A room nobody registers for ends on the prefill within the timeout; the next pair still works."""
+    prefill, decode_ = pair
+    lost = GenerateRequest("no-decode", PROMPT, PARAMS, bootstrap_host="127.0.0.1", bootstrap_port=None,
+                           bootstrap_room=random.getrandbits(63))
+    prefill.send(lost)
+    assert prefill.final().output["output_ids"] == expected[:1]  # the prefill answers with its first token
+    failed_before = prefill.stats()["kv_rooms_failed"]
+    deadline = time.monotonic() + 30
+    while prefill.stats()["kv_rooms_failed"] == failed_before:
+        assert time.monotonic() < deadline, "the orphaned room never ended"
+        time.sleep(0.5)
+    test_pd_pair_equals_in_process_tpla(pair, expected, decode_first=True)
