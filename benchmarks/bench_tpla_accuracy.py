@@ -244,7 +244,7 @@ def run_variant(
     calib: CalibrationStore | None,
     check_single: bool,
 ) -> Run:
-    """Every sample under one configuration, on one ModelRunner (starting T ranks is the slow part)."""
+    """Every sample under one configuration, on one ModelRunner built for it (T ranks start once)."""
     config = EngineConfig(
         model_path=args.model_path,
         dtype="float32",
