@@ -86,7 +86,8 @@ class ServerProcess:
     def __init__(self, model_dir: Path, *extra: str, api_key: str | None = API_KEY) -> None:
         self.port = free_port()
         self.api_key = api_key
-        args = [sys.executable, "-m", "tpla_serve.launch", "--role", "decode", "--host", HOST,
+        args = [sys.executable, "-m", "tpla_serve.launch", "--role", "decode", "--disaggregation-mode", "null",
+                "--host", HOST,
                 "--port", str(self.port), "--model-path", str(model_dir),
                 "--kv-cache-bytes", str(32 << 20), "--log-level", "warning", *extra]
         if api_key is not None:
