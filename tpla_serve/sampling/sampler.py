@@ -230,6 +230,19 @@ class SamplerOutput(NamedTuple):
         return ids, lps, [v[:k] for v, k in zip(vals, ks)], [t[:k] for t, k in zip(tids, ks)]
 
 
+def adjusted_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """fp32 logits after the batch's penalties and its stop-token mask (min_new_tokens); the input is
+    not modified. The sampler and speculative verification both start from these."""
+    logits = logits.float()
+    if batch.penalties is not None or batch.stop_mask is not None:
+        logits = logits.clone()
+        if batch.penalties is not None:
+            apply_penalties(logits, batch.penalties)
+        if batch.stop_mask is not None:
+            batch.stop_mask.apply(logits)
+    return logits
+
+
 class Sampler:
     """Stateless; one instance per model runner."""
 
@@ -253,13 +266,7 @@ class Sampler:
             )
         if top_logprobs_nums is not None and len(top_logprobs_nums) != batch.batch_size:
             raise ValueError("top_logprobs_nums must have one entry per row")
-        logits = logits.float()
-        if batch.penalties is not None or batch.stop_mask is not None:
-            logits = logits.clone()
-            if batch.penalties is not None:
-                apply_penalties(logits, batch.penalties)
-            if batch.stop_mask is not None:
-                batch.stop_mask.apply(logits)
+        logits = adjusted_logits(logits, batch)
 
         max_k = max(top_logprobs_nums, default=0) if top_logprobs_nums is not None else 0
         want_logprobs = return_logprob or max_k > 0

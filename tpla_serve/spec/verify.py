@@ -21,8 +21,7 @@ from typing import NamedTuple
 import torch
 
 from tpla_serve.sampling.params import SamplingParams
-from tpla_serve.sampling.penalties import apply_penalties
-from tpla_serve.sampling.sampler import SamplingBatch, noise_bits, truncation_mask
+from tpla_serve.sampling.sampler import SamplingBatch, adjusted_logits, noise_bits, truncation_mask
 
 _M32 = 0xFFFFFFFF
 # Folded into the seed's high word so verification never reuses the noise the draft sampled with.
@@ -123,14 +122,7 @@ def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         raise ValueError(
             f"logits must be [N={batch.batch_size}, V={batch.vocab_size}], got {tuple(logits.shape)}"
         )
-    logits = logits.float()
-    if batch.penalties is not None or batch.stop_mask is not None:
-        logits = logits.clone()
-        if batch.penalties is not None:
-            apply_penalties(logits, batch.penalties)
-        if batch.stop_mask is not None:
-            batch.stop_mask.apply(logits)
-    scaled = logits / batch.temperatures
+    scaled = adjusted_logits(logits, batch) / batch.temperatures
     if batch.need_top_k or batch.need_top_p or batch.need_min_p:
         scaled = scaled.masked_fill(~truncation_mask(scaled, batch), float("-inf"))
     probs = torch.softmax(scaled, dim=-1)

@@ -8,7 +8,7 @@ from tpla_serve.engine.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
 
 
-def _causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """True where query i (the last q_len of kv_len positions) may see key j."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
@@ -26,7 +26,7 @@ class TorchAttentionBackend(AttentionBackend):
             ki = k[k_start : k_start + kv_len].transpose(0, 1).float()
             vi = v[k_start : k_start + kv_len].transpose(0, 1).float()
             scores = torch.matmul(qi, ki.transpose(1, 2)) * scale
-            scores.masked_fill_(~_causal_mask(q_len, kv_len, q.device), float("-inf"))
+            scores.masked_fill_(~causal_mask(q_len, kv_len, q.device), float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out[q_start : q_start + q_len] = torch.matmul(probs, vi).transpose(0, 1).to(out.dtype)
             q_start += q_len
@@ -51,7 +51,7 @@ class TorchAttentionBackend(AttentionBackend):
             qp = q_pe[q_start : q_start + q_len].float()
             scores = nope_scale * torch.einsum("qhc,tc->hqt", qn, ckv.float())
             scores = (scores + torch.einsum("qhr,tr->hqt", qp, kpe.float())) * scale
-            scores.masked_fill_(~_causal_mask(q_len, kv_len, q_nope.device), float("-inf"))
+            scores.masked_fill_(~causal_mask(q_len, kv_len, q_nope.device), float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out[q_start : q_start + q_len] = torch.einsum("hqt,tc->qhc", probs, ckv.float()).to(out.dtype)
             q_start += q_len

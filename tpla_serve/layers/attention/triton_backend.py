@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tpla_serve.engine.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
+from tpla_serve.layers.attention.torch_backend import causal_mask
 
 
 def sdpa_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch, scale: float) -> torch.Tensor:
@@ -20,8 +21,7 @@ def sdpa_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBa
         if q_len == kv_len:
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         else:
-            q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-            mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos
+            mask = causal_mask(q_len, kv_len, q.device)
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[q_start : q_start + q_len] = o.transpose(0, 1)
         q_start += q_len
