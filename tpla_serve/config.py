@@ -53,6 +53,12 @@ class EngineConfig:
     disaggregation_host: str = "127.0.0.1"  # decode: where each rank binds its KV receiving socket
     disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
     disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
+    disable_cuda_graph: bool = False  # GPU: run decode steps eagerly instead of replaying captured graphs
+    cuda_graph_max_bs: int = 256  # GPU: the largest decode batch captured in a CUDA graph
+    speculative_algorithm: str = "none"  # none | standard | easyspec
+    speculative_draft_model_path: str | None = None
+    speculative_num_draft_tokens: int = 4  # k: draft tokens proposed per verification step
+    easyspec_group_size: int | None = None  # N: draft layers run at once across ranks (default min(T, 4))
 
     def __post_init__(self) -> None:
         try:
@@ -81,6 +87,34 @@ class EngineConfig:
             raise ValueError(f"disaggregation_bootstrap_port must be in 1..65535, got {self.disaggregation_bootstrap_port}")
         if self.tpla_transform not in ("none", "hadamard", "pca"):
             raise ValueError(f"tpla_transform must be none, hadamard or pca, got {self.tpla_transform!r}")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.speculative_algorithm not in ("none", "standard", "easyspec"):
+            raise ValueError(
+                f"speculative_algorithm must be none, standard or easyspec, got {self.speculative_algorithm!r}"
+            )
+        if self.speculative_algorithm != "none":
+            if self.speculative_draft_model_path is None:
+                raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} needs --speculative-draft-model-path")
+            if self.speculative_num_draft_tokens < 1:
+                raise ValueError(f"speculative_num_draft_tokens must be >= 1, got {self.speculative_num_draft_tokens}")
+            if self.disaggregation_mode == "prefill":
+                raise ValueError("speculative decoding runs on the decode server, not with --disaggregation-mode prefill")
+        if self.easyspec_group_size is not None and not 1 <= self.easyspec_group_size <= self.tp_size:
+            raise ValueError(
+                f"easyspec_group_size must be in [1, tp_size={self.tp_size}], got {self.easyspec_group_size}"
+            )
+
+    @property
+    def speculative(self) -> bool:
+        return self.speculative_algorithm != "none"
+
+    @property
+    def resolved_easyspec_group_size(self) -> int:
+        """N: draft attention sublayers run at once, one per rank (1 = sequential drafting)."""
+        if self.speculative_algorithm != "easyspec":
+            return 1
+        return self.easyspec_group_size or min(self.tp_size, 4)
 
     @property
     def model_overrides(self) -> dict:
@@ -133,7 +167,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-total-tokens", type=int, default=None)
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
-    g.add_argument("--attention-backend", default=d.attention_backend)
+    g.add_argument("--attention-backend", default=d.attention_backend,
+                   choices=["auto", "torch", "triton", "flashinfer"])
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--tp-size", type=int, default=d.tp_size)
     g.add_argument("--tpla-groups", type=int, default=d.tpla_groups, help="latent groups g (1 = plain MLA-TP)")
@@ -149,6 +184,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
     )
+    g.add_argument("--disable-cuda-graph", action="store_true", help="GPU: run decode steps eagerly")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
+    g.add_argument("--speculative-algorithm", default=d.speculative_algorithm,
+                   choices=["none", "standard", "easyspec"],
+                   help="decode with a draft model: standard (layer after layer) or easyspec (layer-parallel)")
+    g.add_argument("--speculative-draft-model-path", default=None, help="a small model of the same family")
+    g.add_argument("--speculative-num-draft-tokens", type=int, default=d.speculative_num_draft_tokens)
+    g.add_argument("--easyspec-group-size", type=int, default=None,
+                   help="draft layers run at once across TP ranks (default min(tp_size, 4))")
 
 
 ROLES = ("prefill", "decode", "router", "all")
