@@ -2,27 +2,64 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from tpla_serve.layers.attention.base import AttentionBackend
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
-def resolve_backend_name(name: str, device: torch.device) -> str:
-    """auto: our Triton kernel on GPU, plain torch on CPU."""
+class AttentionShape(NamedTuple):
+    """What a decode kernel is specialized on: this rank's heads, its latent slice, the pool's layout."""
+
+    num_heads: int
+    ckv_dim: int  # r / g under TPLA
+    rope_dim: int
+    page_size: int
+    dtype: torch.dtype
+
+
+def resolve_backend_name(name: str, device: torch.device, shape: AttentionShape | None = None) -> str:
+    """auto: FlashInfer's MLA kernel on GPU where it imports and supports `shape`, else our Triton kernel;
+    plain torch on CPU. An explicit choice that cannot run here is an error, not a silent fallback."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    cuda = device.type == "cuda"
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if name == "triton" and device.type != "cuda":
-        raise ValueError("--attention-backend triton needs a CUDA device; use torch on CPU")
+        if not cuda:
+            return "torch"
+        if shape is not None:
+            from tpla_serve.layers.attention.flashinfer_backend import flashinfer_problem
+
+            if flashinfer_problem(shape) is None:
+                return "flashinfer"
+        return "triton"
+    if name in ("triton", "flashinfer") and not cuda:
+        raise ValueError(f"--attention-backend {name} needs a CUDA device; use torch on CPU")
+    if name == "flashinfer":
+        if shape is None:
+            raise ValueError("--attention-backend flashinfer needs the model's attention shape to plan its kernel")
+        from tpla_serve.layers.attention.flashinfer_backend import flashinfer_problem
+
+        problem = flashinfer_problem(shape)
+        if problem is not None:
+            raise ValueError(f"--attention-backend flashinfer: {problem}")
     return name
 
 
-def create_attention_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
+def create_attention_backend(
+    name: str, device: torch.device | str = "cpu", shape: AttentionShape | None = None
+) -> AttentionBackend:
     """Backends import lazily so that a missing optional kernel library only matters when asked for."""
-    name = resolve_backend_name(name, torch.device(device))
+    device = torch.device(device)
+    name = resolve_backend_name(name, device, shape)
+    if name == "flashinfer":
+        from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend
+
+        assert shape is not None  # resolve_backend_name checked it
+        return FlashInferAttentionBackend(shape, device)
     if name == "triton":
         from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend
 
@@ -32,4 +69,4 @@ def create_attention_backend(name: str, device: torch.device | str = "cpu") -> A
     return TorchAttentionBackend()
 
 
-__all__ = ["AttentionBackend", "BACKENDS", "create_attention_backend", "resolve_backend_name"]
+__all__ = ["AttentionBackend", "AttentionShape", "BACKENDS", "create_attention_backend", "resolve_backend_name"]
