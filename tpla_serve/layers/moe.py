@@ -165,7 +165,10 @@ class MoEExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """Σ_k w_k · expert_{id_k}(x) per token. Token-expert pairs are sorted by expert, then each expert
-        that got any tokens runs once over its tokens."""
+        that got any tokens runs once over its tokens. While a CUDA graph is being captured, the
+        static-shape forward_gathered() runs instead (the sort's per-expert counts need the host)."""
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self.forward_gathered(x, topk_weights, topk_ids)
         top_k = topk_ids.shape[1]
         flat_ids = topk_ids.flatten()
         order = flat_ids.argsort(stable=True)
@@ -182,4 +185,17 @@ class MoEExperts(nn.Module):
             h = F.linear(h, self.w2[expert]) * sorted_weights[start : start + count, None]
             out.index_add_(0, tokens, h.to(out.dtype))
             start += count
+        return out
+
+    def forward_gathered(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_k · expert_{id_k}(x) with each token's k experts' weights gathered by index: static shapes and
+        no host sync, so a CUDA graph can hold it. It reads N·k experts' weights (the sort path reads each
+        used expert once), so it is for small N: with N·k <= E it reads no more
+        than all E experts' weights."""
+        out = torch.zeros_like(x)
+        for j in range(topk_ids.shape[1]):
+            ids = topk_ids[:, j]
+            h = silu_and_mul(torch.bmm(self.w13[ids], x[:, :, None]).squeeze(-1))
+            h = torch.bmm(self.w2[ids], h[:, :, None]).squeeze(-1) * topk_weights[:, j, None]
+            out += h.to(out.dtype)
         return out

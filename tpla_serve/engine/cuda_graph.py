@@ -1,0 +1,191 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket (SGLang's scheme).
+
+A decode step of B requests with one new token each is a fixed sequence of kernels once its inputs live
+at fixed addresses. Each bucket's graph is captured over static buffers; a step of B requests copies its
+inputs into the first B rows of the smallest bucket >= B and replays it. Padding rows are one token at
+position 0 whose KV goes to slot 0 of the reserved page 0 and which attends to that slot alone, so they
+touch no request's cache. Every rank captures the same buckets in the same order (the code path does not
+depend on the rank), so the all-reduces inside the graphs pair up across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from tpla_serve.cache.pool import LatentKVPool
+from tpla_serve.config import EngineConfig
+from tpla_serve.engine.forward_batch import BatchEntry, ForwardBatch, ForwardMode
+from tpla_serve.layers.attention.base import AttentionBackend
+from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend
+from tpla_serve.models.deepseek import DeepseekForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# Backends whose decode reads only device tensors of the step (page table, lengths) and launches by shape.
+CAPTURABLE_BACKENDS: tuple[type[AttentionBackend], ...] = (TritonAttentionBackend,)
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, then steps of 16, up to and including max_bs."""
+    if max_bs < 1:
+        raise ValueError(f"max_bs must be >= 1, got {max_bs}")
+    sizes = [s for s in [1, 2, 4, 8, 16, 24, 32, *range(48, max_bs + 1, 16)] if s <= max_bs]
+    return sizes if sizes[-1] == max_bs else [*sizes, max_bs]
+
+
+class DecodeInputs(NamedTuple):
+    """Host arrays of a decode step padded to a bucket's bs rows."""
+
+    input_ids: torch.Tensor  # [bs] int64
+    positions: torch.Tensor  # [bs] int64
+    out_cache_loc: torch.Tensor  # [bs] int64
+    seq_lens: torch.Tensor  # [bs] int32
+    page_table: torch.Tensor  # [bs, max_pages] int32, zero (page 0) past each request's pages
+
+
+def pad_decode_inputs(entries: list[BatchEntry], bs: int, max_pages: int, page_size: int) -> DecodeInputs:
+    """Lay out one-token-per-request entries over bs rows; rows past len(entries) are padding."""
+    if len(entries) > bs:
+        raise ValueError(f"{len(entries)} requests do not fit a bucket of {bs}")
+    pad = bs - len(entries)
+    ids, pos, loc, seq = [], [], [], []
+    table = torch.zeros(bs, max_pages, dtype=torch.int32)
+    for i, e in enumerate(entries):
+        if len(e.new_token_ids) != 1:
+            raise ValueError(f"a captured decode step takes one new token per request, got {len(e.new_token_ids)}")
+        if len(e.pages) > max_pages or len(e.pages) * page_size <= e.prefix_len:
+            raise ValueError(f"{len(e.pages)} pages (max {max_pages}) cannot hold {e.prefix_len + 1} tokens")
+        p = e.prefix_len
+        ids.append(e.new_token_ids[0])
+        pos.append(p)
+        loc.append(e.pages[p // page_size] * page_size + p % page_size)
+        seq.append(p + 1)
+        table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
+    return DecodeInputs(
+        torch.tensor(ids + [0] * pad, dtype=torch.int64),
+        torch.tensor(pos + [0] * pad, dtype=torch.int64),
+        torch.tensor(loc + [0] * pad, dtype=torch.int64),
+        torch.tensor(seq + [1] * pad, dtype=torch.int32),
+        table,
+    )
+
+
+class CudaGraphRunner:
+    """Captures the target model's decode step per batch-size bucket and replays it.
+
+    `disabled_reason` says why nothing is captured (then can_run() is always False and the engine runs
+    eagerly). Replayed logits are copies: they stay valid after the next replay.
+    """
+
+    def __init__(
+        self,
+        model: DeepseekForCausalLM,
+        attn_backend: AttentionBackend,
+        kv_pool: LatentKVPool,
+        config: EngineConfig,
+        device: torch.device,
+        max_pages: int,
+    ) -> None:
+        self.model = model
+        self.attn_backend = attn_backend
+        self.kv_pool = kv_pool
+        self.device = device
+        self.max_pages = max_pages
+        self.page_size = kv_pool.page_size
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+        max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
+        model_limit = model.cuda_graph_max_tokens
+        if model_limit is not None and model_limit < max_bs:
+            logger.info(
+                "CUDA graphs: decode batches up to %d (the captured MoE path reads each token's top-k experts)",
+                model_limit,
+            )
+            max_bs = model_limit
+        self.batch_sizes = capture_batch_sizes(max_bs)
+        self.disabled_reason: str | None = None
+        if device.type != "cuda":
+            self.disabled_reason = f"the device is {device.type}, not cuda"
+        elif not isinstance(attn_backend, CAPTURABLE_BACKENDS):
+            self.disabled_reason = f"the {type(attn_backend).__name__} plans its kernel on the host every step"
+        if self.disabled_reason is not None:
+            return
+        top = self.batch_sizes[-1]
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.zeros(top, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(top, dtype=torch.int32, device=device)
+        self.page_table = torch.zeros(top, max_pages, dtype=torch.int32, device=device)
+        self.rows = torch.arange(top + 1, dtype=torch.int64, device=device)
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        """The bucket's batch over the static buffers. Its host fields describe the capture-time contents
+        (one token at position 0 per row); in a replay only the device tensors are live."""
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            q_lens=[1] * bs,
+            seq_lens=[1] * bs,
+            qo_indptr=self.rows[: bs + 1],
+            kv_indptr=self.rows[: bs + 1],
+            kv_indices=self.out_cache_loc[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            page_table=self.page_table[:bs],
+            seq_lens_t=self.seq_lens[:bs],
+            logits_indices=self.rows[:bs],
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, all in one memory pool (smaller graphs reuse its blocks)."""
+        if self.disabled_reason is not None:
+            logger.info("CUDA graphs off: %s", self.disabled_reason)
+            return
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        quiet = dist.is_initialized() and dist.get_rank() != 0
+        for bs in tqdm(self.batch_sizes[::-1], desc="capturing decode CUDA graphs", disable=quiet):
+            fb = self._static_batch(bs)
+            self.attn_backend.prepare(fb)
+            for _ in range(2):  # compile kernels, initialize communicators and library workspaces
+                self.model(fb)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self.model(fb)
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info(
+            "CUDA graphs: captured decode batch sizes %s in %.1f s", self.batch_sizes, time.perf_counter() - start
+        )
+
+    def can_run(self, mode: ForwardMode, entries: list[BatchEntry]) -> bool:
+        """A decode step of one new token per request, within the largest bucket and the page-table width."""
+        if not self.graphs or mode is not ForwardMode.DECODE or not 0 < len(entries) <= self.batch_sizes[-1]:
+            return False
+        return all(
+            len(e.new_token_ids) == 1 and e.kv_room is None and len(e.pages) <= self.max_pages for e in entries
+        )
+
+    def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
+        """fp32 logits [B, vocab] of the decode step, computed by the smallest bucket >= B."""
+        n = len(entries)
+        bs = next(s for s in self.batch_sizes if s >= n)
+        inputs = pad_decode_inputs(entries, bs, self.max_pages, self.page_size)
+        for dst, src in zip(
+            (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.page_table), inputs
+        ):
+            dst[:bs].copy_(src, non_blocking=True)
+        self.graphs[bs].replay()
+        self.num_replays += 1
+        return self.logits[bs][:n].clone()
