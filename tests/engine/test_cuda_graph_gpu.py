@@ -1,0 +1,85 @@
+"""Decode steps replayed from CUDA graphs against the same steps run eagerly (GPU machine only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from graph_case import prefilled_decode_entries
+
+from tpla_serve import Engine
+from tpla_serve.engine.cuda_graph import CudaGraphRunner
+from tpla_serve.engine.forward_batch import ForwardMode
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+MODEL = str(Path(__file__).resolve().parents[2] / "models" / "mla-tiny")
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Engine:\n    def __init__(self", "The quick brown",
+           "Paged attention keeps", "x = [i * i for i in", "# TPLA splits the latent", "while True:\n"]
+
+
+def _graphs(engine: Engine) -> CudaGraphRunner:
+    runner = engine.runner
+    max_pages = -(-runner.context_length // runner.page_size)
+    graphs = CudaGraphRunner(runner.model, runner.attn_backend, runner.kv_pool, engine.config, runner.device, max_pages)
+    graphs.capture()
+    assert graphs.disabled_reason is None and graphs.graphs
+    return graphs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_replayed_step_equals_eager_step(dtype: str, dense: bool) -> None:
+    """MoE mla-tiny captures batches up to 4 (8 experts, top-2); its dense variant up to cuda_graph_max_bs."""
+    kw = {"load_format": "dummy", "json_model_override_args": '{"first_k_dense_replace": 99}'} if dense else {}
+    with Engine(model_path=MODEL, device="cuda", dtype=dtype, attention_backend="triton", disable_cuda_graph=True,
+                cuda_graph_max_bs=32, **kw) as engine:
+        graphs = _graphs(engine)
+        assert graphs.batch_sizes == ([1, 2, 4, 8, 16, 24, 32] if dense else [1, 2, 4])
+        for i, batch in enumerate([1, 3, 4] + ([5, 16, 30] if dense else [])):
+            entries = prefilled_decode_entries(engine.runner, [5 + 37 * j % 300 for j in range(batch)], seed=i)
+            assert graphs.can_run(ForwardMode.DECODE, entries)
+            eager = engine.runner.forward(ForwardMode.DECODE, entries)
+            replayed = graphs.replay(entries)
+            assert replayed.shape == eager.shape and replayed.dtype == torch.float32
+            if dtype == "float32":
+                torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+            else:
+                err = float((replayed - eager).norm() / eager.norm())
+                assert err < 1e-2, f"batch {batch}: relative error {err}"
+            for e in entries:
+                engine.runner.allocator.free(e.pages)
+        assert graphs.num_replays == (6 if dense else 3)
+        too_many = prefilled_decode_entries(engine.runner, [3] * (graphs.batch_sizes[-1] + 1), seed=9)
+        assert not graphs.can_run(ForwardMode.DECODE, too_many)
+
+
+def _greedy(dtype: str, graphs_on: bool, prompts: list[str]) -> tuple[list[list[int]], list, int]:
+    with Engine(model_path=MODEL, device="cuda", dtype=dtype, attention_backend="triton",
+                disable_cuda_graph=not graphs_on) as engine:
+        outs = engine.generate(prompts, {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True},
+                               return_logprob=True, top_logprobs_num=2)
+        runner_graphs = getattr(engine.runner, "cuda_graph", None)
+        replays = runner_graphs.num_replays if runner_graphs is not None else 0
+        return [o["output_ids"] for o in outs], [o["meta_info"]["output_top_logprobs"] for o in outs], replays
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_prompts", [1, 3, 6])  # bucket 1, padded into bucket 4, larger than mla-tiny's 4
+def test_greedy_outputs_with_and_without_graphs(dtype: str, num_prompts: int) -> None:
+    """Identical greedy tokens; in bf16 up to the first step whose top-2 logprobs are within 0.05 (a near-tie
+    that rounding may decide either way)."""
+    prompts = PROMPTS[:num_prompts]
+    on, _, replays = _greedy(dtype, True, prompts)
+    off, tops, _ = _greedy(dtype, False, prompts)
+    if num_prompts <= 4:
+        assert replays > 0, "ModelRunner did not replay CUDA graphs (is CudaGraphRunner wired into it?)"
+    for a, b, top in zip(on, off, tops):
+        if dtype == "float32":
+            assert a == b
+        else:
+            tie = next((i for i, t in enumerate(top) if t is not None and t[0][0] - t[1][0] < 0.05), len(b))
+            assert a[:tie] == b[:tie]

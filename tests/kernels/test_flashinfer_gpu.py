@@ -1,0 +1,73 @@
+"""The FlashInfer MLA backend's decode against the plain torch backend at real shapes (GPU machine only)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from kernel_case import rel_err
+
+from tpla_serve.cache.pool import LatentKVPool
+from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.layers.attention import AttentionShape
+from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+flashinfer = pytest.importorskip("flashinfer", reason="flashinfer is not installed (pip install flashinfer-python)")
+
+ROPE = 64
+
+# (batch, max context, heads, ckv, page_size, q_lens per request: an int for all, or "ragged", nope_scale)
+CASES = [
+    (1, 4096, 128, 512, 64, 1, 1.0),
+    (16, 4096, 16, 512, 64, 1, 1.0),
+    (16, 4096, 128, 256, 64, 1, 0.8),
+    (16, 2048, 128, 128, 64, 1, 1.2),
+    (1, 3000, 128, 256, 64, 5, 1.0),
+    (16, 4096, 16, 128, 16, 5, 0.9),
+    (16, 4096, 128, 256, 64, "ragged", 0.8),
+    (16, 1024, 16, 512, 1, "ragged", 1.0),
+]
+
+
+@pytest.mark.parametrize("batch,ctx,heads,ckv,page_size,q_lens,nope_scale", CASES)
+def test_flashinfer_decode_matches_torch(
+    batch: int, ctx: int, heads: int, ckv: int, page_size: int, q_lens: int | str, nope_scale: float
+) -> None:
+    from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    dtype, device = torch.bfloat16, torch.device("cuda")
+    lens = [1 + int(x) for x in torch.randint(0, 5, (batch,), generator=gen)] if q_lens == "ragged" else [q_lens] * batch
+    seq = [max(q, int(x)) for q, x in zip(lens, torch.randint(1, ctx + 1, (batch,), generator=gen))]
+    seq[0] = ctx  # the longest context always appears
+    pages_per = [-(-n // page_size) for n in seq]
+    num_pages = sum(pages_per) + 1
+    pool = LatentKVPool(1, num_pages, page_size, ckv, ROPE, dtype, device)
+    pool.ckv[0].copy_(torch.randn(pool.ckv[0].shape, generator=gen))
+    pool.kpe[0].copy_(torch.randn(pool.kpe[0].shape, generator=gen))
+    order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    entries, start = [], 0
+    for q, n, p in zip(lens, seq, pages_per):
+        entries.append(BatchEntry([0] * q, n - q, order[start : start + p], logits_for_all=True))
+        start += p
+    backend = FlashInferAttentionBackend(AttentionShape(heads, ckv, ROPE, page_size, dtype), device)
+    fb = build_forward_batch(ForwardMode.DECODE, entries, pool, backend, device)
+    q_nope = torch.randn(sum(lens), heads, ckv, generator=gen).to(device, dtype)
+    q_pe = torch.randn(sum(lens), heads, ROPE, generator=gen).to(device, dtype)
+    scale = 1.0 / math.sqrt(192)
+    backend.prepare(fb)
+    out = backend.decode(q_nope, q_pe, 0, fb, scale, nope_scale)
+    again = backend.decode(q_nope, q_pe, 0, fb, scale, nope_scale)  # the plan is reused by later layers
+    torch.cuda.synchronize()
+    ref = TorchAttentionBackend().decode(q_nope, q_pe, 0, fb, scale, nope_scale)
+    assert out.shape == q_nope.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), f"seed {seed}"
+    assert rel_err(out, ref) < 1e-2, f"seed {seed}: q_lens {lens}, seq_lens {seq}"
+    assert torch.equal(out, again), f"seed {seed}"
