@@ -7,11 +7,14 @@ Sections (each prints a markdown table; all of them go to one dated file under -
   grid      B x context x heads x ckv: time, GB/s, % of copy bandwidth
   paper     per-rank attention time of MLA-TP (all 512 latent dims) against TPLA (r/g dims), equal batch
 
+Where FlashInfer imports, its MLA kernel (BatchMLAPagedAttentionWrapper, head_dim_ckv = the latent slice)
+is timed on the same pools and queries in the same run, in extra columns of the paper and grid tables.
+
 Each time is the median of triton.testing.do_bench over a CUDA-graph replay of one call (the way the
 engine runs decode), with the L2 cache flushed before every replay. Bytes counted: every KV token's
 latent + rope row once, the queries, the outputs and the LSE.
 
-    python benchmarks/bench_decode_kernel.py [--quick] [--tune] [--skip-grid] [--out-dir DIR]
+    python benchmarks/bench_decode_kernel.py [--quick] [--tune] [--skip-grid] [--no-flashinfer] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -87,6 +90,61 @@ def time_graph(fn: Callable[[], object]) -> float:
     ms = do_bench(graph.replay, warmup=10, rep=60, return_mode="median")
     del graph
     return ms
+
+
+class FlashInfer:
+    """FlashInfer's paged MLA decode on a Pool (one query per request), planned once per shape."""
+
+    def __init__(self) -> None:
+        import flashinfer
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper
+
+        self.version = flashinfer.__version__
+        self.workspace = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+        self.wrapper_cls = BatchMLAPagedAttentionWrapper
+        self.compiled: dict[int, float] = {}  # head_dim_ckv -> seconds of its first plan (JIT build or load)
+
+    def runner(self, pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor) -> Callable[[], object]:
+        batch, heads, ckv = q_nope.shape
+        pages_per = pool.page_table.shape[1]
+        wrapper = self.wrapper_cls(self.workspace, backend="auto")
+        t0 = time.time()
+        wrapper.plan(
+            torch.arange(batch + 1, dtype=torch.int32),
+            torch.arange(batch + 1, dtype=torch.int32) * pages_per,
+            pool.page_table.reshape(-1),
+            pool.seq_lens.cpu(),
+            heads, ckv, D_PE, PAGE, False, SM_SCALE, DTYPE, DTYPE,
+        )
+        if ckv not in self.compiled:
+            self.compiled[ckv] = time.time() - t0
+            log(f"flashinfer head_dim_ckv={ckv}: first plan (JIT build or cache load) {self.compiled[ckv]:.1f}s")
+        out = torch.empty_like(q_nope)
+        return lambda: wrapper.run(q_nope, q_pe, pool.ckv, pool.kpe, out=out)
+
+    def time(self, pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor) -> float | str:
+        """Median ms as time_graph measures ours; a failure is reported in the table, not hidden."""
+        try:
+            return time_graph(self.runner(pool, q_nope, q_pe))
+        except Exception as exc:  # e.g. a head_dim_ckv this FlashInfer build cannot instantiate
+            log(f"flashinfer {tuple(q_nope.shape)}: {exc!r}"[:400])
+            return type(exc).__name__
+
+
+def load_flashinfer() -> FlashInfer | None:
+    try:
+        return FlashInfer()
+    except Exception as exc:  # not installed, or installed but broken: the tables go without it
+        log(f"flashinfer not available: {exc!r}")
+        return None
+
+
+def fmt_us(ms: float | str) -> str:
+    return f"{ms * 1e3:.1f}" if isinstance(ms, float) else ms
+
+
+def ratio(a: float | str, b: float | str) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) else "-"
 
 
 def copy_bandwidth() -> float:
@@ -200,7 +258,7 @@ def pick(configs: dict[tuple[int, int], DecodeConfig], heads: int, ckv: int) -> 
 
 
 def section_grid(gen: torch.Generator, copy_bw: float, quick: bool,
-                 configs: dict[tuple[int, int], DecodeConfig]) -> str:
+                 configs: dict[tuple[int, int], DecodeConfig], fi: FlashInfer | None = None) -> str:
     batches = [1, 32, 128] if quick else [1, 8, 32, 64, 128]
     ctxs = [1024, 32768] if quick else [1024, 4096, 16384, 32768]
     rows = []
@@ -215,33 +273,49 @@ def section_grid(gen: torch.Generator, copy_bw: float, quick: bool,
                     gbs = pool.bytes_moved(heads) / ms / 1e6
                     rows.append([str(ckv), str(ctx), str(batch), str(heads), f"{ms * 1e3:.1f}", f"{gbs:.0f}",
                                  f"{100 * gbs / copy_bw:.0f}%", "/".join(map(str, cfg[:5]))])
+                    if fi is not None:
+                        fi_ms = fi.time(pool, q_nope, q_pe)
+                        fi_bw = f"{100 * pool.bytes_moved(heads) / fi_ms / 1e6 / copy_bw:.0f}%" \
+                            if isinstance(fi_ms, float) else "-"
+                        rows[-1] += [fmt_us(fi_ms), fi_bw, ratio(fi_ms, ms)]
                     log("grid " + " ".join(rows[-1]))
                 del pool
-    return table(["ckv", "context", "B", "heads", "us", "GB/s", "% copy", "bh/bn/warps/stages/ctas"], rows)
+    header = ["ckv", "context", "B", "heads", "us", "GB/s", "% copy", "bh/bn/warps/stages/ctas"]
+    if fi is not None:
+        header += ["FlashInfer us", "FlashInfer % copy", "ours vs FlashInfer"]
+    return table(header, rows)
 
 
 def section_paper(gen: torch.Generator, copy_bw: float, quick: bool,
-                  configs: dict[tuple[int, int], DecodeConfig]) -> str:
+                  configs: dict[tuple[int, int], DecodeConfig], fi: FlashInfer | None = None) -> str:
     """MLA-TP vs TPLA per rank: T=2 (DeepSeek-V3: 128 heads) and T=4, g=2."""
     settings = [("T=2", 64, 128), ("T=4", 32, 64)]  # (label, MLA heads per rank, TPLA heads per rank)
     rows = []
     for label, mla_heads, tpla_heads in settings:
         for ctx in ([4096, 32768] if quick else [4096, 8192, 16384, 32768]):
             for batch in ([32] if quick else [8, 32, 64]):
-                times = {}
+                times, fi_times = {}, {}
                 for name, heads, ckv in (("mla", mla_heads, 512), ("tpla", tpla_heads, 256)):
                     pool = Pool(batch, ctx, ckv, gen)
                     q_nope, q_pe = pool.queries(heads, gen)
                     ms = time_graph(run_kernel(pool, q_nope, q_pe, pick(configs, heads, ckv)))
                     times[name] = (ms, pool.bytes_moved(heads) / ms / 1e6)
+                    if fi is not None:
+                        fi_times[name] = fi.time(pool, q_nope, q_pe)
                     del pool
                 (m_ms, m_bw), (t_ms, t_bw) = times["mla"], times["tpla"]
                 rows.append([label, str(ctx), str(batch), f"{m_ms * 1e3:.1f}", f"{100 * m_bw / copy_bw:.0f}%",
                              f"{t_ms * 1e3:.1f}", f"{100 * t_bw / copy_bw:.0f}%", f"{m_ms / t_ms:.2f}x"])
+                if fi is not None:
+                    fm, ft = fi_times["mla"], fi_times["tpla"]
+                    rows[-1] += [fmt_us(fm), fmt_us(ft), ratio(fm, t_ms), ratio(fm, ft)]
                 log("paper " + " ".join(rows[-1]))
-    return table([
-        "TP", "context", "B", "MLA us (H/T heads x 512+64)", "MLA % copy",
-        "TPLA us (g=2: 2H/T heads x 256+64)", "TPLA % copy", "speed-up"], rows)
+    header = ["TP", "context", "B", "MLA us (H/T heads x 512+64)", "MLA % copy",
+              "TPLA us (g=2: 2H/T heads x 256+64)", "TPLA % copy", "speed-up"]
+    if fi is not None:
+        header += ["FlashInfer MLA us", "FlashInfer TPLA us", "ours-TPLA vs FlashInfer-MLA",
+                   "FlashInfer-TPLA vs FlashInfer-MLA"]
+    return table(header, rows)
 
 
 def main() -> int:
@@ -251,6 +325,7 @@ def main() -> int:
     parser.add_argument("--tune", action="store_true",
                         help="time candidate tilings per table entry first and use the fastest below")
     parser.add_argument("--skip-grid", action="store_true", help="skip the B x context x heads x ckv grid")
+    parser.add_argument("--no-flashinfer", action="store_true", help="leave FlashInfer's kernel out")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -263,6 +338,10 @@ def main() -> int:
               f"torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}. "
               f"bf16, page size {PAGE}, d_r {D_PE}, uniform context per request, random page placement. "
               "Times: median of do_bench over CUDA-graph replays, L2 flushed before each.\n")
+    fi = None if args.no_flashinfer else load_flashinfer()
+    if fi is not None:
+        header += (f"FlashInfer {fi.version} MLA decode (`BatchMLAPagedAttentionWrapper`, backend auto) on the same "
+                   "pools and queries, timed the same way; a cell naming an exception is a shape it failed on.\n")
     parts = [header]
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
@@ -275,16 +354,19 @@ def main() -> int:
     if args.tune:
         tuned, configs = section_tune(gen, copy_bw)
         parts.append("## Tiling candidates (B=32, 16K context)\n\n" + tuned + "\n")
-    paper = section_paper(gen, copy_bw, args.quick, configs)
+    paper = section_paper(gen, copy_bw, args.quick, configs, fi)
     log(paper)
     parts.append("## MLA-TP vs TPLA per rank (equal batch)\n\n" + paper + "\n")
     if not args.skip_grid:
-        grid = section_grid(gen, copy_bw, args.quick, configs)
+        grid = section_grid(gen, copy_bw, args.quick, configs, fi)
         parts.append("## Kernel bandwidth grid (default tiling)\n\n" + grid + "\n")
     slug = "".join(ch if ch.isalnum() else "-" for ch in props.name).strip("-").lower()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernel_decode_{today}_{slug}.md"
+    if fi is not None and fi.compiled:
+        parts.append("FlashInfer first plan per head_dim_ckv (JIT build or cache load): "
+                     + ", ".join(f"{k}: {v:.1f} s" for k, v in sorted(fi.compiled.items())) + "\n")
     path.write_text("\n".join(parts))
     log(f"wrote {path}")
     return 0 if ok else 1

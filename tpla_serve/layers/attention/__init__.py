@@ -69,4 +69,4 @@ def create_attention_backend(
     return TorchAttentionBackend()
 
 
-__all__ = ["AttentionBackend", "AttentionShape", "BACKENDS", "create_attention_backend", "resolve_backend_name"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionShape", "create_attention_backend", "resolve_backend_name"]
