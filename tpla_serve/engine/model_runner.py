@@ -22,7 +22,9 @@ from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forwa
 from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
 from tpla_serve.layers.attention import create_attention_backend
+from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
+from tpla_serve.spec.draft import DraftModel
 from tpla_serve.tpla.layout import ShardLayout
 from tpla_serve.tpla.options import TPLAOptions
 
@@ -41,6 +43,7 @@ class ModelRunner:
         self.kv_sender: KVSender | None = None  # PD prefill, rank 0: set by the server's prefill role
         self.kv_port: DecodeKVPort | None = None  # PD decode: this rank's KV receiver
         self.kv_endpoints: list[str] = []  # PD decode, rank 0: every rank's receiving endpoint
+        self.draft: DraftModel | None = None  # speculative decoding: this rank's draft model and pool
         self.dtype = config.torch_dtype
         try:
             if rank == 0 and config.tp_size > 1:
@@ -74,6 +77,7 @@ class ModelRunner:
         self.page_size = config.resolved_page_size
         self.ckv_dim = self.model_config.kv_lora_rank // self.layout.latent_groups
         self.rope_dim = self.model_config.qk_rope_head_dim
+        self.draft_config = self._draft_config()
         num_pages = self._profile_num_pages()
         self.kv_pool = LatentKVPool(
             self.model_config.num_hidden_layers,
@@ -85,6 +89,27 @@ class ModelRunner:
             self.device,
         )
         self.allocator = PageAllocator(num_pages)
+        if self.draft_config is not None and self.runs_draft:
+            self.draft = DraftModel(
+                config.speculative_draft_model_path,
+                num_pages,
+                self.page_size,
+                self.dtype,
+                self.device,
+                config.attention_backend,
+                self.layout,
+                config.resolved_easyspec_group_size,
+                config.random_seed,
+                config.load_format,
+            )
+            logger.info(
+                "speculative decoding: %s, draft %s (%d layers, groups %s), k = %d",
+                config.speculative_algorithm,
+                config.speculative_draft_model_path,
+                self.draft_config.num_hidden_layers,
+                self.draft.groups if self.layer_parallel_draft else "sequential",
+                config.speculative_num_draft_tokens,
+            )
         self.kv_fingerprint = self._kv_fingerprint()
         if config.disaggregation_mode == "decode":
             cfg = self.model_config
@@ -112,6 +137,29 @@ class ModelRunner:
             self.rope_dim,
         )
 
+    @property
+    def runs_draft(self) -> bool:
+        """Rank 0 always drafts; the other ranks only take part in layer-parallel (EasySpec) drafting."""
+        return self.config.speculative and (self.rank == 0 or self.layer_parallel_draft)
+
+    @property
+    def layer_parallel_draft(self) -> bool:
+        return self.config.speculative_algorithm == "easyspec" and self.config.tp_size > 1
+
+    def _draft_config(self) -> ModelConfig | None:
+        """The draft's config, checked against the target's: it must speak the same vocabulary."""
+        config = self.config
+        if not config.speculative:
+            return None
+        path = Path(config.speculative_draft_model_path)
+        draft = ModelConfig.from_json_file(path) if path.is_file() else ModelConfig.from_pretrained_dir(path)
+        if draft.vocab_size != self.model_config.vocab_size:
+            raise ValueError(
+                f"the draft model {path} has vocab_size {draft.vocab_size}, the target "
+                f"{self.model_config.vocab_size}: a draft must share the target's tokenizer"
+            )
+        return draft
+
     def _kv_fingerprint(self) -> str:
         """What a PD peer must match: the weights, the latent transform and the calibration folded in."""
         h = hashlib.sha256(f"{self.model.fingerprint}|{self.config.tpla_transform}".encode())
@@ -126,6 +174,12 @@ class ModelRunner:
         )
 
     @property
+    def draft_kv_bytes_per_token(self) -> int:
+        if self.draft_config is None or not self.runs_draft:
+            return 0
+        return DraftModel.bytes_per_token(self.draft_config, self.dtype)
+
+    @property
     def max_total_tokens(self) -> int:
         return self.allocator.num_usable * self.page_size
 
@@ -135,7 +189,7 @@ class ModelRunner:
 
     def _profile_num_pages(self) -> int:
         """Size the pool from the memory budget: measured free GPU memory, or a byte budget on CPU."""
-        bytes_per_page = self.kv_bytes_per_token * self.page_size
+        bytes_per_page = (self.kv_bytes_per_token + self.draft_kv_bytes_per_token) * self.page_size
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1.0 - self.config.mem_fraction_static)
@@ -189,6 +243,31 @@ class ModelRunner:
         self.attn_backend.prepare(fb)
         return self.model(fb)
 
+    def draft_forward(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor:
+        """Rank 0: run the draft model (on every rank when drafting is layer-parallel); fp32 logits of the
+        rows the entries ask for. EXTEND is the exact sequential forward (draft prefill, bonus calibration);
+        DECODE drafts one token per request, layer-parallel under EasySpec."""
+        assert self.draft is not None and self.rank == 0
+        if self.control is None or not self.layer_parallel_draft:
+            return self._draft_local(mode, entries)
+        step = {
+            "op": "draft",
+            "mode": mode.value,
+            "entries": [[e.new_token_ids, e.prefix_len, e.pages, e.logits_for_all] for e in entries],
+        }
+        control = self.control
+
+        def announce_and_run() -> torch.Tensor:
+            control.send(step)
+            return self._draft_local(mode, entries)
+
+        return self._collective(announce_and_run)
+
+    def _draft_local(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor | None:
+        assert self.draft is not None
+        layer_parallel = mode is ForwardMode.DECODE and self.layer_parallel_draft
+        return self.draft.forward(mode, entries, layer_parallel, want_logits=self.rank == 0)
+
     # ------------------------------------------------------------------ PD decode, rank 0
 
     def expect_room(self, room: int, n_tokens: int, pages: list[int], host: str, port: int | None) -> None:
@@ -238,7 +317,10 @@ class ModelRunner:
                 dist.barrier(group=self.control.group)
             else:
                 entries = [BatchEntry(ids, prefix, pages, bool(a)) for ids, prefix, pages, a in msg["entries"]]
-                self._forward_local(ForwardMode(msg["mode"]), entries)
+                if op == "draft":
+                    self._draft_local(ForwardMode(msg["mode"]), entries)
+                else:
+                    self._forward_local(ForwardMode(msg["mode"]), entries)
 
     @torch.no_grad()
     def randomize_kv(self, seed: int) -> None:
@@ -272,6 +354,6 @@ class ModelRunner:
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.device.type == "cuda":  # give the memory back: another engine may start in this process
-            for name in ("model", "kv_pool", "attn_backend"):
+            for name in ("model", "kv_pool", "attn_backend", "draft"):
                 self.__dict__.pop(name, None)
             torch.cuda.empty_cache()

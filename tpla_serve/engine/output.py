@@ -22,6 +22,14 @@ def request_output(
     }
     if req.finish_time is not None:
         meta["e2e_latency"] = req.finish_time - req.arrival_time
+    if req.speculative:
+        verifies, proposed = req.spec_verify_ct, req.spec_num_proposed_drafts
+        meta["spec_verify_ct"] = verifies
+        meta["spec_num_proposed_drafts"] = proposed
+        meta["spec_num_correct_drafts"] = req.spec_num_correct_drafts
+        meta["spec_accept_rate"] = req.spec_num_correct_drafts / proposed if proposed else 0.0
+        # Tokens per verification step; the first output token comes from prefill, not from a block.
+        meta["spec_accept_length"] = (len(req.output_ids) - 1) / verifies if verifies else 0.0
     if req.return_logprob:
         decoder = tokenizer if return_text_in_logprobs else None
         n_out = len(req.output_logprobs)

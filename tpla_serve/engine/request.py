@@ -50,6 +50,13 @@ class Request:
     finish_time: float | None = None
     num_retractions: int = 0
     bootstrap_room: int | None = None  # PD prefill: the room this prompt's KV streams to
+    # Speculative decoding: the draft model's KV is exact for all_ids[:draft_computed]; counters as SGLang
+    # reports them (verification steps, drafts proposed, drafts accepted).
+    speculative: bool = False
+    draft_computed: int = 0
+    spec_verify_ct: int = 0
+    spec_num_proposed_drafts: int = 0
+    spec_num_correct_drafts: int = 0
 
     @property
     def all_ids(self) -> list[int]:

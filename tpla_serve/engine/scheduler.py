@@ -1,8 +1,8 @@
 """Continuous batching: admit, chunk, batch, sample, finish, retract.
 
 Each step is either one EXTEND batch (prompt chunks, exact MLA, up to --chunked-prefill-size tokens) or
-one DECODE batch (one new token for every running request). Prefill goes first so new requests join the
-running batch at the next step. When pages run short, waiting requests stay queued and, if a decode step
+one DECODE batch (one new token for every running request, or with speculative decoding one verified
+block of up to k + 1 tokens). Prefill goes first so new requests join the running batch at the next step. When pages run short, waiting requests stay queued and, if a decode step
 cannot grow, the newest running request is retracted (its pages freed, recomputed later): no request is
 dropped and the engine never fails for lack of memory.
 """
@@ -24,6 +24,7 @@ from tpla_serve.engine.request import Request, RequestStatus
 from tpla_serve.sampling.logprobs import token_logprobs
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, resolve_seed
+from tpla_serve.spec.decoder import BlockResult, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ class SchedulerStats:
     generated_tokens: int
     prompt_tokens: int
     num_retractions: int
+    spec_verify_steps: int = 0
+    spec_proposed_drafts: int = 0
+    spec_accepted_drafts: int = 0
+    spec_emitted_tokens: int = 0  # tokens verification steps produced (accepted drafts + bonus/correction)
+    spec_draft_seconds: float = 0.0
+    spec_verify_seconds: float = 0.0
 
 
 class _NoText:
@@ -65,6 +72,13 @@ class Scheduler:
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.num_retractions = 0
+        self.spec: SpeculativeDecoder | None = None
+        if runner.draft is not None:
+            self.spec = SpeculativeDecoder(runner, self.sampler, self.vocab_size, self.eos_token_ids)
+        self.num_draft_tokens = self.config.speculative_num_draft_tokens
+        self.spec_totals = dict.fromkeys(
+            ("verify_steps", "proposed", "accepted", "emitted", "draft_seconds", "verify_seconds"), 0
+        )
 
     # ------------------------------------------------------------------ admission
 
@@ -138,6 +152,7 @@ class Scheduler:
             top_logprobs_num=top_logprobs_num,
             stream=stream,
             seed=resolve_seed(params),
+            speculative=self.spec is not None,
         )
         return req
 
@@ -194,6 +209,12 @@ class Scheduler:
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
             num_retractions=self.num_retractions,
+            spec_verify_steps=self.spec_totals["verify_steps"],
+            spec_proposed_drafts=self.spec_totals["proposed"],
+            spec_accepted_drafts=self.spec_totals["accepted"],
+            spec_emitted_tokens=self.spec_totals["emitted"],
+            spec_draft_seconds=self.spec_totals["draft_seconds"],
+            spec_verify_seconds=self.spec_totals["verify_seconds"],
         )
 
     # ------------------------------------------------------------------ one step
@@ -249,10 +270,20 @@ class Scheduler:
         """A request decodes once the KV of everything but its newest sampled token is cached."""
         return bool(req.output_ids) and req.num_computed == req.seq_len - 1
 
+    def _num_drafts(self, req: Request) -> int:
+        """Draft tokens a request proposes this step: k, fewer near its max_new_tokens (a block emits at
+        most num_drafts + 1 tokens), so a block never reaches past the request's context."""
+        if self.spec is None:
+            return 0
+        return max(0, min(self.num_draft_tokens, req.params.max_new_tokens - len(req.output_ids) - 1))
+
     def _schedule_decode(self) -> list[Request]:
         batch = [r for r in self.running if self._is_decoding(r)]
         for req in list(batch):
-            while req in batch and not self._grow(req, req.seq_len):
+            lookahead = self._num_drafts(req)
+            while req in batch and not self._grow(req, req.seq_len + lookahead):
+                if lookahead and self._grow(req, req.seq_len):
+                    break  # this step decodes it without drafts
                 victim = max(batch, key=lambda r: r.arrival_time)
                 self._retract(victim)
                 batch.remove(victim)
@@ -263,6 +294,7 @@ class Scheduler:
         self.allocator.free(req.pages)
         req.pages = []
         req.num_computed = 0
+        req.draft_computed = 0
         req.status = RequestStatus.WAITING
         req.num_retractions += 1
         self.num_retractions += 1
@@ -279,6 +311,12 @@ class Scheduler:
                 BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
             )
         logits = self.runner.forward(ForwardMode.EXTEND, entries)
+        if self.spec is not None:  # the draft prefills the same chunks into its own pool
+            self.runner.draft_forward(
+                ForwardMode.EXTEND, [BatchEntry(e.new_token_ids, e.prefix_len, e.pages) for e in entries]
+            )
+            for req, n in chosen:
+                req.draft_computed = req.num_computed + n
         row = 0
         sample_reqs: list[Request] = []
         sample_rows: list[int] = []
@@ -298,12 +336,54 @@ class Scheduler:
         return [r for r, _ in chosen if r in sample_reqs or r.finished]
 
     def _run_decode(self, batch: list[Request]) -> list[Request]:
+        if self.spec is not None:
+            return self._run_spec_decode(batch)
         entries = [BatchEntry([r.all_ids[-1]], r.num_computed, list(r.pages)) for r in batch]
         logits = self.runner.forward(ForwardMode.DECODE, entries)
         for req in batch:
             req.num_computed += 1
         self._sample_and_append(batch, logits)
         return batch
+
+    def _run_spec_decode(self, batch: list[Request]) -> list[Request]:
+        """One verified block per request; rejected positions' KV is dropped, whole pages freed."""
+        assert self.spec is not None
+        num_drafts = [min(self._num_drafts(r), len(r.pages) * self.page_size - r.seq_len) for r in batch]
+        results, timing = self.spec.step(batch, num_drafts)
+        totals = self.spec_totals
+        totals["verify_steps"] += 1
+        totals["draft_seconds"] += timing.draft_seconds
+        totals["verify_seconds"] += timing.verify_seconds
+        now = time.monotonic()
+        for req, res in zip(batch, results):
+            req.spec_verify_ct += 1
+            req.spec_num_proposed_drafts += res.num_drafts
+            req.spec_num_correct_drafts += res.num_accepted
+            totals["proposed"] += res.num_drafts
+            totals["accepted"] += res.num_accepted
+            totals["emitted"] += len(res.tokens)
+            req.num_computed += 1 + res.num_accepted  # the last token and the accepted drafts
+            self._append_block(req, res, now)
+            if not req.finished:
+                keep = -(-req.seq_len // self.page_size)
+                if len(req.pages) > keep:
+                    self.allocator.free(req.pages[keep:])
+                    del req.pages[keep:]
+        return batch
+
+    def _append_block(self, req: Request, res: BlockResult, now: float) -> None:
+        """Emit a block's tokens in order until the request finishes; nothing past a stop is emitted."""
+        for i, tok in enumerate(res.tokens):
+            self._append_token(
+                req,
+                tok,
+                res.logprobs[i] if res.logprobs is not None else None,
+                res.top_vals[i] if res.top_vals is not None else None,
+                res.top_ids[i] if res.top_ids is not None else None,
+                now,
+            )
+            if req.finished:
+                return
 
     def _record_prompt_logprobs(self, req: Request, logits: torch.Tensor, start: int, n: int) -> None:
         """Row i of this chunk is position start + i, whose logits score prompt token start + i + 1."""

@@ -269,19 +269,37 @@ class Sampler:
         logits = adjusted_logits(logits, batch)
 
         max_k = max(top_logprobs_nums, default=0) if top_logprobs_nums is not None else 0
-        want_logprobs = return_logprob or max_k > 0
+        full = self._full_logprobs(logits, batch) if return_logprob or max_k > 0 else None
         if batch.is_all_greedy:
             next_ids = logits.argmax(dim=-1)
-            full = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         else:
-            scaled = logits / batch.temperatures
-            full = None
-            if want_logprobs:
-                full = torch.log_softmax(logits if self.return_original_logprob else scaled, dim=-1)
-            next_ids = self._draw(scaled, batch)
+            next_ids = self._draw(logits / batch.temperatures, batch)
             if batch.any_greedy:
                 next_ids = torch.where(batch.greedy, logits.argmax(dim=-1), next_ids)
         return self._pack(next_ids, full, return_logprob, top_logprobs_nums, max_k)
+
+    def score(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        token_ids: torch.Tensor,
+        top_logprobs_nums: Sequence[int] | None = None,
+    ) -> SamplerOutput:
+        """Logprobs of tokens chosen elsewhere (speculative verification), as __call__ reports them."""
+        if logits.shape != (batch.batch_size, batch.vocab_size) or token_ids.shape != (batch.batch_size,):
+            raise ValueError(
+                f"logits must be [B={batch.batch_size}, V={batch.vocab_size}] and token_ids [B], got "
+                f"{tuple(logits.shape)} and {tuple(token_ids.shape)}"
+            )
+        max_k = max(top_logprobs_nums, default=0) if top_logprobs_nums is not None else 0
+        full = self._full_logprobs(adjusted_logits(logits, batch), batch)
+        return self._pack(token_ids.long(), full, True, top_logprobs_nums, max_k)
+
+    def _full_logprobs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """log_softmax over the adjusted logits, after temperature unless return_original_logprob."""
+        if batch.is_all_greedy or self.return_original_logprob:
+            return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(logits / batch.temperatures, dim=-1)
 
     @staticmethod
     def _draw(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

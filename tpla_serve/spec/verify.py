@@ -122,12 +122,13 @@ def processed_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         raise ValueError(
             f"logits must be [N={batch.batch_size}, V={batch.vocab_size}], got {tuple(logits.shape)}"
         )
-    scaled = adjusted_logits(logits, batch) / batch.temperatures
+    adjusted = adjusted_logits(logits, batch)
+    scaled = adjusted / batch.temperatures
     if batch.need_top_k or batch.need_top_p or batch.need_min_p:
         scaled = scaled.masked_fill(~truncation_mask(scaled, batch), float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     if batch.any_greedy:
-        one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        one_hot = torch.zeros_like(probs).scatter_(1, adjusted.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(batch.greedy.unsqueeze(1), one_hot, probs)
     return probs
 
@@ -144,15 +145,18 @@ def _emit(draft_tokens: torch.Tensor, accepted_len: torch.Tensor, last: torch.Te
     return tokens.scatter_(1, accepted_len.unsqueeze(1), last.long().unsqueeze(1))
 
 
-def greedy_verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> VerifyOutput:
+def greedy_verify(
+    target_logits: torch.Tensor, draft_tokens: torch.Tensor, num_drafts: torch.Tensor | None = None
+) -> VerifyOutput:
     """Accept the longest prefix of drafts equal to the target's argmax; then the argmax there.
 
     target_logits [B, k+1, V], draft_tokens [B, k]. The emitted tokens are exactly what greedy
-    decoding of the target alone would produce.
+    decoding of the target alone would produce. num_drafts [B] (default k): how many of a row's k
+    drafts are real when a batch's blocks differ in length; the rest are padding, never accepted.
     """
     _check_block(target_logits, draft_tokens)
     argmax = target_logits.argmax(dim=-1)
-    accepted_len = _prefix_len(draft_tokens.long() == argmax[:, :-1])
+    accepted_len = _clamp(_prefix_len(draft_tokens.long() == argmax[:, :-1]), num_drafts)
     last = argmax.gather(1, accepted_len.unsqueeze(1)).squeeze(1)
     return VerifyOutput(accepted_len, _emit(draft_tokens, accepted_len, last))
 
@@ -172,21 +176,27 @@ def accepted_lengths(
 
 
 def correction_tokens(
-    target_probs: torch.Tensor, draft_probs: torch.Tensor, accepted_len: torch.Tensor, draw_u: torch.Tensor
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    accepted_len: torch.Tensor,
+    draw_u: torch.Tensor,
+    num_drafts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B]: the token at position accepted_len, drawn by inverse CDF with one uniform per row.
 
     After a rejection at position a < k it comes from norm(max(0, p_a - q_a)), the part of the
-    target's mass the draft under-proposed; after k acceptances, from p_k (the bonus token).
-    Where rounding leaves no residual mass (p_a == q_a), it falls back to p_a.
+    target's mass the draft under-proposed; after all k (or a row's num_drafts) acceptances, from
+    p_a itself (the bonus token). Where rounding leaves no residual mass (p_a == q_a), it falls
+    back to p_a.
     """
     b, k1, v = target_probs.shape
     k = k1 - 1
     rows = torch.arange(b, device=target_probs.device)
     p = target_probs[rows, accepted_len].double()
     if k > 0:
+        limit = num_drafts if num_drafts is not None else k
         q = draft_probs[rows, accepted_len.clamp(max=k - 1)].double()
-        q = q * (accepted_len < k).unsqueeze(1)
+        q = q * (accepted_len < limit).unsqueeze(1)
         residual = (p - q).clamp_(min=0.0)
         residual = torch.where(residual.sum(dim=1, keepdim=True) > 0, residual, p)
     else:
@@ -201,12 +211,14 @@ def speculative_verify(
     draft_probs: torch.Tensor,
     draft_tokens: torch.Tensor,
     uniforms: VerifyUniforms,
+    num_drafts: torch.Tensor | None = None,
 ) -> VerifyOutput:
     """Standard speculative sampling with the bonus token.
 
     target_probs [B, k+1, V] (p_0..p_k), draft_probs [B, k, V] (q_0..q_{k-1}, the distributions d_1..d_k
     were drawn from), draft_tokens [B, k], all from `processed_probs`. The emitted tokens are
-    distributed exactly as k' <= k + 1 tokens sampled from the target one at a time.
+    distributed exactly as k' <= k + 1 tokens sampled from the target one at a time. num_drafts [B]
+    (default k) marks a row's real drafts, as in greedy_verify.
     """
     _check_block(target_probs, draft_tokens)
     b, k = draft_tokens.shape
@@ -216,9 +228,13 @@ def speculative_verify(
         )
     if uniforms.accept.shape != (b, k) or uniforms.draw.shape != (b,):
         raise ValueError(f"uniforms must be accept [B={b}, k={k}] and draw [B={b}]")
-    accepted_len = accepted_lengths(target_probs, draft_probs, draft_tokens, uniforms.accept)
-    last = correction_tokens(target_probs, draft_probs, accepted_len, uniforms.draw)
+    accepted_len = _clamp(accepted_lengths(target_probs, draft_probs, draft_tokens, uniforms.accept), num_drafts)
+    last = correction_tokens(target_probs, draft_probs, accepted_len, uniforms.draw, num_drafts)
     return VerifyOutput(accepted_len, _emit(draft_tokens, accepted_len, last))
+
+
+def _clamp(accepted_len: torch.Tensor, num_drafts: torch.Tensor | None) -> torch.Tensor:
+    return accepted_len if num_drafts is None else torch.minimum(accepted_len, num_drafts.to(accepted_len))
 
 
 def _prefix_len(accepted: torch.Tensor) -> torch.Tensor:
