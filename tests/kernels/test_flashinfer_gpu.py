@@ -18,7 +18,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-flashinfer = pytest.importorskip("flashinfer", reason="flashinfer is not installed (pip install flashinfer-python)")
 
 ROPE = 64
 
@@ -39,6 +38,7 @@ CASES = [
 def test_flashinfer_decode_matches_torch(
     batch: int, ctx: int, heads: int, ckv: int, page_size: int, q_lens: int | str, nope_scale: float
 ) -> None:
+    pytest.importorskip("flashinfer", reason="flashinfer is not installed (pip install flashinfer-python)")
     from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend
 
     seed = int.from_bytes(os.urandom(4), "little")

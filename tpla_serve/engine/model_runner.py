@@ -21,7 +21,8 @@ from tpla_serve.disagg import DecodeLayout, KVSender
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
-from tpla_serve.layers.attention import create_attention_backend
+from tpla_serve.engine.cuda_graph import CudaGraphRunner
+from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
 from tpla_serve.spec.draft import DraftModel
@@ -44,6 +45,7 @@ class ModelRunner:
         self.kv_port: DecodeKVPort | None = None  # PD decode: this rank's KV receiver
         self.kv_endpoints: list[str] = []  # PD decode, rank 0: every rank's receiving endpoint
         self.draft: DraftModel | None = None  # speculative decoding: this rank's draft model and pool
+        self.cuda_graph: CudaGraphRunner | None = None  # GPU: captured decode steps
         self.dtype = config.torch_dtype
         try:
             if rank == 0 and config.tp_size > 1:
@@ -73,10 +75,13 @@ class ModelRunner:
             calibration_path=config.tpla_calibration,
         )
         self.model_config = self.model.config
-        self.attn_backend = create_attention_backend(config.attention_backend, self.device)
         self.page_size = config.resolved_page_size
         self.ckv_dim = self.model_config.kv_lora_rank // self.layout.latent_groups
         self.rope_dim = self.model_config.qk_rope_head_dim
+        shape = AttentionShape(
+            self.model.model.layers[0].self_attn.num_local_heads, self.ckv_dim, self.rope_dim, self.page_size, self.dtype
+        )
+        self.attn_backend = create_attention_backend(config.attention_backend, self.device, shape)
         self.draft_config = self._draft_config()
         num_pages = self._profile_num_pages()
         self.kv_pool = LatentKVPool(
@@ -111,6 +116,12 @@ class ModelRunner:
                 config.speculative_num_draft_tokens,
             )
         self.kv_fingerprint = self._kv_fingerprint()
+        if self.device.type == "cuda" and not config.disable_cuda_graph:
+            self.cuda_graph = CudaGraphRunner(
+                self.model, self.attn_backend, self.kv_pool, config, self.device,
+                -(-self.context_length // self.page_size),
+            )
+            self._collective(self.cuda_graph.capture)
         if config.disaggregation_mode == "decode":
             cfg = self.model_config
             layout = DecodeLayout(
@@ -237,6 +248,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward_local(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor:
+        if self.cuda_graph is not None and self.cuda_graph.can_run(mode, entries):
+            return self.cuda_graph.replay(entries)
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
         if self.kv_sender is not None and any(e.kv_room is not None for e in entries):
             fb.kv_sink = LayerKVStreamer(self.kv_sender, entries)
@@ -354,6 +367,6 @@ class ModelRunner:
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.device.type == "cuda":  # give the memory back: another engine may start in this process
-            for name in ("model", "kv_pool", "attn_backend", "draft"):
+            for name in ("cuda_graph", "model", "kv_pool", "attn_backend", "draft"):
                 self.__dict__.pop(name, None)
             torch.cuda.empty_cache()
