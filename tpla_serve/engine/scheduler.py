@@ -47,6 +47,8 @@ class SchedulerStats:
     spec_emitted_tokens: int = 0  # tokens verification steps produced (accepted drafts + bonus/correction)
     spec_draft_seconds: float = 0.0
     spec_verify_seconds: float = 0.0
+    spec_accept_rate: float = 0.0  # accepted / proposed drafts
+    spec_accept_length: float = 0.0  # mean tokens emitted per verification step
 
 
 class _NoText:
@@ -215,6 +217,8 @@ class Scheduler:
             spec_emitted_tokens=self.spec_totals["emitted"],
             spec_draft_seconds=self.spec_totals["draft_seconds"],
             spec_verify_seconds=self.spec_totals["verify_seconds"],
+            spec_accept_rate=self.spec_totals["accepted"] / max(self.spec_totals["proposed"], 1),
+            spec_accept_length=self.spec_totals["emitted"] / max(self.spec_totals["verify_steps"], 1),
         )
 
     # ------------------------------------------------------------------ one step

@@ -66,12 +66,25 @@ class ControlChannel:
         return msgpack.unpackb(buf.numpy().tobytes(), raw=False)
 
 
+def share_cpu_cores(tp_size: int, rank: int) -> None:
+    """CPU ranks split the cores: T processes each running all cores' threads oversubscribe them, and the
+    threads' spin-waits make every step several times slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // tp_size)
+    if torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
+        if rank == 0:
+            logger.info("CPU tensor parallelism: %d threads per rank on %d cores", threads, cores)
+
+
 def init_tp(config: EngineConfig, rank: int, port: int) -> ControlChannel:
     """Join the TP group; every rank calls this with the same port."""
     device = rank_device(config, rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        share_cpu_cores(config.tp_size, rank)
     dist.init_process_group(
         backend,
         init_method=f"tcp://127.0.0.1:{port}",

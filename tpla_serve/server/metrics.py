@@ -35,6 +35,16 @@ STATS_METRICS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
     (("kv_transfer_bytes", "kv_transfer_bytes_sent"), "kv_transfer_bytes", "counter",
      "Bytes of KV cache received (decode) or sent (prefill) for PD requests"),
     (("kv_transfer_seconds",), "kv_transfer_seconds", "counter", "Seconds spent receiving KV cache (PD)"),
+    (("spec_verify_steps",), "spec_verify_steps", "counter", "Speculative decoding: verification steps run"),
+    (("spec_proposed_drafts",), "spec_proposed_drafts", "counter", "Speculative decoding: draft tokens proposed"),
+    (("spec_accepted_drafts",), "spec_accepted_drafts", "counter", "Speculative decoding: draft tokens accepted"),
+    (("spec_accept_rate",), "spec_accept_rate", "gauge", "Speculative decoding: accepted / proposed draft tokens"),
+    (("spec_accept_length",), "spec_accept_length", "gauge",
+     "Speculative decoding: mean tokens emitted per verification step"),
+    (("spec_draft_seconds",), "spec_draft_seconds", "counter",
+     "Speculative decoding: seconds drafting (bonus calibration + draft steps); / spec_verify_steps per step"),
+    (("spec_verify_seconds",), "spec_verify_seconds", "counter",
+     "Speculative decoding: seconds in the target's block forward and verification"),
 )
 
 
