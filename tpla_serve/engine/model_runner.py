@@ -364,7 +364,7 @@ class ModelRunner:
                     logger.warning("TP shutdown: could not reach every rank")
             self.peers.join()
             self.peers = None
-        if dist.is_initialized():
+        if self.control is not None and dist.is_initialized():  # only the group this runner joined
             dist.destroy_process_group()
         if self.device.type == "cuda":  # give the memory back: another engine may start in this process
             for name in ("cuda_graph", "model", "kv_pool", "attn_backend", "draft"):
