@@ -123,7 +123,12 @@ class FlashInfer:
         return lambda: wrapper.run(q_nope, q_pe, pool.ckv, pool.kpe, out=out)
 
     def time(self, pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor) -> float | str:
-        """Median ms as time_graph measures ours; a failure is reported in the table, not hidden."""
+        """Median ms as time_graph measures ours; a failure is reported in the table, not hidden.
+        Shapes the backend refuses are not run: a kernel fault would end the whole process."""
+        from tpla_serve.layers.attention.flashinfer_backend import SUPPORTED_CKV
+
+        if q_nope.shape[-1] not in SUPPORTED_CKV:
+            return "n/a"
         try:
             return time_graph(self.runner(pool, q_nope, q_pe))
         except Exception as exc:  # e.g. a head_dim_ckv this FlashInfer build cannot instantiate

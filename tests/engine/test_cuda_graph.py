@@ -35,8 +35,6 @@ def test_padded_step_equals_eager_step(engine):
     inputs = pad_decode_inputs(entries, 4, max_pages, runner.page_size)
     assert inputs.page_table[3].eq(0).all() and inputs.seq_lens[3] == 1 and inputs.out_cache_loc[3] == 0
     seq_lens = inputs.seq_lens.tolist()
-    t = torch.arange(max(seq_lens))
-    slots = inputs.page_table[:, t // runner.page_size].long() * runner.page_size + t % runner.page_size
     fb = ForwardBatch(
         mode=ForwardMode.DECODE,
         input_ids=inputs.input_ids,
@@ -45,7 +43,6 @@ def test_padded_step_equals_eager_step(engine):
         seq_lens=seq_lens,
         qo_indptr=torch.arange(5),
         kv_indptr=torch.tensor([0, *seq_lens]).cumsum(0),
-        kv_indices=slots[t[None, :] < inputs.seq_lens[:, None]],
         out_cache_loc=inputs.out_cache_loc,
         page_table=inputs.page_table,
         seq_lens_t=inputs.seq_lens,

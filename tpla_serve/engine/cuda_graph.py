@@ -136,7 +136,6 @@ class CudaGraphRunner:
             seq_lens=[1] * bs,
             qo_indptr=self.rows[: bs + 1],
             kv_indptr=self.rows[: bs + 1],
-            kv_indices=self.out_cache_loc[:bs],
             out_cache_loc=self.out_cache_loc[:bs],
             page_table=self.page_table[:bs],
             seq_lens_t=self.seq_lens[:bs],

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ class ForwardBatch:
     seq_lens: list[int]  # KV tokens per request after this step, prefix + new (host)
     qo_indptr: torch.Tensor  # [B+1] int64
     kv_indptr: torch.Tensor  # [B+1] int64
-    kv_indices: torch.Tensor  # [sum(seq_lens)] int64 slots, in position order per request
     out_cache_loc: torch.Tensor  # [N] int64 slots the new tokens are written to
     page_table: torch.Tensor  # [B, max_pages] int32, padded with page 0
     seq_lens_t: torch.Tensor  # [B] int32, seq_lens on the device
@@ -51,10 +51,22 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     capture: LatentObserver | None = None
     kv_sink: LayerKVSink | None = None
+    _kv_indices: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.q_lens)
+
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        """[sum(seq_lens)] int64: every KV slot of every request, in position order. Computed on the device
+        from the page table on first use: paged kernels never need it, so most decode steps skip it."""
+        if self._kv_indices is None:
+            page_size = self.kv_pool.page_size
+            t = torch.arange(max(self.seq_lens), device=self.page_table.device)
+            slots = self.page_table[:, t // page_size].long() * page_size + t % page_size
+            self._kv_indices = slots[t[None, :] < self.seq_lens_t[:, None].long()]
+        return self._kv_indices
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,10 @@ def build_forward_batch(
         q_lens.append(q_len)
         seq_lens.append(seq_len)
     max_pages = max(len(e.pages) for e in entries)
-    table = torch.zeros(len(entries), max_pages, dtype=torch.int32)
+    table = np.zeros((len(entries), max_pages), dtype=np.int32)  # row by row in numpy: no per-row tensors
     for i, e in enumerate(entries):
-        table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
-    page_table = table.to(device, non_blocking=True)
+        table[i, : len(e.pages)] = e.pages
+    page_table = torch.from_numpy(table).to(device, non_blocking=True)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True)
 
     def indptr(lens: list[int]) -> torch.Tensor:
@@ -113,11 +125,6 @@ def build_forward_batch(
 
     def ints(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-    # Every KV slot of every request, in position order, computed on the device from the page table.
-    t = torch.arange(max(seq_lens), device=device)
-    slots = page_table[:, t // page_size].long() * page_size + t % page_size
-    kv_indices = slots[t[None, :] < seq_lens_t[:, None].long()]
 
     return ForwardBatch(
         mode=mode,
@@ -127,7 +134,6 @@ def build_forward_batch(
         seq_lens=seq_lens,
         qo_indptr=indptr(q_lens),
         kv_indptr=indptr(seq_lens),
-        kv_indices=kv_indices,
         out_cache_loc=ints(out_loc),
         page_table=page_table,
         seq_lens_t=seq_lens_t,

@@ -18,10 +18,11 @@ from tpla_serve.layers.attention import AttentionShape
 from tpla_serve.layers.attention.base import AttentionBackend
 from tpla_serve.layers.attention.triton_backend import sdpa_extend
 
-# FlashInfer instantiates its MLA kernels per (head_dim_ckv, head_dim_kpe) from one template; upstream
-# tests 512/64 (DeepSeek), the TPLA slices 256 and 128 compile for sm_90a from the same template. Its
-# split-KV scheduler sizes the partial outputs for 2-byte output types, so fp32 is not supported.
-SUPPORTED_CKV = (128, 256, 512)
+# FlashInfer instantiates its MLA kernels per (head_dim_ckv, head_dim_kpe) from one template and tests
+# 512/64 (DeepSeek). The TPLA slices 256 and 128 compile for sm_90a, but the Hopper (fa3) kernel then
+# faults with an illegal memory access (H200, flashinfer 0.6.0), so only the full latent is accepted.
+# Its split-KV scheduler sizes the partial outputs for 2-byte output types, so fp32 is not supported.
+SUPPORTED_CKV = (512,)
 SUPPORTED_ROPE = (64,)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended split-KV workspace
