@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--mem-fraction-static", type=float, default=0.85)
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="CPU runs only")
+    parser.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
     args = parser.parse_args()
 
@@ -89,6 +90,7 @@ def main() -> None:
             json_model_override_args=args.override, tp_size=args.tp, tpla_groups=g, dtype=args.dtype,
             device=args.device, attention_backend=args.attention_backend, max_running_requests=args.max_batch,
             mem_fraction_static=args.mem_fraction_static, kv_cache_bytes=args.kv_cache_bytes,
+            disable_cuda_graph=args.disable_cuda_graph,
         )
         try:
             engine.runner.randomize_kv(0)
@@ -117,7 +119,9 @@ def main() -> None:
     body = (
         f"Model: `{args.model}` dummy weights, overrides `{args.override}`, {args.dtype}, TP={args.tp}, "
         f"attention backend `{args.attention_backend}`, {args.steps} timed decode steps after 2 warm-up steps; "
-        "prefill skipped (KV pool filled with random values). No CUDA graphs.\n\n" + "\n".join(lines)
+        "prefill skipped (KV pool filled with random values). "
+        + ("No CUDA graphs." if args.disable_cuda_graph else "Decode steps replay CUDA graphs (captured per batch bucket).")
+        + "\n\n" + "\n".join(lines)
     )
     name = f"e2e_decode_{args.model}" + (f"_{args.tag}" if args.tag else "")
     print(write_result(name, f"End-to-end decode: MLA-TP vs TPLA, TP={args.tp}", body))

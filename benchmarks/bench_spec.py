@@ -91,7 +91,7 @@ def main() -> None:
         dtype=args.dtype, attention_backend=args.attention_backend,
     )
     ks = [int(k) for k in args.ks.split(",")]
-    group_sizes = [int(n) for n in args.group_sizes.split(",")]
+    group_sizes = [int(n) for n in args.group_sizes.split(",") if n]  # empty: no easyspec runs (T = 1)
     runs: list[tuple[str, int | None, int | None, dict]] = [("plain", None, None, base)]
     for k in ks:
         spec = dict(base, speculative_draft_model_path=DRAFT_PATH, speculative_num_draft_tokens=k)

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -55,7 +56,7 @@ def pad_decode_inputs(entries: list[BatchEntry], bs: int, max_pages: int, page_s
         raise ValueError(f"{len(entries)} requests do not fit a bucket of {bs}")
     pad = bs - len(entries)
     ids, pos, loc, seq = [], [], [], []
-    table = torch.zeros(bs, max_pages, dtype=torch.int32)
+    table = np.zeros((bs, max_pages), dtype=np.int32)
     for i, e in enumerate(entries):
         if len(e.new_token_ids) != 1:
             raise ValueError(f"a captured decode step takes one new token per request, got {len(e.new_token_ids)}")
@@ -66,13 +67,13 @@ def pad_decode_inputs(entries: list[BatchEntry], bs: int, max_pages: int, page_s
         pos.append(p)
         loc.append(e.pages[p // page_size] * page_size + p % page_size)
         seq.append(p + 1)
-        table[i, : len(e.pages)] = torch.tensor(e.pages, dtype=torch.int32)
+        table[i, : len(e.pages)] = e.pages
     return DecodeInputs(
         torch.tensor(ids + [0] * pad, dtype=torch.int64),
         torch.tensor(pos + [0] * pad, dtype=torch.int64),
         torch.tensor(loc + [0] * pad, dtype=torch.int64),
         torch.tensor(seq + [1] * pad, dtype=torch.int32),
-        table,
+        torch.from_numpy(table),
     )
 
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU tests (FlashInfer backend, CUDA graphs, engine backends), then end-to-end decode with CUDA graphs
+# (V3 attention shapes; with GPUS=2: TP=2, g=1 vs g=2; with GPUS=1: TP=1, graphs on vs off), speculative
+# decoding (plain / standard / easyspec at TP=GPUS) and the kernel table with FlashInfer's MLA beside ours.
+# Run from the repository root with the wheels in .whl/ (flashinfer-python, apache-tvm-ffi, pyzmq).
+# Logs and results go to $OUT. Budget: < 9.5 minutes.
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT/results"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+    CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+    export CUDA_HOME
+fi
+t_start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD:$PWD/router:$PWD/kernels"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+GPUS="${GPUS:-2}"
+status=0
+step() {  # name, time limit, command...: each step logs to $OUT/<name>.log; a failure does not stop the others
+    local name=$1 limit=$2
+    shift 2
+    stamp "$name"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "Loading safetensors\|it/s\]" | tail -n 25
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && status=1
+    stamp "$name rc=$rc"
+}
+
+step pytest_flashinfer 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_flashinfer_gpu.py
+if [ "$GPUS" -ge 2 ]; then
+    step pytest_engine 170 python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py
+    step e2e_v3attn 170 python3 benchmarks/bench_e2e_decode.py --model deepseek-v3 \
+        --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 2 --contexts 4096,16384,32768 \
+        --attention-backend triton --steps 12 --tag v3attn-4layers-graphs
+    step spec 110 python3 benchmarks/bench_spec.py --tp-size 2 --device cuda --dtype float32 --ks 2,4,6 \
+        --group-sizes 2 --num-prompts 16 --new-tokens 128 --name spec_decode_h200x2
+else
+    step pytest_engine 170 python3 -m pytest -m gpu -q -p no:cacheprovider -k "not tp2" \
+        tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py
+    for graphs in "" "--disable-cuda-graph"; do
+        step "e2e_v3attn_tp1${graphs:+_eager}" 100 python3 benchmarks/bench_e2e_decode.py --model deepseek-v3 \
+            --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 1 --groups 1 \
+            --contexts 4096,32768 --attention-backend triton --steps 12 $graphs \
+            --tag "v3attn-4layers-tp1${graphs:+-eager}"
+    done
+    step spec 110 python3 benchmarks/bench_spec.py --tp-size 1 --device cuda --dtype float32 --ks 2,4,6 \
+        --group-sizes "" --num-prompts 16 --new-tokens 128 --name spec_decode_h200x1
+fi
+step kernel 100 python3 benchmarks/bench_decode_kernel.py --quick --skip-grid --out-dir "$OUT/results"
+cp benchmarks/results/*"$(date +%F)"* "$OUT/results/" 2>/dev/null
+stamp "total; exit $status"
+exit $status
