@@ -83,3 +83,12 @@ def test_dense_model_has_no_graph_token_limit(tiny_v3_dir):
         json_model_override_args='{"first_k_dense_replace": 99}',
     )
     assert engine.runner.model.cuda_graph_max_tokens is None
+
+
+def test_page_widths_step_by_four_from_4k_tokens():
+    from tpla_serve.engine.cuda_graph import page_widths
+
+    assert page_widths(2560, 64) == [64, 256, 1024, 2560]
+    assert page_widths(64, 64) == [64]
+    assert page_widths(16, 64) == [16]
+    assert page_widths(300, 16) == [256, 300]

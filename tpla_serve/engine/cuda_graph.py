@@ -77,8 +77,19 @@ def pad_decode_inputs(entries: list[BatchEntry], bs: int, max_pages: int, page_s
     )
 
 
+def page_widths(max_pages: int, page_size: int) -> list[int]:
+    """Page-table widths captured: 4K tokens, then x4 steps, up to max_pages. The attention kernel sizes
+    its KV split by the table's width, so a step replays the narrowest graph its longest request fits
+    (a 4K-token batch must not pay for splits sized for the full context)."""
+    widths, width = [], max(1, 4096 // page_size)
+    while width < max_pages:
+        widths.append(width)
+        width *= 4
+    return [*widths, max_pages]
+
+
 class CudaGraphRunner:
-    """Captures the target model's decode step per batch-size bucket and replays it.
+    """Captures the target model's decode step per (batch size, page-table width) bucket and replays it.
 
     `disabled_reason` says why nothing is captured (then can_run() is always False and the engine runs
     eagerly). Replayed logits are copies: they stay valid after the next replay.
@@ -99,8 +110,9 @@ class CudaGraphRunner:
         self.device = device
         self.max_pages = max_pages
         self.page_size = kv_pool.page_size
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.widths = page_widths(max_pages, self.page_size)
         self.num_replays = 0
         max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
         model_limit = model.cuda_graph_max_tokens
@@ -126,7 +138,7 @@ class CudaGraphRunner:
         self.page_table = torch.zeros(top, max_pages, dtype=torch.int32, device=device)
         self.rows = torch.arange(top + 1, dtype=torch.int64, device=device)
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, width: int) -> ForwardBatch:
         """The bucket's batch over the static buffers. Its host fields describe the capture-time contents
         (one token at position 0 per row); in a replay only the device tensors are live."""
         return ForwardBatch(
@@ -138,7 +150,7 @@ class CudaGraphRunner:
             qo_indptr=self.rows[: bs + 1],
             kv_indptr=self.rows[: bs + 1],
             out_cache_loc=self.out_cache_loc[:bs],
-            page_table=self.page_table[:bs],
+            page_table=self.page_table[:bs, :width],
             seq_lens_t=self.seq_lens[:bs],
             logits_indices=self.rows[:bs],
             kv_pool=self.kv_pool,
@@ -154,19 +166,21 @@ class CudaGraphRunner:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         quiet = dist.is_initialized() and dist.get_rank() != 0
-        for bs in tqdm(self.batch_sizes[::-1], desc="capturing decode CUDA graphs", disable=quiet):
-            fb = self._static_batch(bs)
+        keys = [(bs, w) for bs in self.batch_sizes[::-1] for w in self.widths[::-1]]
+        for bs, width in tqdm(keys, desc="capturing decode CUDA graphs", disable=quiet):
+            fb = self._static_batch(bs, width)
             self.attn_backend.prepare(fb)
             for _ in range(2):  # compile kernels, initialize communicators and library workspaces
                 self.model(fb)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self.model(fb)
-            self.graphs[bs] = graph
+                self.logits[bs, width] = self.model(fb)
+            self.graphs[bs, width] = graph
         torch.cuda.synchronize(self.device)
         logger.info(
-            "CUDA graphs: captured decode batch sizes %s in %.1f s", self.batch_sizes, time.perf_counter() - start
+            "CUDA graphs: captured decode batch sizes %s x page-table widths %s in %.1f s",
+            self.batch_sizes, self.widths, time.perf_counter() - start,
         )
 
     def can_run(self, mode: ForwardMode, entries: list[BatchEntry]) -> bool:
@@ -178,14 +192,16 @@ class CudaGraphRunner:
         )
 
     def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
-        """fp32 logits [B, vocab] of the decode step, computed by the smallest bucket >= B."""
+        """fp32 logits [B, vocab] of the decode step, computed by the smallest bucket >= B whose page table
+        holds the longest request."""
         n = len(entries)
         bs = next(s for s in self.batch_sizes if s >= n)
-        inputs = pad_decode_inputs(entries, bs, self.max_pages, self.page_size)
-        for dst, src in zip(
-            (self.input_ids, self.positions, self.out_cache_loc, self.seq_lens, self.page_table), inputs
-        ):
+        longest = max(len(e.pages) for e in entries)
+        width = next(w for w in self.widths if w >= longest)
+        inputs = pad_decode_inputs(entries, bs, width, self.page_size)
+        for dst, src in zip((self.input_ids, self.positions, self.out_cache_loc, self.seq_lens), inputs):
             dst[:bs].copy_(src, non_blocking=True)
-        self.graphs[bs].replay()
+        self.page_table[:bs, :width].copy_(inputs.page_table, non_blocking=True)
+        self.graphs[bs, width].replay()
         self.num_replays += 1
-        return self.logits[bs][:n].clone()
+        return self.logits[bs, width][:n].clone()

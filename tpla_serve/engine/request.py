@@ -17,7 +17,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: `req in batch` compares identities, never token lists
 class Request:
     """Invariant: the KV of all_ids[:num_computed] is in the cache, in `pages`; outputs are sampled from the
     logits of the last token of all_ids once num_computed == len(all_ids)."""
@@ -61,6 +61,15 @@ class Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def tokens_from(self, start: int) -> list[int]:
+        """all_ids[start:] without copying the whole prompt (decode steps run on long contexts)."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[start:] + self.output_ids if start < n else self.output_ids[start - n :]
 
     @property
     def seq_len(self) -> int:

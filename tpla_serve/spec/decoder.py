@@ -93,7 +93,7 @@ class SpeculativeDecoder:
         entries = []
         for b in active:
             req = reqs[b]
-            entries.append(BatchEntry(req.all_ids[req.draft_computed :], req.draft_computed, list(req.pages)))
+            entries.append(BatchEntry(req.tokens_from(req.draft_computed), req.draft_computed, list(req.pages)))
             req.draft_computed = req.seq_len
         logits = self.runner.draft_forward(ForwardMode.EXTEND, entries)
         for j in range(max(num_drafts)):
@@ -125,7 +125,7 @@ class SpeculativeDecoder:
         draft_probs: list[list[torch.Tensor]] | None,
     ) -> list[BlockResult]:
         entries = [
-            BatchEntry([r.all_ids[-1], *d], r.num_computed, list(r.pages), logits_for_all=True)
+            BatchEntry([r.last_token, *d], r.num_computed, list(r.pages), logits_for_all=True)
             for r, d in zip(reqs, drafts)
         ]
         logits = self.runner.forward(ForwardMode.DECODE, entries)  # [sum(k_b + 1), V]
