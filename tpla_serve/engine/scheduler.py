@@ -41,14 +41,15 @@ class SchedulerStats:
     generated_tokens: int
     prompt_tokens: int
     num_retractions: int
-    spec_verify_steps: int = 0
+    spec_verify_steps: int = 0  # batched verification steps
+    spec_verified_blocks: int = 0  # requests' blocks verified (a step verifies one per running request)
     spec_proposed_drafts: int = 0
     spec_accepted_drafts: int = 0
     spec_emitted_tokens: int = 0  # tokens verification steps produced (accepted drafts + bonus/correction)
     spec_draft_seconds: float = 0.0
     spec_verify_seconds: float = 0.0
     spec_accept_rate: float = 0.0  # accepted / proposed drafts
-    spec_accept_length: float = 0.0  # mean tokens emitted per verification step
+    spec_accept_length: float = 0.0  # mean tokens a request's block emits
 
 
 class _NoText:
@@ -79,7 +80,7 @@ class Scheduler:
             self.spec = SpeculativeDecoder(runner, self.sampler, self.vocab_size, self.eos_token_ids)
         self.num_draft_tokens = self.config.speculative_num_draft_tokens
         self.spec_totals = dict.fromkeys(
-            ("verify_steps", "proposed", "accepted", "emitted", "draft_seconds", "verify_seconds"), 0
+            ("verify_steps", "blocks", "proposed", "accepted", "emitted", "draft_seconds", "verify_seconds"), 0
         )
 
     # ------------------------------------------------------------------ admission
@@ -158,12 +159,24 @@ class Scheduler:
         )
         return req
 
-    def add_prefilled(self, req: Request, pages: list[int], first_token: int, first_logprob: float | None) -> None:
-        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode)."""
+    def add_prefilled(
+        self,
+        req: Request,
+        pages: list[int],
+        first_token: int,
+        first_logprob: float | None,
+        draft_kv: bool = False,
+    ) -> None:
+        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode).
+
+        draft_kv: the prompt's draft KV arrived too (every rank that keeps a draft has it), so the first
+        speculative step calibrates from the first token instead of prefilling the draft over the prompt.
+        """
         if req.rid in self.requests:
             raise ValueError(f"rid {req.rid!r} is already in use")
         req.pages = pages
         req.num_computed = len(req.prompt_ids)
+        req.draft_computed = len(req.prompt_ids) if draft_kv and self.spec is not None else 0
         req.status = RequestStatus.RUNNING
         self.requests[req.rid] = req
         self.prompt_tokens += len(req.prompt_ids)
@@ -212,13 +225,14 @@ class Scheduler:
             prompt_tokens=self.prompt_tokens,
             num_retractions=self.num_retractions,
             spec_verify_steps=self.spec_totals["verify_steps"],
+            spec_verified_blocks=self.spec_totals["blocks"],
             spec_proposed_drafts=self.spec_totals["proposed"],
             spec_accepted_drafts=self.spec_totals["accepted"],
             spec_emitted_tokens=self.spec_totals["emitted"],
             spec_draft_seconds=self.spec_totals["draft_seconds"],
             spec_verify_seconds=self.spec_totals["verify_seconds"],
             spec_accept_rate=self.spec_totals["accepted"] / max(self.spec_totals["proposed"], 1),
-            spec_accept_length=self.spec_totals["emitted"] / max(self.spec_totals["verify_steps"], 1),
+            spec_accept_length=self.spec_totals["emitted"] / max(self.spec_totals["blocks"], 1),
         )
 
     # ------------------------------------------------------------------ one step
@@ -310,7 +324,7 @@ class Scheduler:
     def _run_extend(self, chosen: list[tuple[Request, int]]) -> list[Request]:
         entries = []
         for req, n in chosen:
-            ids = req.all_ids[req.num_computed : req.num_computed + n]
+            ids = req.tokens_from(req.num_computed)[:n]
             entries.append(
                 BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
             )
@@ -342,7 +356,7 @@ class Scheduler:
     def _run_decode(self, batch: list[Request]) -> list[Request]:
         if self.spec is not None:
             return self._run_spec_decode(batch)
-        entries = [BatchEntry([r.all_ids[-1]], r.num_computed, list(r.pages)) for r in batch]
+        entries = [BatchEntry([r.last_token], r.num_computed, list(r.pages)) for r in batch]
         logits = self.runner.forward(ForwardMode.DECODE, entries)
         for req in batch:
             req.num_computed += 1
@@ -356,6 +370,7 @@ class Scheduler:
         results, timing = self.spec.step(batch, num_drafts)
         totals = self.spec_totals
         totals["verify_steps"] += 1
+        totals["blocks"] += len(batch)
         totals["draft_seconds"] += timing.draft_seconds
         totals["verify_seconds"] += timing.verify_seconds
         now = time.monotonic()
