@@ -40,6 +40,9 @@ if [ "$GPUS" -ge 2 ]; then
         --attention-backend triton --steps 12 --tag v3attn-4layers-graphs
     step spec 110 python3 benchmarks/bench_spec.py --tp-size 2 --device cuda --dtype float32 --ks 2,4,6 \
         --group-sizes 2 --num-prompts 16 --new-tokens 128 --name spec_decode_h200x2
+    step e2e_v3attn_eager 90 python3 benchmarks/bench_e2e_decode.py --model deepseek-v3 \
+        --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 2 --contexts 4096,32768 \
+        --attention-backend triton --steps 12 --disable-cuda-graph --tag v3attn-4layers-eager
 else
     step pytest_engine 170 python3 -m pytest -m gpu -q -p no:cacheprovider -k "not tp2" \
         tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py
@@ -53,6 +56,6 @@ else
         --group-sizes "" --num-prompts 16 --new-tokens 128 --name spec_decode_h200x1
 fi
 step kernel 100 python3 benchmarks/bench_decode_kernel.py --quick --skip-grid --out-dir "$OUT/results"
-cp benchmarks/results/*"$(date +%F)"* "$OUT/results/" 2>/dev/null
+find benchmarks/results -type f -newer "$OUT/gpu.txt" -exec cp {} "$OUT/results/" \;
 stamp "total; exit $status"
 exit $status
