@@ -28,6 +28,7 @@ step() {  # name, time limit, command...: each step logs to $OUT/<name>.log; a f
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "Loading safetensors\|it/s\]" | tail -n 25
     local rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && status=1
+    find benchmarks/results -type f -newer "$OUT/gpu.txt" -exec cp {} "$OUT/results/" \;
     stamp "$name rc=$rc"
 }
 
@@ -56,6 +57,5 @@ else
         --group-sizes "" --num-prompts 16 --new-tokens 128 --name spec_decode_h200x1
 fi
 step kernel 100 python3 benchmarks/bench_decode_kernel.py --quick --skip-grid --out-dir "$OUT/results"
-find benchmarks/results -type f -newer "$OUT/gpu.txt" -exec cp {} "$OUT/results/" \;
 stamp "total; exit $status"
 exit $status
