@@ -99,7 +99,10 @@ class EngineConfig:
             if self.speculative_num_draft_tokens < 1:
                 raise ValueError(f"speculative_num_draft_tokens must be >= 1, got {self.speculative_num_draft_tokens}")
             if self.disaggregation_mode == "prefill":
-                raise ValueError("speculative decoding runs on the decode server, not with --disaggregation-mode prefill")
+                raise ValueError(
+                    "speculative decoding runs on the decode server, not with --disaggregation-mode prefill "
+                    "(a prefill given --speculative-draft-model-path alone prefills that draft for its decodes)"
+                )
         if self.easyspec_group_size is not None and not 1 <= self.easyspec_group_size <= self.tp_size:
             raise ValueError(
                 f"easyspec_group_size must be in [1, tp_size={self.tp_size}], got {self.easyspec_group_size}"
@@ -189,7 +192,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-algorithm", default=d.speculative_algorithm,
                    choices=["none", "standard", "easyspec"],
                    help="decode with a draft model: standard (layer after layer) or easyspec (layer-parallel)")
-    g.add_argument("--speculative-draft-model-path", default=None, help="a small model of the same family")
+    g.add_argument("--speculative-draft-model-path", default=None,
+                   help="a small model of the same family; on a PD prefill server (with --speculative-algorithm "
+                        "none) the prefill also runs this draft over every prompt and streams its KV to the "
+                        "decode server, whose speculative decoding then skips the draft's prefill")
     g.add_argument("--speculative-num-draft-tokens", type=int, default=d.speculative_num_draft_tokens)
     g.add_argument("--easyspec-group-size", type=int, default=None,
                    help="draft layers run at once across TP ranks (default min(tp_size, 4))")

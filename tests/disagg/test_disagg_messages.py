@@ -20,6 +20,7 @@ from tpla_serve.disagg import (
     check_endpoint,
     decode,
     encode,
+    draft_mismatch,
     layout_mismatch,
 )
 from tpla_serve.disagg.messages import tensor_frame
@@ -27,7 +28,7 @@ from tpla_serve.disagg.messages import tensor_frame
 SPEC = KVSpec(
     num_layers=27, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="deepseek-v2-lite/pca"
 )
-LAYOUT = DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64, draft=SPEC)
+LAYOUT = DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64, draft=SPEC, draft_ranks=(0, 1))
 ROOM = 2**63 - 1
 
 
@@ -100,7 +101,8 @@ def test_done_and_abort_round_trip() -> None:
     assert torch.equal(msg.prompt_logprobs.top_logprobs, lp.top_logprobs)
     assert torch.equal(msg.prompt_logprobs.top_ids, lp.top_ids)
     plain = decode(_bytes(encode(Done(room=9, first_token_id=0))))
-    assert plain == Done(room=9, first_token_id=0, first_token_logprob=None, prompt_logprobs=None)
+    assert plain == Done(room=9, first_token_id=0, first_token_logprob=None, prompt_logprobs=None, draft_kv=False)
+    assert decode(_bytes(encode(Done(room=9, first_token_id=0, draft_kv=True)))).draft_kv is True
     assert decode(_bytes(encode(Abort(room=0, message="why")))) == Abort(room=0, message="why")
 
 
@@ -157,7 +159,19 @@ def _done_header() -> dict:
             ],
             "layer_kv.n_tokens",
         ),
+        (
+            [
+                msgpack.packb(
+                    {"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 2**17, "token_start": 0, "n_tokens": 1}
+                ),
+                b"",
+                b"",
+            ],
+            "layer_kv.layer",  # past the last draft layer any pair of models can have
+        ),
         ([msgpack.packb({**_done_header(), "first_token_logprob": "x"})], "first_token_logprob"),
+        ([msgpack.packb({**_done_header(), "draft_kv": 1})], "done.draft_kv must be a bool"),
+        ([msgpack.packb({k: v for k, v in _done_header().items() if k != "draft_kv"})], "missing fields"),
         ([msgpack.packb(_done_header()), b"\0" * 4], "without prompt_logprobs"),
         (
             [msgpack.packb({**_done_header(), "prompt_logprobs": {"start": 0, "n": 3, "k": 0}}), b"\0" * 8],
@@ -185,6 +199,13 @@ def test_malformed_messages_raise_protocol_error(frames: list[bytes], match: str
         (lambda h: h["layout"]["kv"].update(dtype="int4"), "dtype"),
         (lambda h: h["layout"]["kv"].pop("rope_dim"), "missing fields \\['rope_dim'\\]"),
         (lambda h: h["layout"].update(draft=[1]), "layout.draft must be a map"),
+        (lambda h: h["layout"].update(draft_ranks=[0, 2]), "draft_ranks must be increasing ranks in \\[0, 2\\)"),
+        (lambda h: h["layout"].update(draft_ranks=[1, 0]), "draft_ranks must be increasing"),
+        (lambda h: h["layout"].update(draft_ranks=[]), "draft_ranks must name at least one rank"),
+        (lambda h: h["layout"].update(draft_ranks=[-1]), "layout.draft_ranks must be a list of ints"),
+        (lambda h: h["layout"].update(draft_ranks=["0"]), "layout.draft_ranks must be a list of ints"),
+        (lambda h: h["layout"].update(draft_ranks=0), "layout.draft_ranks must be a list of ints"),
+        (lambda h: h["layout"].pop("draft_ranks"), "missing fields \\['draft_ranks'\\]"),
         (lambda h: h.update(rank_endpoints=["tcp://a:1"]), "rank_endpoints has 1 entries"),
         (lambda h: h.update(rank_endpoints=["tcp://*:1", "tcp://a:2"]), "not tcp://host:port"),
         (lambda h: h.update(notify_endpoint="inproc://x"), "not tcp://host:port"),
@@ -200,13 +221,26 @@ def test_register_field_validation(mutate, match: str) -> None:
 
 
 def test_layout_mismatch_names_the_field() -> None:
-    assert layout_mismatch(SPEC, SPEC, LAYOUT) is None
+    assert layout_mismatch(SPEC, LAYOUT) is None
     other = KVSpec(num_layers=27, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="other")
-    assert "fingerprint" in layout_mismatch(other, SPEC, LAYOUT)
-    assert "draft" in layout_mismatch(SPEC, None, LAYOUT)
+    assert "fingerprint" in layout_mismatch(other, LAYOUT)
     fp16 = KVSpec(num_layers=27, kv_lora_rank=512, rope_dim=64, dtype="float16", fingerprint=SPEC.fingerprint)
-    assert "dtype" in layout_mismatch(fp16, SPEC, LAYOUT)
-    assert "draft model" in layout_mismatch(SPEC, other, LAYOUT)
+    assert "dtype" in layout_mismatch(fp16, LAYOUT)
+    # The draft never fails a room: it only decides whether the draft's KV goes along.
+    assert draft_mismatch(SPEC, LAYOUT) is None
+    assert "no draft model" in draft_mismatch(None, LAYOUT)
+    assert "draft model fingerprint" in draft_mismatch(other, LAYOUT)
+    no_draft = DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64)
+    assert draft_mismatch(None, no_draft) is None and draft_mismatch(other, no_draft) is None
+
+
+def test_draft_ranks_are_validated() -> None:
+    assert LAYOUT.num_wire_layers(0) == LAYOUT.num_wire_layers(1) == 2 * SPEC.num_layers
+    rank0 = DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64, draft=SPEC, draft_ranks=(0,))
+    assert rank0.wants_draft(0) and not rank0.wants_draft(1) and rank0.num_wire_layers(1) == SPEC.num_layers
+    for draft, ranks in ((SPEC, ()), (None, (0,)), (SPEC, (2,)), (SPEC, (1, 0)), (SPEC, (0, 0)), (SPEC, (-1,))):
+        with pytest.raises(ValueError, match="draft_ranks"):
+            DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64, draft=draft, draft_ranks=ranks)
 
 
 def test_endpoints_and_bootstrap_port_default() -> None:

@@ -6,72 +6,18 @@ scheduler processes through their own ZMQ message protocol, as each server's fro
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
-import socket
-import tempfile
 import time
 
 import pytest
-import zmq
+from pd_helpers import Sched, free_port
 
 from tpla_serve import Engine
-from tpla_serve.config import EngineConfig, ServerConfig
-from tpla_serve.server.messages import GenerateRequest, GetStats, RequestOutput, Stats, decode, encode
-from tpla_serve.server.scheduler_process import run_scheduler_process
+from tpla_serve.config import EngineConfig
+from tpla_serve.server.messages import GenerateRequest
 
 PROMPT = [0] + [(7 * i) % 300 + 2 for i in range(40)]
 PARAMS = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Sched:
-    """A scheduler process and the two sockets a front would hold."""
-
-    def __init__(self, engine: EngineConfig) -> None:
-        d = tempfile.mkdtemp()
-        to_s, from_s = f"ipc://{d}/to", f"ipc://{d}/from"
-        self.ctx = zmq.Context()
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.bind(to_s)
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.bind(from_s)
-        self.proc = mp.get_context("spawn").Process(
-            target=run_scheduler_process, args=(ServerConfig(engine), to_s, from_s)
-        )
-        self.proc.start()
-        ready = self.recv(120)
-        assert isinstance(ready, Stats) and ready.data["ready"], ready
-
-    def send(self, msg) -> None:
-        self.push.send(encode(msg))
-
-    def recv(self, timeout_s: float = 60):
-        assert self.pull.poll(int(timeout_s * 1000)), "no answer from the scheduler"
-        return decode(self.pull.recv())
-
-    def final(self, timeout_s: float = 60) -> RequestOutput:
-        while True:
-            msg = self.recv(timeout_s)
-            if isinstance(msg, RequestOutput) and msg.finished:
-                return msg
-
-    def stats(self) -> dict:
-        self.send(GetStats())
-        while not isinstance(msg := self.recv(), Stats):
-            pass
-        return msg.data
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.join(30)
-        assert self.proc.exitcode is not None
-        self.ctx.destroy(0)
 
 
 def engine_config(model_dir, **kw) -> EngineConfig:

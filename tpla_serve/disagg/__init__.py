@@ -18,7 +18,7 @@ from tpla_serve.disagg.messages import (
 )
 from tpla_serve.disagg.receiver import KVReceiver, KVWriter, ReceiverStats
 from tpla_serve.disagg.sender import KVSender, SenderStats
-from tpla_serve.disagg.spec import KV_DTYPES, DecodeLayout, KVSpec, dtype_name, layout_mismatch
+from tpla_serve.disagg.spec import KV_DTYPES, DecodeLayout, KVSpec, draft_mismatch, dtype_name, layout_mismatch
 
 __all__ = [
     "KV_DTYPES",
@@ -43,6 +43,7 @@ __all__ = [
     "check_endpoint",
     "check_room",
     "decode",
+    "draft_mismatch",
     "dtype_name",
     "encode",
     "layout_mismatch",

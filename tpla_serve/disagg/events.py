@@ -21,8 +21,10 @@ class RoomCompleted:
     first_token_id: int
     first_token_logprob: float | None
     prompt_logprobs: PromptLogprobs | None  # rank 0 only, when the request asked for them
-    nbytes: int  # KV bytes this rank received for the room
+    nbytes: int  # KV bytes this rank received for the room, draft included
     seconds: float  # from the first KV message to DONE
+    draft_kv: bool = False  # this rank received the draft model's KV too
+    draft_nbytes: int = 0  # of nbytes, the draft's
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ import torch
 from tpla_serve.disagg.bootstrap import MAX_ROOM, check_endpoint
 from tpla_serve.disagg.spec import DecodeLayout, KVSpec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 MAX_MESSAGE_LEN = 4096
 MAX_TOKENS = 1 << 24
 MAX_TOP_LOGPROBS = 1024
 MAX_RANKS = 1024
+MAX_LAYERS = 1 << 16  # per model: a layer index on the wire is below 2 * MAX_LAYERS (target + draft)
 _UNPACK_LIMITS = {
     "max_str_len": MAX_MESSAGE_LEN,
     "max_bin_len": 0,
@@ -90,7 +91,11 @@ class Register:
 @dataclass(frozen=True)
 class LayerKV:
     """Prefill → one decode rank: tokens [token_start, token_start + n_tokens) of one layer, as that rank
-    keeps them. Frames: ĉ slice [n_tokens, r/g] and k_pe [n_tokens, d_r], raw bytes of the KV dtype."""
+    keeps them. Frames: ĉ slice [n_tokens, r/g] and k_pe [n_tokens, d_r], raw bytes of the KV dtype.
+
+    `layer` < kv.num_layers is the target's layer; kv.num_layers + i is the draft's layer i, whose ĉ is
+    the draft's whole latent (the draft is not sharded) and which only a rank that keeps a draft gets.
+    """
 
     room: int
     layer: int
@@ -138,12 +143,14 @@ class PromptLogprobs:
 @dataclass(frozen=True)
 class Done:
     """Prefill → every decode rank, after all of the room's layers: the first sampled token.
-    Prompt logprobs go to rank 0 only."""
+    Prompt logprobs go to rank 0 only. draft_kv: every draft layer was sent to this rank (False when the
+    rank keeps no draft, or the prefill cannot provide the draft KV the decode asked for)."""
 
     room: int
     first_token_id: int
     first_token_logprob: float | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    draft_kv: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ def encode(msg: Message) -> list[Frame]:
             "first_token_id": msg.first_token_id,
             "first_token_logprob": msg.first_token_logprob,
             "prompt_logprobs": lp_fields,
+            "draft_kv": msg.draft_kv,
         }
         frames: list[Frame] = [_header(Tag.DONE, fields)]
         if lp is not None:
@@ -209,6 +217,7 @@ def encode(msg: Message) -> list[Frame]:
                 "page_size": layout.page_size,
                 "kv": _spec_map(layout.kv),
                 "draft": None if layout.draft is None else _spec_map(layout.draft),
+                "draft_ranks": list(layout.draft_ranks),
             },
             "rank_endpoints": list(msg.rank_endpoints),
             "notify_endpoint": msg.notify_endpoint,
@@ -258,6 +267,18 @@ class _Fields:
             raise self._fail(key, "a float or null")
         return float(value)
 
+    def bool(self, key: str) -> bool:
+        value = self._map[key]
+        if type(value) is not bool:
+            raise self._fail(key, "a bool")
+        return value
+
+    def int_list(self, key: str, lo: int, hi: int) -> list[int]:
+        value = self._map[key]
+        if type(value) is not list or any(type(v) is not int or not lo <= v <= hi for v in value):
+            raise self._fail(key, f"a list of ints in [{lo}, {hi}]")
+        return value
+
     def str_list(self, key: str) -> list[str]:
         value = self._map[key]
         if type(value) is not list or any(type(v) is not str for v in value):
@@ -269,13 +290,13 @@ class _Fields:
 
 
 _SPEC_KEYS = frozenset({"num_layers", "kv_lora_rank", "rope_dim", "dtype", "fingerprint"})
-_LAYOUT_KEYS = frozenset({"tp_size", "latent_groups", "page_size", "kv", "draft"})
+_LAYOUT_KEYS = frozenset({"tp_size", "latent_groups", "page_size", "kv", "draft", "draft_ranks"})
 
 
 def _spec(obj: object, where: str) -> KVSpec:
     f = _Fields(obj, _SPEC_KEYS, where)
     return KVSpec(
-        num_layers=f.int("num_layers", 1, 1 << 16),
+        num_layers=f.int("num_layers", 1, MAX_LAYERS),
         kv_lora_rank=f.int("kv_lora_rank", 1, 1 << 16),
         rope_dim=f.int("rope_dim", 1, 1 << 16),
         dtype=f.str("dtype"),
@@ -292,6 +313,7 @@ def _register(f: _Fields, frames: Sequence[memoryview]) -> Register:
         latent_groups=lf.int("latent_groups", 1, MAX_RANKS),
         page_size=lf.int("page_size", 1, 1 << 20),
         draft=None if draft is None else _spec(draft, "register.layout.draft"),
+        draft_ranks=tuple(lf.int_list("draft_ranks", 0, MAX_RANKS - 1)),
     )
     return Register(
         room=f.int("room"),
@@ -306,7 +328,7 @@ def _register(f: _Fields, frames: Sequence[memoryview]) -> Register:
 def _layer_kv(f: _Fields, frames: Sequence[memoryview]) -> LayerKV:
     return LayerKV(
         room=f.int("room"),
-        layer=f.int("layer", 0, 1 << 16),
+        layer=f.int("layer", 0, 2 * MAX_LAYERS - 1),
         token_start=f.int("token_start", 0, MAX_TOKENS),
         n_tokens=f.int("n_tokens", 1, MAX_TOKENS),
         ckv=frames[0],
@@ -340,6 +362,7 @@ def _done(f: _Fields, frames: Sequence[memoryview]) -> Done:
         first_token_id=f.int("first_token_id", 0, (1 << 31) - 1),
         first_token_logprob=f.opt_float("first_token_logprob"),
         prompt_logprobs=prompt_logprobs,
+        draft_kv=f.bool("draft_kv"),
     )
 
 
@@ -363,7 +386,9 @@ _KINDS = MappingProxyType(
         ),
         Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens"}), 2, _layer_kv),
         Tag.DONE: _Kind(
-            frozenset({"room", "first_token_id", "first_token_logprob", "prompt_logprobs"}), None, _done
+            frozenset({"room", "first_token_id", "first_token_logprob", "prompt_logprobs", "draft_kv"}),
+            None,
+            _done,
         ),
         Tag.ABORT: _Kind(frozenset({"room", "message"}), 0, _abort),
     }

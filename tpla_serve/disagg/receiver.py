@@ -4,6 +4,9 @@ Every rank binds a PULL endpoint and is told which rooms to expect; decode rank 
 room with the prefill's bootstrap socket. Each incoming layer chunk is checked against the expectation
 before the engine's writer copies it into the rank's KV pages; a room ends exactly once, as
 RoomCompleted (every layer, then DONE) or RoomFailed (with the reason), and is then forgotten.
+
+A rank that keeps a draft pool (layout.draft_ranks) also accepts the draft's layers, numbered after the
+target's; DONE says whether they were sent (a prefill without that draft sends the target's alone).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from tpla_serve.disagg.spec import DecodeLayout
 logger = logging.getLogger(__name__)
 
 KVWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-"""writer(layer, token_start, ckv [n, r/g], kpe [n, d_r]) copies received KV into the room's pages."""
+"""writer(layer, token_start, ckv, kpe) copies received KV into the room's pages. layer < kv.num_layers:
+the target's, ckv [n, r/g]; kv.num_layers + i: the draft's layer i, ckv [n, draft r] (draft ranks only)."""
 
 _RECV_BATCH = 64
 _SWEEP_EVERY_S = 5.0
@@ -51,9 +55,9 @@ class _Expected:
     writer: KVWriter
     bootstrap: str
     deadline: float
-    next_start: list[int]  # per layer: tokens received so far
-    layers_complete: int = 0
+    next_start: list[int]  # per wire layer (target's, then draft's): tokens received so far
     nbytes: int = 0
+    draft_nbytes: int = 0
     first_data: float | None = None
 
 
@@ -66,7 +70,8 @@ class _SendCmd:
 
 @dataclass(frozen=True)
 class ReceiverStats:
-    bytes_received: int
+    bytes_received: int  # draft included
+    draft_bytes_received: int
     rooms_completed: int
     rooms_failed: int
     rooms_live: int
@@ -117,7 +122,7 @@ class KVReceiver(IOLoop):
         self._lock = threading.Lock()
         self._rooms: dict[int, _Expected] = {}
         self._next_sweep = 0.0
-        self._bytes = self._completed = self._failed = self._rejected = self._dropped = 0
+        self._bytes = self._draft_bytes = self._completed = self._failed = self._rejected = self._dropped = 0
         self._start()
 
     # ------------------------------------------------------------ engine API
@@ -139,7 +144,7 @@ class KVReceiver(IOLoop):
             writer=writer,
             bootstrap=bootstrap,
             deadline=time.monotonic() + self.timeout_s,
-            next_start=[0] * self.layout.kv.num_layers,
+            next_start=[0] * self.layout.num_wire_layers(self.rank),
         )
         with self._lock:
             if room in self._rooms:
@@ -182,7 +187,13 @@ class KVReceiver(IOLoop):
 
     def stats(self) -> ReceiverStats:
         return ReceiverStats(
-            self._bytes, self._completed, self._failed, len(self._rooms), self._rejected, self._dropped
+            self._bytes,
+            self._draft_bytes,
+            self._completed,
+            self._failed,
+            len(self._rooms),
+            self._rejected,
+            self._dropped,
         )
 
     # ------------------------------------------------------------ IO thread
@@ -268,7 +279,11 @@ class KVReceiver(IOLoop):
         num_layers = len(state.next_start)
         if msg.layer >= num_layers:
             self._rejected += 1
-            return f"KV for layer {msg.layer} arrived, but the model has {num_layers} layers"
+            target = self.layout.kv.num_layers
+            return (
+                f"KV for layer {msg.layer} arrived, but rank {self.rank} takes {num_layers} layers "
+                f"({target} of the model, {num_layers - target} of the draft)"
+            )
         expected = state.next_start[msg.layer]
         end = msg.token_start + msg.n_tokens
         if msg.token_start != expected or end > state.n_tokens:
@@ -277,9 +292,14 @@ class KVReceiver(IOLoop):
                 f"layer {msg.layer}: tokens [{msg.token_start}, {end}) arrived, expected tokens from {expected} "
                 f"of {state.n_tokens}"
             )
-        kv = self.layout.kv
+        draft = msg.layer >= self.layout.kv.num_layers
+        if draft:
+            assert self.layout.draft is not None  # num_wire_layers counts draft layers only with a draft
+            spec, ckv_width = self.layout.draft, self.layout.draft.kv_lora_rank
+        else:
+            spec, ckv_width = self.layout.kv, self.layout.ckv_width
         try:
-            ckv, kpe = msg.tensors(kv.torch_dtype, self.layout.ckv_width, kv.rope_dim)
+            ckv, kpe = msg.tensors(spec.torch_dtype, ckv_width, spec.rope_dim)
         except ProtocolError as exc:
             self._rejected += 1
             return f"bad KV frame for layer {msg.layer}: {exc}"
@@ -291,19 +311,36 @@ class KVReceiver(IOLoop):
         if state.first_data is None:
             state.first_data = now
         state.next_start[msg.layer] = end
-        state.layers_complete += end == state.n_tokens
-        state.nbytes += ckv.nbytes + kpe.nbytes
+        nbytes = ckv.nbytes + kpe.nbytes
+        state.nbytes += nbytes
+        self._bytes += nbytes
+        if draft:
+            state.draft_nbytes += nbytes
+            self._draft_bytes += nbytes
         state.deadline = now + self.timeout_s
-        self._bytes += ckv.nbytes + kpe.nbytes
         return None
 
     def _on_done(self, state: _Expected, msg: Done, now: float, events: list[RoomEvent]) -> str | None:
-        if state.layers_complete != len(state.next_start):
+        num_target = self.layout.kv.num_layers
+        target_done = sum(n == state.n_tokens for n in state.next_start[:num_target])
+        if target_done != num_target:
             self._rejected += 1
-            return (
-                f"prefill finished the room after {state.layers_complete} of {len(state.next_start)} layers "
-                f"reached rank {self.rank}"
-            )
+            return f"prefill finished the room after {target_done} of {num_target} layers reached rank {self.rank}"
+        draft_layers = state.next_start[num_target:]
+        if msg.draft_kv:
+            if not draft_layers:
+                self._rejected += 1
+                return f"prefill says it sent draft KV to rank {self.rank}, which keeps no draft"
+            draft_done = sum(n == state.n_tokens for n in draft_layers)
+            if draft_done != len(draft_layers):
+                self._rejected += 1
+                return (
+                    f"prefill finished the room after {draft_done} of {len(draft_layers)} draft layers "
+                    f"reached rank {self.rank}"
+                )
+        elif any(draft_layers):
+            self._rejected += 1
+            return f"prefill sent draft KV to rank {self.rank} but finished the room without it"
         del self._rooms[state.room]
         self._completed += 1
         seconds = 0.0 if state.first_data is None else now - state.first_data
@@ -315,6 +352,8 @@ class KVReceiver(IOLoop):
                 prompt_logprobs=msg.prompt_logprobs,
                 nbytes=state.nbytes,
                 seconds=seconds,
+                draft_kv=msg.draft_kv,
+                draft_nbytes=state.draft_nbytes,
             )
         )
         return None

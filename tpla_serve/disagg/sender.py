@@ -4,10 +4,15 @@ The engine calls send_layer() after each layer and send_done() after sampling th
 return at once. The IO thread slices each layer per decode rank (its r/g latent dims + the full k_pe) and
 sends it zero-copy while the engine computes the next layer. Decode servers REGISTER on the bootstrap
 socket; layers that are ready before their room registers wait in a bounded buffer.
+
+With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
+stream, whole, to the decode ranks that keep a draft pool. A decode whose draft the prefill cannot serve
+(no draft here, or a different one) still gets the target's KV; DONE tells it to prefill its draft itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -34,18 +39,19 @@ from tpla_serve.disagg.messages import (
     encode,
     tensor_frame,
 )
-from tpla_serve.disagg.spec import KVSpec, layout_mismatch
+from tpla_serve.disagg.spec import KVSpec, draft_mismatch, layout_mismatch
 
 logger = logging.getLogger(__name__)
 
 _RECV_BATCH = 256
 _SWEEP_EVERY_S = 5.0
+_MAX_DRAFT_WARNINGS = 1024
 
 
 @dataclass(frozen=True)
 class _LayerCmd:
     room: int
-    layer: int
+    layer: int  # wire numbering: the draft's layers follow the target's
     token_start: int
     ckv: torch.Tensor
     kpe: torch.Tensor
@@ -73,12 +79,15 @@ _Cmd = _LayerCmd | _DoneCmd | _AbortCmd
 class _Room:
     room: int
     deadline: float
-    next_start: list[int]  # per layer: tokens handed to the stream so far
+    next_start: list[int]  # per wire layer: tokens handed to the stream so far
     registration: Register | None = None
     # per decode rank: its endpoint and latent slice [a, b)
     routes: list[tuple[str, int, int]] = field(default_factory=list)
     ckv_width: int = 0
     chunk_tokens: int = 0  # tokens per message, so that no frame exceeds the decode's max_frame_bytes
+    send_draft: bool = False  # the decode wants this prefill's draft KV
+    draft_routes: list[str] = field(default_factory=list)  # endpoints of the ranks that keep a draft
+    draft_chunk_tokens: int = 0
     buffered: list[_Cmd] = field(default_factory=list)
     buffered_bytes: int = 0
     touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
@@ -92,7 +101,8 @@ class _Ended:
 
 @dataclass(frozen=True)
 class SenderStats:
-    bytes_sent: int
+    bytes_sent: int  # draft included
+    draft_bytes_sent: int
     rooms_sent: int
     rooms_failed: int
     rooms_live: int
@@ -138,7 +148,8 @@ class KVSender(IOLoop):
         self._rooms: dict[int, _Room] = {}
         self._buffered_bytes = 0
         self._next_sweep = 0.0
-        self._bytes_sent = self._rooms_sent = self._rooms_failed = self._rejected = 0
+        self._bytes_sent = self._draft_bytes_sent = self._rooms_sent = self._rooms_failed = self._rejected = 0
+        self._draft_warned: set[tuple[str, str]] = set()  # (decode notify endpoint, problem) logged
         # shared with callers, under _cond
         self._cond = threading.Condition()
         self._registered: dict[int, Register] = {}
@@ -169,27 +180,41 @@ class KVSender(IOLoop):
             return None if ended is None else ended.message
 
     def send_layer(
-        self, room: int, layer: int, ckv: torch.Tensor, kpe: torch.Tensor, token_start: int = 0
+        self,
+        room: int,
+        layer: int,
+        ckv: torch.Tensor,
+        kpe: torch.Tensor,
+        token_start: int = 0,
+        *,
+        draft: bool = False,
     ) -> None:
         """Stream tokens [token_start, token_start + n) of `layer`: ĉ [n, r] and k_pe [n, d_r].
 
-        Each layer's token ranges must come in order without gaps (chunked prefill sends chunk after
-        chunk). Device tensors are copied to the host here, synchronously.
+        draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
+        come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied to
+        the host here, synchronously.
         """
         check_room(room)
-        if type(layer) is not int or not 0 <= layer < self.kv.num_layers:
-            raise ValueError(f"layer must be an int in [0, {self.kv.num_layers}), got {layer!r}")
+        spec = self.kv
+        if draft:
+            if self.draft is None:
+                raise ValueError("draft=True, but this sender was made without a draft KVSpec")
+            spec = self.draft
+        if type(layer) is not int or not 0 <= layer < spec.num_layers:
+            raise ValueError(f"layer must be an int in [0, {spec.num_layers}), got {layer!r}")
         if type(token_start) is not int or token_start < 0:
             raise ValueError(f"token_start must be a non-negative int, got {token_start!r}")
         n = ckv.shape[0] if ckv.dim() == 2 else -1
-        for name, t, width in (("ckv", ckv, self.kv.kv_lora_rank), ("kpe", kpe, self.kv.rope_dim)):
+        for name, t, width in (("ckv", ckv, spec.kv_lora_rank), ("kpe", kpe, spec.rope_dim)):
             if t.dim() != 2 or t.shape[1] != width or t.shape[0] != n or n < 1:
                 raise ValueError(
                     f"{name} must be [n >= 1, {width}] with the same n as ckv, got {tuple(t.shape)}"
                 )
-            if t.dtype != self.kv.torch_dtype:
-                raise ValueError(f"{name} dtype must be {self.kv.torch_dtype}, got {t.dtype}")
-        self._submit(_LayerCmd(room, layer, token_start, ckv.cpu(), kpe.cpu()))
+            if t.dtype != spec.torch_dtype:
+                raise ValueError(f"{name} dtype must be {spec.torch_dtype}, got {t.dtype}")
+        wire_layer = layer + self.kv.num_layers if draft else layer
+        self._submit(_LayerCmd(room, wire_layer, token_start, ckv.cpu(), kpe.cpu()))
 
     def send_done(
         self,
@@ -216,7 +241,12 @@ class KVSender(IOLoop):
 
     def stats(self) -> SenderStats:
         return SenderStats(
-            self._bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms), self._rejected
+            self._bytes_sent,
+            self._draft_bytes_sent,
+            self._rooms_sent,
+            self._rooms_failed,
+            len(self._rooms),
+            self._rejected,
         )
 
     # ------------------------------------------------------------ IO thread
@@ -318,7 +348,7 @@ class KVSender(IOLoop):
             self._fail(state, f"room {reg.room} registered twice")
             self._send_abort(reg, f"room {reg.room} registered twice", now)
             return
-        problem = layout_mismatch(self.kv, self.draft, reg.layout)
+        problem = layout_mismatch(self.kv, reg.layout)
         if problem is None and len(self._rooms) >= self.max_rooms and state is None:
             problem = f"prefill has too many rooms in flight ({self.max_rooms})"
         if problem is not None:
@@ -338,6 +368,15 @@ class KVSender(IOLoop):
         widest = max(layout.ckv_width, self.kv.rope_dim) * self.kv.itemsize
         chunk = max(1, reg.max_frame_bytes // widest)
         state.chunk_tokens = chunk - chunk % layout.page_size if chunk >= layout.page_size else chunk
+        draft_problem = draft_mismatch(self.draft, layout)
+        if draft_problem is not None:
+            self._warn_no_draft(reg, draft_problem)
+        elif self.draft is not None and layout.draft is not None:
+            state.send_draft = True
+            state.draft_routes = [reg.rank_endpoints[r] for r in layout.draft_ranks]
+            widest = max(self.draft.kv_lora_rank, self.draft.rope_dim) * self.draft.itemsize
+            chunk = max(1, reg.max_frame_bytes // widest)
+            state.draft_chunk_tokens = chunk - chunk % layout.page_size if chunk >= layout.page_size else chunk
         state.deadline = now + self.timeout_s
         with self._cond:
             self._registered[reg.room] = reg
@@ -350,8 +389,23 @@ class KVSender(IOLoop):
                 break  # a buffered command ended the room
             self._stream(state, cmd, now)
 
+    def _warn_no_draft(self, reg: Register, problem: str) -> None:
+        """Once per decode server and reason: its rooms go ahead without draft KV."""
+        key = (reg.notify_endpoint, problem)
+        if key in self._draft_warned:
+            return
+        if len(self._draft_warned) >= _MAX_DRAFT_WARNINGS:
+            self._draft_warned.clear()
+        self._draft_warned.add(key)
+        logger.warning(
+            "decode %s: %s; its rooms get the target's KV only and prefill their draft locally",
+            reg.notify_endpoint,
+            problem,
+        )
+
     def _new_room(self, room: int, now: float) -> _Room:
-        state = _Room(room=room, deadline=now + self.timeout_s, next_start=[0] * self.kv.num_layers)
+        num_layers = self.kv.num_layers + (self.draft.num_layers if self.draft is not None else 0)
+        state = _Room(room=room, deadline=now + self.timeout_s, next_start=[0] * num_layers)
         self._rooms[room] = state
         return state
 
@@ -387,6 +441,9 @@ class KVSender(IOLoop):
             self._fail(state, f"cannot send to the decode server: {exc}")
 
     def _stream_layer(self, state: _Room, reg: Register, cmd: _LayerCmd, now: float) -> None:
+        draft = cmd.layer >= self.kv.num_layers
+        if draft and not state.send_draft:
+            return  # the decode does not want this draft's KV
         n = cmd.ckv.shape[0]
         expected = state.next_start[cmd.layer]
         if cmd.token_start != expected:
@@ -400,6 +457,9 @@ class KVSender(IOLoop):
             )
             return
         state.next_start[cmd.layer] += n
+        if draft:
+            self._stream_draft_layer(state, cmd, now)
+            return
         kpe = cmd.kpe.contiguous()
         ckv_bytes = state.ckv_width * self.kv.itemsize
         for s in range(0, n, state.chunk_tokens):
@@ -415,17 +475,36 @@ class KVSender(IOLoop):
                 self._out.send(endpoint, state.room, frames, now)
                 self._bytes_sent += (e - s) * ckv_bytes + kpe_frame.nbytes
 
+    def _stream_draft_layer(self, state: _Room, cmd: _LayerCmd, now: float) -> None:
+        """The draft's layer goes whole (ĉ and k_pe) to every rank that keeps a draft pool."""
+        n = cmd.ckv.shape[0]
+        ckv, kpe = cmd.ckv.contiguous(), cmd.kpe.contiguous()
+        for s in range(0, n, state.draft_chunk_tokens):
+            e = min(n, s + state.draft_chunk_tokens)
+            ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
+            frames = encode(LayerKV(state.room, cmd.layer, cmd.token_start + s, e - s, ckv_frame, kpe_frame))
+            for endpoint in state.draft_routes:
+                self._out.send(endpoint, state.room, frames, now)
+                nbytes = ckv_frame.nbytes + kpe_frame.nbytes
+                self._bytes_sent += nbytes
+                self._draft_bytes_sent += nbytes
+
     def _stream_done(self, state: _Room, reg: Register, done: Done, now: float) -> None:
-        for layer, sent in enumerate(state.next_start):
+        wire_layers = len(state.next_start) if state.send_draft else self.kv.num_layers
+        for layer, sent in enumerate(state.next_start[:wire_layers]):
             if sent != reg.n_tokens:
                 self._fail(
                     state,
                     f"prefill finished with {sent} tokens of layer {layer}, the decode server expects {reg.n_tokens}",
                 )
                 return
-        others = Done(done.room, done.first_token_id, done.first_token_logprob, None)
         for rank, endpoint in enumerate(reg.rank_endpoints):
-            self._out.send(endpoint, state.room, encode(done if rank == 0 else others), now)
+            msg = dataclasses.replace(
+                done,
+                prompt_logprobs=done.prompt_logprobs if rank == 0 else None,
+                draft_kv=state.send_draft and reg.layout.wants_draft(rank),
+            )
+            self._out.send(endpoint, state.room, encode(msg), now)
         self._rooms_sent += 1
         self._remove(state)
         self._end(state.room, None, reported=True)

@@ -77,19 +77,31 @@ class KVSpec:
 @dataclass(frozen=True)
 class DecodeLayout:
     """A decode server's KV layout: its model's KVSpec, how it shards the latent, and an optional draft
-    model whose KV the decode server also wants (speculative decoding)."""
+    model whose KV the decode server also wants (speculative decoding).
+
+    The draft is replicated, not sharded: each rank in `draft_ranks` keeps the draft's whole latent, the
+    others none. On the wire the draft's layer i travels as layer kv.num_layers + i.
+    """
 
     kv: KVSpec
     tp_size: int
     latent_groups: int
     page_size: int
     draft: KVSpec | None = None
+    draft_ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if type(self.page_size) is not int or self.page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {self.page_size!r}")
         # Validates tp_size / latent_groups and that g divides kv_lora_rank.
         self.rank_layout(0).latent_slice(self.kv.kv_lora_rank)
+        ranks = self.draft_ranks
+        if not isinstance(ranks, tuple) or any(type(r) is not int for r in ranks):
+            raise ValueError(f"draft_ranks must be a tuple of ints, got {ranks!r:.80}")
+        if (self.draft is None) != (not ranks):
+            raise ValueError("draft_ranks must name at least one rank exactly when a draft is given")
+        if list(ranks) != sorted(set(ranks)) or (ranks and not 0 <= ranks[0] <= ranks[-1] < self.tp_size):
+            raise ValueError(f"draft_ranks must be increasing ranks in [0, {self.tp_size}), got {ranks!r:.80}")
 
     def rank_layout(self, rank: int) -> ShardLayout:
         return ShardLayout(tp_size=self.tp_size, tp_rank=rank, latent_groups=self.latent_groups)
@@ -106,14 +118,25 @@ class DecodeLayout:
         """Bytes of one token of one layer as one decode rank receives it (ĉ slice + k_pe)."""
         return (self.ckv_width + self.kv.rope_dim) * self.kv.itemsize
 
+    def wants_draft(self, rank: int) -> bool:
+        return rank in self.draft_ranks
 
-def layout_mismatch(kv: KVSpec, draft: KVSpec | None, layout: DecodeLayout) -> str | None:
-    """Why a prefill with (kv, draft) cannot serve a decode with `layout`, or None when it can."""
-    problem = kv.mismatch(layout.kv, "model")
-    if problem is not None:
-        return problem
-    if layout.draft is not None:
-        if draft is None:
-            return "decode wants draft-model KV, but the prefill server has no draft model"
-        return draft.mismatch(layout.draft, "draft model")
-    return None
+    def num_wire_layers(self, rank: int) -> int:
+        """Layers `rank` receives: the target's, then the draft's when the rank keeps a draft pool."""
+        draft = self.draft.num_layers if self.draft is not None and self.wants_draft(rank) else 0
+        return self.kv.num_layers + draft
+
+
+def layout_mismatch(kv: KVSpec, layout: DecodeLayout) -> str | None:
+    """Why a prefill with target KV `kv` cannot serve a decode with `layout` (the room fails), or None."""
+    return kv.mismatch(layout.kv, "model")
+
+
+def draft_mismatch(draft: KVSpec | None, layout: DecodeLayout) -> str | None:
+    """Why a prefill with `draft` cannot send the draft KV a decode with `layout` wants, or None when it
+    can or the decode wants none. The room still goes ahead: the decode prefills its draft itself."""
+    if layout.draft is None:
+        return None
+    if draft is None:
+        return "decode wants draft-model KV, but the prefill server has no draft model"
+    return draft.mismatch(layout.draft, "draft model")

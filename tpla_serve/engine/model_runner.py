@@ -6,6 +6,7 @@ runners replay the steps in serve_forever().
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.config import EngineConfig
-from tpla_serve.disagg import DecodeLayout, KVSender
+from tpla_serve.disagg import DecodeLayout, KVSender, KVSpec, RoomCompleted
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
@@ -45,6 +46,7 @@ class ModelRunner:
         self.kv_port: DecodeKVPort | None = None  # PD decode: this rank's KV receiver
         self.kv_endpoints: list[str] = []  # PD decode, rank 0: every rank's receiving endpoint
         self.draft: DraftModel | None = None  # speculative decoding: this rank's draft model and pool
+        self.prefill_draft: DraftModel | None = None  # PD prefill, rank 0: the draft whose KV streams along
         self.cuda_graph: CudaGraphRunner | None = None  # GPU: captured decode steps
         self.dtype = config.torch_dtype
         try:
@@ -94,8 +96,9 @@ class ModelRunner:
             self.device,
         )
         self.allocator = PageAllocator(num_pages)
+        self.kv_fingerprint = self._kv_fingerprint()
         if self.draft_config is not None and self.runs_draft:
-            self.draft = DraftModel(
+            draft = DraftModel(
                 config.speculative_draft_model_path,
                 num_pages,
                 self.page_size,
@@ -107,15 +110,24 @@ class ModelRunner:
                 config.random_seed,
                 config.load_format,
             )
-            logger.info(
-                "speculative decoding: %s, draft %s (%d layers, groups %s), k = %d",
-                config.speculative_algorithm,
-                config.speculative_draft_model_path,
-                self.draft_config.num_hidden_layers,
-                self.draft.groups if self.layer_parallel_draft else "sequential",
-                config.speculative_num_draft_tokens,
-            )
-        self.kv_fingerprint = self._kv_fingerprint()
+            self.draft_kv_fingerprint = hashlib.sha256(f"{draft.model.fingerprint}|draft".encode()).hexdigest()[:16]
+            if config.speculative:
+                self.draft = draft
+                logger.info(
+                    "speculative decoding: %s, draft %s (%d layers, groups %s), k = %d",
+                    config.speculative_algorithm,
+                    config.speculative_draft_model_path,
+                    self.draft_config.num_hidden_layers,
+                    draft.groups if self.layer_parallel_draft else "sequential",
+                    config.speculative_num_draft_tokens,
+                )
+            else:
+                self.prefill_draft = draft
+                logger.info(
+                    "prefilling draft %s (%d layers) for speculative decode servers",
+                    config.speculative_draft_model_path,
+                    self.draft_config.num_hidden_layers,
+                )
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             self.cuda_graph = CudaGraphRunner(
                 self.model, self.attn_backend, self.kv_pool, config, self.device,
@@ -123,16 +135,14 @@ class ModelRunner:
             )
             self._collective(self.cuda_graph.capture)
         if config.disaggregation_mode == "decode":
-            cfg = self.model_config
-            layout = DecodeLayout(
-                kv_spec(self.kv_pool, cfg.kv_lora_rank, self.kv_fingerprint),
-                config.tp_size,
-                config.tpla_groups,
-                self.page_size,
-            )
             self.kv_port = DecodeKVPort(
-                layout, self.rank, self.kv_pool, config.disaggregation_host, config.disaggregation_timeout,
+                self.decode_layout(),
+                self.rank,
+                self.kv_pool,
+                config.disaggregation_host,
+                config.disaggregation_timeout,
                 config.disaggregation_bootstrap_port,
+                draft_pool=self.draft.kv_pool if self.draft is not None else None,
             )
             group = self.control.group if self.control is not None else None
             self.kv_endpoints = self._collective(
@@ -150,8 +160,16 @@ class ModelRunner:
 
     @property
     def runs_draft(self) -> bool:
-        """Rank 0 always drafts; the other ranks only take part in layer-parallel (EasySpec) drafting."""
+        """Rank 0 always drafts; the other ranks only take part in layer-parallel (EasySpec) drafting.
+        A PD prefill given a draft model prefills it on rank 0, for its decode servers."""
+        if self.prefills_draft:
+            return self.rank == 0
         return self.config.speculative and (self.rank == 0 or self.layer_parallel_draft)
+
+    @property
+    def prefills_draft(self) -> bool:
+        config = self.config
+        return config.disaggregation_mode == "prefill" and config.speculative_draft_model_path is not None
 
     @property
     def layer_parallel_draft(self) -> bool:
@@ -160,7 +178,7 @@ class ModelRunner:
     def _draft_config(self) -> ModelConfig | None:
         """The draft's config, checked against the target's: it must speak the same vocabulary."""
         config = self.config
-        if not config.speculative:
+        if not (config.speculative or self.prefills_draft):
             return None
         path = Path(config.speculative_draft_model_path)
         draft = ModelConfig.from_json_file(path) if path.is_file() else ModelConfig.from_pretrained_dir(path)
@@ -177,6 +195,32 @@ class ModelRunner:
         if self.config.tpla_calibration is not None:
             h.update(Path(self.config.tpla_calibration).read_bytes())
         return h.hexdigest()[:16]
+
+    def kv_spec(self) -> KVSpec:
+        """The target's latent KV as a PD peer must see it (this rank's pool: whole on a prefill)."""
+        return kv_spec(self.kv_pool, self.model_config.kv_lora_rank, self.kv_fingerprint)
+
+    def draft_kv_spec(self) -> KVSpec | None:
+        """The draft's latent KV, on a rank that holds the draft (decoding or prefilling it)."""
+        draft = self.draft or self.prefill_draft
+        if draft is None:
+            return None
+        return kv_spec(draft.kv_pool, draft.config.kv_lora_rank, self.draft_kv_fingerprint)
+
+    def decode_layout(self) -> DecodeLayout:
+        """What this decode rank REGISTERs (rank 0) or accepts: the target sharded T ways in g latent
+        groups, and the draft, whole, on the ranks that keep one."""
+        config = self.config
+        draft = self.draft_kv_spec()
+        ranks = range(config.tp_size) if self.layer_parallel_draft else range(1)
+        return DecodeLayout(
+            self.kv_spec(),
+            config.tp_size,
+            config.tpla_groups,
+            self.page_size,
+            draft=draft,
+            draft_ranks=tuple(ranks) if draft is not None else (),
+        )
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -251,10 +295,25 @@ class ModelRunner:
         if self.cuda_graph is not None and self.cuda_graph.can_run(mode, entries):
             return self.cuda_graph.replay(entries)
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
-        if self.kv_sender is not None and any(e.kv_room is not None for e in entries):
+        streamed = self.kv_sender is not None and any(e.kv_room is not None for e in entries)
+        if streamed:
             fb.kv_sink = LayerKVStreamer(self.kv_sender, entries)
         self.attn_backend.prepare(fb)
-        return self.model(fb)
+        logits = self.model(fb)
+        if streamed and self.prefill_draft is not None:
+            self._prefill_draft_and_stream([e for e in entries if e.kv_room is not None])
+        return logits
+
+    def _prefill_draft_and_stream(self, entries: list[BatchEntry]) -> None:
+        """PD prefill: the draft's exact forward over the rooms' chunks, each layer streamed as it is
+        written, after the target's (a decode's draft then starts at the prompt's end)."""
+        assert self.prefill_draft is not None and self.kv_sender is not None
+        draft = self.prefill_draft
+        entries = [dataclasses.replace(e, logits_for_all=False) for e in entries]
+        fb = build_forward_batch(ForwardMode.EXTEND, entries, draft.kv_pool, draft.attn_backend, self.device)
+        fb.kv_sink = LayerKVStreamer(self.kv_sender, entries, draft=True)
+        draft.attn_backend.prepare(fb)
+        draft.model.model(fb)  # hidden states only: the decode computes its own next draft logits
 
     def draft_forward(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor:
         """Rank 0: run the draft model (on every rank when drafting is layer-parallel); fp32 logits of the
@@ -292,11 +351,25 @@ class ModelRunner:
             msg = {"op": "expect", "room": room, "n_tokens": n_tokens, "pages": pages, "host": host, "port": port}
             self._collective(lambda: (control.send(msg), dist.barrier(group=control.group)))
 
-    def await_room(self, room: int) -> None:
-        """Rank 0 holds the room's KV; return once every other rank holds its slice too."""
-        if self.control is not None:
-            control = self.control
-            self._collective(lambda: (control.send({"op": "await", "room": room}), dist.barrier(group=control.group)))
+    def await_room(self, event: RoomCompleted) -> bool:
+        """Rank 0 holds the room's KV (`event`); return once every other rank holds its slice too.
+
+        True when every rank that keeps a draft also received the draft's KV for the prompt: only then
+        may the request skip prefilling its draft (draft_computed = prompt length).
+        """
+        assert self.kv_port is not None and self.rank == 0
+        has_draft = self.kv_port.has_draft(event)
+        if self.control is None:
+            return has_draft
+        control = self.control
+        flag = torch.tensor([int(has_draft)], dtype=torch.int64)
+
+        def run() -> None:
+            control.send({"op": "await", "room": event.room})
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=control.group)
+
+        self._collective(run)
+        return bool(flag.item())
 
     def cancel_room(self, room: int, message: str) -> None:
         assert self.kv_port is not None and self.rank == 0
@@ -326,8 +399,9 @@ class ModelRunner:
                 self._randomize_kv_local(msg["seed"])
             elif op == "await":
                 assert self.kv_port is not None
-                self.kv_port.wait_complete(msg["room"])
-                dist.barrier(group=self.control.group)
+                event = self.kv_port.wait_complete(msg["room"])
+                flag = torch.tensor([int(self.kv_port.has_draft(event))], dtype=torch.int64)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control.group)
             else:
                 entries = [BatchEntry(ids, prefix, pages, bool(a)) for ids, prefix, pages, a in msg["entries"]]
                 if op == "draft":
@@ -367,6 +441,6 @@ class ModelRunner:
         if self.control is not None and dist.is_initialized():  # only the group this runner joined
             dist.destroy_process_group()
         if self.device.type == "cuda":  # give the memory back: another engine may start in this process
-            for name in ("cuda_graph", "model", "kv_pool", "attn_backend", "draft"):
+            for name in ("cuda_graph", "model", "kv_pool", "attn_backend", "draft", "prefill_draft"):
                 self.__dict__.pop(name, None)
             torch.cuda.empty_cache()

@@ -1,11 +1,14 @@
 """The PD roles of a scheduler process: what a prefill or a decode server does with bootstrap rooms.
 
 Prefill: a request with a room runs its prompt as usual; every layer's KV streams to the room as it is
-written (tpla_serve.engine.pd_rank), and once the first token is sampled DONE follows; the request then
-ends on the prefill (its answer carries the prompt logprobs the router merges).
+written (tpla_serve.engine.pd_rank), then, when the prefill was given a draft model, the draft's; once the
+first token is sampled DONE follows; the request then ends on the prefill (its answer carries the prompt
+logprobs the router merges).
 Decode: a request with a room reserves pages for its prompt, has every rank expect the room's KV, and
 REGISTERs with the prefill; when the KV and DONE arrive, the request joins the running batch with the
 prefill's first token. A room that fails or times out ends the request with an abort and frees its pages.
+With speculative decoding the decode also asks for the draft's KV; a prefill that cannot send it still
+serves the room, and the draft then prefills the prompt on the decode at the first speculative step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpla_serve.disagg import KVSender, RoomCompleted
-from tpla_serve.engine.pd_rank import kv_spec
 from tpla_serve.engine.request import Request
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.server.messages import GenerateRequest
@@ -33,7 +35,8 @@ class PrefillRole:
         self.sp = sp
         runner, engine = sp.runner, sp.config.engine
         self.sender = KVSender(
-            kv_spec(runner.kv_pool, runner.model_config.kv_lora_rank, runner.kv_fingerprint),
+            runner.kv_spec(),
+            draft=runner.draft_kv_spec(),
             host=sp.config.host,
             port=engine.disaggregation_bootstrap_port,
             timeout_s=engine.disaggregation_timeout,
@@ -97,6 +100,7 @@ class PrefillRole:
         s = self.sender.stats()
         return {
             "kv_transfer_bytes": s.bytes_sent,
+            "kv_transfer_draft_bytes": s.draft_bytes_sent,
             "kv_rooms_sent": s.rooms_sent,
             "kv_rooms_failed": s.rooms_failed,
             "kv_rooms_live": s.rooms_live,
@@ -126,7 +130,9 @@ class DecodeRole:
         self.pending: OrderedDict[int, _Pending] = OrderedDict()  # room -> request waiting for its KV
         self.rooms: dict[str, int] = {}  # rid -> room
         self.kv_bytes = 0
+        self.kv_draft_bytes = 0
         self.kv_seconds = 0.0
+        self.no_draft_peers: set[str] = set()  # prefills already logged for sending no draft KV
 
     @property
     def has_work(self) -> bool:
@@ -174,17 +180,32 @@ class DecodeRole:
                 continue
             del self.rooms[p.req.rid]
             if isinstance(event, RoomCompleted):
-                self.runner.await_room(event.room)
+                draft_kv = self.runner.await_room(event) and self.runner.draft is not None
+                if self.runner.draft is not None and not draft_kv:
+                    self._note_no_draft(p)
                 self.kv_bytes += event.nbytes
+                self.kv_draft_bytes += event.draft_nbytes
                 self.kv_seconds += event.seconds
                 assert p.pages is not None
-                sched.add_prefilled(p.req, p.pages, event.first_token_id, event.first_token_logprob)
+                sched.add_prefilled(
+                    p.req, p.pages, event.first_token_id, event.first_token_logprob, draft_kv=draft_kv
+                )
                 if p.req.finished or p.req.stream:
                     ended.append(p.req)
             else:
                 ended.append(self._fail(event.room, p, event.message))
         self._start_waiting()
         return ended
+
+    def _note_no_draft(self, p: _Pending) -> None:
+        peer = f"{p.host}:{p.port if p.port is not None else 'default'}"
+        if peer not in self.no_draft_peers:
+            self.no_draft_peers.add(peer)
+            logger.warning(
+                "prefill %s sent no draft-model KV (it has no draft, or another one): the draft prefills "
+                "its prompts here",
+                peer,
+            )
 
     def _fail(self, room: int, p: _Pending, message: str) -> Request:
         if p.pages is not None:
@@ -203,6 +224,7 @@ class DecodeRole:
         s = self.port.receiver.stats()
         return {
             "kv_transfer_bytes": self.kv_bytes,
+            "kv_transfer_draft_bytes": self.kv_draft_bytes,
             "kv_transfer_seconds": self.kv_seconds,
             "kv_rooms_waiting": len(self.pending),
             **{"kv_receiver_" + k: v for k, v in dataclasses.asdict(s).items()},

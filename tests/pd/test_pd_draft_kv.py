@@ -1,0 +1,125 @@
+"""The draft KV a prefill streams is the draft KV the decode's own draft prefill would have written.
+
+In one process (T = 1 on both sides, so nothing but the KV path differs): a prefill runner with the draft
+model streams a prompt, in two chunks, to a speculative decode runner over loopback ZMQ. The decode's
+draft pool rows for the prompt must equal, bit for bit, what its own draft EXTEND writes over the same
+chunks, and the request, started with draft_computed = prompt length, decodes exactly as a request the
+decode server prefilled itself: same tokens, same drafts accepted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tpla_serve.config import EngineConfig
+from tpla_serve.disagg import KVSender, RoomCompleted
+from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.engine.model_runner import ModelRunner
+from tpla_serve.engine.scheduler import Scheduler
+from tpla_serve.sampling.params import SamplingParams
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = str(ROOT / "models" / "mla-tiny")
+DRAFT = str(ROOT / "models" / "mla-tiny-draft")
+PROMPT = [0] + [(37 * i) % 3000 + 5 for i in range(29)]
+CHUNK = 17  # the prompt's two prefill chunks: [0, 17) and [17, 30)
+PAGE = 4
+
+
+def _config(**kw: object) -> EngineConfig:
+    return EngineConfig(model_path=TARGET, dtype="float32", device="cpu", page_size=PAGE, max_total_tokens=512,
+                        skip_tokenizer_init=True, disaggregation_timeout=10.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def runners() -> Iterator[tuple[ModelRunner, KVSender, ModelRunner]]:
+    prefill = ModelRunner(_config(disaggregation_mode="prefill", speculative_draft_model_path=DRAFT))
+    sender = KVSender(prefill.kv_spec(), draft=prefill.draft_kv_spec())
+    prefill.kv_sender = sender
+    decode = ModelRunner(_config(disaggregation_mode="decode", speculative_algorithm="standard",
+                                 speculative_draft_model_path=DRAFT, disaggregation_bootstrap_port=sender.bootstrap_port))
+    yield prefill, sender, decode
+    decode.shutdown()
+    sender.close()
+    prefill.shutdown()
+
+
+def _chunks(pages: list[int], room: int | None = None) -> list[BatchEntry]:
+    return [BatchEntry(PROMPT[:CHUNK], 0, pages, False, room), BatchEntry(PROMPT[CHUNK:], CHUNK, pages, False, room)]
+
+
+def _completed(decode: ModelRunner, room: int) -> RoomCompleted:
+    assert decode.kv_port is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for event in decode.kv_port.poll():
+            assert isinstance(event, RoomCompleted) and event.room == room, event
+            return event
+        time.sleep(0.005)
+    raise AssertionError("the room did not complete")
+
+
+def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None:
+    prefill, sender, decode = runners
+    assert prefill.draft is None and prefill.prefill_draft is not None  # a prefill does not speculate
+    assert decode.draft is not None and decode.kv_port is not None
+    sched = Scheduler(decode, None)
+    n, room = len(PROMPT), 12345
+    pages = sched.allocator.alloc(-(-n // PAGE))
+    decode.expect_room(room, n, pages, "127.0.0.1", None)
+    decode.kv_port.receiver.send_register(room, decode.kv_endpoints)
+    assert sender.wait_for_registration(room, 10.0) is not None
+
+    prefill_pages = prefill.allocator.alloc(-(-n // PAGE))
+    for entry in _chunks(prefill_pages, room):  # the prefill's scheduler runs one chunk per step
+        logits = prefill.forward(ForwardMode.EXTEND, [entry])
+    first = int(logits[-1].argmax())
+    sender.send_done(room, first)
+    event = _completed(decode, room)
+    assert event.draft_kv and decode.await_room(event)
+    draft_cfg = decode.draft.config
+    assert event.draft_nbytes == n * draft_cfg.num_hidden_layers * (draft_cfg.kv_lora_rank + draft_cfg.qk_rope_head_dim) * 4
+
+    # The decode's own draft prefill over the same chunks, into other pages.
+    ref_pages = sched.allocator.alloc(-(-n // PAGE))
+    for entry in _chunks(ref_pages):
+        decode.draft_forward(ForwardMode.EXTEND, [entry])
+    slots = lambda ps: torch.tensor([p * PAGE + o for p in ps for o in range(PAGE)])[:n]  # noqa: E731
+    pool = decode.draft.kv_pool
+    for layer in range(pool.num_layers):
+        got, want = pool.read(layer, slots(pages)), pool.read(layer, slots(ref_pages))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), layer
+        assert got[0].abs().sum() > 0
+    sched.allocator.free(ref_pages)
+
+    # Started from the streamed KV, the request speculates exactly as one the decode prefilled itself.
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    req = sched.new_request(PROMPT, params, rid="pd")
+    sched.add_prefilled(req, pages, first, None, draft_kv=True)
+    assert req.draft_computed == n
+    local = sched.add_request(PROMPT, params, rid="local")
+    while sched.has_work:
+        sched.step()
+    assert req.output_ids == local.output_ids and req.output_ids[0] == first
+    assert req.spec_verify_ct > 0
+    assert (req.spec_num_proposed_drafts, req.spec_num_correct_drafts) == (
+        local.spec_num_proposed_drafts,
+        local.spec_num_correct_drafts,
+    )
+    assert sched.allocator.num_used == 0
+
+
+def test_without_draft_kv_the_request_prefills_its_draft_on_the_decode(runners) -> None:
+    _, _, decode = runners
+    sched = Scheduler(decode, None)
+    pages = sched.allocator.alloc(-(-len(PROMPT) // PAGE))
+    req = sched.new_request(PROMPT, SamplingParams(temperature=0, max_new_tokens=2), rid="x")
+    sched.add_prefilled(req, pages, 7, None, draft_kv=False)
+    assert req.draft_computed == 0
+    sched.abort("x")
+    assert sched.allocator.num_used == 0
