@@ -19,8 +19,8 @@ from tpla_serve.disagg import (
     bootstrap_endpoint,
     check_endpoint,
     decode,
-    encode,
     draft_mismatch,
+    encode,
     layout_mismatch,
 )
 from tpla_serve.disagg.messages import tensor_frame

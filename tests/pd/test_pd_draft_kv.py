@@ -53,6 +53,10 @@ def _chunks(pages: list[int], room: int | None = None) -> list[BatchEntry]:
     return [BatchEntry(PROMPT[:CHUNK], 0, pages, False, room), BatchEntry(PROMPT[CHUNK:], CHUNK, pages, False, room)]
 
 
+def _slots(pages: list[int], n: int) -> torch.Tensor:
+    return torch.tensor([p * PAGE + o for p in pages for o in range(PAGE)])[:n]
+
+
 def _completed(decode: ModelRunner, room: int) -> RoomCompleted:
     assert decode.kv_port is not None
     deadline = time.monotonic() + 10
@@ -89,10 +93,9 @@ def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None
     ref_pages = sched.allocator.alloc(-(-n // PAGE))
     for entry in _chunks(ref_pages):
         decode.draft_forward(ForwardMode.EXTEND, [entry])
-    slots = lambda ps: torch.tensor([p * PAGE + o for p in ps for o in range(PAGE)])[:n]  # noqa: E731
     pool = decode.draft.kv_pool
     for layer in range(pool.num_layers):
-        got, want = pool.read(layer, slots(pages)), pool.read(layer, slots(ref_pages))
+        got, want = pool.read(layer, _slots(pages, n)), pool.read(layer, _slots(ref_pages, n))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), layer
         assert got[0].abs().sum() > 0
     sched.allocator.free(ref_pages)

@@ -26,9 +26,9 @@ TARGET = str(ROOT / "models" / "mla-tiny")
 DRAFT = str(ROOT / "models" / "mla-tiny-draft")
 PROMPTS = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog. The quick brown"]
 PARAMS = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-COMMON = dict(model_path=TARGET, dtype="float32", device="cpu", page_size=4, max_total_tokens=1024)
-SPEC = dict(speculative_draft_model_path=DRAFT, speculative_num_draft_tokens=3)
-DECODE = dict(disaggregation_mode="decode", tp_size=2, tpla_groups=2, disaggregation_timeout=20.0)
+COMMON = {"model_path": TARGET, "dtype": "float32", "device": "cpu", "page_size": 4, "max_total_tokens": 1024}
+SPEC = {"speculative_draft_model_path": DRAFT, "speculative_num_draft_tokens": 3}
+DECODE = {"disaggregation_mode": "decode", "tp_size": 2, "tpla_groups": 2, "disaggregation_timeout": 20.0}
 
 
 def _draft_bytes_per_token() -> int:
@@ -44,15 +44,15 @@ def cluster() -> Iterator[dict]:
     port, plain_port = free_port(), free_port()
     servers: dict[str, Sched] = {}
     try:
+        prefill = {"disaggregation_mode": "prefill"}
         for name, kw in (
-            ("prefill", dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=port,
-                             speculative_draft_model_path=DRAFT)),
-            ("prefill_no_draft", dict(disaggregation_mode="prefill", disaggregation_bootstrap_port=plain_port)),
-            ("easyspec", dict(DECODE, speculative_algorithm="easyspec", disaggregation_bootstrap_port=port, **SPEC)),
-            ("standard", dict(DECODE, speculative_algorithm="standard", disaggregation_bootstrap_port=port, **SPEC)),
+            ("prefill", {**prefill, "disaggregation_bootstrap_port": port, "speculative_draft_model_path": DRAFT}),
+            ("prefill_no_draft", {**prefill, "disaggregation_bootstrap_port": plain_port}),
+            ("easyspec", {**DECODE, **SPEC, "speculative_algorithm": "easyspec", "disaggregation_bootstrap_port": port}),
+            ("standard", {**DECODE, **SPEC, "speculative_algorithm": "standard", "disaggregation_bootstrap_port": port}),
         ):
             servers[name] = Sched(EngineConfig(**COMMON, **kw), wait=False)
-        tp = dict(COMMON, tp_size=2, tpla_groups=2)
+        tp = {**COMMON, "tp_size": 2, "tpla_groups": 2}
         with Engine(**tp) as engine:
             ids = [engine.tokenizer.encode(p) for p in PROMPTS]
             plain = [o["output_ids"] for o in engine.generate(input_ids=ids, sampling_params=PARAMS)]
@@ -86,11 +86,11 @@ def _run(cluster: dict, decode_name: str, prefill_name: str, decode_first: bool)
         outputs[out.rid] = out.output
     after_d, after_p = decode_.stats(), prefill.stats()
     assert after_d["pages_free"] == before_d["pages_free"]
-    delta = lambda a, b, k: a[k] - b[k]  # noqa: E731
+    keys = ("kv_transfer_bytes", "kv_transfer_draft_bytes")
     return (
         [outputs[r] for r in rids],
-        {k: delta(after_d, before_d, k) for k in ("kv_transfer_bytes", "kv_transfer_draft_bytes")},
-        {k: delta(after_p, before_p, k) for k in ("kv_transfer_bytes", "kv_transfer_draft_bytes")},
+        {k: after_d[k] - before_d[k] for k in keys},
+        {k: after_p[k] - before_p[k] for k in keys},
     )
 
 

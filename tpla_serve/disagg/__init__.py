@@ -18,7 +18,14 @@ from tpla_serve.disagg.messages import (
 )
 from tpla_serve.disagg.receiver import KVReceiver, KVWriter, ReceiverStats
 from tpla_serve.disagg.sender import KVSender, SenderStats
-from tpla_serve.disagg.spec import KV_DTYPES, DecodeLayout, KVSpec, draft_mismatch, dtype_name, layout_mismatch
+from tpla_serve.disagg.spec import (
+    KV_DTYPES,
+    DecodeLayout,
+    KVSpec,
+    draft_mismatch,
+    dtype_name,
+    layout_mismatch,
+)
 
 __all__ = [
     "KV_DTYPES",
