@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--disable-cuda-graph", action="store_true", help="run plain decode steps eagerly too")
     parser.add_argument("--name", default="spec_decode", help="results file name prefix")
     args = parser.parse_args()
 
@@ -88,7 +89,7 @@ def main() -> None:
     prompts = held_out_prompts(load_tokenizer(DEFAULT_MODEL_PATH), args.num_prompts, args.prompt_len)
     base = dict(
         model_path=DEFAULT_MODEL_PATH, tp_size=args.tp_size, tpla_groups=args.tpla_groups, device=args.device,
-        dtype=args.dtype, attention_backend=args.attention_backend,
+        dtype=args.dtype, attention_backend=args.attention_backend, disable_cuda_graph=args.disable_cuda_graph,
     )
     ks = [int(k) for k in args.ks.split(",")]
     group_sizes = [int(n) for n in args.group_sizes.split(",") if n]  # empty: no easyspec runs (T = 1)
@@ -123,7 +124,8 @@ def main() -> None:
     setup = (
         f"Target models/mla-tiny (15.2M), draft models/mla-tiny-draft (3.5M, 6 layers), TP={args.tp_size}, "
         f"g={args.tpla_groups}, device {args.device}, dtype {args.dtype}, attention backend "
-        f"{args.attention_backend}; {args.num_prompts} held-out prompts of {args.prompt_len} tokens decoded "
+        f"{args.attention_backend}, CUDA graphs {'off' if args.disable_cuda_graph else 'on (plain decode steps)'}; "
+        f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens decoded "
         f"together, {args.new_tokens} new tokens each, greedy. EasySpec groups the draft's middle layers "
         "[1..4] in groups of N (layers 0 and 5 run as usual)."
     )

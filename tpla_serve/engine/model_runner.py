@@ -7,6 +7,7 @@ runners replay the steps in serve_forever().
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 from collections.abc import Callable
@@ -52,9 +53,12 @@ class ModelRunner:
         try:
             if rank == 0 and config.tp_size > 1:
                 self.peers = TPRanks(config)
+                joined_before = dist.is_initialized()
                 try:
                     self.control = init_tp(config, 0, self.peers.port)
                 except Exception as e:
+                    if dist.is_initialized() and not joined_before:  # a half-joined group of ours
+                        dist.destroy_process_group()
                     raise RuntimeError(self.peers.failure() or f"joining the TP group failed: {e}") from e
             self._build()
         except BaseException:
@@ -246,6 +250,8 @@ class ModelRunner:
         """Size the pool from the memory budget: measured free GPU memory, or a byte budget on CPU."""
         bytes_per_page = (self.kv_bytes_per_token + self.draft_kv_bytes_per_token) * self.page_size
         if self.device.type == "cuda":
+            gc.collect()  # an engine shut down earlier in this process may still hold blocks through cycles
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1.0 - self.config.mem_fraction_static)
         else:
@@ -409,6 +415,10 @@ class ModelRunner:
                 else:
                     self._forward_local(ForwardMode(msg["mode"]), entries)
 
+    def _leave_group(self) -> None:
+        if self.control is not None and dist.is_initialized():  # only the group this runner joined
+            dist.destroy_process_group()
+
     @torch.no_grad()
     def randomize_kv(self, seed: int) -> None:
         """Fill every rank's KV pool with random values: decode speed runs skip prefill, and a decode step's
@@ -428,18 +438,22 @@ class ModelRunner:
         if self.kv_port is not None:
             self.kv_port.close()
             self.kv_port = None
+        self.cuda_graph = None  # captured graphs hold work of the group's communicator: release them first
         if self.peers is not None:
+            told = False
             if kill:
                 self.peers.kill()
             elif self.peers.failure() is None:
                 try:
                     self.control.send({"op": "shutdown"})
+                    told = True
                 except Exception:  # a rank already gone: nothing left to tell
                     logger.warning("TP shutdown: could not reach every rank")
+            if told:  # every rank leaves the group at once (NCCL's teardown waits for its peers)
+                self._leave_group()
             self.peers.join()
             self.peers = None
-        if self.control is not None and dist.is_initialized():  # only the group this runner joined
-            dist.destroy_process_group()
+        self._leave_group()
         if self.device.type == "cuda":  # give the memory back: another engine may start in this process
             for name in ("cuda_graph", "model", "kv_pool", "attn_backend", "draft", "prefill_draft"):
                 self.__dict__.pop(name, None)
