@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import write_result  # noqa: E402
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--algorithms", default="plain,standard,easyspec", help="which decodings to run")
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run plain decode steps eagerly too")
     parser.add_argument("--name", default="spec_decode", help="results file name prefix")
     args = parser.parse_args()
@@ -93,11 +96,13 @@ def main() -> None:
     )
     ks = [int(k) for k in args.ks.split(",")]
     group_sizes = [int(n) for n in args.group_sizes.split(",") if n]  # empty: no easyspec runs (T = 1)
-    runs: list[tuple[str, int | None, int | None, dict]] = [("plain", None, None, base)]
+    algorithms = set(args.algorithms.split(","))
+    runs: list[tuple[str, int | None, int | None, dict]] = [("plain", None, None, base)] if "plain" in algorithms else []
     for k in ks:
         spec = dict(base, speculative_draft_model_path=DRAFT_PATH, speculative_num_draft_tokens=k)
-        runs.append(("standard", k, None, dict(spec, speculative_algorithm="standard")))
-        for n in group_sizes:
+        if "standard" in algorithms:
+            runs.append(("standard", k, None, dict(spec, speculative_algorithm="standard")))
+        for n in group_sizes if "easyspec" in algorithms else []:
             runs.append(("easyspec", k, n, dict(spec, speculative_algorithm="easyspec", easyspec_group_size=n)))
 
     results = []
@@ -108,23 +113,29 @@ def main() -> None:
               f"length {r['accept_length']:.2f}, draft {r['draft_ms']:.1f} ms, verify {r['verify_ms']:.1f} ms",
               flush=True)
 
-    plain = results[0][3]
+    plain = next((r for name, _, _, r in results if name == "plain"), None)
     rows = ["| decoding | k | N | output tok/s | vs plain | accept rate | tokens / block | draft ms / step | "
             "verify ms / step | draft speed-up vs standard | same tokens as plain |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     standard_draft = {k: r["draft_ms"] for name, k, _, r in results if name == "standard"}
     for name, k, n, r in results:
-        speedup = f"{standard_draft[k] / r['draft_ms']:.2f}x" if name == "easyspec" and r["draft_ms"] else ""
+        speedup = ""
+        if name == "easyspec" and k in standard_draft and r["draft_ms"]:
+            speedup = f"{standard_draft[k] / r['draft_ms']:.2f}x"
+        vs_plain = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain else "-"
+        same = ("yes" if r["outputs"] == plain["outputs"] else "NO") if plain else "-"
         rows.append(
-            f"| {name} | {k or ''} | {n or ''} | {r['tokens_per_s']:.1f} | "
-            f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x | "
+            f"| {name} | {k or ''} | {n or ''} | {r['tokens_per_s']:.1f} | {vs_plain} | "
             f"{r['accept_rate']:.3f} | {r['accept_length']:.2f} | {r['draft_ms']:.2f} | {r['verify_ms']:.2f} | "
-            f"{speedup} | {'yes' if r['outputs'] == plain['outputs'] else 'NO'} |"
+            f"{speedup} | {same} |"
         )
+    graphs = ""
+    if args.device != "cpu" and torch.cuda.is_available():
+        graphs = ", CUDA graphs " + ("off" if args.disable_cuda_graph else "on (plain decode steps)")
     setup = (
         f"Target models/mla-tiny (15.2M), draft models/mla-tiny-draft (3.5M, 6 layers), TP={args.tp_size}, "
         f"g={args.tpla_groups}, device {args.device}, dtype {args.dtype}, attention backend "
-        f"{args.attention_backend}, CUDA graphs {'off' if args.disable_cuda_graph else 'on (plain decode steps)'}; "
+        f"{args.attention_backend}{graphs}; "
         f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens decoded "
         f"together, {args.new_tokens} new tokens each, greedy. EasySpec groups the draft's middle layers "
         "[1..4] in groups of N (layers 0 and 5 run as usual)."
