@@ -35,6 +35,8 @@ STATS_METRICS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
     (("kv_transfer_bytes", "kv_transfer_bytes_sent"), "kv_transfer_bytes", "counter",
      "Bytes of KV cache received (decode) or sent (prefill) for PD requests"),
     (("kv_transfer_seconds",), "kv_transfer_seconds", "counter", "Seconds spent receiving KV cache (PD)"),
+    (("kv_transfer_draft_bytes",), "kv_transfer_draft_bytes", "counter",
+     "Of kv_transfer_bytes, the draft model's KV (PD with speculative decoding)"),
     (("spec_verify_steps",), "spec_verify_steps", "counter", "Speculative decoding: batched verification steps run"),
     (("spec_verified_blocks",), "spec_verified_blocks", "counter",
      "Speculative decoding: requests' draft blocks verified"),
