@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_result  # noqa: E402
+from common import write_result
 
-from tpla_serve.config import DEFAULT_MODEL_PATH  # noqa: E402
+from tpla_serve.config import DEFAULT_MODEL_PATH
 
 DRAFT_PATH = str(Path(DEFAULT_MODEL_PATH).parent / "mla-tiny-draft")
 
@@ -90,10 +90,11 @@ def main() -> None:
     from tpla_serve.engine.tokenizer import load_tokenizer
 
     prompts = held_out_prompts(load_tokenizer(DEFAULT_MODEL_PATH), args.num_prompts, args.prompt_len)
-    base = dict(
-        model_path=DEFAULT_MODEL_PATH, tp_size=args.tp_size, tpla_groups=args.tpla_groups, device=args.device,
-        dtype=args.dtype, attention_backend=args.attention_backend, disable_cuda_graph=args.disable_cuda_graph,
-    )
+    base = {
+        "model_path": DEFAULT_MODEL_PATH, "tp_size": args.tp_size, "tpla_groups": args.tpla_groups,
+        "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
+        "disable_cuda_graph": args.disable_cuda_graph,
+    }
     ks = [int(k) for k in args.ks.split(",")]
     group_sizes = [int(n) for n in args.group_sizes.split(",") if n]  # empty: no easyspec runs (T = 1)
     algorithms = set(args.algorithms.split(","))
@@ -114,9 +115,11 @@ def main() -> None:
               flush=True)
 
     plain = next((r for name, _, _, r in results if name == "plain"), None)
-    rows = ["| decoding | k | N | output tok/s | vs plain | accept rate | tokens / block | draft ms / step | "
-            "verify ms / step | draft speed-up vs standard | same tokens as plain |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        ("| decoding | k | N | output tok/s | vs plain | accept rate | tokens / block | draft ms / step | "
+         "verify ms / step | draft speed-up vs standard | same tokens as plain |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     standard_draft = {k: r["draft_ms"] for name, k, _, r in results if name == "standard"}
     for name, k, n, r in results:
         speedup = ""

@@ -29,7 +29,7 @@ PROMPTS = [
     "# A function that sorts a list\n",
 ]
 # The decode server's target: TPLA with two latent groups on two ranks.
-TARGET_ARGS = dict(model_path=TARGET, tp_size=2, tpla_groups=2, dtype="float32", device="cpu")
+TARGET_ARGS = {"model_path": TARGET, "tp_size": 2, "tpla_groups": 2, "dtype": "float32", "device": "cpu"}
 
 
 BATCHED = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in (1, 2, 5, 7, 13, 24, 31, 40)]
@@ -157,7 +157,7 @@ def test_pages_return_to_baseline_after_aborts(spec):
 def test_retraction_keeps_outputs_and_pages():
     """A KV pool far too small for the batch: requests are retracted and recomputed (target and draft KV
     alike), the outputs stay those of plain decoding and every page comes back."""
-    args = dict(model_path=TARGET, dtype="float32", device="cpu", max_total_tokens=256)
+    args = {"model_path": TARGET, "dtype": "float32", "device": "cpu", "max_total_tokens": 256}
     params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
     with Engine(**args) as engine:
         want = engine.generate(PROMPTS, params)

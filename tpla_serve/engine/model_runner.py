@@ -20,10 +20,10 @@ import torch.distributed as dist
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg import DecodeLayout, KVSender, KVSpec, RoomCompleted
+from tpla_serve.engine.cuda_graph import CudaGraphRunner
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
-from tpla_serve.engine.cuda_graph import CudaGraphRunner
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
@@ -283,16 +283,27 @@ class ModelRunner:
         """Run one step (on every rank); returns fp32 logits for the rows each entry asked for."""
         if self.control is None:
             return self._forward_local(mode, entries)
+        return self._announce_and_run("step", mode, entries, self._forward_local)
+
+    def _announce_and_run(
+        self,
+        op: str,
+        mode: ForwardMode,
+        entries: list[BatchEntry],
+        run: Callable[[ForwardMode, list[BatchEntry]], torch.Tensor | None],
+    ) -> torch.Tensor | None:
+        """Tell the other ranks to replay `op` over `entries`, then run it here."""
+        control = self.control
+        assert control is not None
         step = {
-            "op": "step",
+            "op": op,
             "mode": mode.value,
             "entries": [[e.new_token_ids, e.prefix_len, e.pages, e.logits_for_all] for e in entries],
         }
-        control = self.control
 
-        def announce_and_run() -> torch.Tensor:
+        def announce_and_run() -> torch.Tensor | None:
             control.send(step)
-            return self._forward_local(mode, entries)
+            return run(mode, entries)
 
         return self._collective(announce_and_run)
 
@@ -328,18 +339,7 @@ class ModelRunner:
         assert self.draft is not None and self.rank == 0
         if self.control is None or not self.layer_parallel_draft:
             return self._draft_local(mode, entries)
-        step = {
-            "op": "draft",
-            "mode": mode.value,
-            "entries": [[e.new_token_ids, e.prefix_len, e.pages, e.logits_for_all] for e in entries],
-        }
-        control = self.control
-
-        def announce_and_run() -> torch.Tensor:
-            control.send(step)
-            return self._draft_local(mode, entries)
-
-        return self._collective(announce_and_run)
+        return self._announce_and_run("draft", mode, entries, self._draft_local)
 
     def _draft_local(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor | None:
         assert self.draft is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.request import Request
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, adjusted_logits
 from tpla_serve.spec.verify import VerifyUniforms, greedy_verify, processed_probs, speculative_verify
+
+if TYPE_CHECKING:
+    from tpla_serve.engine.model_runner import ModelRunner
 
 _M32 = 0xFFFFFFFF
 
@@ -49,7 +53,9 @@ class StepTiming:
 
 
 class SpeculativeDecoder:
-    def __init__(self, runner: object, sampler: Sampler, vocab_size: int, eos_token_ids: Collection[int]) -> None:
+    def __init__(
+        self, runner: ModelRunner, sampler: Sampler, vocab_size: int, eos_token_ids: Collection[int]
+    ) -> None:
         self.runner = runner
         self.sampler = sampler
         self.vocab_size = vocab_size

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.engine.forward_batch import BatchEntry, ForwardBatch, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import create_attention_backend
 from tpla_serve.layers.linear import tp_all_reduce
+from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
 from tpla_serve.tpla.layout import ShardLayout
 
@@ -72,7 +73,7 @@ class DraftModel:
         )
 
     @staticmethod
-    def bytes_per_token(model_config: object, dtype: torch.dtype) -> int:
+    def bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
         """KV bytes one token costs in the draft pool (to size the shared page count)."""
         return LatentKVPool.bytes_per_token(
             model_config.num_hidden_layers, model_config.kv_lora_rank, model_config.qk_rope_head_dim, dtype
@@ -103,7 +104,7 @@ class DraftModel:
         return self.model.compute_logits(hidden)
 
     def _parallel_group(
-        self, layers: list[nn.Module], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: object
+        self, layers: list[nn.Module], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
     ) -> torch.Tensor:
         """Rank r computes the attention of the group's r-th layer on the group's input; all ranks then
         apply x += A_i; x += MLP_i(x) in layer order."""
