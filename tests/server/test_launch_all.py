@@ -51,3 +51,41 @@ def test_role_all_serves_through_the_router_and_stops_on_ctrl_c(chat_model_dir: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_role_all_with_easyspec_decodes_like_the_target_alone(tmp_path: Path) -> None:
+    """The bundled model and draft: the prefill streams draft KV, the decode (T=2, g=2) drafts layer-parallel;
+    greedy answers equal the in-process TPLA engine's and carry the speculative counters."""
+    from tpla_serve import Engine
+
+    prompt, params = "def fibonacci(n):", {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+    with Engine(tp_size=2, tpla_groups=2, kv_cache_bytes=1 << 25) as engine:
+        want = engine.generate(prompt, params)["output_ids"]
+    log = tmp_path / "all.log"
+    small = "--kv-cache-bytes 33554432"
+    cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--port", "0", "--speculative-algorithm",
+           "easyspec", "--prefill-args", small, "--decode-args", small, "--log-level", "warning"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        url = None
+        while url is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            found = re.search(r"ready at (http://\S+)", log.read_text())
+            url = found.group(1) if found else None
+            time.sleep(0.25)
+        r = httpx.post(url + "/generate", json={"text": prompt, "sampling_params": params}, timeout=120)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["output_ids"] == want
+        meta = out["meta_info"]
+        assert 0 < meta["spec_verify_ct"] < 23 and meta["spec_num_correct_drafts"] > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,7 +1,9 @@
 """`python -m tpla_serve.launch --role all`: a whole PD cluster on this machine, for trying things out.
 
 One prefill server (exact MLA, T=1), one decode server (TPLA, T=2, g=2 by default) and a router in front,
-each a `python -m tpla_serve.launch` child process on a free port. Waits until all are healthy, prints
+each a `python -m tpla_serve.launch` child process on a free port. With --speculative-algorithm the decode
+server speculates with a draft model (the bundled draft for the bundled model) and the prefill server
+prefills the draft and streams its KV too. Waits until all are healthy, prints
 the router's URL with a ready-to-paste request, and stops them all on Ctrl-C / SIGTERM (or when any of
 them dies).
 """
@@ -21,6 +23,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from tpla_serve.config import DEFAULT_MODEL_PATH
+
+# The project's draft model, trained with the bundled target (same tokenizer).
+DEFAULT_DRAFT_MODEL_PATH = str(Path(DEFAULT_MODEL_PATH).parent / "mla-tiny-draft")
 
 logger = logging.getLogger("tpla_serve.local_cluster")
 
@@ -51,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prefill server's bootstrap port (0: a free port)")
     p.add_argument("--decode-tp-size", type=int, default=2)
     p.add_argument("--decode-tpla-groups", type=int, default=2)
+    p.add_argument("--speculative-algorithm", default="none", choices=["none", "standard", "easyspec"],
+                   help="the decode server speculates with a draft model")
+    p.add_argument("--speculative-draft-model-path", default=None,
+                   help="default: the bundled draft, when the model is the bundled one")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=4)
     p.add_argument("--prefill-args", default="", help="extra flags for the prefill server, one string")
     p.add_argument("--decode-args", default="", help="extra flags for the decode server, one string")
     p.add_argument("--router-args", default="", help="extra flags for the router, one string")
@@ -122,8 +135,24 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop
 
 
+def _speculative_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(prefill flags, decode flags) for speculative decoding: the decode drafts, the prefill streams draft KV."""
+    if args.speculative_algorithm == "none":
+        return [], []
+    draft = args.speculative_draft_model_path
+    if draft is None:
+        if args.model_path is not None:
+            parser.error("--speculative-algorithm with --model-path needs --speculative-draft-model-path")
+        draft = DEFAULT_DRAFT_MODEL_PATH
+    decode = ["--speculative-algorithm", args.speculative_algorithm, "--speculative-draft-model-path", draft,
+              "--speculative-num-draft-tokens", str(args.speculative_num_draft_tokens)]
+    return ["--speculative-draft-model-path", draft], decode
+
+
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    prefill_spec, decode_spec = _speculative_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s all %(levelname)s: %(message)s")
     host = args.host
     ports = {name: getattr(args, name) or free_port(host)
@@ -144,12 +173,12 @@ def main(argv: Sequence[str]) -> int:
         children.append(_launch("prefill server", [
             "--role", "prefill", "--disaggregation-mode", "prefill", *common,
             "--port", str(ports["prefill_port"]), "--disaggregation-bootstrap-port", bootstrap,
-            "--tp-size", "1", *shlex.split(args.prefill_args)], prefill_url))
+            "--tp-size", "1", *prefill_spec, *shlex.split(args.prefill_args)], prefill_url))
         children.append(_launch("decode server", [
             "--role", "decode", "--disaggregation-mode", "decode", *common,
             "--port", str(ports["decode_port"]), "--disaggregation-bootstrap-port", bootstrap,
             "--tp-size", str(args.decode_tp_size), "--tpla-groups", str(args.decode_tpla_groups),
-            *shlex.split(args.decode_args)], decode_url))
+            *decode_spec, *shlex.split(args.decode_args)], decode_url))
         deadline = time.monotonic() + args.startup_timeout
         _wait_healthy(children, args.api_key, deadline)
         router_args = ["--role", "router", "--host", host, "--port", str(ports["port"]),
