@@ -18,7 +18,7 @@ from torch import nn
 
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardBatch, ForwardMode, build_forward_batch
-from tpla_serve.layers.attention import create_attention_backend
+from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.layers.linear import tp_all_reduce
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
@@ -60,7 +60,12 @@ class DraftModel:
         self.config = self.model.config
         self.device = device
         self.tp_layout = tp_layout  # the target's: the group all-reduce runs over the decode server's ranks
-        self.attn_backend = create_attention_backend(attention_backend, device)
+        shape = AttentionShape(
+            self.config.num_attention_heads, self.config.kv_lora_rank, self.config.qk_rope_head_dim, page_size, dtype
+        )
+        # FlashInfer serves only some latent widths: a draft it cannot serve takes the automatic choice instead.
+        name = "auto" if attention_backend == "flashinfer" else attention_backend
+        self.attn_backend = create_attention_backend(name, device, shape)
         self.groups = layer_groups(self.config.num_hidden_layers, group_size)
         self.kv_pool = LatentKVPool(
             self.config.num_hidden_layers,
