@@ -14,23 +14,30 @@ import httpx
 from server_procs import alive, descendants
 
 
+def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """Start `--role all` with its output in `log`; return it and the router URL once it says it is ready."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("the cluster did not come up:\n" + log.read_text()[-3000:])
+        found = re.search(r"ready at (http://\S+)", log.read_text())
+        if found:
+            return proc, found.group(1)
+        time.sleep(0.25)
+
+
 def test_role_all_serves_through_the_router_and_stops_on_ctrl_c(chat_model_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "all.log"
     small = "--kv-cache-bytes 33554432"
     cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--port", "0", "--model-path", str(chat_model_dir),
            "--prefill-args", small, "--decode-args", small, "--log-level", "warning"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc, url = _start(cmd, log)
     try:
-        deadline = time.monotonic() + 240
-        url = None
-        while url is None:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            found = re.search(r"ready at (http://\S+)", log.read_text())
-            url = found.group(1) if found else None
-            time.sleep(0.25)
         assert "curl -s " + url + "/generate" in log.read_text()  # the copy-paste example
         body = {"text": "def fibonacci(n):", "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}
         r = httpx.post(url + "/generate", json=body, timeout=120)
@@ -65,18 +72,8 @@ def test_role_all_with_easyspec_decodes_like_the_target_alone(tmp_path: Path) ->
     small = "--kv-cache-bytes 33554432"
     cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--port", "0", "--speculative-algorithm",
            "easyspec", "--prefill-args", small, "--decode-args", small, "--log-level", "warning"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc, url = _start(cmd, log)
     try:
-        deadline = time.monotonic() + 240
-        url = None
-        while url is None:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the cluster did not come up"
-            found = re.search(r"ready at (http://\S+)", log.read_text())
-            url = found.group(1) if found else None
-            time.sleep(0.25)
         r = httpx.post(url + "/generate", json={"text": prompt, "sampling_params": params}, timeout=120)
         assert r.status_code == 200, r.text
         out = r.json()

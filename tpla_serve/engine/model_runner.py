@@ -455,6 +455,6 @@ class ModelRunner:
             self.peers = None
         self._leave_group()
         if self.device.type == "cuda":  # give the memory back: another engine may start in this process
-            for name in ("cuda_graph", "model", "kv_pool", "attn_backend", "draft", "prefill_draft"):
+            for name in ("model", "kv_pool", "attn_backend", "draft", "prefill_draft"):
                 self.__dict__.pop(name, None)
             torch.cuda.empty_cache()

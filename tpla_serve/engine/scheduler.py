@@ -2,9 +2,10 @@
 
 Each step is either one EXTEND batch (prompt chunks, exact MLA, up to --chunked-prefill-size tokens) or
 one DECODE batch (one new token for every running request, or with speculative decoding one verified
-block of up to k + 1 tokens). Prefill goes first so new requests join the running batch at the next step. When pages run short, waiting requests stay queued and, if a decode step
-cannot grow, the newest running request is retracted (its pages freed, recomputed later): no request is
-dropped and the engine never fails for lack of memory.
+block of up to k + 1 tokens). Prefill goes first so new requests join the running batch at the next step.
+When pages run short, waiting requests stay queued and, if a decode step cannot grow, the newest running
+request is retracted (its pages freed, recomputed later): no request is dropped and the engine never
+fails for lack of memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tpla_serve.engine.request import Request, RequestStatus
 from tpla_serve.sampling.logprobs import token_logprobs
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, resolve_seed
-from tpla_serve.spec.decoder import BlockResult, SpeculativeDecoder
+from tpla_serve.spec.decoder import BlockResult, SpecCounters, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,6 @@ class Scheduler:
         if runner.draft is not None:
             self.spec = SpeculativeDecoder(runner, self.sampler, self.vocab_size, self.eos_token_ids)
         self.num_draft_tokens = self.config.speculative_num_draft_tokens
-        self.spec_totals = dict.fromkeys(
-            ("verify_steps", "blocks", "proposed", "accepted", "emitted", "draft_seconds", "verify_seconds"), 0
-        )
 
     # ------------------------------------------------------------------ admission
 
@@ -213,6 +211,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def stats(self) -> SchedulerStats:
+        spec = self.spec.counters if self.spec is not None else SpecCounters()
         return SchedulerStats(
             num_waiting=len(self.waiting),
             num_running=len(self.running),
@@ -224,15 +223,15 @@ class Scheduler:
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
             num_retractions=self.num_retractions,
-            spec_verify_steps=self.spec_totals["verify_steps"],
-            spec_verified_blocks=self.spec_totals["blocks"],
-            spec_proposed_drafts=self.spec_totals["proposed"],
-            spec_accepted_drafts=self.spec_totals["accepted"],
-            spec_emitted_tokens=self.spec_totals["emitted"],
-            spec_draft_seconds=self.spec_totals["draft_seconds"],
-            spec_verify_seconds=self.spec_totals["verify_seconds"],
-            spec_accept_rate=self.spec_totals["accepted"] / max(self.spec_totals["proposed"], 1),
-            spec_accept_length=self.spec_totals["emitted"] / max(self.spec_totals["blocks"], 1),
+            spec_verify_steps=spec.verify_steps,
+            spec_verified_blocks=spec.blocks,
+            spec_proposed_drafts=spec.proposed,
+            spec_accepted_drafts=spec.accepted,
+            spec_emitted_tokens=spec.emitted,
+            spec_draft_seconds=spec.draft_seconds,
+            spec_verify_seconds=spec.verify_seconds,
+            spec_accept_rate=spec.accepted / max(spec.proposed, 1),
+            spec_accept_length=spec.emitted / max(spec.blocks, 1),
         )
 
     # ------------------------------------------------------------------ one step
@@ -367,20 +366,12 @@ class Scheduler:
         """One verified block per request; rejected positions' KV is dropped, whole pages freed."""
         assert self.spec is not None
         num_drafts = [min(self._num_drafts(r), len(r.pages) * self.page_size - r.seq_len) for r in batch]
-        results, timing = self.spec.step(batch, num_drafts)
-        totals = self.spec_totals
-        totals["verify_steps"] += 1
-        totals["blocks"] += len(batch)
-        totals["draft_seconds"] += timing.draft_seconds
-        totals["verify_seconds"] += timing.verify_seconds
+        results = self.spec.step(batch, num_drafts)
         now = time.monotonic()
         for req, res in zip(batch, results):
             req.spec_verify_ct += 1
             req.spec_num_proposed_drafts += res.num_drafts
             req.spec_num_correct_drafts += res.num_accepted
-            totals["proposed"] += res.num_drafts
-            totals["accepted"] += res.num_accepted
-            totals["emitted"] += len(res.tokens)
             req.num_computed += 1 + res.num_accepted  # the last token and the accepted drafts
             self._append_block(req, res, now)
             if not req.finished:

@@ -26,7 +26,13 @@ import torch
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.request import Request
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, adjusted_logits
-from tpla_serve.spec.verify import VerifyUniforms, greedy_verify, processed_probs, speculative_verify
+from tpla_serve.spec.verify import (
+    VerifyUniforms,
+    build_verify_batch,
+    greedy_verify,
+    processed_probs,
+    speculative_verify,
+)
 
 if TYPE_CHECKING:
     from tpla_serve.engine.model_runner import ModelRunner
@@ -47,9 +53,16 @@ class BlockResult:
 
 
 @dataclass
-class StepTiming:
-    draft_seconds: float  # calibration + drafting, until the last draft token is on the host
-    verify_seconds: float  # the target's block forward and verification
+class SpecCounters:
+    """Totals over the server's life (scheduler stats, /metrics)."""
+
+    verify_steps: int = 0  # batched verification steps
+    blocks: int = 0  # requests' blocks verified (a step verifies one per request in it)
+    proposed: int = 0
+    accepted: int = 0
+    emitted: int = 0  # accepted drafts + bonus/correction tokens
+    draft_seconds: float = 0.0  # calibration + drafting, until the last draft token is on the host
+    verify_seconds: float = 0.0  # the target's block forward and verification
 
 
 class SpeculativeDecoder:
@@ -60,9 +73,10 @@ class SpeculativeDecoder:
         self.sampler = sampler
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.counters = SpecCounters()
 
-    def _batch(self, reqs: list[Request], drafts: list[list[int]], device: torch.device) -> SamplingBatch:
-        """Rows for requests after their draft prefixes: penalties and steps see those tokens."""
+    def _draft_batch(self, reqs: list[Request], drafts: list[list[int]], device: torch.device) -> SamplingBatch:
+        """One row per request, after the drafts it has so far: penalties and the step see them."""
         return SamplingBatch.build(
             [r.params for r in reqs],
             [r.output_ids + d for r, d in zip(reqs, drafts)],
@@ -72,7 +86,7 @@ class SpeculativeDecoder:
             eos_token_ids=self.eos_token_ids,
         )
 
-    def step(self, reqs: list[Request], num_drafts: list[int]) -> tuple[list[BlockResult], StepTiming]:
+    def step(self, reqs: list[Request], num_drafts: list[int]) -> list[BlockResult]:
         """Run one block for every request; request b proposes num_drafts[b] >= 0 tokens.
 
         The caller has grown each request's pages to cover seq_len + num_drafts[b] tokens.
@@ -81,7 +95,15 @@ class SpeculativeDecoder:
         drafts, draft_probs = self._draft(reqs, num_drafts)
         t1 = time.perf_counter()
         results = self._verify(reqs, num_drafts, drafts, draft_probs)
-        return results, StepTiming(t1 - t0, time.perf_counter() - t1)
+        c = self.counters
+        c.verify_steps += 1
+        c.blocks += len(reqs)
+        c.proposed += sum(num_drafts)
+        c.accepted += sum(r.num_accepted for r in results)
+        c.emitted += sum(len(r.tokens) for r in results)
+        c.draft_seconds += t1 - t0
+        c.verify_seconds += time.perf_counter() - t1
+        return results
 
     # ------------------------------------------------------------------ drafting
 
@@ -103,8 +125,7 @@ class SpeculativeDecoder:
             req.draft_computed = req.seq_len
         logits = self.runner.draft_forward(ForwardMode.EXTEND, entries)
         for j in range(max(num_drafts)):
-            rows = [reqs[b] for b in active]
-            batch = self._batch(rows, [drafts[b] for b in active], logits.device)
+            batch = self._draft_batch([reqs[b] for b in active], [drafts[b] for b in active], logits.device)
             tokens = self.sampler(logits, batch).next_token_ids
             if need_probs:
                 q = processed_probs(logits, batch)
@@ -136,10 +157,17 @@ class SpeculativeDecoder:
         ]
         logits = self.runner.forward(ForwardMode.DECODE, entries)  # [sum(k_b + 1), V]
         device = logits.device
-        # Row (b, j): request b after its drafts d_1..d_j.
-        row_reqs = [r for r, k in zip(reqs, num_drafts) for _ in range(k + 1)]
-        row_drafts = [d[:j] for d, k in zip(drafts, num_drafts) for j in range(k + 1)]
-        batch = self._batch(row_reqs, row_drafts, device)
+        # Row (b, j): request b after its drafts d_1..d_j, as the logits rows are laid out.
+        batch = build_verify_batch(
+            [r.params for r in reqs],
+            [r.output_ids for r in reqs],
+            [r.seed for r in reqs],
+            drafts,
+            [k + 1 for k in num_drafts],
+            self.vocab_size,
+            device,
+            eos_token_ids=self.eos_token_ids,
+        )
 
         k_max = max(num_drafts)
         starts = torch.tensor(_row_starts(num_drafts), device=device)
@@ -172,32 +200,31 @@ class SpeculativeDecoder:
             BlockResult(tokens[b][: a + 1], num_drafts[b], a) for b, a in enumerate(accepted)
         ]
         if any(r.return_logprob for r in reqs):
-            self._score(reqs, results, logits, _row_starts(num_drafts))
+            self._score(reqs, num_drafts, results, logits, batch)
         return results
 
     def _score(
         self,
         reqs: list[Request],
+        num_drafts: list[int],
         results: list[BlockResult],
         logits: torch.Tensor,
-        starts: list[int],
+        batch: SamplingBatch,
     ) -> None:
-        """Logprobs of each emitted token under the target's row it was drawn from."""
-        rows = [starts[b] + i for b, res in enumerate(results) for i in range(len(res.tokens))]
-        owners = [b for b, res in enumerate(results) for _ in res.tokens]
-        prefix = [res.tokens[:i] for res in results for i in range(len(res.tokens))]
-        batch = self._batch([reqs[b] for b in owners], prefix, logits.device)
-        token_ids = torch.tensor([t for res in results for t in res.tokens], device=logits.device)
-        nums = [reqs[b].top_logprobs_num for b in owners]
-        out = self.sampler.score(logits[rows], batch, token_ids, nums)
+        """Logprobs of each emitted token under the verification row it was drawn from: emitted token i
+        of a block is d_{i+1} or the bonus/correction, scored by row (b, i), whose prefix d_1..d_i is the
+        block's emitted tokens before it. Rows past a block's emitted tokens are scored and dropped."""
+        token_ids = [
+            res.tokens[j] if j < len(res.tokens) else 0 for res, k in zip(results, num_drafts) for j in range(k + 1)
+        ]
+        nums = [r.top_logprobs_num for r, k in zip(reqs, num_drafts) for _ in range(k + 1)]
+        out = self.sampler.score(logits, batch, torch.tensor(token_ids, device=logits.device), nums)
         _, lps, vals, ids = out.tolist()
-        i = 0
-        for res in results:
-            n = len(res.tokens)
-            res.logprobs = lps[i : i + n]
-            res.top_vals = vals[i : i + n] if vals is not None else None
-            res.top_ids = ids[i : i + n] if ids is not None else None
-            i += n
+        for res, start in zip(results, _row_starts(num_drafts)):
+            end = start + len(res.tokens)
+            res.logprobs = lps[start:end]
+            res.top_vals = vals[start:end] if vals is not None else None
+            res.top_ids = ids[start:end] if ids is not None else None
 
 
 def _row_starts(num_drafts: list[int]) -> list[int]:

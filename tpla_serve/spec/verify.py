@@ -85,21 +85,25 @@ def build_verify_batch(
     output_ids: Sequence[Sequence[int]],
     seeds: Sequence[int],
     draft_tokens: Sequence[Sequence[int]],
-    num_positions: int,
+    num_positions: int | Sequence[int],
     vocab_size: int,
     device: torch.device | str,
     eos_token_ids: Collection[int] = (),
 ) -> SamplingBatch:
-    """A SamplingBatch of B * num_positions rows, row b * num_positions + j describing request b
-    after its draft prefix d_1..d_j: penalties, min_new_tokens and the step all see that prefix.
+    """A SamplingBatch of num_positions rows per request (one count for all, or one per request), row j
+    of request b describing it after its draft prefix d_1..d_j: penalties, min_new_tokens and the step
+    all see that prefix. Rows run request after request.
 
     num_positions = k + 1 for the target's block logits, k for the draft's.
     """
     if not (len(params) == len(output_ids) == len(seeds) == len(draft_tokens)):
         raise ValueError("params, output_ids, seeds and draft_tokens must have one entry per request")
-    if any(len(d) < num_positions - 1 for d in draft_tokens):
-        raise ValueError(f"draft_tokens must hold at least num_positions - 1 = {num_positions - 1} tokens")
-    rows = [(b, j) for b in range(len(params)) for j in range(num_positions)]
+    counts = [num_positions] * len(params) if isinstance(num_positions, int) else list(num_positions)
+    if len(counts) != len(params):
+        raise ValueError("num_positions must be one count, or one per request")
+    if any(len(d) < n - 1 for d, n in zip(draft_tokens, counts)):
+        raise ValueError("draft_tokens must hold at least num_positions - 1 tokens per request")
+    rows = [(b, j) for b, n in enumerate(counts) for j in range(n)]
     return SamplingBatch.build(
         [params[b] for b, _ in rows],
         [list(output_ids[b]) + list(draft_tokens[b][:j]) for b, j in rows],
