@@ -67,22 +67,12 @@ def test_pad_rejects_steps_a_graph_cannot_hold(engine):
     engine.runner.allocator.free(entries[0].pages)
 
 
-def test_runner_refuses_cpu_and_caps_moe_batches(engine):
+def test_runner_refuses_cpu(engine):
     runner = engine.runner
     graphs = CudaGraphRunner(runner.model, runner.attn_backend, runner.kv_pool, engine.config, runner.device, 8)
     assert graphs.disabled_reason is not None and "cpu" in graphs.disabled_reason
     graphs.capture()
     assert not graphs.can_run(ForwardMode.DECODE, prefilled_decode_entries(runner, [3], seed=2))
-    # tiny v3: 8 routed experts, top-2 -> the captured expert path serves up to 4 tokens
-    assert runner.model.cuda_graph_max_tokens == 4 and graphs.batch_sizes == [1, 2, 4]
-
-
-def test_dense_model_has_no_graph_token_limit(tiny_v3_dir):
-    engine = Engine(
-        model_path=str(tiny_v3_dir), dtype="float32", device="cpu", page_size=4, load_format="dummy",
-        json_model_override_args='{"first_k_dense_replace": 99}',
-    )
-    assert engine.runner.model.cuda_graph_max_tokens is None
 
 
 def test_page_widths_step_by_four_from_4k_tokens():

@@ -83,24 +83,39 @@ def test_correction_bias_steers_choice_but_not_weights() -> None:
     assert weights.item() == pytest.approx(torch.sigmoid(torch.tensor(-1.0)).item())
 
 
-def test_expert_dispatch_matches_per_token_loop() -> None:
-    gen = torch.Generator().manual_seed(3)
+@pytest.mark.parametrize(
+    "tokens,num_experts,top_k,dtype",
+    [(40, 6, 2, torch.float32), (1, 8, 2, torch.float32), (5, 8, 3, torch.float32), (4, 8, 2, torch.bfloat16)],
+)
+def test_expert_dispatch_matches_per_token_loop(tokens: int, num_experts: int, top_k: int, dtype: torch.dtype) -> None:
+    """The grouped-GEMM dispatch against each token's experts run one by one in float64 (few tokens leave
+    most experts without rows: empty groups)."""
+    gen = torch.Generator().manual_seed(3 + tokens)
     experts = MoEExperts(
-        num_experts=6, hidden_size=12, intermediate_size=10, layout=ShardLayout(), dtype=torch.float64
+        num_experts=num_experts, hidden_size=16, intermediate_size=10, layout=ShardLayout(), dtype=dtype
     )
-    experts.w13.copy_(torch.randn(experts.w13.shape, generator=gen, dtype=torch.float64))
-    experts.w2.copy_(torch.randn(experts.w2.shape, generator=gen, dtype=torch.float64))
-    x = torch.randn(40, 12, generator=gen, dtype=torch.float64)
-    ids = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(40)])
-    weights = torch.rand(40, 2, generator=gen, dtype=torch.float64)
-    out = experts(x, weights, ids)
-    for t in range(40):
-        ref = torch.zeros(12, dtype=torch.float64)
-        for k in range(2):
+    assert experts.padded_inter == 16  # 10 units stored in 16 (zero padding)
+    gates, ups, downs = (torch.randn(num_experts, *shape, generator=gen, dtype=torch.float64)
+                         for shape in ((10, 16), (10, 16), (16, 10)))
+    for e in range(num_experts):
+        experts.load_expert(gates[e], e, "gate_proj")
+        experts.load_expert(ups[e], e, "up_proj")
+        experts.load_expert(downs[e], e, "down_proj")
+    x = torch.randn(tokens, 16, generator=gen, dtype=torch.float64).to(dtype)
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=gen, dtype=torch.float64)
+    out = experts(x, weights.float(), ids)
+    assert out.dtype == dtype and out.shape == x.shape
+    xd = x.double()
+    if dtype != torch.float32:  # the reference uses the weights as rounded to the model's dtype
+        gates, ups, downs = (w.to(dtype).double() for w in (gates, ups, downs))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for t in range(tokens):
+        ref = torch.zeros(16, dtype=torch.float64)
+        for k in range(top_k):
             e = ids[t, k].item()
-            gate, up = experts.w13[e, :10], experts.w13[e, 10:]
-            ref += weights[t, k] * (experts.w2[e] @ (F.silu(gate @ x[t]) * (up @ x[t])))
-        torch.testing.assert_close(out[t], ref)
+            ref += weights[t, k] * (downs[e] @ (F.silu(gates[e] @ xd[t]) * (ups[e] @ xd[t])))
+        torch.testing.assert_close(out[t].double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
 
 
 def test_routing_config_rejects_impossible_groups() -> None:

@@ -115,13 +115,6 @@ class CudaGraphRunner:
         self.widths = page_widths(max_pages, self.page_size)
         self.num_replays = 0
         max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
-        model_limit = model.cuda_graph_max_tokens
-        if model_limit is not None and model_limit < max_bs:
-            logger.info(
-                "CUDA graphs: decode batches up to %d (the captured MoE path reads each token's top-k experts)",
-                model_limit,
-            )
-            max_bs = model_limit
         self.batch_sizes = capture_batch_sizes(max_bs)
         self.disabled_reason: str | None = None
         if device.type != "cuda":

@@ -21,6 +21,7 @@ from tpla_serve.layers.linear import WeightSource, load_full, load_slice
 from tpla_serve.tpla.layout import ShardLayout
 
 SCORING_FUNCS = ("softmax", "sigmoid")
+GROUPED_GEMM_ALIGN = 8  # elements: 16-byte row strides for 16-bit weights
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
@@ -112,10 +113,12 @@ class MoEGate(nn.Module):
 
 
 class MoEExperts(nn.Module):
-    """E SwiGLU experts stacked: w13 [E, 2·I_local, H] (gate rows, then up rows) and w2 [E, H, I_local].
+    """E SwiGLU experts stacked: w13 [E, 2·P, H] (gate rows, then up rows) and w2 [E, H, P].
 
-    Under TP each rank keeps a slice of every expert's intermediate dimension; forward then returns a
-    partial sum that the caller all-reduces (together with the shared experts' partial sum).
+    Under TP each rank keeps a slice of every expert's intermediate dimension (I_local wide); forward then
+    returns a partial sum that the caller all-reduces (together with the shared experts' partial sum). The
+    slice is stored zero-padded to P, a multiple of 8, because the grouped GEMM needs 16-byte row strides;
+    padded units compute silu(0)·0 = 0. Real DeepSeek widths need no padding.
     """
 
     def __init__(
@@ -131,71 +134,57 @@ class MoEExperts(nn.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.inter_start, inter_end = layout.shard_range(intermediate_size)
+        if hidden_size % GROUPED_GEMM_ALIGN:
+            raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of {GROUPED_GEMM_ALIGN} for MoE layers")
         self.local_inter = inter_end - self.inter_start
+        self.padded_inter = -(-self.local_inter // GROUPED_GEMM_ALIGN) * GROUPED_GEMM_ALIGN
         self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * self.local_inter, hidden_size, dtype=dtype), requires_grad=False
+            torch.zeros(num_experts, 2 * self.padded_inter, hidden_size, dtype=dtype), requires_grad=False
         )
         self.w2 = nn.Parameter(
-            torch.empty(num_experts, hidden_size, self.local_inter, dtype=dtype), requires_grad=False
+            torch.zeros(num_experts, hidden_size, self.padded_inter, dtype=dtype), requires_grad=False
         )
 
     def load_expert(self, src: WeightSource, expert: int, proj: str) -> None:
         """One expert's `gate_proj` / `up_proj` [I, H] or `down_proj` [H, I] (DeepSeek checkpoint layout)."""
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is outside [0, {self.num_experts})")
-        h, i, local = self.hidden_size, self.intermediate_size, self.local_inter
+        h, i, local, padded = self.hidden_size, self.intermediate_size, self.local_inter, self.padded_inter
         if proj == "down_proj":
-            load_slice(self.w2[expert], src, (h, i), 1, self.inter_start)
+            load_slice(self.w2[expert].narrow(1, 0, local), src, (h, i), 1, self.inter_start)
         elif proj in ("gate_proj", "up_proj"):
-            dst = self.w13[expert].narrow(0, 0 if proj == "gate_proj" else local, local)
+            dst = self.w13[expert].narrow(0, 0 if proj == "gate_proj" else padded, local)
             load_slice(dst, src, (i, h), 0, self.inter_start)
         else:
             raise ValueError(f"unknown expert projection {proj!r}")
 
     def load_fused(self, src: WeightSource, name: str) -> None:
         """All experts at once: `gate_up_proj` [E, 2I, H] or `down_proj` [E, H, I] (transformers 5)."""
-        e, h, i, local = self.num_experts, self.hidden_size, self.intermediate_size, self.local_inter
+        e, h, i, local, padded = (
+            self.num_experts, self.hidden_size, self.intermediate_size, self.local_inter, self.padded_inter
+        )
         if name == "down_proj":
-            load_slice(self.w2, src, (e, h, i), 2, self.inter_start)
+            load_slice(self.w2.narrow(2, 0, local), src, (e, h, i), 2, self.inter_start)
         elif name == "gate_up_proj":
             load_slice(self.w13.narrow(1, 0, local), src, (e, 2 * i, h), 1, self.inter_start)
-            load_slice(self.w13.narrow(1, local, local), src, (e, 2 * i, h), 1, i + self.inter_start)
+            load_slice(self.w13.narrow(1, padded, local), src, (e, 2 * i, h), 1, i + self.inter_start)
         else:
             raise ValueError(f"unknown fused expert tensor {name!r}")
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Σ_k w_k · expert_{id_k}(x) per token. Token-expert pairs are sorted by expert, then each expert
-        that got any tokens runs once over its tokens. While a CUDA graph is being captured, the
-        static-shape forward_gathered() runs instead (the sort's per-expert counts need the host)."""
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return self.forward_gathered(x, topk_weights, topk_ids)
-        top_k = topk_ids.shape[1]
+        """Σ_k w_k · expert_{id_k}(x) per token. The N·k token-expert pairs are sorted by expert and each
+        projection runs as one grouped GEMM over the experts' contiguous row ranges: shapes are static and
+        the row ranges stay on the device, so a CUDA graph can hold the whole layer at any batch size."""
+        n, top_k = topk_ids.shape
         flat_ids = topk_ids.flatten()
         order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        sorted_tokens = order // top_k
-        sorted_weights = topk_weights.flatten()[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = sorted_tokens[start : start + count]
-            h = silu_and_mul(F.linear(x[tokens], self.w13[expert]))
-            h = F.linear(h, self.w2[expert]) * sorted_weights[start : start + count, None]
-            out.index_add_(0, tokens, h.to(out.dtype))
-            start += count
-        return out
-
-    def forward_gathered(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Σ_k w_k · expert_{id_k}(x) with each token's k experts' weights gathered by index: static shapes and
-        no host sync, so a CUDA graph can hold it. It reads N·k experts' weights (the sort path reads each
-        used expert once), so it is for small N: with N·k <= E it reads no more
-        than all E experts' weights."""
-        out = torch.zeros_like(x)
-        for j in range(topk_ids.shape[1]):
-            ids = topk_ids[:, j]
-            h = silu_and_mul(torch.bmm(self.w13[ids], x[:, :, None]).squeeze(-1))
-            h = torch.bmm(self.w2[ids], h[:, :, None]).squeeze(-1) * topk_weights[:, j, None]
-            out += h.to(out.dtype)
-        return out
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        ends = counts.cumsum(0, dtype=torch.int32)
+        rows = x[order // top_k]
+        h = silu_and_mul(torch._grouped_mm(rows, self.w13.transpose(1, 2), offs=ends))
+        h = torch._grouped_mm(h, self.w2.transpose(1, 2), offs=ends)
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        weighted = torch.empty(n * top_k, self.hidden_size, dtype=acc_dtype, device=x.device)
+        weighted[order] = h.to(acc_dtype) * topk_weights.flatten()[order, None]
+        return weighted.view(n, top_k, -1).sum(dim=1).to(x.dtype)

@@ -94,13 +94,6 @@ class DeepseekMoE(nn.Module):
                 reduce_results=False,
             )
 
-    @property
-    def graph_max_tokens(self) -> int:
-        """The most tokens a captured step should route: the captured expert path reads every token's k
-        experts' weights, no more than all experts' while N·k <= E."""
-        routing = self.gate.cfg
-        return max(1, routing.num_experts // routing.top_k)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
         out = self.experts(x, topk_weights, topk_ids)
@@ -348,12 +341,6 @@ class DeepseekForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, layout, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    @property
-    def cuda_graph_max_tokens(self) -> int | None:
-        """The most tokens per decode step worth capturing in a CUDA graph; None: no limit (dense model)."""
-        limits = [layer.mlp.graph_max_tokens for layer in self.model.layers if isinstance(layer.mlp, DeepseekMoE)]
-        return min(limits) if limits else None
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """fp32 logits [len(fb.logits_indices), vocab]."""
