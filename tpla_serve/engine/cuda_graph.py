@@ -121,6 +121,8 @@ class CudaGraphRunner:
             self.disabled_reason = f"the device is {device.type}, not cuda"
         elif not isinstance(attn_backend, CAPTURABLE_BACKENDS):
             self.disabled_reason = f"the {type(attn_backend).__name__} plans its kernel on the host every step"
+        elif (problem := model.cuda_graph_problem()) is not None:
+            self.disabled_reason = problem
         if self.disabled_reason is not None:
             return
         top = self.batch_sizes[-1]

@@ -89,6 +89,20 @@ def select_experts(
     return weights * cfg.routed_scaling_factor, ids
 
 
+def grouped_gemm_capture_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a CUDA graph cannot hold the experts' grouped GEMM on `device` in `dtype`, or None. torch's CUDA
+    kernel for it (bfloat16, compute capability 9.x and 10.x) reads the group offsets on the device; in other
+    cases torch falls back to a loop that copies them to the host."""
+    if device.type != "cuda":
+        return None
+    if dtype != torch.bfloat16:
+        return f"MoE layers in {dtype} run torch's host-synchronizing grouped-GEMM fallback (bfloat16 is captured)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major not in (9, 10):
+        return f"torch's grouped GEMM for MoE layers has no CUDA kernel for compute capability {major}.{minor}"
+    return None
+
+
 class MoEGate(nn.Module):
     """The router: fp32 logits W_g·h (weights kept in fp32, as trained), plus noaux_tc's correction bias."""
 

@@ -28,7 +28,7 @@ from tpla_serve.layers.linear import (
     tp_all_gather,
     tp_all_reduce,
 )
-from tpla_serve.layers.moe import MoEExperts, MoEGate
+from tpla_serve.layers.moe import MoEExperts, MoEGate, grouped_gemm_capture_problem
 from tpla_serve.layers.norm import RMSNorm
 from tpla_serve.layers.rotary import RotaryEmbedding, apply_rotary
 from tpla_serve.models.config import ModelConfig
@@ -341,6 +341,12 @@ class DeepseekForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, layout, dtype=dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def cuda_graph_problem(self) -> str | None:
+        """Why this model's decode step cannot be captured in a CUDA graph, or None."""
+        if not any(isinstance(layer.mlp, DeepseekMoE) for layer in self.model.layers):
+            return None
+        return grouped_gemm_capture_problem(self.lm_head.weight.device, self.dtype)
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """fp32 logits [len(fb.logits_indices), vocab]."""
