@@ -1,14 +1,16 @@
 """Paged MLA/TPLA decode kernel on a GPU: bandwidth against the card's copy bandwidth, and TPLA vs MLA-TP.
 
 Sections (each prints a markdown table; all of them go to one dated file under --results-dir):
-  copy      device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel
+  copy      device-to-device copy bandwidth (bytes read + written), the ceiling for a memory-bound kernel,
+            and a bf16 GEMM's rate, the ceiling for a compute-bound one (roofline: the larger of the two times)
   check     the kernel against the fp32 torch reference at real shapes (poisoned outputs, fresh inputs)
   tune      (--tune) candidate tilings per decode_config table entry; the fastest correct one is used below
   grid      B x context x heads x ckv: time, GB/s, % of copy bandwidth
   paper     per-rank attention time of MLA-TP (all 512 latent dims) against TPLA (r/g dims), equal batch
 
-Where FlashInfer imports, its MLA kernel (BatchMLAPagedAttentionWrapper, head_dim_ckv = the latent slice)
-is timed on the same pools and queries in the same run, in extra columns of the paper and grid tables.
+Where FlashInfer imports, its MLA kernel (BatchMLAPagedAttentionWrapper, head_dim_ckv = the latent slice;
+its Hopper kernel at 512, its fa2 kernel at 256, where the Hopper one faults) is timed on the same pools and
+queries in the same run, in extra columns of the paper and grid tables.
 
 Each time is the median of triton.testing.do_bench over a CUDA-graph replay of one call (the way the
 engine runs decode), with the L2 cache flushed before every replay. Bytes counted: every KV token's
@@ -41,6 +43,8 @@ D_PE = 64
 PAGE = 64
 DTYPE = torch.bfloat16
 SM_SCALE = 1 / math.sqrt(192)
+# FlashInfer MLA backend per head_dim_ckv: its Hopper (fa3) kernel faults at 256 (H200, 0.6.0), fa2 runs it.
+FLASHINFER_BACKENDS = {512: "auto", 256: "fa2"}
 
 
 def log(msg: str) -> None:
@@ -107,7 +111,7 @@ class FlashInfer:
     def runner(self, pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor) -> Callable[[], object]:
         batch, heads, ckv = q_nope.shape
         pages_per = pool.page_table.shape[1]
-        wrapper = self.wrapper_cls(self.workspace, backend="auto")
+        wrapper = self.wrapper_cls(self.workspace, backend=FLASHINFER_BACKENDS[ckv])
         t0 = time.time()
         wrapper.plan(
             torch.arange(batch + 1, dtype=torch.int32),
@@ -125,9 +129,7 @@ class FlashInfer:
     def time(self, pool: Pool, q_nope: torch.Tensor, q_pe: torch.Tensor) -> float | str:
         """Median ms as time_graph measures ours; a failure is reported in the table, not hidden.
         Shapes the backend refuses are not run: a kernel fault would end the whole process."""
-        from tpla_serve.layers.attention.flashinfer_backend import SUPPORTED_CKV
-
-        if q_nope.shape[-1] not in SUPPORTED_CKV:
+        if q_nope.shape[-1] not in FLASHINFER_BACKENDS:
             return "n/a"
         try:
             return time_graph(self.runner(pool, q_nope, q_pe))
@@ -159,6 +161,20 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
     return 2 * n / ms / 1e6
+
+
+def gemm_rate() -> float:
+    """TFLOP/s of a bf16 8192^3 matrix product: the tensor-core rate a compute-bound kernel can hope for."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=DTYPE)
+    b = torch.randn(n, n, device="cuda", dtype=DTYPE)
+    ms = do_bench(lambda: a @ b, warmup=20, rep=200, return_mode="median")
+    return 2 * n**3 / ms / 1e9
+
+
+def attention_flops(batch: int, ctx: int, heads: int, ckv: int) -> int:
+    """QK over ckv + d_r dims and PV over ckv dims, per head and KV token."""
+    return 2 * batch * ctx * heads * (2 * ckv + D_PE)
 
 
 def section_check(gen: torch.Generator) -> tuple[str, bool]:
@@ -204,17 +220,18 @@ def tune_candidates(row_class: int, ckv: int) -> list[DecodeConfig]:
     """Tilings worth timing for one (query-row class, ckv) table entry; the current entry comes first."""
     c = DecodeConfig
     extra = {
-        (16, 512): [c(16, 32, 4, 2, 2), c(16, 64, 4, 3, 1), c(16, 32, 4, 4, 2)],
-        (16, 256): [c(16, 32, 4, 3, 2), c(16, 64, 4, 2, 2), c(16, 128, 4, 3, 1)],
-        (16, 128): [c(16, 128, 4, 3, 2), c(16, 64, 4, 2, 2), c(16, 32, 4, 3, 3)],
-        (64, 512): [c(64, 32, 8, 4, 1), c(64, 64, 8, 1, 1), c(64, 64, 8, 2, 1), c(64, 16, 8, 4, 1)],
-        (64, 256): [c(64, 64, 4, 3, 1), c(64, 64, 4, 2, 1), c(64, 64, 8, 3, 1)],
-        (64, 128): [c(64, 64, 8, 3, 1), c(64, 128, 4, 3, 1), c(64, 32, 4, 3, 2)],
-        (128, 512): [c(64, 32, 8, 4, 1), c(64, 64, 8, 1, 1)],
-        (128, 256): [c(128, 64, 8, 2, 1), c(128, 32, 8, 3, 1), c(64, 32, 4, 3, 2)],
-        (128, 128): [c(128, 128, 8, 3, 1), c(128, 128, 8, 2, 1), c(64, 64, 4, 3, 2)],
-    }[(row_class, ckv)]
-    return [default_config(row_class, ckv, DTYPE)] + extra
+        (16, 512): [c(16, 32, 4, 2, 2), c(16, 64, 4, 3, 1), c(16, 32, 4, 3, 2, True), c(16, 64, 4, 2, 1, True)],
+        (16, 256): [c(16, 32, 4, 3, 2), c(16, 64, 4, 2, 2), c(16, 64, 4, 3, 2, True)],
+        (16, 128): [c(16, 128, 4, 3, 2), c(16, 64, 4, 2, 2), c(16, 64, 4, 3, 2, True)],
+        (32, 512): [c(32, 32, 4, 2, 1), c(32, 32, 4, 3, 1, True), c(32, 64, 4, 2, 1, True)],
+        (64, 512): [c(64, 64, 8, 1, 1), c(64, 64, 8, 2, 1), c(64, 64, 8, 3, 1, True), c(64, 32, 8, 4, 1, True)],
+        (64, 256): [c(64, 64, 4, 3, 1), c(64, 64, 4, 2, 1), c(64, 32, 4, 3, 2, True), c(64, 64, 4, 2, 2, True)],
+        (64, 128): [c(64, 64, 8, 3, 1), c(64, 128, 4, 3, 1), c(64, 64, 4, 3, 2, True)],
+        (128, 512): [c(64, 64, 8, 1, 1), c(64, 64, 8, 2, 1, True)],
+        (128, 256): [c(128, 64, 8, 2, 1), c(128, 32, 8, 3, 1), c(128, 64, 8, 2, 1, True)],
+        (128, 128): [c(128, 128, 8, 3, 1), c(128, 128, 8, 2, 1), c(128, 64, 8, 3, 1, True)],
+    }.get((row_class, ckv))
+    return [] if extra is None else [default_config(row_class, ckv, DTYPE)] + extra
 
 
 def section_tune(gen: torch.Generator, copy_bw: float) -> tuple[str, dict[tuple[int, int], DecodeConfig]]:
@@ -222,7 +239,9 @@ def section_tune(gen: torch.Generator, copy_bw: float) -> tuple[str, dict[tuple[
     rows, chosen = [], {}
     for ckv in (512, 256, 128):
         pool = Pool(TUNE_BATCH, TUNE_CTX, ckv, gen)
-        for heads in (16, 64, 128):
+        for heads in (16, 32, 64, 128):
+            if not tune_candidates(heads, ckv):
+                continue
             q_nope, q_pe = pool.queries(heads, gen)
             nbytes = pool.bytes_moved(heads)
             ref, _ = mla_decode_reference(q_nope, q_pe, pool.ckv, pool.kpe, pool.page_table, pool.seq_lens,
@@ -291,35 +310,42 @@ def section_grid(gen: torch.Generator, copy_bw: float, quick: bool,
     return table(header, rows)
 
 
-def section_paper(gen: torch.Generator, copy_bw: float, quick: bool,
+def section_paper(gen: torch.Generator, copy_bw: float, gemm_tf: float, quick: bool,
                   configs: dict[tuple[int, int], DecodeConfig], fi: FlashInfer | None = None) -> str:
-    """MLA-TP vs TPLA per rank: T=2 (DeepSeek-V3: 128 heads) and T=4, g=2."""
+    """MLA-TP vs TPLA per rank: T=2 (DeepSeek-V3: 128 heads) and T=4, g=2. The roofline time of a shape is
+    the larger of its bytes over the copy bandwidth and its FLOPs over the GEMM rate; "best possible"
+    divides FlashInfer's MLA time by the TPLA roofline: no TPLA kernel can beat that ratio on this card."""
     settings = [("T=2", 64, 128), ("T=4", 32, 64)]  # (label, MLA heads per rank, TPLA heads per rank)
     rows = []
     for label, mla_heads, tpla_heads in settings:
         for ctx in ([4096, 32768] if quick else [4096, 8192, 16384, 32768]):
             for batch in ([32] if quick else [8, 32, 64]):
-                times, fi_times = {}, {}
+                times, fi_times, roof = {}, {}, 0.0
                 for name, heads, ckv in (("mla", mla_heads, 512), ("tpla", tpla_heads, 256)):
                     pool = Pool(batch, ctx, ckv, gen)
                     q_nope, q_pe = pool.queries(heads, gen)
                     ms = time_graph(run_kernel(pool, q_nope, q_pe, pick(configs, heads, ckv)))
                     times[name] = (ms, pool.bytes_moved(heads) / ms / 1e6)
+                    if name == "tpla":
+                        flops = attention_flops(batch, ctx, heads, ckv)
+                        roof = max(pool.bytes_moved(heads) / copy_bw / 1e6, flops / gemm_tf / 1e9)
+                        tflops = flops / ms / 1e9
                     if fi is not None:
                         fi_times[name] = fi.time(pool, q_nope, q_pe)
                     del pool
                 (m_ms, m_bw), (t_ms, t_bw) = times["mla"], times["tpla"]
                 rows.append([label, str(ctx), str(batch), f"{m_ms * 1e3:.1f}", f"{100 * m_bw / copy_bw:.0f}%",
-                             f"{t_ms * 1e3:.1f}", f"{100 * t_bw / copy_bw:.0f}%", f"{m_ms / t_ms:.2f}x"])
+                             f"{t_ms * 1e3:.1f}", f"{100 * t_bw / copy_bw:.0f}%", f"{tflops:.0f}",
+                             f"{100 * roof / t_ms:.0f}%", f"{m_ms / t_ms:.2f}x"])
                 if fi is not None:
                     fm, ft = fi_times["mla"], fi_times["tpla"]
-                    rows[-1] += [fmt_us(fm), fmt_us(ft), ratio(fm, t_ms), ratio(fm, ft)]
+                    rows[-1] += [fmt_us(fm), fmt_us(ft), ratio(fm, t_ms), ratio(fm, ft), ratio(fm, roof)]
                 log("paper " + " ".join(rows[-1]))
     header = ["TP", "context", "B", "MLA us (H/T heads x 512+64)", "MLA % copy",
-              "TPLA us (g=2: 2H/T heads x 256+64)", "TPLA % copy", "speed-up"]
+              "TPLA us (g=2: 2H/T heads x 256+64)", "TPLA % copy", "TPLA TFLOP/s", "TPLA % roofline", "speed-up"]
     if fi is not None:
         header += ["FlashInfer MLA us", "FlashInfer TPLA us", "ours-TPLA vs FlashInfer-MLA",
-                   "FlashInfer-TPLA vs FlashInfer-MLA"]
+                   "FlashInfer-TPLA vs FlashInfer-MLA", "best possible TPLA vs FlashInfer-MLA"]
     return table(header, rows)
 
 
@@ -345,13 +371,14 @@ def main() -> int:
               "Times: median of do_bench over CUDA-graph replays, L2 flushed before each.\n")
     fi = None if args.no_flashinfer else load_flashinfer()
     if fi is not None:
-        header += (f"FlashInfer {fi.version} MLA decode (`BatchMLAPagedAttentionWrapper`, backend auto) on the same "
-                   "pools and queries, timed the same way; a cell naming an exception is a shape it failed on.\n")
+        header += (f"FlashInfer {fi.version} MLA decode (`BatchMLAPagedAttentionWrapper`; backend per head_dim_ckv: "
+                   f"{FLASHINFER_BACKENDS}) on the same pools and queries, timed the same way; a cell naming an "
+                   "exception is a shape it failed on.\n")
     parts = [header]
-    copy_bw = copy_bandwidth()
-    log(f"copy bandwidth {copy_bw:.0f} GB/s")
-    parts.append("## Copy bandwidth\n\nDevice-to-device copy of 1 GiB (read + write): "
-                 f"**{copy_bw:.0f} GB/s**.\n")
+    copy_bw, gemm_tf = copy_bandwidth(), gemm_rate()
+    log(f"copy bandwidth {copy_bw:.0f} GB/s, bf16 GEMM {gemm_tf:.0f} TFLOP/s")
+    parts.append("## Ceilings\n\nDevice-to-device copy of 1 GiB (read + write): "
+                 f"**{copy_bw:.0f} GB/s**. bf16 GEMM 8192^3: **{gemm_tf:.0f} TFLOP/s**.\n")
     check, ok = section_check(gen)
     log(check)
     parts.append("## Correctness at real shapes (vs fp32 torch reference)\n\n" + check + "\n")
@@ -359,7 +386,7 @@ def main() -> int:
     if args.tune:
         tuned, configs = section_tune(gen, copy_bw)
         parts.append("## Tiling candidates (B=32, 16K context)\n\n" + tuned + "\n")
-    paper = section_paper(gen, copy_bw, args.quick, configs, fi)
+    paper = section_paper(gen, copy_bw, gemm_tf, args.quick, configs, fi)
     log(paper)
     parts.append("## MLA-TP vs TPLA per rank (equal batch)\n\n" + paper + "\n")
     if not args.skip_grid:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tpla_kernels.decode_config import DecodeConfig, default_config, default_num_splits
 
@@ -25,8 +26,26 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def _attend_block(
+    q, q_pe, ckv, kpe, tokens, kv_limit, end, m_i, l_i, acc, qk_scale, pe_rescale,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Fold one KV block into the running row max, normalizer and output (online softmax in base 2)."""
+    s = tl.dot(q_pe, tl.trans(kpe), input_precision=DOT_PRECISION) * pe_rescale
+    s = tl.dot(q, tl.trans(ckv), s, input_precision=DOT_PRECISION) * qk_scale
+    visible = (tokens[None, :] < kv_limit[:, None]) & (tokens[None, :] < end)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
-    QNope, QPe, Ckv, Kpe, PageTable, SeqLens, Out, Lse,
+    QNope, QPe, Ckv, Kpe, CkvDesc, KpeDesc, PageTable, SeqLens, Out, Lse,
     stride_qn_b, stride_qn_r, stride_qp_b, stride_qp_r,
     stride_c_page, stride_c_tok, stride_k_page, stride_k_tok,
     stride_pt_b,
@@ -35,10 +54,13 @@ def _decode_split_kernel(
     num_rows, heads, q_len, num_splits, qk_scale, pe_rescale,
     D: tl.constexpr, D_PE: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PARTIAL: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Attention of one head block over one KV split.
 
+    USE_TMA: whole blocks (BLOCK_N tokens of one page) arrive by TMA through the descriptors over the
+    pools seen as [pages * PAGE_SIZE, D] rows, which keeps the gather's addresses out of registers; the
+    split's partial last block is gathered with masks (slots past a sequence may hold anything).
     PARTIAL: write the normalized split output (fp32) and its base-2 LSE for the merge kernel;
     otherwise write the final output and the natural-log LSE.
     """
@@ -65,13 +87,23 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
     page_row = PageTable + b * stride_pt_b
-    first = start + tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        gather_from = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(start, gather_from, BLOCK_N):
+            pool_row = tl.load(page_row + n0 // PAGE_SIZE) * PAGE_SIZE + n0 % PAGE_SIZE
+            ckv = CkvDesc.load([pool_row, 0])
+            kpe = KpeDesc.load([pool_row, 0])
+            m_i, l_i, acc = _attend_block(q, q_pe, ckv, kpe, n0 + tl.arange(0, BLOCK_N), kv_limit, end, m_i, l_i,
+                                          acc, qk_scale, pe_rescale, DOT_PRECISION)
+    else:
+        gather_from = start
+    # Pointer gathers: every block (no TMA) or the partial last one. Page indices of the next block are
+    # read one iteration ahead, so that the latent loads never wait on a page-table read.
+    first = gather_from + tl.arange(0, BLOCK_N)
     page = tl.load(page_row + first // PAGE_SIZE, mask=first < end, other=0)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(gather_from, end, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         tok_ok = tokens < end
-        # Page indices of the next block are read one iteration ahead, so that the latent loads
-        # never wait on a page-table read.
         nxt = tokens + BLOCK_N
         page_next = tl.load(page_row + nxt // PAGE_SIZE, mask=nxt < end, other=0)
         slot = tokens % PAGE_SIZE
@@ -79,16 +111,8 @@ def _decode_split_kernel(
                       + offs_d[None, :], mask=tok_ok[:, None], other=0.0)
         kpe = tl.load(Kpe + page.to(tl.int64)[:, None] * stride_k_page + slot[:, None] * stride_k_tok
                       + offs_pe[None, :], mask=tok_ok[:, None], other=0.0)
-        s = tl.dot(q_pe, tl.trans(kpe), input_precision=DOT_PRECISION) * pe_rescale
-        s = tl.dot(q, tl.trans(ckv), s, input_precision=DOT_PRECISION) * qk_scale
-        visible = (tokens[None, :] < kv_limit[:, None]) & tok_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(ckv.dtype), ckv, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, q_pe, ckv, kpe, tokens, kv_limit, end, m_i, l_i, acc, qk_scale,
+                                      pe_rescale, DOT_PRECISION)
         page = page_next
 
     seen = l_i > 0.0
@@ -205,6 +229,21 @@ def _check_inputs(
     return _Shape(batch, rows, ckv, d_pe, page_size)
 
 
+def _tma_ready(ckv_cache: Tensor, kpe_cache: Tensor, block_n: int) -> bool:
+    """TMA block loads need whole blocks inside one page, pools viewable as rows and 16-byte alignment."""
+    page_size = ckv_cache.shape[1]
+    return (
+        ckv_cache.dtype in (torch.bfloat16, torch.float16) and page_size % block_n == 0
+        and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (ckv_cache, kpe_cache))
+    )
+
+
+def _row_descriptor(cache: Tensor, block_n: int) -> TensorDescriptor:
+    """A TMA descriptor over a [pages, page_size, dim] pool seen as [pages * page_size, dim] rows."""
+    rows = cache.view(-1, cache.shape[-1])
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_n, rows.shape[1]])
+
+
 def launch_mla_decode(
     q_nope: Tensor, q_pe: Tensor, ckv_cache: Tensor, kpe_cache: Tensor, page_table: Tensor,
     seq_lens: Tensor, sm_scale: float, q_len: int, nope_scale: float, num_kv_splits: int,
@@ -226,9 +265,12 @@ def launch_mla_decode(
         o_dst, l_dst = out, lse
         o_strides = (out.stride(0), out.stride(1), 0)
         l_strides = (lse.stride(0), lse.stride(1), 0)
+    use_tma = config.tma and _tma_ready(ckv_cache, kpe_cache, config.block_n)
+    ckv_desc, kpe_desc = (_row_descriptor(ckv_cache, config.block_n), _row_descriptor(kpe_cache, config.block_n)) \
+        if use_tma else (ckv_cache, kpe_cache)
     grid = (triton.cdiv(rows, config.block_h), num_kv_splits, batch)
     _decode_split_kernel[grid](
-        q_nope, q_pe, ckv_cache, kpe_cache, page_table, seq_lens, o_dst, l_dst,
+        q_nope, q_pe, ckv_cache, kpe_cache, ckv_desc, kpe_desc, page_table, seq_lens, o_dst, l_dst,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1),
         ckv_cache.stride(0), ckv_cache.stride(1), kpe_cache.stride(0), kpe_cache.stride(1),
         page_table.stride(0),
@@ -236,7 +278,7 @@ def launch_mla_decode(
         rows, heads, q_len, num_kv_splits, sm_scale * nope_scale * _LOG2E, 1.0 / nope_scale,
         D=ckv, D_PE=d_pe, PAGE_SIZE=page_size,
         BLOCK_H=config.block_h, BLOCK_N=config.block_n,
-        PARTIAL=partial, DOT_PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
+        PARTIAL=partial, USE_TMA=use_tma, DOT_PRECISION="ieee" if q_nope.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if partial:

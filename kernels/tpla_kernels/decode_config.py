@@ -17,6 +17,8 @@ class DecodeConfig(NamedTuple):
 
     ctas_per_sm: how many programs of this tiling one SM holds at once (registers and shared memory);
     the KV split count is planned for that many resident programs per SM.
+    tma: load whole KV blocks with TMA (16-bit contiguous pools whose page size block_n divides; other
+    pools fall back to pointer gathers).
     """
 
     block_h: int
@@ -24,6 +26,7 @@ class DecodeConfig(NamedTuple):
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 1
+    tma: bool = False
 
 
 _MAX_SPLITS = 64
@@ -41,7 +44,7 @@ _TABLE: dict[tuple[int, int], DecodeConfig] = {
     (32, 512): DecodeConfig(32, 32, 4, 3, 1),
     (64, 128): DecodeConfig(64, 64, 4, 3, 2),
     (64, 256): DecodeConfig(64, 32, 4, 3, 2),
-    (64, 512): DecodeConfig(64, 64, 8, 2, 1),
+    (64, 512): DecodeConfig(64, 64, 8, 2, 1, tma=True),
     (128, 128): DecodeConfig(128, 128, 8, 3, 1),
     (128, 256): DecodeConfig(128, 64, 8, 3, 1),
     (128, 512): DecodeConfig(64, 64, 8, 1, 1),
