@@ -17,6 +17,7 @@ engine runs decode), with the L2 cache flushed before every replay. Bytes counte
 latent + rope row once, the queries, the outputs and the LSE.
 
     python benchmarks/bench_decode_kernel.py [--quick] [--tune] [--skip-grid] [--no-flashinfer] [--out-dir DIR]
+                                             [--tag TAG]
 """
 
 from __future__ import annotations
@@ -358,6 +359,7 @@ def main() -> int:
     parser.add_argument("--skip-grid", action="store_true", help="skip the B x context x heads x ckv grid")
     parser.add_argument("--no-flashinfer", action="store_true", help="leave FlashInfer's kernel out")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--tag", default="", help="appended to the result file's name")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -395,7 +397,7 @@ def main() -> int:
     slug = "".join(ch if ch.isalnum() else "-" for ch in props.name).strip("-").lower()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernel_decode_{today}_{slug}.md"
+    path = out_dir / f"kernel_decode_{today}_{slug}{'_' + args.tag if args.tag else ''}.md"
     if fi is not None and fi.compiled:
         parts.append("FlashInfer first plan per head_dim_ckv (JIT build or cache load): "
                      + ", ".join(f"{k}: {v:.1f} s" for k, v in sorted(fi.compiled.items())) + "\n")

@@ -34,7 +34,8 @@ _MIN_SPLIT_TOKENS = 256
 _SPLIT_OVERHEAD_TOKENS = 128
 
 # (query-row class, ckv class) -> tiling for 16-bit inputs. Row classes: <=16, <64, <128, >=128 rows.
-# Timed on an H200 (triton 3.6) at B=32, 16K context; the 32-row class (e.g. 16 heads x q_len 2) is untimed.
+# Timed on an H200 (triton 3.6) at B=32, 16K context (benchmarks/bench_decode_kernel.py --tune); the 32-row
+# class is timed at 512 only (32 heads x 512: MLA at TP=4). TMA block loads win only at ckv 512.
 _TABLE: dict[tuple[int, int], DecodeConfig] = {
     (16, 128): DecodeConfig(16, 128, 4, 3, 2),
     (16, 256): DecodeConfig(16, 64, 4, 3, 2),
@@ -47,7 +48,7 @@ _TABLE: dict[tuple[int, int], DecodeConfig] = {
     (64, 512): DecodeConfig(64, 64, 8, 2, 1, tma=True),
     (128, 128): DecodeConfig(128, 128, 8, 3, 1),
     (128, 256): DecodeConfig(128, 64, 8, 3, 1),
-    (128, 512): DecodeConfig(64, 64, 8, 1, 1),
+    (128, 512): DecodeConfig(64, 64, 8, 2, 1, tma=True),
 }
 
 

@@ -11,12 +11,27 @@ from graph_case import prefilled_decode_entries
 from tpla_serve import Engine
 from tpla_serve.engine.cuda_graph import CudaGraphRunner
 from tpla_serve.engine.forward_batch import ForwardMode
+from tpla_serve.models import builtin_config
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 MODEL = str(Path(__file__).resolve().parents[2] / "models" / "mla-tiny")
+# Two dense layers at DeepSeek-V2-Lite's attention shape (16 heads, latent 512, rope 64), which FlashInfer's
+# MLA kernel serves (mla-tiny's latent is too narrow for it); 8K context: page-table widths 64 and 128.
+FLASHINFER_ENGINE = {
+    "model_path": str(builtin_config("deepseek-v2-lite")),
+    "load_format": "dummy",
+    "json_model_override_args": '{"num_hidden_layers": 2, "first_k_dense_replace": 9, "intermediate_size": 1408}',
+    "skip_tokenizer_init": True,
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "attention_backend": "flashinfer",
+    "context_length": 8192,
+    "max_total_tokens": 1 << 16,
+    "cuda_graph_max_bs": 24,
+}
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Engine:\n    def __init__(self", "The quick brown",
            "Paged attention keeps", "x = [i * i for i in", "# TPLA splits the latent", "while True:\n"]
 
@@ -47,8 +62,10 @@ def test_replayed_step_equals_eager_step(dtype: str, dense: bool) -> None:
             if dtype == "float32":
                 torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
             else:
+                # The graph's attention runs with its bucket's KV splits, so bf16 rounding differs from the
+                # eager step's; in the MoE model that can flip a near-tie routing choice of a later layer.
                 err = float((replayed - eager).norm() / eager.norm())
-                assert err < 1e-2, f"batch {batch}: relative error {err}"
+                assert err < (1e-2 if dense else 3e-2), f"batch {batch}: relative error {err}"
             for e in entries:
                 engine.runner.allocator.free(e.pages)
         assert graphs.num_replays == 6
@@ -89,3 +106,57 @@ def test_greedy_outputs_with_and_without_graphs(dtype: str, num_prompts: int) ->
         else:
             tie = next((i for i, t in enumerate(top) if t is not None and t[0][0] - t[1][0] < 0.05), len(b))
             assert a[:tie] == b[:tie]
+
+
+def test_flashinfer_replayed_step_equals_eager_step() -> None:
+    """FlashInfer plans every replay with the step's lengths: batches that fill or pad their bucket, over
+    both page-table widths, with lengths at and across page boundaries."""
+    pytest.importorskip("flashinfer", reason="flashinfer is not installed (pip install flashinfer-python)")
+    with Engine(**FLASHINFER_ENGINE, disable_cuda_graph=True) as engine:
+        graphs = _graphs(engine)
+        assert graphs.widths == [64, 128]
+        cases = [
+            [4700],  # bucket (1, 128)
+            [63, 4095, 200],  # (4, 64): 4096 tokens after the step fill 64 pages exactly
+            [4700, 1, 63, 64, 65, 4095, 4096] + [97 * j % 3000 + 2 for j in range(10)],  # (24, 128)
+        ]
+        for i, prompt_lens in enumerate(cases):
+            entries = prefilled_decode_entries(engine.runner, prompt_lens, seed=i)
+            assert graphs.can_run(ForwardMode.DECODE, entries)
+            eager = engine.runner.forward(ForwardMode.DECODE, entries)
+            replayed = graphs.replay(entries)
+            assert replayed.shape == eager.shape and torch.isfinite(replayed).all()
+            err = float((replayed - eager).norm() / eager.norm())
+            assert err < 1e-2, f"batch {len(prompt_lens)}: relative error {err}"
+            for e in entries:
+                engine.runner.allocator.free(e.pages)
+        assert graphs.num_replays == len(cases)
+
+
+def _flashinfer_greedy(graphs_on: bool, prompts: list[list[int]]) -> tuple[list[list[int]], list, int]:
+    from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend
+
+    with Engine(**FLASHINFER_ENGINE, disable_cuda_graph=not graphs_on) as engine:
+        assert isinstance(engine.runner.attn_backend, FlashInferAttentionBackend)
+        graphs = engine.runner.cuda_graph
+        if graphs_on:
+            assert graphs is not None and graphs.disabled_reason is None, "FlashInfer decode was not captured"
+        outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 16, "temperature": 0,
+                               "ignore_eos": True}, return_logprob=True, top_logprobs_num=2)
+        replays = graphs.num_replays if graphs is not None else 0
+        return [o["output_ids"] for o in outs], [o["meta_info"]["output_top_logprobs"] for o in outs], replays
+
+
+def test_flashinfer_greedy_outputs_with_and_without_graphs() -> None:
+    """Identical greedy tokens up to the first step whose top-2 logprobs are within 0.05 (a near-tie that
+    bf16 rounding may decide either way; dummy weights give flat logits)."""
+    pytest.importorskip("flashinfer", reason="flashinfer is not installed (pip install flashinfer-python)")
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 102400, (n,), generator=gen).tolist() for n in (5, 300, 4200)]
+    on, _, replays = _flashinfer_greedy(True, prompts)
+    off, tops, _ = _flashinfer_greedy(False, prompts)
+    assert replays > 0
+    for a, b, top in zip(on, off, tops):
+        assert len(a) == len(b) == 16
+        tie = next((i for i, t in enumerate(top) if t is not None and t[0][0] - t[1][0] < 0.05), len(b))
+        assert a[:tie] == b[:tie]
