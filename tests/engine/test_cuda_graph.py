@@ -1,14 +1,24 @@
-"""The CUDA-graph runner's host side: buckets, padded step layout, refusal on CPU (the graphs: GPU tests)."""
+"""The CUDA-graph runner's host side: buckets, static inputs and their plans, refusals (graphs: GPU tests)."""
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 import pytest
 import torch
 from graph_case import prefilled_decode_entries
 
 from tpla_serve import Engine
-from tpla_serve.engine.cuda_graph import CudaGraphRunner, capture_batch_sizes, pad_decode_inputs
+from tpla_serve.engine.cuda_graph import (
+    CudaGraphRunner,
+    StaticDecodeBatch,
+    capture_batch_sizes,
+    pad_decode_inputs,
+)
 from tpla_serve.engine.forward_batch import ForwardBatch, ForwardMode
+from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend, page_indices
+from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
+from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend
 
 
 def test_capture_batch_sizes():
@@ -26,36 +36,46 @@ def engine(tiny_v3_dir):
     return Engine(model_path=str(tiny_v3_dir), dtype="float32", device="cpu", page_size=4)
 
 
-def test_padded_step_equals_eager_step(engine):
-    """Padding rows (page 0, one token) leave the real rows' logits as an unpadded step computes them."""
+class RecordingTorchBackend(TorchAttentionBackend):
+    """The torch backend, noting what each graph plan was handed: the key, the host lengths, and the
+    page table and lengths the static buffers held at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans: list[tuple[Hashable, list[int], list[int], torch.Tensor, torch.Tensor]] = []
+
+    def prepare_graph(self, key: Hashable, fb: ForwardBatch) -> None:
+        buffers = (fb.page_table.clone(), fb.seq_lens_t.clone())
+        self.plans.append((key, list(fb.q_lens), list(fb.seq_lens), *buffers))
+
+
+def test_static_batch_plans_each_loaded_step(engine):
+    """Each step is copied into the static buffers before its graph is planned; the batch the plan sees
+    holds the step's real lengths (padding rows: one token on page 0) and, run eagerly, gives the
+    unpadded step's logits, whatever earlier, larger steps left in the buffers."""
     runner = engine.runner
-    entries = prefilled_decode_entries(runner, [7, 13, 2], seed=5)
-    eager = runner.forward(ForwardMode.DECODE, entries)
-    max_pages = max(len(e.pages) for e in entries) + 2
-    inputs = pad_decode_inputs(entries, 4, max_pages, runner.page_size)
-    assert inputs.page_table[3].eq(0).all() and inputs.seq_lens[3] == 1 and inputs.out_cache_loc[3] == 0
-    seq_lens = inputs.seq_lens.tolist()
-    fb = ForwardBatch(
-        mode=ForwardMode.DECODE,
-        input_ids=inputs.input_ids,
-        positions=inputs.positions,
-        q_lens=[1] * 4,
-        seq_lens=seq_lens,
-        qo_indptr=torch.arange(5),
-        kv_indptr=torch.tensor([0, *seq_lens]).cumsum(0),
-        out_cache_loc=inputs.out_cache_loc,
-        page_table=inputs.page_table,
-        seq_lens_t=inputs.seq_lens,
-        logits_indices=torch.arange(4),
-        kv_pool=runner.kv_pool,
-        attn_backend=runner.attn_backend,
-    )
-    runner.attn_backend.prepare(fb)
-    with torch.inference_mode():
-        padded = runner.model(fb)
-    torch.testing.assert_close(padded[:3], eager, rtol=1e-5, atol=1e-5)
-    for e in entries:
-        runner.allocator.free(e.pages)
+    backend = RecordingTorchBackend()
+    static = StaticDecodeBatch(8, 12, runner.kv_pool, backend, runner.device)
+    fb = static.planned_batch(4, 8, [1] * 4)  # capture-time contents
+    assert backend.plans[-1][:3] == ((4, 8), [1] * 4, [1] * 4) and fb.page_table.shape == (4, 8)
+    for seed, (prompt_lens, bs, width) in enumerate([([7, 13, 2], 4, 8), ([30, 5], 2, 12), ([3], 1, 2)]):
+        entries = prefilled_decode_entries(runner, prompt_lens, seed=seed)
+        eager = runner.forward(ForwardMode.DECODE, entries)
+        fb = static.load(entries, bs, width)
+        key, q_lens, seq_lens, table, lens_t = backend.plans[-1]
+        pad = bs - len(entries)
+        assert key == (bs, width) and q_lens == [1] * bs
+        assert seq_lens == [n + 1 for n in prompt_lens] + [1] * pad and lens_t.tolist() == seq_lens
+        expected = torch.zeros(bs, width, dtype=torch.int32)
+        for row, e in zip(expected, entries):
+            row[: len(e.pages)] = torch.tensor(e.pages)
+        assert torch.equal(table, expected)
+        with torch.inference_mode():
+            logits = runner.model(fb)
+        torch.testing.assert_close(logits[: len(entries)], eager, rtol=1e-5, atol=1e-5)
+        for e in entries:
+            runner.allocator.free(e.pages)
+    assert len(backend.plans) == 4
 
 
 def test_pad_rejects_steps_a_graph_cannot_hold(engine):
@@ -73,6 +93,31 @@ def test_runner_refuses_cpu(engine):
     assert graphs.disabled_reason is not None and "cpu" in graphs.disabled_reason
     graphs.capture()
     assert not graphs.can_run(ForwardMode.DECODE, prefilled_decode_entries(runner, [3], seed=2))
+
+
+def test_runner_refuses_backends_that_cannot_be_captured(engine):
+    """Nothing touches the device before the backend is refused, so a cuda device needs no GPU here."""
+    runner = engine.runner
+    assert TritonAttentionBackend.capturable and FlashInferAttentionBackend.capturable
+    assert not TorchAttentionBackend.capturable
+    graphs = CudaGraphRunner(runner.model, TorchAttentionBackend(), runner.kv_pool, engine.config,
+                             torch.device("cuda"), 8)
+    assert graphs.disabled_reason is not None and "TorchAttentionBackend" in graphs.disabled_reason
+
+
+def test_flashinfer_page_indices_from_a_strided_table():
+    """FlashInfer's kv_indices: each request's first pages, in order, read through a view of a wider table
+    (a graph's corner of its static page table)."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randint(1, 1000, (6, 10), generator=gen, dtype=torch.int32)
+    view = table[:4, :7]
+    num_pages = [3, 7, 1, 5]
+    got = page_indices(view, num_pages)
+    expected = torch.tensor([int(view[i, j]) for i, n in enumerate(num_pages) for j in range(n)]).int()
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
+    for bad in ([3, 8, 1, 5], [3, 0, 1, 5], [3, 7, 1]):
+        with pytest.raises(ValueError, match="page counts"):
+            page_indices(view, bad)
 
 
 def test_page_widths_step_by_four_from_4k_tokens():

@@ -4,8 +4,10 @@ A decode step of B requests with one new token each is a fixed sequence of kerne
 at fixed addresses. Each bucket's graph is captured over static buffers; a step of B requests copies its
 inputs into the first B rows of the smallest bucket >= B and replays it. Padding rows are one token at
 position 0 whose KV goes to slot 0 of the reserved page 0 and which attends to that slot alone, so they
-touch no request's cache. Every rank captures the same buckets in the same order (the code path does not
-depend on the rank), so the all-reduces inside the graphs pair up across ranks.
+touch no request's cache. A backend that plans its kernel on the host (FlashInfer) plans each graph
+outside it, before capture and again before every replay, over the buffers already holding the step.
+Every rank captures the same buckets in the same order (the code path does not depend on the rank), so
+the all-reduces inside the graphs pair up across ranks.
 """
 
 from __future__ import annotations
@@ -23,13 +25,9 @@ from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardBatch, ForwardMode
 from tpla_serve.layers.attention.base import AttentionBackend
-from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend
 from tpla_serve.models.deepseek import DeepseekForCausalLM
 
 logger = logging.getLogger(__name__)
-
-# Backends whose decode reads only device tensors of the step (page table, lengths) and launches by shape.
-CAPTURABLE_BACKENDS: tuple[type[AttentionBackend], ...] = (TritonAttentionBackend,)
 
 
 def capture_batch_sizes(max_bs: int) -> list[int]:
@@ -88,6 +86,60 @@ def page_widths(max_pages: int, page_size: int) -> list[int]:
     return [*widths, max_pages]
 
 
+class StaticDecodeBatch:
+    """The inputs every captured decode graph reads at fixed addresses: rows [0, bs) and page-table columns
+    [0, width) of buffers sized for the largest bucket, and the attention backend's plan for each graph."""
+
+    def __init__(
+        self,
+        max_bs: int,
+        max_pages: int,
+        kv_pool: LatentKVPool,
+        attn_backend: AttentionBackend,
+        device: torch.device,
+    ) -> None:
+        self.kv_pool = kv_pool
+        self.attn_backend = attn_backend
+        self.device = device
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.page_table = torch.zeros(max_bs, max_pages, dtype=torch.int32, device=device)
+        self.rows = torch.arange(max_bs + 1, dtype=torch.int64, device=device)
+
+    def planned_batch(self, bs: int, width: int, seq_lens: list[int]) -> ForwardBatch:
+        """The (bs, width) graph's batch over the buffers, whose KV lengths are `seq_lens` (one new token per
+        row), after the attention backend has planned that graph for it."""
+        kv_indptr = torch.tensor([0, *seq_lens], dtype=torch.int64).cumsum(0)
+        fb = ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            q_lens=[1] * bs,
+            seq_lens=seq_lens,
+            qo_indptr=self.rows[: bs + 1],
+            kv_indptr=kv_indptr.to(self.device, non_blocking=True),
+            out_cache_loc=self.out_cache_loc[:bs],
+            page_table=self.page_table[:bs, :width],
+            seq_lens_t=self.seq_lens[:bs],
+            logits_indices=self.rows[:bs],
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+        self.attn_backend.prepare_graph((bs, width), fb)
+        return fb
+
+    def load(self, entries: list[BatchEntry], bs: int, width: int) -> ForwardBatch:
+        """Copy a decode step into the buffers, then plan the (bs, width) graph for it (in that order: a plan
+        may read the buffers, as FlashInfer's gathers its page indices from the page table)."""
+        inputs = pad_decode_inputs(entries, bs, width, self.kv_pool.page_size)
+        for dst, src in zip((self.input_ids, self.positions, self.out_cache_loc, self.seq_lens), inputs):
+            dst[:bs].copy_(src, non_blocking=True)
+        self.page_table[:bs, :width].copy_(inputs.page_table, non_blocking=True)
+        return self.planned_batch(bs, width, inputs.seq_lens.tolist())
+
+
 class CudaGraphRunner:
     """Captures the target model's decode step per (batch size, page-table width) bucket and replays it.
 
@@ -119,42 +171,18 @@ class CudaGraphRunner:
         self.disabled_reason: str | None = None
         if device.type != "cuda":
             self.disabled_reason = f"the device is {device.type}, not cuda"
-        elif not isinstance(attn_backend, CAPTURABLE_BACKENDS):
-            self.disabled_reason = f"the {type(attn_backend).__name__} plans its kernel on the host every step"
+        elif not attn_backend.capturable:
+            self.disabled_reason = f"the {type(attn_backend).__name__} cannot be captured in a CUDA graph"
         elif (problem := model.cuda_graph_problem()) is not None:
             self.disabled_reason = problem
         if self.disabled_reason is not None:
             return
-        top = self.batch_sizes[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
-        self.out_cache_loc = torch.zeros(top, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(top, dtype=torch.int32, device=device)
-        self.page_table = torch.zeros(top, max_pages, dtype=torch.int32, device=device)
-        self.rows = torch.arange(top + 1, dtype=torch.int64, device=device)
-
-    def _static_batch(self, bs: int, width: int) -> ForwardBatch:
-        """The bucket's batch over the static buffers. Its host fields describe the capture-time contents
-        (one token at position 0 per row); in a replay only the device tensors are live."""
-        return ForwardBatch(
-            mode=ForwardMode.DECODE,
-            input_ids=self.input_ids[:bs],
-            positions=self.positions[:bs],
-            q_lens=[1] * bs,
-            seq_lens=[1] * bs,
-            qo_indptr=self.rows[: bs + 1],
-            kv_indptr=self.rows[: bs + 1],
-            out_cache_loc=self.out_cache_loc[:bs],
-            page_table=self.page_table[:bs, :width],
-            seq_lens_t=self.seq_lens[:bs],
-            logits_indices=self.rows[:bs],
-            kv_pool=self.kv_pool,
-            attn_backend=self.attn_backend,
-        )
+        self.static = StaticDecodeBatch(self.batch_sizes[-1], max_pages, kv_pool, attn_backend, device)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, all in one memory pool (smaller graphs reuse its blocks)."""
+        """Capture every bucket, largest first, all in one memory pool (smaller graphs reuse its blocks).
+        Each is planned for its capture-time contents: one token at position 0 per row."""
         if self.disabled_reason is not None:
             logger.info("CUDA graphs off: %s", self.disabled_reason)
             return
@@ -163,8 +191,7 @@ class CudaGraphRunner:
         quiet = dist.is_initialized() and dist.get_rank() != 0
         keys = [(bs, w) for bs in self.batch_sizes[::-1] for w in self.widths[::-1]]
         for bs, width in tqdm(keys, desc="capturing decode CUDA graphs", disable=quiet):
-            fb = self._static_batch(bs, width)
-            self.attn_backend.prepare(fb)
+            fb = self.static.planned_batch(bs, width, [1] * bs)
             for _ in range(2):  # compile kernels, initialize communicators and library workspaces
                 self.model(fb)
             torch.cuda.synchronize(self.device)
@@ -193,10 +220,7 @@ class CudaGraphRunner:
         bs = next(s for s in self.batch_sizes if s >= n)
         longest = max(len(e.pages) for e in entries)
         width = next(w for w in self.widths if w >= longest)
-        inputs = pad_decode_inputs(entries, bs, width, self.page_size)
-        for dst, src in zip((self.input_ids, self.positions, self.out_cache_loc, self.seq_lens), inputs):
-            dst[:bs].copy_(src, non_blocking=True)
-        self.page_table[:bs, :width].copy_(inputs.page_table, non_blocking=True)
+        self.static.load(entries, bs, width)
         self.graphs[bs, width].replay()
         self.num_replays += 1
         return self.logits[bs, width][:n].clone()

@@ -84,8 +84,9 @@ class ModelRunner:
         self.page_size = config.resolved_page_size
         self.ckv_dim = self.model_config.kv_lora_rank // self.layout.latent_groups
         self.rope_dim = self.model_config.qk_rope_head_dim
+        attn = self.model.model.layers[0].self_attn
         shape = AttentionShape(
-            self.model.model.layers[0].self_attn.num_local_heads, self.ckv_dim, self.rope_dim, self.page_size, self.dtype
+            attn.num_local_heads, self.ckv_dim, self.rope_dim, self.page_size, self.dtype, attn.scale
         )
         self.attn_backend = create_attention_backend(config.attention_backend, self.device, shape)
         self.draft_config = self._draft_config()

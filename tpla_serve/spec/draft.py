@@ -61,7 +61,12 @@ class DraftModel:
         self.device = device
         self.tp_layout = tp_layout  # the target's: the group all-reduce runs over the decode server's ranks
         shape = AttentionShape(
-            self.config.num_attention_heads, self.config.kv_lora_rank, self.config.qk_rope_head_dim, page_size, dtype
+            self.config.num_attention_heads,
+            self.config.kv_lora_rank,
+            self.config.qk_rope_head_dim,
+            page_size,
+            dtype,
+            self.model.model.layers[0].self_attn.scale,
         )
         # FlashInfer serves only some latent widths: a draft it cannot serve takes the automatic choice instead.
         name = "auto" if attention_backend == "flashinfer" else attention_backend

@@ -12,13 +12,15 @@ BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
 class AttentionShape(NamedTuple):
-    """What a decode kernel is specialized on: this rank's heads, its latent slice, the pool's layout."""
+    """What a decode kernel is specialized on: this rank's heads, its latent slice, the pool's layout, and
+    the softmax scale (a kernel planned outside a CUDA graph needs it before any layer runs)."""
 
     num_heads: int
     ckv_dim: int  # r / g under TPLA
     rope_dim: int
     page_size: int
     dtype: torch.dtype
+    sm_scale: float  # the attention layers' softmax scale
 
 
 def resolve_backend_name(name: str, device: torch.device, shape: AttentionShape | None = None) -> str:

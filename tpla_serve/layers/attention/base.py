@@ -7,7 +7,8 @@ form, exact), decode runs over the cached latent with absorbed queries. A backen
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -16,8 +17,22 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(ABC):
+    capturable: ClassVar[bool] = False
+    """Whether a decode step of one token per request can be captured in a CUDA graph: once
+    prepare_graph() has run, decode() launches by shape and reads the step from fixed addresses only."""
+
     def prepare(self, fb: ForwardBatch) -> None:
         """Per-step metadata (kernel plans, split sizes), computed once and shared by all layers."""
+
+    def prepare_graph(self, key: Hashable, fb: ForwardBatch) -> None:
+        """Plan the captured decode graph `key` for the step in `fb`, outside the graph: before it is
+        captured and again before each replay, because a graph replays kernels, not host-side planning.
+
+        fb's device tensors are the graph's static buffers, already holding the step; its host q_lens and
+        seq_lens are the step's lengths, padding rows included (one token each). What is planned for one
+        key must live at addresses of its own: the key's graph reads them on every replay. A backend whose
+        decode reads nothing but fb's device tensors needs nothing here.
+        """
 
     @abstractmethod
     def extend(

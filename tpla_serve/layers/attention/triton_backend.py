@@ -50,6 +50,8 @@ def ragged_rows(q_lens: list[int], device: torch.device | str) -> RaggedRows:
 
 
 class TritonAttentionBackend(AttentionBackend):
+    capturable = True  # the kernel reads the page table and lengths on the device and sizes its grid by shape
+
     def __init__(self) -> None:
         from tpla_kernels.decode import mla_decode  # imports Triton: only where this backend is chosen
 
