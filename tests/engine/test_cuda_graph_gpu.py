@@ -19,7 +19,7 @@ pytestmark = [
 ]
 MODEL = str(Path(__file__).resolve().parents[2] / "models" / "mla-tiny")
 # Two dense layers at DeepSeek-V2-Lite's attention shape (16 heads, latent 512, rope 64), which FlashInfer's
-# MLA kernel serves (mla-tiny's latent is too narrow for it); 8K context: page-table widths 64 and 128.
+# MLA kernel serves (mla-tiny's latent is too narrow for it); 8K context: a 128-page table.
 FLASHINFER_ENGINE = {
     "model_path": str(builtin_config("deepseek-v2-lite")),
     "load_format": "dummy",
@@ -109,16 +109,16 @@ def test_greedy_outputs_with_and_without_graphs(dtype: str, num_prompts: int) ->
 
 
 def test_flashinfer_replayed_step_equals_eager_step() -> None:
-    """FlashInfer plans every replay with the step's lengths: batches that fill or pad their bucket, over
-    both page-table widths, with lengths at and across page boundaries."""
+    """FlashInfer plans every replay with the step's lengths: batches that fill or pad their bucket, short
+    and long requests in one full-width graph, lengths at and across page boundaries."""
     pytest.importorskip("flashinfer", reason="flashinfer is not installed (pip install flashinfer-python)")
     with Engine(**FLASHINFER_ENGINE, disable_cuda_graph=True) as engine:
         graphs = _graphs(engine)
-        assert graphs.widths == [64, 128]
+        assert graphs.widths == [128]  # FlashInfer plans its KV splits per replay: one width serves all
         cases = [
-            [4700],  # bucket (1, 128)
-            [63, 4095, 200],  # (4, 64): 4096 tokens after the step fill 64 pages exactly
-            [4700, 1, 63, 64, 65, 4095, 4096] + [97 * j % 3000 + 2 for j in range(10)],  # (24, 128)
+            [4700],  # bucket 1
+            [63, 4095, 200],  # bucket 4: 4096 tokens after the step fill 64 pages exactly
+            [4700, 1, 63, 64, 65, 4095, 4096] + [97 * j % 3000 + 2 for j in range(10)],  # bucket 24
         ]
         for i, prompt_lens in enumerate(cases):
             entries = prefilled_decode_entries(engine.runner, prompt_lens, seed=i)

@@ -164,7 +164,7 @@ class CudaGraphRunner:
         self.page_size = kv_pool.page_size
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
-        self.widths = page_widths(max_pages, self.page_size)
+        self.widths = page_widths(max_pages, self.page_size) if attn_backend.graphs_per_table_width else [max_pages]
         self.num_replays = 0
         max_bs = min(config.cuda_graph_max_bs, config.max_running_requests)
         self.batch_sizes = capture_batch_sizes(max_bs)

@@ -20,6 +20,9 @@ class AttentionBackend(ABC):
     capturable: ClassVar[bool] = False
     """Whether a decode step of one token per request can be captured in a CUDA graph: once
     prepare_graph() has run, decode() launches by shape and reads the step from fixed addresses only."""
+    graphs_per_table_width: ClassVar[bool] = True
+    """Whether the captured launch depends on the page table's width (a kernel that sizes its KV splits by
+    it): then graphs are captured per width bucket, else once at the full width."""
 
     def prepare(self, fb: ForwardBatch) -> None:
         """Per-step metadata (kernel plans, split sizes), computed once and shared by all layers."""

@@ -96,6 +96,7 @@ class _GraphWrapper(NamedTuple):
 
 class FlashInferAttentionBackend(AttentionBackend):
     capturable = True
+    graphs_per_table_width = False  # its plan splits the KV by the real lengths: one width serves all
 
     def __init__(self, shape: AttentionShape, device: torch.device) -> None:
         problem = flashinfer_problem(shape)
