@@ -213,6 +213,7 @@ class CudaGraphRunner:
             len(e.new_token_ids) == 1 and e.kv_room is None and len(e.pages) <= self.max_pages for e in entries
         )
 
+    @torch.inference_mode()  # planning writes buffers that capture (in inference mode) created
     def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
         """fp32 logits [B, vocab] of the decode step, computed by the smallest bucket >= B whose page table
         holds the longest request."""
