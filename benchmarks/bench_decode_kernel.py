@@ -376,33 +376,38 @@ def main() -> int:
         header += (f"FlashInfer {fi.version} MLA decode (`BatchMLAPagedAttentionWrapper`; backend per head_dim_ckv: "
                    f"{FLASHINFER_BACKENDS}) on the same pools and queries, timed the same way; a cell naming an "
                    "exception is a shape it failed on.\n")
-    parts = [header]
-    copy_bw, gemm_tf = copy_bandwidth(), gemm_rate()
-    log(f"copy bandwidth {copy_bw:.0f} GB/s, bf16 GEMM {gemm_tf:.0f} TFLOP/s")
-    parts.append("## Ceilings\n\nDevice-to-device copy of 1 GiB (read + write): "
-                 f"**{copy_bw:.0f} GB/s**. bf16 GEMM 8192^3: **{gemm_tf:.0f} TFLOP/s**.\n")
-    check, ok = section_check(gen)
-    log(check)
-    parts.append("## Correctness at real shapes (vs fp32 torch reference)\n\n" + check + "\n")
-    configs: dict[tuple[int, int], DecodeConfig] = {}
-    if args.tune:
-        tuned, configs = section_tune(gen, copy_bw)
-        parts.append("## Tiling candidates (B=32, 16K context)\n\n" + tuned + "\n")
-    paper = section_paper(gen, copy_bw, gemm_tf, args.quick, configs, fi)
-    log(paper)
-    parts.append("## MLA-TP vs TPLA per rank (equal batch)\n\n" + paper + "\n")
-    if not args.skip_grid:
-        grid = section_grid(gen, copy_bw, args.quick, configs, fi)
-        parts.append("## Kernel bandwidth grid (default tiling)\n\n" + grid + "\n")
     slug = "".join(ch if ch.isalnum() else "-" for ch in props.name).strip("-").lower()
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernel_decode_{today}_{slug}{'_' + args.tag if args.tag else ''}.md"
+    parts = [header]
+
+    def save(section: str) -> None:
+        """Append a finished section and rewrite the file: a run cut short keeps what it measured."""
+        parts.append(section)
+        path.write_text("\n".join(parts))
+        log(f"wrote {path}")
+
+    copy_bw, gemm_tf = copy_bandwidth(), gemm_rate()
+    log(f"copy bandwidth {copy_bw:.0f} GB/s, bf16 GEMM {gemm_tf:.0f} TFLOP/s")
+    save("## Ceilings\n\nDevice-to-device copy of 1 GiB (read + write): "
+         f"**{copy_bw:.0f} GB/s**. bf16 GEMM 8192^3: **{gemm_tf:.0f} TFLOP/s**.\n")
+    check, ok = section_check(gen)
+    log(check)
+    save("## Correctness at real shapes (vs fp32 torch reference)\n\n" + check + "\n")
+    configs: dict[tuple[int, int], DecodeConfig] = {}
+    if args.tune:
+        tuned, configs = section_tune(gen, copy_bw)
+        save("## Tiling candidates (B=32, 16K context)\n\n" + tuned + "\n")
+    paper = section_paper(gen, copy_bw, gemm_tf, args.quick, configs, fi)
+    log(paper)
+    save("## MLA-TP vs TPLA per rank (equal batch)\n\n" + paper + "\n")
+    if not args.skip_grid:
+        grid = section_grid(gen, copy_bw, args.quick, configs, fi)
+        save("## Kernel bandwidth grid (default tiling)\n\n" + grid + "\n")
     if fi is not None and fi.compiled:
-        parts.append("FlashInfer first plan per head_dim_ckv (JIT build or cache load): "
-                     + ", ".join(f"{k}: {v:.1f} s" for k, v in sorted(fi.compiled.items())) + "\n")
-    path.write_text("\n".join(parts))
-    log(f"wrote {path}")
+        save("FlashInfer first plan per head_dim_ckv (JIT build or cache load): "
+             + ", ".join(f"{k}: {v:.1f} s" for k, v in sorted(fi.compiled.items())) + "\n")
     return 0 if ok else 1
 
 
