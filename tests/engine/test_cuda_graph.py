@@ -11,7 +11,6 @@ from graph_case import prefilled_decode_entries
 from tpla_serve import Engine
 from tpla_serve.engine.cuda_graph import (
     CudaGraphRunner,
-    DecodeInputs,
     StaticDecodeBatch,
     capture_batch_sizes,
     pad_decode_inputs,
@@ -62,7 +61,7 @@ def test_static_batch_plans_each_loaded_step(engine):
     for seed, (prompt_lens, bs, width) in enumerate([([7, 13, 2], 4, 8), ([30, 5], 2, 12), ([3], 1, 2)]):
         entries = prefilled_decode_entries(runner, prompt_lens, seed=seed)
         eager = runner.forward(ForwardMode.DECODE, entries)
-        fb = static.load(pad_decode_inputs(entries, bs, width, runner.page_size))
+        fb = static.load(entries, bs, width)
         key, q_lens, seq_lens, table, lens_t = backend.plans[-1]
         pad = bs - len(entries)
         assert key == (bs, width) and q_lens == [1] * bs
@@ -128,22 +127,3 @@ def test_page_widths_step_by_four_from_4k_tokens():
     assert page_widths(64, 64) == [64]
     assert page_widths(16, 64) == [16]
     assert page_widths(300, 16) == [256, 300]
-
-
-def test_padded_step_crosses_the_control_channel_as_bytes(engine):
-    """Rank 0 sends a replayed step's padded arrays as msgpack bin fields; the other ranks get them back
-    exactly, and a message whose byte counts do not describe one step is refused."""
-    import msgpack
-
-    entries = prefilled_decode_entries(engine.runner, [40, 3, 17], seed=4)
-    inputs = pad_decode_inputs(entries, 4, 16, engine.runner.page_size)
-    wire = msgpack.unpackb(msgpack.packb({"op": "graph", **inputs.to_wire()}, use_bin_type=True), raw=False)
-    back = DecodeInputs.from_wire(wire)
-    for sent, got in zip(inputs, back):
-        assert got.dtype == sent.dtype and torch.equal(got, sent)
-    assert back.page_table.shape == (4, 16)
-    with pytest.raises(ValueError, match="page_table"):
-        DecodeInputs.from_wire({**wire, "width": 15})
-    with pytest.raises(ValueError, match="seq_lens"):
-        DecodeInputs.from_wire({**wire, "seq_lens": wire["seq_lens"][:-4]})
-    engine.runner.allocator.free([p for e in entries for p in e.pages])

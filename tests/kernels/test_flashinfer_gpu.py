@@ -11,7 +11,7 @@ import torch
 from kernel_case import rel_err
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.engine.cuda_graph import StaticDecodeBatch, pad_decode_inputs
+from tpla_serve.engine.cuda_graph import StaticDecodeBatch
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape
 from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
@@ -119,7 +119,7 @@ def test_flashinfer_decode_replayed_from_a_cuda_graph(heads: int) -> None:
             pages = -(-s // page_size)
             entries.append(BatchEntry([0], s - 1, order[start : start + pages]))
             start += pages
-        static.load(pad_decode_inputs(entries, bs, width, page_size))
+        static.load(entries, bs, width)
         q_nope.copy_(torch.randn(q_nope.shape, generator=gen))
         q_pe.copy_(torch.randn(q_pe.shape, generator=gen))
         graph.replay()

@@ -47,33 +47,6 @@ class DecodeInputs(NamedTuple):
     seq_lens: torch.Tensor  # [bs] int32
     page_table: torch.Tensor  # [bs, max_pages] int32, zero (page 0) past each request's pages
 
-    def to_wire(self) -> dict[str, bytes | int]:
-        """The arrays' raw bytes (msgpack bin fields) and the page table's width: the other TP ranks load a
-        replayed step as rank 0 padded it, instead of unpacking every request's page list and padding again."""
-        wire: dict[str, bytes | int] = {name: t.numpy().tobytes() for name, t in zip(self._fields, self)}
-        wire["width"] = self.page_table.shape[1]
-        return wire
-
-    @classmethod
-    def from_wire(cls, wire: dict[str, bytes | int]) -> DecodeInputs:
-        """Inverse of to_wire; the byte lengths must describe one [bs] row of each and a [bs, width] table."""
-        width = wire["width"]
-        ids = wire["input_ids"]
-        if not isinstance(width, int) or width < 1 or not isinstance(ids, bytes) or len(ids) % 8:
-            raise ValueError("malformed decode step: width or input_ids")
-        bs = len(ids) // 8
-        sizes = {"input_ids": 8 * bs, "positions": 8 * bs, "out_cache_loc": 8 * bs, "seq_lens": 4 * bs,
-                 "page_table": 4 * bs * width}
-        dtypes = {"seq_lens": torch.int32, "page_table": torch.int32}
-        arrays = []
-        for name, size in sizes.items():
-            raw = wire[name]
-            if not isinstance(raw, bytes) or len(raw) != size:
-                raise ValueError(f"malformed decode step: {name} has {len(raw)} bytes, expected {size}")
-            arrays.append(torch.frombuffer(bytearray(raw), dtype=dtypes.get(name, torch.int64)))
-        arrays[-1] = arrays[-1].view(bs, width)
-        return cls(*arrays)
-
 
 def pad_decode_inputs(entries: list[BatchEntry], bs: int, max_pages: int, page_size: int) -> DecodeInputs:
     """Lay out one-token-per-request entries over bs rows; rows past len(entries) are padding."""
@@ -157,10 +130,10 @@ class StaticDecodeBatch:
         self.attn_backend.prepare_graph((bs, width), fb)
         return fb
 
-    def load(self, inputs: DecodeInputs) -> ForwardBatch:
-        """Copy a padded decode step into the buffers, then plan its (bs, width) graph for it (in that order: a
-        plan may read the buffers, as FlashInfer's gathers its page indices from the page table)."""
-        bs, width = inputs.page_table.shape
+    def load(self, entries: list[BatchEntry], bs: int, width: int) -> ForwardBatch:
+        """Copy a decode step into the buffers, then plan the (bs, width) graph for it (in that order: a plan
+        may read the buffers, as FlashInfer's gathers its page indices from the page table)."""
+        inputs = pad_decode_inputs(entries, bs, width, self.kv_pool.page_size)
         for dst, src in zip((self.input_ids, self.positions, self.out_cache_loc, self.seq_lens), inputs):
             dst[:bs].copy_(src, non_blocking=True)
         self.page_table[:bs, :width].copy_(inputs.page_table, non_blocking=True)
@@ -240,25 +213,15 @@ class CudaGraphRunner:
             len(e.new_token_ids) == 1 and e.kv_room is None and len(e.pages) <= self.max_pages for e in entries
         )
 
-    def pad(self, entries: list[BatchEntry]) -> DecodeInputs:
-        """The step's inputs padded to the smallest bucket >= B whose page table holds the longest request."""
+    @torch.inference_mode()  # planning writes buffers that capture (in inference mode) created
+    def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
+        """fp32 logits [B, vocab] of the decode step, computed by the smallest bucket >= B whose page table
+        holds the longest request."""
         n = len(entries)
         bs = next(s for s in self.batch_sizes if s >= n)
         longest = max(len(e.pages) for e in entries)
         width = next(w for w in self.widths if w >= longest)
-        return pad_decode_inputs(entries, bs, width, self.page_size)
-
-    def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
-        """fp32 logits [B, vocab] of the decode step."""
-        return self.replay_padded(self.pad(entries), len(entries))
-
-    @torch.inference_mode()  # planning writes buffers that capture (in inference mode) created
-    def replay_padded(self, inputs: DecodeInputs, rows: int) -> torch.Tensor:
-        """fp32 logits of the first `rows` rows of a step padded by pad() (here or on rank 0)."""
-        bs, width = inputs.page_table.shape
-        if (bs, width) not in self.graphs or not 0 < rows <= bs:
-            raise ValueError(f"no captured graph for {rows} requests padded to ({bs}, {width})")
-        self.static.load(inputs)
+        self.static.load(entries, bs, width)
         self.graphs[bs, width].replay()
         self.num_replays += 1
-        return self.logits[bs, width][:rows].clone()
+        return self.logits[bs, width][:n].clone()

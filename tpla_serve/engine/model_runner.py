@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg import DecodeLayout, KVSender, KVSpec, RoomCompleted
-from tpla_serve.engine.cuda_graph import CudaGraphRunner, DecodeInputs
+from tpla_serve.engine.cuda_graph import CudaGraphRunner
 from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
@@ -284,25 +284,7 @@ class ModelRunner:
         """Run one step (on every rank); returns fp32 logits for the rows each entry asked for."""
         if self.control is None:
             return self._forward_local(mode, entries)
-        graphs = self.cuda_graph
-        if graphs is not None and graphs.can_run(mode, entries):
-            return self._announce_and_replay(graphs, entries)
         return self._announce_and_run("step", mode, entries, self._forward_local)
-
-    def _announce_and_replay(self, graphs: CudaGraphRunner, entries: list[BatchEntry]) -> torch.Tensor:
-        """A decode step replayed from a CUDA graph: rank 0 pads it once and sends the padded arrays as raw
-        bytes, which the other ranks load as they are. At long contexts a step holds hundreds of thousands
-        of page ids: packing, unpacking and padding them as lists took longer than the step's GPU work."""
-        control = self.control
-        assert control is not None
-        inputs = graphs.pad(entries)
-        step = {"op": "graph", "rows": len(entries), **inputs.to_wire()}
-
-        def announce_and_replay() -> torch.Tensor:
-            control.send(step)
-            return graphs.replay_padded(inputs, len(entries))
-
-        return self._collective(announce_and_replay)
 
     def _announce_and_run(
         self,
@@ -422,9 +404,6 @@ class ModelRunner:
                 self.kv_port.forget(msg["room"])
             elif op == "randomize_kv":
                 self._randomize_kv_local(msg["seed"])
-            elif op == "graph":
-                assert self.cuda_graph is not None  # every rank captures the same graphs
-                self.cuda_graph.replay_padded(DecodeInputs.from_wire(msg), msg["rows"])
             elif op == "await":
                 assert self.kv_port is not None
                 event = self.kv_port.wait_complete(msg["room"])
