@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import zmq
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, RoomEvent
@@ -105,3 +106,18 @@ def poll_until(transport: KVSender | KVReceiver, timeout_s: float = 10.0) -> lis
             return events
         time.sleep(0.005)
     return transport.poll()
+
+
+def owned_socket(closing: list, kind: int, linger_ms: int) -> zmq.Socket:
+    """A raw socket on a context of its own (a misbehaving peer), closed with the test's `closing` list."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+
+    class _Closer:
+        def close(self) -> None:
+            sock.close()
+            ctx.term()
+
+    closing.append(_Closer())
+    return sock

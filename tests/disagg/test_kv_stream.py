@@ -13,6 +13,7 @@ from kv_stream_helpers import (
     PAGE_SIZE,
     PagedRank,
     expected_ckv_slice,
+    owned_socket,
     poll_until,
     prompt_kv,
     small_spec,
@@ -298,17 +299,8 @@ def test_writer_error_fails_the_room_and_tells_the_prefill(closing: list) -> Non
 
 
 def _raw_push(closing: list, endpoint: str) -> zmq.Socket:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 1000)
+    sock = owned_socket(closing, zmq.PUSH, 1000)
     sock.connect(endpoint)
-
-    class _Closer:
-        def close(self) -> None:
-            sock.close()
-            ctx.term()
-
-    closing.append(_Closer())
     return sock
 
 

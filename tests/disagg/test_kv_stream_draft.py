@@ -13,7 +13,15 @@ import msgpack
 import pytest
 import torch
 import zmq
-from kv_stream_helpers import PAGE_SIZE, expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
+from kv_stream_helpers import (
+    PAGE_SIZE,
+    expected_ckv_slice,
+    owned_socket,
+    prompt_kv,
+    small_spec,
+    wait_events,
+    wait_until,
+)
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.disagg import (
@@ -222,37 +230,16 @@ def _frames(room: int, layer: int, start: int, ckv: torch.Tensor, kpe: torch.Ten
     return encode(LayerKV(room, layer, start, ckv.shape[0], tensor_frame(ckv), tensor_frame(kpe)))
 
 
-class RawPrefill:
+def _raw_prefill(closing: list, endpoint: str) -> zmq.Socket:
     """Sends hand-made messages to one decode rank, as a misbehaving prefill could."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUSH)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.connect(endpoint)
-
-    def send(self, frames: list) -> None:
-        self.sock.send_multipart(frames)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
+    sock = owned_socket(closing, zmq.PUSH, 1000)
+    sock.connect(endpoint)
+    return sock
 
 
 def _bootstrap_sink(closing: list) -> int:
     """A PULL socket standing in for the prefill's bootstrap (it takes the REGISTER and any ABORT)."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-
-    class _Closer:
-        def close(self) -> None:
-            sock.close()
-            ctx.term()
-
-    closing.append(_Closer())
-    return port
+    return owned_socket(closing, zmq.PULL, 0).bind_to_random_port("tcp://127.0.0.1")
 
 
 def _fails_with(rank: Rank, match: str) -> None:
@@ -277,31 +264,30 @@ def test_receiver_rejects_draft_kv_it_should_not_take(closing: list, case: str, 
     layout = _layout(2, 2, DRAFT, (0,))
     rank = Rank(layout, 1 if "without-draft" in case else 0)
     closing.append(rank)
-    raw = RawPrefill(rank.rx.endpoint)
-    closing.append(raw)
+    raw = _raw_prefill(closing, rank.rx.endpoint)
     room, n = 3, 4
     rank.expect(room, n, port)
     for layer, (ckv, kpe) in enumerate(prompt_kv(room, n, TARGET)):
         a, b = layout.latent_slice(rank.rx.rank)
-        raw.send(_frames(room, layer, 0, ckv[:, a:b].contiguous(), kpe))
+        raw.send_multipart(_frames(room, layer, 0, ckv[:, a:b].contiguous(), kpe))
     d_ckv, d_kpe = prompt_kv(room, n, DRAFT)[0]
     L = TARGET.num_layers
     if case == "draft-layer-to-rank-without-draft":
-        raw.send(_frames(room, L, 0, d_ckv, d_kpe))
+        raw.send_multipart(_frames(room, L, 0, d_ckv, d_kpe))
     elif case == "draft-layer-past-the-last":
-        raw.send(_frames(room, L + DRAFT.num_layers, 0, d_ckv, d_kpe))
+        raw.send_multipart(_frames(room, L + DRAFT.num_layers, 0, d_ckv, d_kpe))
     elif case == "draft-layer-with-target-width":
-        raw.send(_frames(room, L, 0, d_ckv[:, : layout.ckv_width].contiguous(), d_kpe))
+        raw.send_multipart(_frames(room, L, 0, d_ckv[:, : layout.ckv_width].contiguous(), d_kpe))
     elif case == "done-before-draft-layers":
-        raw.send(_frames(room, L, 0, d_ckv, d_kpe))
-        raw.send(encode(Done(room, 7, draft_kv=True)))
+        raw.send_multipart(_frames(room, L, 0, d_ckv, d_kpe))
+        raw.send_multipart(encode(Done(room, 7, draft_kv=True)))
     elif case == "done-claims-draft-on-rank-without-draft":
-        raw.send(encode(Done(room, 7, draft_kv=True)))
+        raw.send_multipart(encode(Done(room, 7, draft_kv=True)))
     elif case == "done-denies-draft-it-sent":
-        raw.send(_frames(room, L, 0, d_ckv, d_kpe))
-        raw.send(encode(Done(room, 7, draft_kv=False)))
+        raw.send_multipart(_frames(room, L, 0, d_ckv, d_kpe))
+        raw.send_multipart(encode(Done(room, 7, draft_kv=False)))
     elif case == "draft-layer-out-of-order":
-        raw.send(_frames(room, L + 1, 2, d_ckv[2:], d_kpe[2:]))
+        raw.send_multipart(_frames(room, L + 1, 2, d_ckv[2:], d_kpe[2:]))
     _fails_with(rank, match)
     assert rank.rx.stats().messages_rejected == 1
     assert all(layer < L + DRAFT.num_layers for layer in rank.layers_written)
@@ -313,20 +299,19 @@ def test_completion_waits_for_every_draft_layer(closing: list) -> None:
     layout = _layout(1, 1, DRAFT, (0,))
     rank = Rank(layout, 0)
     closing.append(rank)
-    raw = RawPrefill(rank.rx.endpoint)
-    closing.append(raw)
+    raw = _raw_prefill(closing, rank.rx.endpoint)
     room, n = 4, 8
     slots = rank.expect(room, n, port)
     for layer, (ckv, kpe) in enumerate(prompt_kv(room, n, TARGET)):
-        raw.send(_frames(room, layer, 0, ckv, kpe))
+        raw.send_multipart(_frames(room, layer, 0, ckv, kpe))
     draft_kv = prompt_kv(room, n, DRAFT)
     for layer, (ckv, kpe) in enumerate(draft_kv):
-        raw.send(_frames(room, TARGET.num_layers + layer, 0, ckv[:5].contiguous(), kpe[:5].contiguous()))
+        raw.send_multipart(_frames(room, TARGET.num_layers + layer, 0, ckv[:5].contiguous(), kpe[:5].contiguous()))
     assert wait_until(lambda: len(rank.layers_written) == TARGET.num_layers + DRAFT.num_layers, 5.0)
     assert rank.rx.poll() == []  # all layers started, none of the draft's complete, no DONE
     for layer, (ckv, kpe) in enumerate(draft_kv):
-        raw.send(_frames(room, TARGET.num_layers + layer, 5, ckv[5:].contiguous(), kpe[5:].contiguous()))
-    raw.send(encode(Done(room, 7, draft_kv=True)))
+        raw.send_multipart(_frames(room, TARGET.num_layers + layer, 5, ckv[5:].contiguous(), kpe[5:].contiguous()))
+    raw.send_multipart(encode(Done(room, 7, draft_kv=True)))
     ((event,),) = wait_events([rank.rx])
     assert isinstance(event, RoomCompleted) and event.draft_kv
     assert rank.draft_pool is not None

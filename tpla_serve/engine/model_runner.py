@@ -369,14 +369,12 @@ class ModelRunner:
         if self.control is None:
             return has_draft
         control = self.control
-        flag = torch.tensor([int(has_draft)], dtype=torch.int64)
 
-        def run() -> None:
+        def run() -> bool:
             control.send({"op": "await", "room": event.room})
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=control.group)
+            return _all_ranks(has_draft, control)
 
-        self._collective(run)
-        return bool(flag.item())
+        return self._collective(run)
 
     def cancel_room(self, room: int, message: str) -> None:
         assert self.kv_port is not None and self.rank == 0
@@ -407,8 +405,7 @@ class ModelRunner:
             elif op == "await":
                 assert self.kv_port is not None
                 event = self.kv_port.wait_complete(msg["room"])
-                flag = torch.tensor([int(self.kv_port.has_draft(event))], dtype=torch.int64)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.control.group)
+                _all_ranks(self.kv_port.has_draft(event), self.control)
             else:
                 entries = [BatchEntry(ids, prefix, pages, bool(a)) for ids, prefix, pages, a in msg["entries"]]
                 if op == "draft":
@@ -459,3 +456,10 @@ class ModelRunner:
             for name in ("model", "kv_pool", "attn_backend", "draft", "prefill_draft"):
                 self.__dict__.pop(name, None)
             torch.cuda.empty_cache()
+
+
+def _all_ranks(value: bool, control: ControlChannel) -> bool:
+    """Whether `value` holds on every rank of the control group (a collective: every rank calls it)."""
+    flag = torch.tensor([int(value)], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=control.group)
+    return bool(flag.item())

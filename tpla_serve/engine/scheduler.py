@@ -230,8 +230,8 @@ class Scheduler:
             spec_emitted_tokens=spec.emitted,
             spec_draft_seconds=spec.draft_seconds,
             spec_verify_seconds=spec.verify_seconds,
-            spec_accept_rate=spec.accepted / max(spec.proposed, 1),
-            spec_accept_length=spec.emitted / max(spec.blocks, 1),
+            spec_accept_rate=spec.accept_rate,
+            spec_accept_length=spec.accept_length,
         )
 
     # ------------------------------------------------------------------ one step

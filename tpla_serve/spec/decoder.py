@@ -37,8 +37,6 @@ from tpla_serve.spec.verify import (
 if TYPE_CHECKING:
     from tpla_serve.engine.model_runner import ModelRunner
 
-_M32 = 0xFFFFFFFF
-
 
 @dataclass
 class BlockResult:
@@ -63,6 +61,16 @@ class SpecCounters:
     emitted: int = 0  # accepted drafts + bonus/correction tokens
     draft_seconds: float = 0.0  # calibration + drafting, until the last draft token is on the host
     verify_seconds: float = 0.0  # the target's block forward and verification
+
+    @property
+    def accept_rate(self) -> float:
+        """Accepted / proposed draft tokens."""
+        return self.accepted / max(self.proposed, 1)
+
+    @property
+    def accept_length(self) -> float:
+        """Mean tokens a request's verified block emits."""
+        return self.emitted / max(self.blocks, 1)
 
 
 class SpeculativeDecoder:
@@ -185,12 +193,9 @@ class SpeculativeDecoder:
             for b, rows in enumerate(draft_probs):
                 if rows:
                     q[b, : len(rows)] = torch.stack(rows)
-            seeds = [r.seed for r in reqs]
+            # Row (b, 0) holds request b's seed and the step of its block's first token.
             uniforms = VerifyUniforms.from_seeds(
-                torch.tensor([s & _M32 for s in seeds], device=device),
-                torch.tensor([(s >> 32) & _M32 for s in seeds], device=device),
-                torch.tensor([len(r.output_ids) for r in reqs], device=device),
-                k_max,
+                batch.seeds_lo[starts], batch.seeds_hi[starts], batch.steps[starts], k_max
             )
             out = speculative_verify(p, q, draft_t, uniforms, k_t)
 
