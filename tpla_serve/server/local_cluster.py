@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpla_serve.config import DEFAULT_MODEL_PATH
+from tpla_serve.config import DEFAULT_MODEL_PATH, EngineConfig
 
 # The project's draft model, trained with the bundled target (same tokenizer).
 DEFAULT_DRAFT_MODEL_PATH = str(Path(DEFAULT_MODEL_PATH).parent / "mla-tiny-draft")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decode server speculates with a draft model")
     p.add_argument("--speculative-draft-model-path", default=None,
                    help="default: the bundled draft, when the model is the bundled one")
-    p.add_argument("--speculative-num-draft-tokens", type=int, default=4)
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=EngineConfig.speculative_num_draft_tokens)
     p.add_argument("--prefill-args", default="", help="extra flags for the prefill server, one string")
     p.add_argument("--decode-args", default="", help="extra flags for the decode server, one string")
     p.add_argument("--router-args", default="", help="extra flags for the router, one string")
