@@ -12,7 +12,7 @@ ablation without pd-sep (prompt tokens through TPLA too) for each transform's be
 how each transform spreads the latent's energy over the groups.
 
 Evaluation text: the held-out split of the running interpreter's standard library (training.corpus), or
---text FILE. Calibration (PCA bases, μ) runs tpla_serve.tpla.calibrate on training-split files, disjoint
+--text FILE. Calibration (PCA bases, μ) runs tpla_serve.tools.calibrate on training-split files, disjoint
 from the held-out ones, and is cached by model fingerprint and settings under --cache-dir.
 """
 
@@ -40,12 +40,12 @@ sys.path.insert(0, str(ROOT))
 from common import write_result
 
 from tpla_serve.config import DEFAULT_MODEL_PATH, EngineConfig
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.tokenizer import load_tokenizer
-from tpla_serve.tpla.calibrate import calibrate, run_prefill
+from tpla_serve.tools.calibrate import calibrate, run_prefill
 from tpla_serve.tpla.calibration import Calibration
-from tpla_serve.tpla.teacher_forcing import teacher_forced_logits
+from tpla_serve.tools.teacher_forcing import teacher_forced_logits
 from training.corpus import CorpusSplit, load_split
 
 logger = logging.getLogger("bench_tpla_accuracy")
@@ -122,7 +122,7 @@ def calibration_text(split: CorpusSplit, min_chars: int, seed: int) -> tuple[str
 
 
 class CalibrationStore:
-    """Calibration files per (g, transform), made once by tpla_serve.tpla.calibrate and kept on disk."""
+    """Calibration files per (g, transform), made once by tpla_serve.tools.calibrate and kept on disk."""
 
     def __init__(self, args: argparse.Namespace, fingerprint: str, text: str) -> None:
         self.args, self.fingerprint, self.directory = args, fingerprint, args.cache_dir
@@ -341,7 +341,7 @@ def render(
         ),
         (
             f"Calibration text: {calib_desc}; {args.calib_tokens} tokens in {args.calib_seq_len}-token sequences "
-            "(`tpla_serve.tpla.calibrate`).  "
+            "(`tpla_serve.tools.calibrate`).  "
         ),
         f"Runtime: {seconds / 60:.1f} min.  ",
         f"Command: `python {shlex.join(['benchmarks/bench_tpla_accuracy.py', *sys.argv[1:]])}`",

@@ -35,7 +35,7 @@ step() {  # name, time limit, command...: each step logs to $OUT/<name>.log; a f
 step pytest_flashinfer 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels/test_flashinfer_gpu.py
 if [ "$GPUS" -ge 2 ]; then
     step pytest_engine 170 python3 -m pytest -m gpu -q -p no:cacheprovider \
-        tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py tests/spec/test_spec_gpu.py
+        tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py tests/speculative/test_spec_gpu.py
     step e2e_v3attn 170 python3 benchmarks/bench_e2e_decode.py --model deepseek-v3 \
         --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 2 --contexts 4096,16384,32768 \
         --attention-backend triton --steps 12 --tag v3attn-4layers-graphs
@@ -46,7 +46,7 @@ if [ "$GPUS" -ge 2 ]; then
         --attention-backend triton --steps 12 --disable-cuda-graph --tag v3attn-4layers-eager
 else
     step pytest_engine 170 python3 -m pytest -m gpu -q -p no:cacheprovider -k "not tp2" \
-        tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py tests/spec/test_spec_gpu.py
+        tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py tests/speculative/test_spec_gpu.py
     for graphs in "" "--disable-cuda-graph"; do
         step "e2e_v3attn_tp1${graphs:+_eager}" 100 python3 benchmarks/bench_e2e_decode.py --model deepseek-v3 \
             --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 1 --groups 1 \

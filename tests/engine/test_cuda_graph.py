@@ -15,7 +15,7 @@ from tpla_serve.engine.cuda_graph import (
     capture_batch_sizes,
     pad_decode_inputs,
 )
-from tpla_serve.engine.forward_batch import ForwardBatch, ForwardMode
+from tpla_serve.forward_batch import ForwardBatch, ForwardMode
 from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend, page_indices
 from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
 from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend

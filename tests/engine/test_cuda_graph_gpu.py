@@ -10,7 +10,7 @@ from graph_case import prefilled_decode_entries
 
 from tpla_serve import Engine
 from tpla_serve.engine.cuda_graph import CudaGraphRunner
-from tpla_serve.engine.forward_batch import ForwardMode
+from tpla_serve.forward_batch import ForwardMode
 from tpla_serve.models import builtin_config
 
 pytestmark = [

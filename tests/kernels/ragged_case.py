@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import create_attention_backend
 
 HEADS, ROPE = 4, 64

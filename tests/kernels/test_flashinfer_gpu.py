@@ -12,7 +12,7 @@ from kernel_case import rel_err
 
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.engine.cuda_graph import StaticDecodeBatch
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape
 from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
 

@@ -12,7 +12,7 @@ import torch
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import create_attention_backend
 
 # Max |ours - reference| over max |reference|, per logits tensor: fp32 everywhere, so only summation

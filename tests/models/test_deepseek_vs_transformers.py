@@ -19,7 +19,7 @@ from model_test_utils import (
     prefill_then_decode,
 )
 
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.models import load_model
 
 SEQ_LEN = 256

@@ -20,7 +20,7 @@ from model_test_utils import (
 )
 from safetensors.torch import load_file, save_file
 
-from tpla_serve.engine.forward_batch import ForwardMode
+from tpla_serve.forward_batch import ForwardMode
 from tpla_serve.models import builtin_config, load_model
 from tpla_serve.models.weight_utils import CheckpointTensorError
 

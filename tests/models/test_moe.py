@@ -13,7 +13,7 @@ from model_test_utils import QUERY_GAIN, PagedRunner, assert_close_rel, hf_logit
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2MLP
 
-from tpla_serve.engine.forward_batch import ForwardMode
+from tpla_serve.forward_batch import ForwardMode
 from tpla_serve.layers.moe import MoEExperts, RoutingConfig, select_experts
 from tpla_serve.models import load_model
 from tpla_serve.tpla.layout import ShardLayout

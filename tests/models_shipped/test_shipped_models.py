@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import create_attention_backend
 from tpla_serve.models.loader import load_model
-from tpla_serve.tpla.teacher_forcing import teacher_forced_logits
+from tpla_serve.tools.teacher_forcing import teacher_forced_logits
 
 # Max |ours - transformers| over max |transformers| per logits tensor. Both run fp32; only the order of
 # summation can differ (measured on these weights: 0 for the MHA-form prefill, < 1e-6 for absorbed decode).

@@ -18,7 +18,7 @@ import torch
 
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg import KVSender, RoomCompleted
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.sampling.params import SamplingParams

@@ -21,7 +21,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from tpla_serve.config import EngineConfig
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.tpla.calibration import Calibration
-from tpla_serve.tpla.teacher_forcing import teacher_forced_logits
+from tpla_serve.tools.teacher_forcing import teacher_forced_logits
 
 PROMPT_LEN, CONT_LEN = 40, 12
 TOL = 1e-4  # relative to the largest reference logit, fp32
@@ -163,7 +163,7 @@ def test_tpla_decode_equals_dense_formula(tiny_v3_dir, tokens, hf_model, tmp_pat
 
 
 def test_calibration_round_trip_and_mismatch(tiny_v3_dir, tiny_v2_dir, tmp_path):
-    from tpla_serve.tpla.calibrate import calibrate
+    from tpla_serve.tools.calibrate import calibrate
 
     data = tmp_path / "calib.txt"
     data.write_text("def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n" * 8)

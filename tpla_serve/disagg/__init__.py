@@ -18,7 +18,7 @@ from tpla_serve.disagg.messages import (
 )
 from tpla_serve.disagg.receiver import KVReceiver, KVWriter, ReceiverStats
 from tpla_serve.disagg.sender import KVSender, SenderStats
-from tpla_serve.disagg.spec import (
+from tpla_serve.disagg.handshake import (
     KV_DTYPES,
     DecodeLayout,
     KVSpec,

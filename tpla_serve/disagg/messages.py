@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from tpla_serve.disagg.bootstrap import MAX_ROOM, check_endpoint
-from tpla_serve.disagg.spec import DecodeLayout, KVSpec
+from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
 
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024

@@ -36,7 +36,7 @@ from tpla_serve.disagg.messages import (
     decode,
     encode,
 )
-from tpla_serve.disagg.spec import DecodeLayout
+from tpla_serve.disagg.handshake import DecodeLayout
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from tpla_serve.disagg.messages import (
     encode,
     tensor_frame,
 )
-from tpla_serve.disagg.spec import KVSpec, draft_mismatch, layout_mismatch
+from tpla_serve.disagg.handshake import KVSpec, draft_mismatch, layout_mismatch
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardBatch, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode
 from tpla_serve.layers.attention.base import AttentionBackend
 from tpla_serve.models.deepseek import DeepseekForCausalLM
 

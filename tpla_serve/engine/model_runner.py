@@ -21,13 +21,13 @@ from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg import DecodeLayout, KVSender, KVSpec, RoomCompleted
 from tpla_serve.engine.cuda_graph import CudaGraphRunner
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.engine.pd_rank import DecodeKVPort, LayerKVStreamer, gather_endpoints, kv_spec
 from tpla_serve.engine.tp import ControlChannel, TPRanks, init_tp, rank_device
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
-from tpla_serve.spec.draft import DraftModel
+from tpla_serve.speculative.draft import DraftModel
 from tpla_serve.tpla.layout import ShardLayout
 from tpla_serve.tpla.options import TPLAOptions
 

@@ -26,7 +26,7 @@ from tpla_serve.disagg import (
     RoomFailed,
     dtype_name,
 )
-from tpla_serve.engine.forward_batch import BatchEntry
+from tpla_serve.forward_batch import BatchEntry
 
 logger = logging.getLogger(__name__)
 ENDPOINT_BYTES = 256

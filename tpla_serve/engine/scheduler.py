@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from tpla_serve.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.request import Request, RequestStatus
 from tpla_serve.sampling.logprobs import token_logprobs
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, resolve_seed
-from tpla_serve.spec.decoder import BlockResult, SpecCounters, SpeculativeDecoder
+from tpla_serve.speculative.decoder import BlockResult, SpecCounters, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tpla_serve.engine.forward_batch import ForwardBatch, ForwardMode
+from tpla_serve.forward_batch import ForwardBatch, ForwardMode
 from tpla_serve.layers.activation import silu_and_mul
 from tpla_serve.layers.linear import (
     ColumnParallelLinear,

@@ -49,7 +49,7 @@ class Calibration:
             if meta["model_fingerprint"] != model_fingerprint:
                 raise ValueError(
                     f"{path} was calibrated for another model (fingerprint {meta['model_fingerprint']}, "
-                    f"this model is {model_fingerprint}); run python -m tpla_serve.tpla.calibrate for it"
+                    f"this model is {model_fingerprint}); run python -m tpla_serve.tools.calibrate for it"
                 )
             if meta["transform"] != transform:
                 raise ValueError(

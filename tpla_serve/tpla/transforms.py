@@ -72,7 +72,7 @@ def latent_rotations(
         u = randomized_hadamard(kv_lora_rank)
         return [u] * num_layers
     if calibration is None or not calibration.bases:
-        raise ValueError("--tpla-transform pca needs --tpla-calibration: a file written by tpla_serve.tpla.calibrate")
+        raise ValueError("--tpla-transform pca needs --tpla-calibration: a file written by tpla_serve.tools.calibrate")
     return list(calibration.bases)
 
 

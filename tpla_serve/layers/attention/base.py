@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from tpla_serve.engine.forward_batch import ForwardBatch
+    from tpla_serve.forward_batch import ForwardBatch
 
 
 class AttentionBackend(ABC):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from tpla_serve.engine.forward_batch import ForwardBatch, ForwardMode
+from tpla_serve.forward_batch import ForwardBatch, ForwardMode
 from tpla_serve.layers.attention import AttentionShape
 from tpla_serve.layers.attention.base import AttentionBackend
 from tpla_serve.layers.attention.triton_backend import sdpa_extend

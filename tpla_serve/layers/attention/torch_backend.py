@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tpla_serve.engine.forward_batch import ForwardBatch
+from tpla_serve.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
 
 

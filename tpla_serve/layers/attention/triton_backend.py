@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from tpla_serve.engine.forward_batch import ForwardBatch
+from tpla_serve.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
 from tpla_serve.layers.attention.torch_backend import causal_mask
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.request import Request
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, adjusted_logits
-from tpla_serve.spec.verify import (
+from tpla_serve.speculative.verify import (
     VerifyUniforms,
     build_verify_batch,
     greedy_verify,

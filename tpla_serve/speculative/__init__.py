@@ -1,6 +1,6 @@
 """Speculative decoding on the decode server; `verify` checks a draft block against the target."""
 
-from tpla_serve.spec.verify import (
+from tpla_serve.speculative.verify import (
     VerifyOutput,
     VerifyUniforms,
     accepted_lengths,

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from tpla_serve.config import EngineConfig
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.model_runner import ModelRunner
-from tpla_serve.spec.draft import DraftModel, layer_groups
+from tpla_serve.speculative.draft import DraftModel, layer_groups
 from tpla_serve.tpla.layout import ShardLayout
 
 ROOT = Path(__file__).resolve().parents[2]

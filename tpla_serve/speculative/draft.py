@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardBatch, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.layers.linear import tp_all_reduce
 from tpla_serve.models.config import ModelConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tpla_serve.spec.decoder as spec_decoder
+import tpla_serve.speculative.decoder as spec_decoder
 from tests.conftest import tiny_config
 from tpla_serve import Engine
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.model_runner import ModelRunner
 
 

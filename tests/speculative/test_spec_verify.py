@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tpla_serve.sampling import SamplingParams
-from tpla_serve.spec.verify import (
+from tpla_serve.speculative.verify import (
     VerifyOutput,
     VerifyUniforms,
     accepted_lengths,

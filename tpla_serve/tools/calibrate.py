@@ -1,6 +1,6 @@
 """Fit TPLA's per-layer PCA bases and per-group logit scales μ on calibration text.
 
-    python -m tpla_serve.tpla.calibrate --model-path M --data FILE_OR_DIR --out calib.safetensors \\
+    python -m tpla_serve.tools.calibrate --model-path M --data FILE_OR_DIR --out calib.safetensors \\
         [--tpla-groups 2] [--tpla-transform pca|hadamard|none]
 
 Runs exact prefill (one process) over the text and watches every layer's normalized latent ĉ and absorbed
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tpla_serve.config import EngineConfig
-from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.tokenizer import load_tokenizer
 from tpla_serve.tpla.calibration import Calibration

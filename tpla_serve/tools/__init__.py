@@ -1,0 +1,1 @@
+"""Tools built on the engine: calibration of TPLA transforms, teacher-forced evaluation."""
