@@ -11,7 +11,6 @@ the largest batch the KV pool holds (capped by --max-batch) and, for TPLA, also 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from tpla_serve import Engine  # noqa: E402
+from tpla_serve.engine.request import RequestSpec  # noqa: E402
 from tpla_serve.models.registry import builtin_config  # noqa: E402
 from tpla_serve.sampling.params import SamplingParams  # noqa: E402
 
@@ -38,7 +38,7 @@ def measure(engine: Engine, context: int, batch: int, steps: int) -> tuple[float
     page = engine.runner.page_size
     reqs = []
     for i in range(batch):
-        req = sched.new_request([1] * context, params, rid=f"bench-{context}-{i}")
+        req = sched.new_request(RequestSpec([1] * context, params, rid=f"bench-{context}-{i}"))
         pages = sched.allocator.alloc(-(-(context + steps + 4) // page))
         assert pages is not None, "the batch does not fit the KV pool"
         sched.add_prefilled(req, pages, first_token=1, first_logprob=None)

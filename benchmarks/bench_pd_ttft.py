@@ -17,7 +17,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,16 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from tpla_serve.models.registry import builtin_config  # noqa: E402
+from tpla_serve.net import free_port
 
 HOST = "127.0.0.1"
 OVERRIDE = {"num_hidden_layers": 8, "first_k_dense_replace": 8, "hidden_size": 1024, "num_attention_heads": 2, "num_key_value_heads": 2,
             "intermediate_size": 1024, "vocab_size": 4096, "max_position_embeddings": 16384}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def launch(*args: str) -> tuple[subprocess.Popen, str]:

@@ -13,6 +13,15 @@ import torch
 # The project's own small trained model, the default everywhere a model is not named.
 DEFAULT_MODEL_PATH = str(Path(__file__).resolve().parents[1] / "models" / "mla-tiny")
 
+# The choices of each option, named once: the loader, the transforms and the backend registry check against
+# these too.
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+TPLA_NORMS = ("exact", "local")
+TPLA_TRANSFORMS = ("none", "hadamard", "pca")
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+SPECULATIVE_ALGORITHMS = ("none", "standard", "easyspec")
+
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -23,6 +32,11 @@ _DTYPES = {
     "fp32": torch.float32,
     "float": torch.float32,
 }
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,8 @@ class EngineConfig:
             raise ValueError(f"json_model_override_args is not valid JSON: {e}") from e
         if not isinstance(overrides, dict):
             raise ValueError("json_model_override_args must be a JSON object")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            raise ValueError(f"load_format must be auto, safetensors or dummy, got {self.load_format!r}")
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
@@ -77,22 +91,16 @@ class EngineConfig:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
         if self.max_running_requests < 1:
             raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
-        if self.tpla_norm not in ("exact", "local"):
-            raise ValueError(f"tpla_norm must be exact or local, got {self.tpla_norm!r}")
-        if self.disaggregation_mode not in ("null", "prefill", "decode"):
-            raise ValueError(f"disaggregation_mode must be null, prefill or decode, got {self.disaggregation_mode!r}")
+        _check_choice("tpla_norm", self.tpla_norm, TPLA_NORMS)
+        _check_choice("disaggregation_mode", self.disaggregation_mode, DISAGGREGATION_MODES)
         if self.disaggregation_mode == "prefill" and self.tpla_groups != 1:
             raise ValueError("a prefill server runs exact MLA: --tpla-groups must be 1 with --disaggregation-mode prefill")
         if not 0 < self.disaggregation_bootstrap_port < 65536:
             raise ValueError(f"disaggregation_bootstrap_port must be in 1..65535, got {self.disaggregation_bootstrap_port}")
-        if self.tpla_transform not in ("none", "hadamard", "pca"):
-            raise ValueError(f"tpla_transform must be none, hadamard or pca, got {self.tpla_transform!r}")
+        _check_choice("tpla_transform", self.tpla_transform, TPLA_TRANSFORMS)
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
-        if self.speculative_algorithm not in ("none", "standard", "easyspec"):
-            raise ValueError(
-                f"speculative_algorithm must be none, standard or easyspec, got {self.speculative_algorithm!r}"
-            )
+        _check_choice("speculative_algorithm", self.speculative_algorithm, SPECULATIVE_ALGORITHMS)
         if self.speculative_algorithm != "none":
             if self.speculative_draft_model_path is None:
                 raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} needs --speculative-draft-model-path")
@@ -158,7 +166,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-path", default=d.model_path, help="local model directory (default: the bundled model)")
     g.add_argument("--tokenizer-path", default=None)
     g.add_argument("--skip-tokenizer-init", action="store_true", help="accept and return token ids only")
-    g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
     g.add_argument("--json-model-override-args", default=d.json_model_override_args,
                    help='JSON object replacing config.json keys, e.g. \'{"num_hidden_layers": 4}\'')
     g.add_argument("--dtype", default=d.dtype)
@@ -171,14 +179,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
     g.add_argument("--attention-backend", default=d.attention_backend,
-                   choices=["auto", "torch", "triton", "flashinfer"])
+                   choices=ATTENTION_BACKENDS)
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--tp-size", type=int, default=d.tp_size)
     g.add_argument("--tpla-groups", type=int, default=d.tpla_groups, help="latent groups g (1 = plain MLA-TP)")
-    g.add_argument("--tpla-norm", default=d.tpla_norm, choices=["exact", "local"])
-    g.add_argument("--tpla-transform", default=d.tpla_transform, choices=["none", "hadamard", "pca"])
+    g.add_argument("--tpla-norm", default=d.tpla_norm, choices=TPLA_NORMS)
+    g.add_argument("--tpla-transform", default=d.tpla_transform, choices=TPLA_TRANSFORMS)
     g.add_argument("--tpla-calibration", default=None, help="calibration file (PCA bases, logit scales)")
-    g.add_argument("--disaggregation-mode", default=d.disaggregation_mode, choices=["null", "prefill", "decode"])
+    g.add_argument("--disaggregation-mode", default=d.disaggregation_mode, choices=DISAGGREGATION_MODES)
     g.add_argument("--disaggregation-host", default=d.disaggregation_host,
                    help="decode: the address its TP ranks receive KV on (reachable from the prefill servers)")
     g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
@@ -190,7 +198,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-cuda-graph", action="store_true", help="GPU: run decode steps eagerly")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--speculative-algorithm", default=d.speculative_algorithm,
-                   choices=["none", "standard", "easyspec"],
+                   choices=SPECULATIVE_ALGORITHMS,
                    help="decode with a draft model: standard (layer after layer) or easyspec (layer-parallel)")
     g.add_argument("--speculative-draft-model-path", default=None,
                    help="a small model of the same family; on a PD prefill server (with --speculative-algorithm "

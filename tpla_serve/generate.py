@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from tpla_serve.engine.engine import Engine
+    from tpla_serve.entrypoints.engine import Engine
 
     engine = Engine(**dataclasses.asdict(EngineConfig.from_cli(args)))
     prompts = args.prompt or ["def fibonacci(n):"]

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from kv_stream_helpers import prompt_kv, small_spec
+from kv_stream_helpers import prompt_kv, small_spec, wait_until
 
 from tpla_serve.disagg import KVSender
 
@@ -41,7 +41,8 @@ def main() -> None:
         room, n, mode = cmd["room"], cmd["n"], cmd["mode"]
         kv = prompt_kv(room, n, spec)
         if mode == "wait":
-            _reply({"registered": sender.wait_for_registration(room, 20.0) is not None})
+            registered = wait_until(lambda: sender.stats().rooms_registered >= 1, 20.0)
+            _reply({"registered": registered})
         for layer, (ckv, kpe) in enumerate(kv):
             if mode == "stall" and layer == 2:
                 _reply({"stalled": room})

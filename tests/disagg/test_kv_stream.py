@@ -28,9 +28,11 @@ from tpla_serve.disagg import (
     KVSender,
     KVSpec,
     PromptLogprobs,
+    Register,
     RoomCompleted,
     RoomFailed,
 )
+from tpla_serve.disagg.messages import decode as decode_message
 
 
 class Decode:
@@ -109,7 +111,7 @@ def test_each_rank_receives_exactly_its_slice(closing: list, groups: int, regist
     kv = prompt_kv(room, n, sender.kv)
     if register_first:
         decode.expect(room, n, sender.bootstrap_port)
-        assert sender.wait_for_registration(room, 5.0) is not None
+        assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
         _send_all(sender, room, kv)
     else:
         _send_all(sender, room, kv)
@@ -196,8 +198,8 @@ def test_refused_register_is_reported_when_the_prefill_reaches_the_room(closing:
     room = 77
     decode.expect(room, 4, sender.bootstrap_port)
     assert all(isinstance(e[0], RoomFailed) for e in decode.events())
-    assert sender.wait_for_registration(room, 5.0) is None
-    assert "fingerprint mismatch" in (sender.failure(room) or "")
+    # The decode's ABORT came back, so the prefill has refused the REGISTER (fingerprint mismatch).
+    assert sender.stats().rooms_registered == 0 and sender.stats().rooms_live == 0
     assert sender.poll() == []  # the engine had not touched the room yet
     ckv, kpe = prompt_kv(room, 4, sender.kv)[0]
     sender.send_layer(room, 0, ckv, kpe)
@@ -212,7 +214,7 @@ def test_prompt_length_disagreement_fails_the_room(closing: list, prefill_tokens
     sender, decode = _sender(closing), _decode(closing)
     room = 3
     decode.expect(room, 10, sender.bootstrap_port)
-    assert sender.wait_for_registration(room, 5.0) is not None
+    assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
     _send_all(sender, room, prompt_kv(room, prefill_tokens, sender.kv))
     for (event,) in decode.events():
         assert isinstance(event, RoomFailed) and match in event.message, event
@@ -224,7 +226,7 @@ def test_cancel_tells_the_prefill_and_the_other_ranks(closing: list) -> None:
     room, n = 11, 8
     kv = prompt_kv(room, n, sender.kv)
     decode.expect(room, n, sender.bootstrap_port)
-    assert sender.wait_for_registration(room, 5.0) is not None
+    assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
     sender.send_layer(room, 0, *kv[0])
     assert wait_until(lambda: len(decode.ranks[0].calls) > 0, 5.0)
     assert decode.rx[0].cancel(room) is True
@@ -247,7 +249,7 @@ def test_decode_room_expires_when_no_kv_arrives(closing: list) -> None:
     room = 12
     start = time.monotonic()
     decode.expect(room, 4, sender.bootstrap_port)
-    assert sender.wait_for_registration(room, 5.0) is not None  # the prefill never computes it
+    assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)  # the prefill never computes it
     events = decode.events(timeout_s=5.0)
     assert time.monotonic() - start < 3.0
     for (event,) in events:
@@ -256,9 +258,11 @@ def test_decode_room_expires_when_no_kv_arrives(closing: list) -> None:
             and "timed out" in event.message
             and "0 of 4 layers" in event.message
         )
-    # rank 0's timeout ABORTs the room on the prefill too
-    assert wait_until(lambda: sender.registration(room) is None and sender.failure(room) is not None, 5.0)
-    assert "timed out" in sender.failure(room)
+    # rank 0's timeout ABORTs the room on the prefill too: the engine hears it once it reaches the room
+    assert wait_until(lambda: sender.stats().rooms_live == 0 and sender.stats().rooms_failed == 1, 5.0)
+    sender.send_layer(room, 0, *prompt_kv(room, 4, sender.kv)[0])
+    (failed,) = poll_until(sender)
+    assert "timed out" in failed.message
 
 
 def test_unregistered_room_expires_on_the_prefill_and_late_register_is_refused(closing: list) -> None:
@@ -367,13 +371,16 @@ def test_malformed_bootstrap_messages_are_rejected_and_the_sender_keeps_working(
 
 def test_api_validation(closing: list) -> None:
     sender = _sender(closing)
-    decode = _decode(closing, tp=1, groups=1, default_bootstrap_port=sender.bootstrap_port)
+    bootstrap = owned_socket(closing, zmq.PULL, 0)  # a prefill's bootstrap socket, read raw
+    decode = _decode(closing, tp=1, groups=1,
+                     default_bootstrap_port=bootstrap.bind_to_random_port("tcp://127.0.0.1"))
     rx = decode.rx[0]
     writer = decode.ranks[0].writer(decode.ranks[0].reserve(4))
     rx.expect(1, 4, writer, "127.0.0.1", None)  # null port: this server's default
     rx.send_register(1, decode.endpoints)
-    reg = sender.wait_for_registration(1, 5.0)
-    assert reg is not None and reg.n_tokens == 4 and reg.rank_endpoints == (rx.endpoint,)
+    assert bootstrap.poll(5000)
+    reg = decode_message(bootstrap.recv_multipart(copy=False))
+    assert isinstance(reg, Register) and reg.n_tokens == 4 and reg.rank_endpoints == (rx.endpoint,)
     with pytest.raises(ValueError, match="already expected"):
         rx.expect(1, 4, writer, "127.0.0.1", None)
     with pytest.raises(ValueError, match="not expected"):
@@ -406,7 +413,7 @@ def test_prefill_abort_reaches_every_rank_and_a_late_register(closing: list) -> 
     room, n = 41, 4
     kv = prompt_kv(room, n, sender.kv)
     decode.expect(room, n, sender.bootstrap_port)
-    assert sender.wait_for_registration(room, 5.0) is not None
+    assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
     sender.send_layer(room, 0, *kv[0])
     sender.abort(room, "prefill out of memory")
     for (event,) in decode.events():
@@ -425,7 +432,7 @@ def test_sender_outlives_a_decode_server_that_dies_mid_stream(closing: list) -> 
     room, n = 51, 8
     kv = prompt_kv(room, n, sender.kv)
     dead.expect(room, n, sender.bootstrap_port)
-    assert sender.wait_for_registration(room, 5.0) is not None
+    assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
     sender.send_layer(room, 0, *kv[0])
     assert wait_until(lambda: all(r.calls for r in dead.ranks), 5.0)
     dead.close()

@@ -36,8 +36,8 @@ from tpla_serve.disagg import (
     decode,
     encode,
 )
+from tpla_serve.disagg.decode import pages_writer
 from tpla_serve.disagg.messages import Done, LayerKV, tensor_frame
-from tpla_serve.engine.pd_rank import pages_writer
 
 TARGET = small_spec()
 DRAFT = small_spec(num_layers=2, kv_lora_rank=24, fingerprint="draft-1")
@@ -130,7 +130,7 @@ def test_draft_kv_reaches_exactly_the_draft_ranks(
     kv, draft_kv = prompt_kv(room, n, TARGET), prompt_kv(room + 1, n, DRAFT)
     if register_first:
         slots = _expect_all(ranks, room, n, sender.bootstrap_port)
-        assert sender.wait_for_registration(room, 5.0) is not None
+        assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
         _send(sender, room, kv, draft_kv, split=6)
     else:
         _send(sender, room, kv, draft_kv, split=6)

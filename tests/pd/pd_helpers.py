@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import tempfile
 
 import zmq
@@ -11,12 +10,6 @@ import zmq
 from tpla_serve.config import EngineConfig, ServerConfig
 from tpla_serve.server.messages import GetStats, RequestOutput, Stats, decode, encode
 from tpla_serve.server.scheduler_process import run_scheduler_process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sched:

@@ -18,9 +18,10 @@ import torch
 
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg import KVSender, RoomCompleted
+from tpla_serve.disagg.prefill import PromptKVStream
+from tpla_serve.engine.request import RequestSpec
+from tpla_serve.entrypoints.rank import RankParts, build_scheduler, launch_rank0
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
-from tpla_serve.engine.model_runner import ModelRunner
-from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.sampling.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,16 +38,16 @@ def _config(**kw: object) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def runners() -> Iterator[tuple[ModelRunner, KVSender, ModelRunner]]:
-    prefill = ModelRunner(_config(disaggregation_mode="prefill", speculative_draft_model_path=DRAFT))
+def runners() -> Iterator[tuple[RankParts, KVSender, PromptKVStream, RankParts]]:
+    prefill = launch_rank0(_config(disaggregation_mode="prefill", speculative_draft_model_path=DRAFT))
     sender = KVSender(prefill.kv_spec(), draft=prefill.draft_kv_spec())
-    prefill.kv_sender = sender
-    decode = ModelRunner(_config(disaggregation_mode="decode", speculative_algorithm="standard",
-                                 speculative_draft_model_path=DRAFT, disaggregation_bootstrap_port=sender.bootstrap_port))
-    yield prefill, sender, decode
-    decode.shutdown()
+    stream = PromptKVStream(prefill.runner, sender, prefill.draft)
+    decode = launch_rank0(_config(disaggregation_mode="decode", speculative_algorithm="standard",
+                                  speculative_draft_model_path=DRAFT, disaggregation_bootstrap_port=sender.bootstrap_port))
+    yield prefill, sender, stream, decode
+    decode.close()
     sender.close()
-    prefill.shutdown()
+    prefill.close()
 
 
 def _chunks(pages: list[int], room: int | None = None) -> list[BatchEntry]:
@@ -57,7 +58,7 @@ def _slots(pages: list[int], n: int) -> torch.Tensor:
     return torch.tensor([p * PAGE + o for p in pages for o in range(PAGE)])[:n]
 
 
-def _completed(decode: ModelRunner, room: int) -> RoomCompleted:
+def _completed(decode: RankParts, room: int) -> RoomCompleted:
     assert decode.kv_port is not None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -69,30 +70,33 @@ def _completed(decode: ModelRunner, room: int) -> RoomCompleted:
 
 
 def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None:
-    prefill, sender, decode = runners
-    assert prefill.draft is None and prefill.prefill_draft is not None  # a prefill does not speculate
+    prefill, sender, stream, decode = runners
+    assert not prefill.config.speculative and prefill.draft is not None  # a prefill does not speculate
     assert decode.draft is not None and decode.kv_port is not None
-    sched = Scheduler(decode, None)
+    sched = build_scheduler(decode, None, None)
     n, room = len(PROMPT), 12345
     pages = sched.allocator.alloc(-(-n // PAGE))
-    decode.expect_room(room, n, pages, "127.0.0.1", None)
+    decode.kv_port.expect(room, n, pages, "127.0.0.1", None)
     decode.kv_port.receiver.send_register(room, decode.kv_endpoints)
-    assert sender.wait_for_registration(room, 10.0) is not None
+    deadline = time.monotonic() + 10
+    while sender.stats().rooms_registered == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sender.stats().rooms_registered == 1
 
-    prefill_pages = prefill.allocator.alloc(-(-n // PAGE))
+    prefill_pages = prefill.runner.allocator.alloc(-(-n // PAGE))
     for entry in _chunks(prefill_pages, room):  # the prefill's scheduler runs one chunk per step
-        logits = prefill.forward(ForwardMode.EXTEND, [entry])
+        logits = stream.forward([entry])
     first = int(logits[-1].argmax())
     sender.send_done(room, first)
     event = _completed(decode, room)
-    assert event.draft_kv and decode.await_room(event)
+    assert event.draft_kv and decode.kv_port.has_draft(event)
     draft_cfg = decode.draft.config
     assert event.draft_nbytes == n * draft_cfg.num_hidden_layers * (draft_cfg.kv_lora_rank + draft_cfg.qk_rope_head_dim) * 4
 
     # The decode's own draft prefill over the same chunks, into other pages.
     ref_pages = sched.allocator.alloc(-(-n // PAGE))
     for entry in _chunks(ref_pages):
-        decode.draft_forward(ForwardMode.EXTEND, [entry])
+        decode.draft.forward(ForwardMode.EXTEND, [entry])
     pool = decode.draft.kv_pool
     for layer in range(pool.num_layers):
         got, want = pool.read(layer, _slots(pages, n)), pool.read(layer, _slots(ref_pages, n))
@@ -102,10 +106,10 @@ def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None
 
     # Started from the streamed KV, the request speculates exactly as one the decode prefilled itself.
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
-    req = sched.new_request(PROMPT, params, rid="pd")
+    req = sched.new_request(RequestSpec(PROMPT, params, rid="pd"))
     sched.add_prefilled(req, pages, first, None, draft_kv=True)
     assert req.draft_computed == n
-    local = sched.add_request(PROMPT, params, rid="local")
+    local = sched.add_request(RequestSpec(PROMPT, params, rid="local"))
     while sched.has_work:
         sched.step()
     assert req.output_ids == local.output_ids and req.output_ids[0] == first
@@ -118,10 +122,10 @@ def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None
 
 
 def test_without_draft_kv_the_request_prefills_its_draft_on_the_decode(runners) -> None:
-    _, _, decode = runners
-    sched = Scheduler(decode, None)
+    *_, decode = runners
+    sched = build_scheduler(decode, None, None)
     pages = sched.allocator.alloc(-(-len(PROMPT) // PAGE))
-    req = sched.new_request(PROMPT, SamplingParams(temperature=0, max_new_tokens=2), rid="x")
+    req = sched.new_request(RequestSpec(PROMPT, SamplingParams(temperature=0, max_new_tokens=2), rid="x"))
     sched.add_prefilled(req, pages, 7, None, draft_kv=False)
     assert req.draft_computed == 0
     sched.abort("x")

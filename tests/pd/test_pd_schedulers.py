@@ -10,10 +10,11 @@ import random
 import time
 
 import pytest
-from pd_helpers import Sched, free_port
+from pd_helpers import Sched
 
 from tpla_serve import Engine
 from tpla_serve.config import EngineConfig
+from tpla_serve.net import free_port
 from tpla_serve.server.messages import GenerateRequest
 
 PROMPT = [0] + [(7 * i) % 300 + 2 for i in range(40)]

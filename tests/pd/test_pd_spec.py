@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pd_helpers import Sched, free_port
+from pd_helpers import Sched
 
 from tpla_serve import Engine
 from tpla_serve.config import EngineConfig
 from tpla_serve.models.config import ModelConfig
+from tpla_serve.net import free_port
 from tpla_serve.server.messages import GenerateRequest
 
 ROOT = Path(__file__).resolve().parents[2]

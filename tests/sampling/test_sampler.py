@@ -256,7 +256,8 @@ def test_logprobs_follow_sglang_temperature_scaled():
     scale = torch.tensor([t if t > 0 else 1.0 for t in temps]).unsqueeze(1)
     ref = torch.log_softmax(logits / scale, dim=-1)
     torch.testing.assert_close(out.logprobs, ref.gather(1, out.next_token_ids[:, None]).squeeze(1))
-    ids, lps, top_vals, top_ids = out.tolist()
+    ids, lp = out.tolist()
+    lps, top_vals, top_ids = lp.values, lp.top_values, lp.top_ids
     assert ids == out.next_token_ids.tolist() and len(lps) == 6
     for row, k in enumerate(nums):
         ref_vals, ref_ids = ref[row].topk(k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
@@ -275,7 +276,7 @@ def test_all_greedy_logprobs_and_no_logprobs_when_not_asked():
     torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1).max(-1).values)
     plain = Sampler()(logits, batch([SamplingParams(temperature=0.0)] * 3))
     assert plain.logprobs is None and plain.top_logprobs_vals is None
-    assert plain.tolist() == (logits.argmax(-1).tolist(), None, None, None)
+    assert plain.tolist() == (logits.argmax(-1).tolist(), None)
 
 
 def test_shape_errors():

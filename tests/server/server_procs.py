@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tpla_serve.net import free_port
 
 HOST = "127.0.0.1"
 API_KEY = "test-key"
@@ -24,11 +25,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '# assistant:\\n' }}{% endif %}"
 )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def with_chat_template(model_dir: Path, dest: Path) -> Path:

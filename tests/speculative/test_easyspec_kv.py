@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tpla_serve.config import EngineConfig
+from tpla_serve.entrypoints.rank import RankParts, launch_rank0
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
-from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.speculative.draft import DraftModel, layer_groups
 from tpla_serve.tpla.layout import ShardLayout
 
@@ -39,7 +39,7 @@ def test_layer_groups():
 
 
 @pytest.fixture(scope="module")
-def runner():
+def rank():
     config = EngineConfig(
         model_path=TARGET,
         dtype="float32",
@@ -49,33 +49,36 @@ def runner():
         speculative_algorithm="easyspec",
         speculative_draft_model_path=DRAFT,
     )
-    runner = ModelRunner(config)
-    yield runner
-    runner.shutdown()
+    rank = launch_rank0(config)
+    yield rank
+    rank.close()
 
 
-def _reference(runner: ModelRunner, pages: list[int]) -> tuple[DraftModel, torch.Tensor]:
+def _reference(rank: RankParts, pages: list[int]) -> tuple[DraftModel, torch.Tensor]:
     """A single-process draft model, run sequentially over prompt + drafts from scratch."""
-    ref = DraftModel(
-        DRAFT, runner.allocator.num_pages, runner.page_size, torch.float32, torch.device("cpu"), "torch",
-        ShardLayout(), group_size=1, seed=0,
+    config = EngineConfig(
+        model_path=TARGET, dtype="float32", device="cpu", page_size=rank.runner.page_size,
+        attention_backend="torch", speculative_algorithm="standard", speculative_draft_model_path=DRAFT,
     )
-    logits = ref.forward(ForwardMode.EXTEND, [BatchEntry(PROMPT + DRAFTED, 0, pages)], False, True)
+    ref = DraftModel(config, rank.runner.model_config.vocab_size, rank.runner.allocator.num_pages, ShardLayout(),
+                     torch.device("cpu"))
+    logits = ref.forward(ForwardMode.EXTEND, [BatchEntry(PROMPT + DRAFTED, 0, pages)])
     return ref, logits
 
 
-def test_calibration_restores_exact_draft_kv(runner):
-    assert runner.draft is not None and runner.draft.groups == [[0], [1, 2], [3, 4], [5]]
+def test_calibration_restores_exact_draft_kv(rank):
+    runner, draft = rank.runner, rank.draft
+    assert draft is not None and draft.groups == [[0], [1, 2], [3, 4], [5]]
     pages = runner.allocator.alloc(2)
     n, total = len(PROMPT), len(PROMPT) + len(DRAFTED)
-    runner.draft_forward(ForwardMode.EXTEND, [BatchEntry(PROMPT, 0, pages)])
+    draft.forward(ForwardMode.EXTEND, [BatchEntry(PROMPT, 0, pages)])
     for j, tok in enumerate(DRAFTED):  # layer-parallel draft steps, one token each
-        runner.draft_forward(ForwardMode.DECODE, [BatchEntry([tok], n + j, pages)])
+        draft.forward(ForwardMode.DECODE, [BatchEntry([tok], n + j, pages)])
 
-    ref, ref_logits = _reference(runner, pages)
+    ref, ref_logits = _reference(rank, pages)
     slots = torch.tensor([pages[t // runner.page_size] * runner.page_size + t % runner.page_size
                           for t in range(n, total)])
-    pool = runner.draft.kv_pool
+    pool = draft.kv_pool
 
     def gap(layer: int) -> float:
         ckv, kpe = pool.read(layer, slots)
@@ -86,7 +89,7 @@ def test_calibration_restores_exact_draft_kv(runner):
     assert pool.read(2, slots)[0].abs().max().item() == 0.0  # computed on rank 1, not here
     assert min(gap(3), gap(4), gap(5)) > 1e-3  # fuzzy
 
-    logits = runner.draft_forward(ForwardMode.EXTEND, [BatchEntry(DRAFTED, n, pages)])  # bonus calibration
+    logits = draft.forward(ForwardMode.EXTEND, [BatchEntry(DRAFTED, n, pages)])  # bonus calibration
     for layer in range(6):
         assert gap(layer) < 1e-5, f"layer {layer}"
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
@@ -94,9 +97,9 @@ def test_calibration_restores_exact_draft_kv(runner):
     # Rank 1's pool cannot be read from here, but the next layer-parallel step reads it (layer 2's
     # attention runs there): it must match the same step after an exact prefill of every rank's pool.
     fresh = runner.allocator.alloc(2)
-    runner.draft_forward(ForwardMode.EXTEND, [BatchEntry(PROMPT + DRAFTED, 0, fresh)])
+    draft.forward(ForwardMode.EXTEND, [BatchEntry(PROMPT + DRAFTED, 0, fresh)])
     nxt = int(logits.argmax())
-    after_calibration = runner.draft_forward(ForwardMode.DECODE, [BatchEntry([nxt], total, pages)])
-    after_exact_prefill = runner.draft_forward(ForwardMode.DECODE, [BatchEntry([nxt], total, fresh)])
+    after_calibration = draft.forward(ForwardMode.DECODE, [BatchEntry([nxt], total, pages)])
+    after_exact_prefill = draft.forward(ForwardMode.DECODE, [BatchEntry([nxt], total, fresh)])
     torch.testing.assert_close(after_calibration, after_exact_prefill, atol=1e-5, rtol=1e-5)
     runner.allocator.free(pages + fresh)

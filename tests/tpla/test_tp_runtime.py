@@ -19,7 +19,7 @@ def test_tp_engine_generates_like_one_process_and_a_dead_rank_is_a_clear_error(t
         got = engine.generate(["def fibonacci(n):", "The quick"], params)
         assert [o["output_ids"] for o in got] == [o["output_ids"] for o in expected]
         assert engine.get_server_info()["kv_bytes_per_token"] == engine.runner.kv_bytes_per_token
-        rank1 = engine.runner.peers.procs[0]
+        rank1 = engine.runner.tp.processes.procs[0]
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.join(10)
         with pytest.raises(RuntimeError, match="rank 1"):

@@ -19,17 +19,17 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from tpla_serve.config import EngineConfig
-from tpla_serve.engine.model_runner import ModelRunner
-from tpla_serve.tpla.calibration import Calibration
+from tpla_serve.entrypoints.rank import RankParts, launch_rank0
 from tpla_serve.tools.teacher_forcing import teacher_forced_logits
+from tpla_serve.tpla.calibration import Calibration
 
 PROMPT_LEN, CONT_LEN = 40, 12
 TOL = 1e-4  # relative to the largest reference logit, fp32
 
 
-def make_runner(model_dir, **kw) -> ModelRunner:
-    return ModelRunner(EngineConfig(model_path=str(model_dir), dtype="float32", device="cpu", page_size=4,
-                                    max_total_tokens=256, **kw))
+def make_rank(model_dir, **kw) -> RankParts:
+    return launch_rank0(EngineConfig(model_path=str(model_dir), dtype="float32", device="cpu", page_size=4,
+                                     max_total_tokens=256, **kw))
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,7 +45,7 @@ def tokens(tiny_v3_dir) -> tuple[list[int], list[int]]:
 
 @pytest.fixture(scope="module")
 def mla_logits(tiny_v3_dir, tokens) -> torch.Tensor:
-    runner = make_runner(tiny_v3_dir)
+    runner = make_rank(tiny_v3_dir).runner
     return teacher_forced_logits(runner, *tokens)
 
 
@@ -101,12 +101,13 @@ def dense_tpla_logits(hf, ids: list[int], prompt_len: int, groups: int, norm: st
 
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_mla_tp_reproduces_single_process(tiny_v3_dir, tokens, mla_logits, tp_size):
-    runner = make_runner(tiny_v3_dir, tp_size=tp_size)
+    rank = make_rank(tiny_v3_dir, tp_size=tp_size)
+    runner = rank.runner
     try:
         got = teacher_forced_logits(runner, *tokens)
         assert runner.kv_pool.ckv[0].shape[-1] == runner.model_config.kv_lora_rank
     finally:
-        runner.shutdown()
+        rank.close()
     assert close(got, mla_logits) < TOL
 
 
@@ -115,12 +116,13 @@ def test_transforms_leave_mla_unchanged(tiny_v3_dir, tokens, mla_logits, tmp_pat
     """With g = 1, folding γ and rotating the latent by any orthogonal U is exact."""
     calib = None
     if transform == "pca":
-        probe = make_runner(tiny_v3_dir)
+        probe = make_rank(tiny_v3_dir).runner
         r, layers = probe.model_config.kv_lora_rank, probe.model_config.num_hidden_layers
         q, _ = torch.linalg.qr(torch.randn(layers, r, r, generator=torch.Generator().manual_seed(0)))
         calib = tmp_path / "calib.safetensors"
         Calibration(probe.model.fingerprint, 1, "pca", torch.ones(layers, 1), tuple(q)).save(calib)
-    runner = make_runner(tiny_v3_dir, tpla_transform=transform, tpla_calibration=str(calib) if calib else None)
+    rank = make_rank(tiny_v3_dir, tpla_transform=transform, tpla_calibration=str(calib) if calib else None)
+    runner = rank.runner
     assert close(teacher_forced_logits(runner, *tokens), mla_logits) < TOL
 
 
@@ -140,11 +142,12 @@ def test_tpla_decode_equals_dense_formula(tiny_v3_dir, tokens, hf_model, tmp_pat
     kw: dict = {}
     if calibrated:
         mu = torch.tensor([[1.3, 0.7], [0.9, 1.6], [1.1, 0.5]])[:layers]
-        fingerprint = make_runner(tiny_v3_dir).model.fingerprint
+        fingerprint = make_rank(tiny_v3_dir).runner.model.fingerprint
         path = tmp_path / "mu.safetensors"
         Calibration(fingerprint, groups, "none", mu).save(path)
         kw["tpla_calibration"] = str(path)
-    runner = make_runner(tiny_v3_dir, tp_size=tp_size, tpla_groups=groups, tpla_norm=norm, **kw)
+    rank = make_rank(tiny_v3_dir, tp_size=tp_size, tpla_groups=groups, tpla_norm=norm, **kw)
+    runner = rank.runner
     try:
         cfg = runner.model_config
         # The memory really shrinks: this rank caches r/g latent dims plus the full k_pe.
@@ -153,7 +156,7 @@ def test_tpla_decode_equals_dense_formula(tiny_v3_dir, tokens, hf_model, tmp_pat
         assert runner.kv_bytes_per_token == cfg.num_hidden_layers * (cfg.kv_lora_rank // groups + cfg.qk_rope_head_dim) * 4
         got = teacher_forced_logits(runner, *tokens)
     finally:
-        runner.shutdown()
+        rank.close()
     prompt, cont = tokens
     ref = dense_tpla_logits(hf_model, prompt + cont[:-1], len(prompt), groups, norm, mu)
     assert close(got, ref) < TOL
@@ -177,8 +180,8 @@ def test_calibration_round_trip_and_mismatch(tiny_v3_dir, tiny_v2_dir, tmp_path)
     assert torch.isfinite(loaded.mu).all() and torch.allclose(loaded.mu[:, 0], torch.ones(len(calib.bases)), atol=0.5)
 
     with pytest.raises(ValueError, match="another model"):
-        make_runner(tiny_v2_dir, tpla_groups=2, tp_size=2, tpla_transform="pca", tpla_calibration=str(path))
+        make_rank(tiny_v2_dir, tpla_groups=2, tp_size=2, tpla_transform="pca", tpla_calibration=str(path))
     with pytest.raises(ValueError, match="tpla_groups=2, not 1"):
-        make_runner(tiny_v3_dir, tpla_transform="pca", tpla_calibration=str(path))
+        make_rank(tiny_v3_dir, tpla_transform="pca", tpla_calibration=str(path))
     with pytest.raises(ValueError, match="not hadamard"):
-        make_runner(tiny_v3_dir, tpla_groups=1, tpla_transform="hadamard", tpla_calibration=str(path))
+        make_rank(tiny_v3_dir, tpla_groups=1, tpla_transform="hadamard", tpla_calibration=str(path))

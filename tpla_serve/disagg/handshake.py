@@ -12,6 +12,7 @@ from types import MappingProxyType
 
 import torch
 
+from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.tpla.layout import ShardLayout
 
 KV_DTYPES = MappingProxyType(
@@ -64,6 +65,19 @@ class KVSpec:
     @property
     def itemsize(self) -> int:
         return self.torch_dtype.itemsize
+
+    def check_layer_rows(self, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        """A layer's rows as an engine hands them to the sender: ĉ [n, r] and k_pe [n, d_r] of this spec."""
+        if type(layer) is not int or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        if type(token_start) is not int or token_start < 0:
+            raise ValueError(f"token_start must be a non-negative int, got {token_start!r}")
+        n = ckv.shape[0] if ckv.dim() == 2 else -1
+        for name, t, width in (("ckv", ckv, self.kv_lora_rank), ("kpe", kpe, self.rope_dim)):
+            if t.dim() != 2 or t.shape[1] != width or t.shape[0] != n or n < 1:
+                raise ValueError(f"{name} must be [n >= 1, {width}] with the same n as ckv, got {tuple(t.shape)}")
+            if t.dtype != self.torch_dtype:
+                raise ValueError(f"{name} dtype must be {self.torch_dtype}, got {t.dtype}")
 
     def mismatch(self, other: KVSpec, what: str) -> str | None:
         """A message naming the first field where `other` (the decode's) differs from self, or None."""
@@ -140,3 +154,9 @@ def draft_mismatch(draft: KVSpec | None, layout: DecodeLayout) -> str | None:
     if draft is None:
         return "decode wants draft-model KV, but the prefill server has no draft model"
     return draft.mismatch(layout.draft, "draft model")
+
+
+def pool_kv_spec(pool: LatentKVPool, kv_lora_rank: int, fingerprint: str) -> KVSpec:
+    """The KVSpec of the model whose cache is `pool` (kv_lora_rank: the whole latent, also where the pool
+    keeps a TPLA slice of it)."""
+    return KVSpec(pool.num_layers, kv_lora_rank, pool.rope_dim, dtype_name(pool.dtype), fingerprint)

@@ -9,18 +9,17 @@ or size all raise ProtocolError (a ValueError), so an IO loop can drop the messa
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
-from tpla_serve.disagg.bootstrap import MAX_ROOM, check_endpoint
+from tpla_serve.disagg.bootstrap import check_endpoint
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
+from tpla_serve.disagg.wire import Frame, HeaderFields, ProtocolError, frame_tensor, tensor_frame
 
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
@@ -37,37 +36,11 @@ _UNPACK_LIMITS = {
     "max_ext_len": 0,
 }
 
-Frame = bytes | memoryview | np.ndarray
-
-
-class ProtocolError(ValueError):
-    """A peer sent something that is not a valid message of this protocol version."""
-
-
 class Tag(enum.IntEnum):
     REGISTER = 1
     LAYER_KV = 2
     DONE = 3
     ABORT = 4
-
-
-def tensor_frame(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy byte view of a contiguous CPU tensor; it keeps the tensor alive while ZMQ holds it."""
-    if t.device.type != "cpu" or not t.is_contiguous():
-        raise ValueError(f"a wire tensor must be contiguous and on the CPU, got {t.device}, {t.stride()}")
-    return t.reshape(-1).view(torch.uint8).numpy()
-
-
-def frame_tensor(frame: memoryview, dtype: torch.dtype, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """The tensor in a received frame (no copy), after checking its byte size against shape and dtype."""
-    expected = math.prod(shape) * dtype.itemsize
-    if frame.nbytes != expected:
-        raise ProtocolError(f"{what} frame has {frame.nbytes} bytes, expected {expected} for {shape}")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype)
-    if frame.readonly:  # bytes from a non-ZMQ source; ZMQ frames are writable and stay zero-copy
-        frame = memoryview(bytearray(frame))
-    return torch.frombuffer(frame, dtype=dtype).view(shape)
 
 
 @dataclass(frozen=True)
@@ -233,68 +206,12 @@ def encode(msg: Message) -> list[Frame]:
 # ---------------------------------------------------------------- strict decoding
 
 
-class _Fields:
-    """Typed access to a decoded header map that must hold exactly the expected keys."""
-
-    def __init__(self, obj: object, keys: frozenset[str], where: str) -> None:
-        if not isinstance(obj, dict):
-            raise ProtocolError(f"{where} must be a map, got {type(obj).__name__}")
-        missing, extra = keys - obj.keys(), obj.keys() - keys
-        if missing or extra:
-            raise ProtocolError(f"{where}: missing fields {sorted(missing)}, unexpected {sorted(extra)}")
-        self._map, self._where = obj, where
-
-    def _fail(self, key: str, want: str) -> ProtocolError:
-        return ProtocolError(f"{self._where}.{key} must be {want}, got {self._map[key]!r:.80}")
-
-    def int(self, key: str, lo: int = 0, hi: int = MAX_ROOM) -> int:
-        value = self._map[key]
-        if type(value) is not int or not lo <= value <= hi:
-            raise self._fail(key, f"an int in [{lo}, {hi}]")
-        return value
-
-    def str(self, key: str) -> str:
-        value = self._map[key]
-        if type(value) is not str:
-            raise self._fail(key, "a str")
-        return value
-
-    def opt_float(self, key: str) -> float | None:
-        value = self._map[key]
-        if value is None:
-            return None
-        if type(value) not in (int, float):
-            raise self._fail(key, "a float or null")
-        return float(value)
-
-    def bool(self, key: str) -> bool:
-        value = self._map[key]
-        if type(value) is not bool:
-            raise self._fail(key, "a bool")
-        return value
-
-    def int_list(self, key: str, lo: int, hi: int) -> list[int]:
-        value = self._map[key]
-        if type(value) is not list or any(type(v) is not int or not lo <= v <= hi for v in value):
-            raise self._fail(key, f"a list of ints in [{lo}, {hi}]")
-        return value
-
-    def str_list(self, key: str) -> list[str]:
-        value = self._map[key]
-        if type(value) is not list or any(type(v) is not str for v in value):
-            raise self._fail(key, "a list of str")
-        return value
-
-    def get(self, key: str) -> object:
-        return self._map[key]
-
-
 _SPEC_KEYS = frozenset({"num_layers", "kv_lora_rank", "rope_dim", "dtype", "fingerprint"})
 _LAYOUT_KEYS = frozenset({"tp_size", "latent_groups", "page_size", "kv", "draft", "draft_ranks"})
 
 
 def _spec(obj: object, where: str) -> KVSpec:
-    f = _Fields(obj, _SPEC_KEYS, where)
+    f = HeaderFields(obj, _SPEC_KEYS, where)
     return KVSpec(
         num_layers=f.int("num_layers", 1, MAX_LAYERS),
         kv_lora_rank=f.int("kv_lora_rank", 1, 1 << 16),
@@ -304,8 +221,8 @@ def _spec(obj: object, where: str) -> KVSpec:
     )
 
 
-def _register(f: _Fields, frames: Sequence[memoryview]) -> Register:
-    lf = _Fields(f.get("layout"), _LAYOUT_KEYS, "register.layout")
+def _register(f: HeaderFields, frames: Sequence[memoryview]) -> Register:
+    lf = HeaderFields(f.get("layout"), _LAYOUT_KEYS, "register.layout")
     draft = lf.get("draft")
     layout = DecodeLayout(
         kv=_spec(lf.get("kv"), "register.layout.kv"),
@@ -325,7 +242,7 @@ def _register(f: _Fields, frames: Sequence[memoryview]) -> Register:
     )
 
 
-def _layer_kv(f: _Fields, frames: Sequence[memoryview]) -> LayerKV:
+def _layer_kv(f: HeaderFields, frames: Sequence[memoryview]) -> LayerKV:
     return LayerKV(
         room=f.int("room"),
         layer=f.int("layer", 0, 2 * MAX_LAYERS - 1),
@@ -336,14 +253,14 @@ def _layer_kv(f: _Fields, frames: Sequence[memoryview]) -> LayerKV:
     )
 
 
-def _done(f: _Fields, frames: Sequence[memoryview]) -> Done:
+def _done(f: HeaderFields, frames: Sequence[memoryview]) -> Done:
     lp_obj = f.get("prompt_logprobs")
     prompt_logprobs = None
     if lp_obj is None:
         if frames:
             raise ProtocolError(f"done without prompt_logprobs carries {len(frames)} frames")
     else:
-        lf = _Fields(lp_obj, frozenset({"start", "n", "k"}), "done.prompt_logprobs")
+        lf = HeaderFields(lp_obj, frozenset({"start", "n", "k"}), "done.prompt_logprobs")
         start, m, k = (
             lf.int("start", 0, MAX_TOKENS),
             lf.int("n", 0, MAX_TOKENS),
@@ -366,7 +283,7 @@ def _done(f: _Fields, frames: Sequence[memoryview]) -> Done:
     )
 
 
-def _abort(f: _Fields, frames: Sequence[memoryview]) -> Abort:
+def _abort(f: HeaderFields, frames: Sequence[memoryview]) -> Abort:
     return Abort(room=f.int("room"), message=f.str("message"))
 
 
@@ -374,7 +291,7 @@ def _abort(f: _Fields, frames: Sequence[memoryview]) -> Abort:
 class _Kind:
     keys: frozenset[str]
     n_frames: int | None  # None: the decoder checks
-    build: Callable[[_Fields, Sequence[memoryview]], Message]
+    build: Callable[[HeaderFields, Sequence[memoryview]], Message]
 
 
 _KINDS = MappingProxyType(
@@ -418,7 +335,7 @@ def decode(frames: Sequence[Any]) -> Message:
     payload = views[1:]
     if kind.n_frames is not None and len(payload) != kind.n_frames:
         raise ProtocolError(f"{Tag(tag).name} carries {len(payload)} frames, expected {kind.n_frames}")
-    fields = _Fields(body, kind.keys, Tag(tag).name.lower())
+    fields = HeaderFields(body, kind.keys, Tag(tag).name.lower())
     try:
         return kind.build(fields, payload)
     except ProtocolError:

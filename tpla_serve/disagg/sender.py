@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,77 +25,25 @@ import zmq
 
 from tpla_serve.disagg.bootstrap import check_room, tcp_endpoint
 from tpla_serve.disagg.events import EventSink, RoomEvent, RoomFailed
+from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
 from tpla_serve.disagg.io_loop import IOLoop, Outbound, bind_tcp
 from tpla_serve.disagg.messages import (
     MAX_HEADER_BYTES,
     Abort,
     Done,
-    LayerKV,
     PromptLogprobs,
     ProtocolError,
     Register,
     decode,
     encode,
-    tensor_frame,
 )
-from tpla_serve.disagg.handshake import KVSpec, draft_mismatch, layout_mismatch
+from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
+from tpla_serve.disagg.sender_rooms import AbortCmd, Command, DoneCmd, EndedRoom, LayerCmd, SenderRoom
 
 logger = logging.getLogger(__name__)
 
 _RECV_BATCH = 256
 _SWEEP_EVERY_S = 5.0
-_MAX_DRAFT_WARNINGS = 1024
-
-
-@dataclass(frozen=True)
-class _LayerCmd:
-    room: int
-    layer: int  # wire numbering: the draft's layers follow the target's
-    token_start: int
-    ckv: torch.Tensor
-    kpe: torch.Tensor
-
-
-@dataclass(frozen=True)
-class _DoneCmd:
-    done: Done
-
-    @property
-    def room(self) -> int:
-        return self.done.room
-
-
-@dataclass(frozen=True)
-class _AbortCmd:
-    room: int
-    message: str
-
-
-_Cmd = _LayerCmd | _DoneCmd | _AbortCmd
-
-
-@dataclass
-class _Room:
-    room: int
-    deadline: float
-    next_start: list[int]  # per wire layer: tokens handed to the stream so far
-    registration: Register | None = None
-    # per decode rank: its endpoint and latent slice [a, b)
-    routes: list[tuple[str, int, int]] = field(default_factory=list)
-    ckv_width: int = 0
-    chunk_tokens: int = 0  # tokens per message, so that no frame exceeds the decode's max_frame_bytes
-    send_draft: bool = False  # the decode wants this prefill's draft KV
-    draft_routes: list[str] = field(default_factory=list)  # endpoints of the ranks that keep a draft
-    draft_chunk_tokens: int = 0
-    buffered: list[_Cmd] = field(default_factory=list)
-    buffered_bytes: int = 0
-    touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
-
-
-@dataclass
-class _Ended:
-    message: str | None  # None: completed
-    reported: bool  # a RoomFailed went (or need not go) to the engine
 
 
 @dataclass(frozen=True)
@@ -106,6 +53,7 @@ class SenderStats:
     rooms_sent: int
     rooms_failed: int
     rooms_live: int
+    rooms_registered: int  # live rooms whose decode server has registered
     messages_rejected: int
 
 
@@ -145,39 +93,16 @@ class KVSender(IOLoop):
         self.poller.register(self._bootstrap, zmq.POLLIN)
         self._out = Outbound(self.ctx, self.poller)
         # IO-thread state
-        self._rooms: dict[int, _Room] = {}
+        self._rooms: dict[int, SenderRoom] = {}
         self._buffered_bytes = 0
         self._next_sweep = 0.0
         self._bytes_sent = self._draft_bytes_sent = self._rooms_sent = self._rooms_failed = self._rejected = 0
-        self._draft_warned: set[tuple[str, str]] = set()  # (decode notify endpoint, problem) logged
-        # shared with callers, under _cond
-        self._cond = threading.Condition()
-        self._registered: dict[int, Register] = {}
-        self._ended: OrderedDict[int, _Ended] = OrderedDict()
+        self._rooms_registered = 0
+        self._draft_warnings = OncePerPeer()
+        self._ended: OrderedDict[int, EndedRoom] = OrderedDict()  # recently ended rooms, for late commands
         self._start()
 
     # ------------------------------------------------------------ engine API
-
-    def registration(self, room: int) -> Register | None:
-        """The decode's REGISTER for `room` if it has arrived and the room is live (non-blocking)."""
-        with self._cond:
-            return self._registered.get(room)
-
-    def wait_for_registration(self, room: int, timeout_s: float) -> Register | None:
-        """Block until the room registers; None on timeout or when the room has ended (see failure())."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while room not in self._registered and room not in self._ended:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._cond.wait(left):
-                    break
-            return self._registered.get(room)
-
-    def failure(self, room: int) -> str | None:
-        """Why a recently ended room failed, or None (live, completed, or unknown)."""
-        with self._cond:
-            ended = self._ended.get(room)
-            return None if ended is None else ended.message
 
     def send_layer(
         self,
@@ -201,20 +126,9 @@ class KVSender(IOLoop):
             if self.draft is None:
                 raise ValueError("draft=True, but this sender was made without a draft KVSpec")
             spec = self.draft
-        if type(layer) is not int or not 0 <= layer < spec.num_layers:
-            raise ValueError(f"layer must be an int in [0, {spec.num_layers}), got {layer!r}")
-        if type(token_start) is not int or token_start < 0:
-            raise ValueError(f"token_start must be a non-negative int, got {token_start!r}")
-        n = ckv.shape[0] if ckv.dim() == 2 else -1
-        for name, t, width in (("ckv", ckv, spec.kv_lora_rank), ("kpe", kpe, spec.rope_dim)):
-            if t.dim() != 2 or t.shape[1] != width or t.shape[0] != n or n < 1:
-                raise ValueError(
-                    f"{name} must be [n >= 1, {width}] with the same n as ckv, got {tuple(t.shape)}"
-                )
-            if t.dtype != spec.torch_dtype:
-                raise ValueError(f"{name} dtype must be {spec.torch_dtype}, got {t.dtype}")
+        spec.check_layer_rows(layer, token_start, ckv, kpe)
         wire_layer = layer + self.kv.num_layers if draft else layer
-        self._submit(_LayerCmd(room, wire_layer, token_start, ckv.cpu(), kpe.cpu()))
+        self._submit(LayerCmd(room, wire_layer, token_start, ckv.cpu(), kpe.cpu()))
 
     def send_done(
         self,
@@ -228,12 +142,12 @@ class KVSender(IOLoop):
         if type(first_token_id) is not int or not 0 <= first_token_id < 1 << 31:
             raise ValueError(f"first_token_id must be a non-negative int32, got {first_token_id!r}")
         logprob = None if first_token_logprob is None else float(first_token_logprob)
-        self._submit(_DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs)))
+        self._submit(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs)))
 
     def abort(self, room: int, message: str) -> None:
         """End the room from the prefill side; the decode ranks get ABORT with `message`."""
         check_room(room)
-        self._submit(_AbortCmd(room, str(message)))
+        self._submit(AbortCmd(room, str(message)))
 
     def poll(self) -> list[RoomEvent]:
         """Events since the last poll (when no on_event callback was given): RoomFailed only."""
@@ -246,16 +160,17 @@ class KVSender(IOLoop):
             self._rooms_sent,
             self._rooms_failed,
             len(self._rooms),
+            self._rooms_registered,
             self._rejected,
         )
 
     # ------------------------------------------------------------ IO thread
 
-    def _on_command(self, cmd: _Cmd) -> None:
+    def _on_command(self, cmd: Command) -> None:
         now = time.monotonic()
         ended = self._ended.get(cmd.room)
         if ended is not None:
-            if isinstance(cmd, _AbortCmd):
+            if isinstance(cmd, AbortCmd):
                 ended.reported = True
             elif not ended.reported and ended.message is not None:
                 ended.reported = True
@@ -263,7 +178,7 @@ class KVSender(IOLoop):
             return
         state = self._rooms.get(cmd.room)
         if state is None:
-            if isinstance(cmd, _AbortCmd):
+            if isinstance(cmd, AbortCmd):
                 self._end(cmd.room, cmd.message, reported=True)
                 return
             if len(self._rooms) >= self.max_rooms:
@@ -275,7 +190,7 @@ class KVSender(IOLoop):
             state = self._new_room(cmd.room, now)
         state.touched = True
         state.deadline = now + self.timeout_s
-        if isinstance(cmd, _AbortCmd):
+        if isinstance(cmd, AbortCmd):
             self._fail(state, cmd.message, report=False)
         elif state.registration is not None:
             self._stream(state, cmd, now)
@@ -362,25 +277,11 @@ class KVSender(IOLoop):
         if state is None:
             state = self._new_room(reg.room, now)
         state.registration = reg
-        layout = reg.layout
-        state.routes = [(e, *layout.latent_slice(rank)) for rank, e in enumerate(reg.rank_endpoints)]
-        state.ckv_width = layout.ckv_width
-        widest = max(layout.ckv_width, self.kv.rope_dim) * self.kv.itemsize
-        chunk = max(1, reg.max_frame_bytes // widest)
-        state.chunk_tokens = chunk - chunk % layout.page_size if chunk >= layout.page_size else chunk
-        draft_problem = draft_mismatch(self.draft, layout)
+        self._rooms_registered += 1
+        state.routes, draft_problem = plan_routes(reg, self.kv, self.draft)
         if draft_problem is not None:
-            self._warn_no_draft(reg, draft_problem)
-        elif self.draft is not None and layout.draft is not None:
-            state.send_draft = True
-            state.draft_routes = [reg.rank_endpoints[r] for r in layout.draft_ranks]
-            widest = max(self.draft.kv_lora_rank, self.draft.rope_dim) * self.draft.itemsize
-            chunk = max(1, reg.max_frame_bytes // widest)
-            state.draft_chunk_tokens = chunk - chunk % layout.page_size if chunk >= layout.page_size else chunk
+            self._draft_warnings.warn(reg.notify_endpoint, draft_problem)
         state.deadline = now + self.timeout_s
-        with self._cond:
-            self._registered[reg.room] = reg
-            self._cond.notify_all()
         buffered, state.buffered = state.buffered, []
         self._buffered_bytes -= state.buffered_bytes
         state.buffered_bytes = 0
@@ -389,60 +290,35 @@ class KVSender(IOLoop):
                 break  # a buffered command ended the room
             self._stream(state, cmd, now)
 
-    def _warn_no_draft(self, reg: Register, problem: str) -> None:
-        """Once per decode server and reason: its rooms go ahead without draft KV."""
-        key = (reg.notify_endpoint, problem)
-        if key in self._draft_warned:
-            return
-        if len(self._draft_warned) >= _MAX_DRAFT_WARNINGS:
-            self._draft_warned.clear()
-        self._draft_warned.add(key)
-        logger.warning(
-            "decode %s: %s; its rooms get the target's KV only and prefill their draft locally",
-            reg.notify_endpoint,
-            problem,
-        )
-
-    def _new_room(self, room: int, now: float) -> _Room:
+    def _new_room(self, room: int, now: float) -> SenderRoom:
         num_layers = self.kv.num_layers + (self.draft.num_layers if self.draft is not None else 0)
-        state = _Room(room=room, deadline=now + self.timeout_s, next_start=[0] * num_layers)
+        state = SenderRoom(room=room, deadline=now + self.timeout_s, next_start=[0] * num_layers)
         self._rooms[room] = state
         return state
 
-    def _buffer(self, state: _Room, cmd: _Cmd) -> None:
-        nbytes = 0
-        if isinstance(cmd, _LayerCmd):
-            nbytes = cmd.ckv.nbytes + cmd.kpe.nbytes
-        if state.buffered_bytes + nbytes > self.max_buffered_bytes_per_room:
-            self._fail(
-                state,
-                f"more than {self.max_buffered_bytes_per_room} bytes of KV were ready before the decode "
-                "server registered the room",
-            )
-            return
-        if self._buffered_bytes + nbytes > self.max_buffered_bytes:
-            self._fail(
-                state, f"prefill's KV buffer for unregistered rooms is full ({self.max_buffered_bytes} bytes)"
-            )
-            return
-        state.buffered.append(cmd)
-        state.buffered_bytes += nbytes
-        self._buffered_bytes += nbytes
+    def _buffer(self, state: SenderRoom, cmd: Command) -> None:
+        problem = state.buffer(cmd, self._buffered_bytes, self.max_buffered_bytes_per_room, self.max_buffered_bytes)
+        if problem is not None:
+            self._fail(state, problem)
+        elif isinstance(cmd, LayerCmd):
+            self._buffered_bytes += cmd.nbytes
 
-    def _stream(self, state: _Room, cmd: _Cmd, now: float) -> None:
+    def _stream(self, state: SenderRoom, cmd: Command, now: float) -> None:
         reg = state.registration
         assert reg is not None
         try:
-            if isinstance(cmd, _LayerCmd):
+            if isinstance(cmd, LayerCmd):
                 self._stream_layer(state, reg, cmd, now)
-            elif isinstance(cmd, _DoneCmd):
+            elif isinstance(cmd, DoneCmd):
                 self._stream_done(state, reg, cmd.done, now)
         except zmq.ZMQError as exc:
             self._fail(state, f"cannot send to the decode server: {exc}")
 
-    def _stream_layer(self, state: _Room, reg: Register, cmd: _LayerCmd, now: float) -> None:
+    def _stream_layer(self, state: SenderRoom, reg: Register, cmd: LayerCmd, now: float) -> None:
+        routes = state.routes
+        assert routes is not None
         draft = cmd.layer >= self.kv.num_layers
-        if draft and not state.send_draft:
+        if draft and not routes.send_draft:
             return  # the decode does not want this draft's KV
         n = cmd.ckv.shape[0]
         expected = state.next_start[cmd.layer]
@@ -457,40 +333,17 @@ class KVSender(IOLoop):
             )
             return
         state.next_start[cmd.layer] += n
-        if draft:
-            self._stream_draft_layer(state, cmd, now)
-            return
-        kpe = cmd.kpe.contiguous()
-        ckv_bytes = state.ckv_width * self.kv.itemsize
-        for s in range(0, n, state.chunk_tokens):
-            e = min(n, s + state.chunk_tokens)
-            kpe_frame = tensor_frame(kpe[s:e])
-            slices: dict[int, Any] = {}  # ranks of one latent group share their slice's bytes
-            for endpoint, a, b in state.routes:
-                if a not in slices:
-                    slices[a] = tensor_frame(cmd.ckv[s:e, a:b].contiguous())
-                frames = encode(
-                    LayerKV(state.room, cmd.layer, cmd.token_start + s, e - s, slices[a], kpe_frame)
-                )
-                self._out.send(endpoint, state.room, frames, now)
-                self._bytes_sent += (e - s) * ckv_bytes + kpe_frame.nbytes
-
-    def _stream_draft_layer(self, state: _Room, cmd: _LayerCmd, now: float) -> None:
-        """The draft's layer goes whole (ĉ and k_pe) to every rank that keeps a draft pool."""
-        n = cmd.ckv.shape[0]
-        ckv, kpe = cmd.ckv.contiguous(), cmd.kpe.contiguous()
-        for s in range(0, n, state.draft_chunk_tokens):
-            e = min(n, s + state.draft_chunk_tokens)
-            ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
-            frames = encode(LayerKV(state.room, cmd.layer, cmd.token_start + s, e - s, ckv_frame, kpe_frame))
-            for endpoint in state.draft_routes:
-                self._out.send(endpoint, state.room, frames, now)
-                nbytes = ckv_frame.nbytes + kpe_frame.nbytes
-                self._bytes_sent += nbytes
+        messages = draft_layer_messages if draft else target_layer_messages
+        for endpoint, frames, nbytes in messages(routes, state.room, cmd.layer, cmd.token_start, cmd.ckv, cmd.kpe):
+            self._out.send(endpoint, state.room, frames, now)
+            self._bytes_sent += nbytes
+            if draft:
                 self._draft_bytes_sent += nbytes
 
-    def _stream_done(self, state: _Room, reg: Register, done: Done, now: float) -> None:
-        wire_layers = len(state.next_start) if state.send_draft else self.kv.num_layers
+    def _stream_done(self, state: SenderRoom, reg: Register, done: Done, now: float) -> None:
+        assert state.routes is not None
+        send_draft = state.routes.send_draft
+        wire_layers = len(state.next_start) if send_draft else self.kv.num_layers
         for layer, sent in enumerate(state.next_start[:wire_layers]):
             if sent != reg.n_tokens:
                 self._fail(
@@ -502,14 +355,14 @@ class KVSender(IOLoop):
             msg = dataclasses.replace(
                 done,
                 prompt_logprobs=done.prompt_logprobs if rank == 0 else None,
-                draft_kv=state.send_draft and reg.layout.wants_draft(rank),
+                draft_kv=send_draft and reg.layout.wants_draft(rank),
             )
             self._out.send(endpoint, state.room, encode(msg), now)
         self._rooms_sent += 1
         self._remove(state)
         self._end(state.room, None, reported=True)
 
-    def _fail(self, state: _Room, message: str, tell_decode: bool = True, report: bool = True) -> None:
+    def _fail(self, state: SenderRoom, message: str, tell_decode: bool = True, report: bool = True) -> None:
         """End a live room: drop what is still queued, tell the decode ranks and, once the engine has
         sent anything for the room (and did not end it itself), the engine."""
         self._remove(state)
@@ -530,16 +383,15 @@ class KVSender(IOLoop):
             except zmq.ZMQError as exc:
                 logger.warning("room %d: cannot send ABORT to %s: %s", reg.room, endpoint, exc)
 
-    def _remove(self, state: _Room) -> None:
+    def _remove(self, state: SenderRoom) -> None:
         del self._rooms[state.room]
+        if state.registration is not None:
+            self._rooms_registered -= 1
         self._buffered_bytes -= state.buffered_bytes
         state.buffered, state.buffered_bytes = [], 0
 
     def _end(self, room: int, message: str | None, reported: bool) -> None:
-        with self._cond:
-            self._registered.pop(room, None)
-            self._ended[room] = _Ended(message, reported)
-            self._ended.move_to_end(room)
-            while len(self._ended) > 4 * self.max_rooms:
-                self._ended.popitem(last=False)
-            self._cond.notify_all()
+        self._ended[room] = EndedRoom(message, reported)
+        self._ended.move_to_end(room)
+        while len(self._ended) > 4 * self.max_rooms:
+            self._ended.popitem(last=False)

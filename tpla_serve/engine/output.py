@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from tpla_serve.engine.request import Request
-from tpla_serve.sampling.logprobs import format_token_logprobs, format_top_logprobs
 
 
 def request_output(
@@ -32,12 +31,9 @@ def request_output(
         meta["spec_accept_length"] = (len(req.output_ids) - 1) / verifies if verifies else 0.0
     if req.return_logprob:
         decoder = tokenizer if return_text_in_logprobs else None
-        n_out = len(req.output_logprobs)
-        meta["input_token_logprobs"] = format_token_logprobs(req.input_logprobs, req.input_logprob_ids, decoder)
-        meta["output_token_logprobs"] = format_token_logprobs(
-            req.output_logprobs, req.output_ids[:n_out], decoder
-        )
+        meta["input_token_logprobs"] = req.input_logprobs.formatted(decoder)
+        meta["output_token_logprobs"] = req.output_logprobs.formatted(decoder)
         if req.top_logprobs_num:
-            meta["input_top_logprobs"] = format_top_logprobs(req.input_top_vals, req.input_top_ids, decoder)
-            meta["output_top_logprobs"] = format_top_logprobs(req.output_top_vals, req.output_top_ids, decoder)
+            meta["input_top_logprobs"] = req.input_logprobs.formatted_top(decoder)
+            meta["output_top_logprobs"] = req.output_logprobs.formatted_top(decoder)
     return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}

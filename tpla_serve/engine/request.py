@@ -7,7 +7,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from tpla_serve.engine.detokenizer import StopChecker
+from tpla_serve.sampling.logprobs import TokenLogprobs, token_logprobs
 from tpla_serve.sampling.params import SamplingParams
 
 
@@ -15,6 +18,55 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What a client asks for: the scheduler validates it when the request is added (SGLang's fields)."""
+
+    input_ids: list[int]
+    params: SamplingParams
+    rid: str | None = None
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # SGLang: -1 = logprobs of output tokens only
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against: the vocabulary, the context, the KV cache, a tokenizer."""
+
+    vocab_size: int
+    context_length: int
+    max_total_tokens: int
+    has_tokenizer: bool
+
+
+def validate_request(spec: RequestSpec, limits: RequestLimits) -> SamplingParams:
+    """Check a request against the server's limits; its sampling params with max_new_tokens resolved.
+    Bad input raises ValueError naming the field."""
+    prompt_ids = spec.input_ids
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token in text or input_ids")
+    vocab = limits.vocab_size
+    bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"input_ids holds {bad[0]!r}, outside the vocabulary [0, {vocab})")
+    limit = min(limits.context_length, limits.max_total_tokens)
+    if len(prompt_ids) >= limit:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; this server takes at most {limit - 1} "
+            f"(context length {limits.context_length}, KV cache {limits.max_total_tokens} tokens)"
+        )
+    if not -1 <= spec.logprob_start_len < max(len(prompt_ids), 1):
+        raise ValueError(f"logprob_start_len {spec.logprob_start_len} is outside [-1, {len(prompt_ids)})")
+    if spec.top_logprobs_num < 0 or spec.top_logprobs_num > vocab:
+        raise ValueError(f"top_logprobs_num must be in [0, {vocab}], got {spec.top_logprobs_num}")
+    params = spec.params.validate_against(vocab, limit - len(prompt_ids))
+    if params.stop and not limits.has_tokenizer:
+        raise ValueError("stop: stop strings need a tokenizer; this engine runs without one")
+    return params
 
 
 @dataclass(eq=False)  # an entity: `req in batch` compares identities, never token lists
@@ -36,14 +88,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: dict[str, Any] | None = None
     seed: int = 0  # per-request sampling seed (SGLang's sampling_seed, or drawn at random)
-    # Logprobs as parallel lists (values, token ids); top-k as per-position lists, None where absent.
-    input_logprobs: list[float | None] = field(default_factory=list)
-    input_logprob_ids: list[int] = field(default_factory=list)
-    input_top_vals: list[list[float] | None] = field(default_factory=list)
-    input_top_ids: list[list[int] | None] = field(default_factory=list)
-    output_logprobs: list[float | None] = field(default_factory=list)
-    output_top_vals: list[list[float] | None] = field(default_factory=list)
-    output_top_ids: list[list[int] | None] = field(default_factory=list)
+    input_logprobs: TokenLogprobs = field(default_factory=TokenLogprobs)  # prompt positions asked for
+    output_logprobs: TokenLogprobs = field(default_factory=TokenLogprobs)  # one per output token, when asked
     prompt_logprobs_done: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -82,3 +128,19 @@ class Request:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and not self.prompt_logprobs_done
+
+    def record_prompt_logprobs(self, logits: torch.Tensor, start: int, n: int) -> None:
+        """A prompt chunk's logits: row i is position start + i, whose logits score prompt token start + i + 1."""
+        prompt = self.prompt_ids
+        first = self.logprob_start_len
+        if start == 0 and first == 0:
+            self.input_logprobs.append(prompt[0], None)
+        rows = [i for i in range(n) if max(first, 1) <= start + i + 1 < len(prompt)]
+        if rows:
+            targets = [prompt[start + i + 1] for i in rows]
+            values, top_vals, top_ids = token_logprobs(
+                logits[rows], torch.tensor(targets, device=logits.device), self.top_logprobs_num
+            )
+            self.input_logprobs.extend(TokenLogprobs.from_tensors(targets, values, top_vals, top_ids))
+        if start + n >= len(prompt):
+            self.prompt_logprobs_done = True

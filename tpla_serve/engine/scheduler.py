@@ -14,43 +14,27 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from tpla_serve.engine.blocks import BlockDecoder, BlockResult, SpecCounters
 from tpla_serve.engine.detokenizer import IncrementalDetokenizer, StopChecker
-from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.engine.model_runner import ModelRunner
-from tpla_serve.engine.request import Request, RequestStatus
-from tpla_serve.sampling.logprobs import token_logprobs
-from tpla_serve.sampling.params import SamplingParams
+from tpla_serve.engine.request import Request, RequestLimits, RequestSpec, RequestStatus, validate_request
+from tpla_serve.engine.stats import SchedulerStats
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, resolve_seed
-from tpla_serve.speculative.decoder import BlockResult, SpecCounters, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SchedulerStats:
-    num_waiting: int
-    num_running: int
-    pages_used: int
-    pages_free: int
-    page_size: int
-    kv_bytes_per_token: int
-    max_total_tokens: int
-    generated_tokens: int
-    prompt_tokens: int
-    num_retractions: int
-    spec_verify_steps: int = 0  # batched verification steps
-    spec_verified_blocks: int = 0  # requests' blocks verified (a step verifies one per running request)
-    spec_proposed_drafts: int = 0
-    spec_accepted_drafts: int = 0
-    spec_emitted_tokens: int = 0  # tokens verification steps produced (accepted drafts + bonus/correction)
-    spec_draft_seconds: float = 0.0
-    spec_verify_seconds: float = 0.0
-    spec_accept_rate: float = 0.0  # accepted / proposed drafts
-    spec_accept_length: float = 0.0  # mean tokens a request's block emits
+class PromptKVForward(Protocol):
+    """Runs the EXTEND steps of a PD prefill server: prompts with a bootstrap room stream their KV."""
+
+    def forward(self, entries: list[BatchEntry]) -> torch.Tensor:
+        """fp32 logits of the rows the entries ask for, as ModelRunner.forward gives them."""
+        ...
 
 
 class _NoText:
@@ -61,7 +45,20 @@ class _NoText:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer: object | None, eos_token_ids: set[int] | None = None) -> None:
+    """Rank 0's continuous batching over one model runner.
+
+    spec: decodes verified blocks instead of single tokens (speculative decoding). prompt_kv: runs the
+    prompt chunks of a PD prefill server, streaming their KV.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: object | None,
+        eos_token_ids: set[int] | None = None,
+        spec: BlockDecoder | None = None,
+        prompt_kv: PromptKVForward | None = None,
+    ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = runner.config
@@ -70,92 +67,55 @@ class Scheduler:
         self.vocab_size = runner.model_config.vocab_size
         self.eos_token_ids = set(eos_token_ids or ())
         self.sampler = Sampler()
+        self.spec = spec
+        self.prompt_kv = prompt_kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.generated_tokens = 0
         self.prompt_tokens = 0
         self.num_retractions = 0
-        self.spec: SpeculativeDecoder | None = None
-        if runner.draft is not None:
-            self.spec = SpeculativeDecoder(runner, self.sampler, self.vocab_size, self.eos_token_ids)
         self.num_draft_tokens = self.config.speculative_num_draft_tokens
 
     # ------------------------------------------------------------------ admission
 
-    def add_request(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        rid: str | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int = -1,
-        top_logprobs_num: int = 0,
-        stream: bool = False,
-        bootstrap_room: int | None = None,
-    ) -> Request:
+    def add_request(self, spec: RequestSpec, bootstrap_room: int | None = None) -> Request:
         """Validate and queue a request. Bad input raises ValueError naming the field; nothing is queued.
 
         bootstrap_room (PD prefill): stream the prompt's KV to that room as it is computed.
         """
-        req = self.new_request(
-            prompt_ids, params, rid, return_logprob, logprob_start_len, top_logprobs_num, stream
-        )
+        req = self.new_request(spec)
         req.bootstrap_room = bootstrap_room
         self.requests[req.rid] = req
-        self.prompt_tokens += len(prompt_ids)
+        self.prompt_tokens += len(req.prompt_ids)
         if req.checker.finished and not req.wants_prompt_logprobs:  # max_new_tokens == 0: nothing to run
             self._finish(req, req.checker.finish_reason)
         else:
             self.waiting.append(req)
         return req
 
-    def new_request(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        rid: str | None = None,
-        return_logprob: bool = False,
-        logprob_start_len: int = -1,
-        top_logprobs_num: int = 0,
-        stream: bool = False,
-    ) -> Request:
+    def new_request(self, spec: RequestSpec) -> Request:
         """A validated request that nothing tracks yet (add_request queues it; PD decode adds it prefilled)."""
-        rid = rid or uuid.uuid4().hex
+        rid = spec.rid or uuid.uuid4().hex
         if rid in self.requests:
             raise ValueError(f"rid {rid!r} is already in use")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token in text or input_ids")
-        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"input_ids holds {bad[0]!r}, outside the vocabulary [0, {self.vocab_size})")
-        limit = min(self.runner.context_length, self.runner.max_total_tokens)
-        if len(prompt_ids) >= limit:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this server takes at most {limit - 1} "
-                f"(context length {self.runner.context_length}, KV cache {self.runner.max_total_tokens} tokens)"
-            )
-        if not -1 <= logprob_start_len < max(len(prompt_ids), 1):
-            raise ValueError(f"logprob_start_len {logprob_start_len} is outside [-1, {len(prompt_ids)})")
-        if top_logprobs_num < 0 or top_logprobs_num > self.vocab_size:
-            raise ValueError(f"top_logprobs_num must be in [0, {self.vocab_size}], got {top_logprobs_num}")
-        params = params.validate_against(self.vocab_size, limit - len(prompt_ids))
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer; this engine runs without one")
+        limits = RequestLimits(
+            self.vocab_size, self.runner.context_length, self.runner.max_total_tokens, self.tokenizer is not None
+        )
+        params = validate_request(spec, limits)
         detok = IncrementalDetokenizer.for_request(self.tokenizer or _NoText(), params)
-        req = Request(
+        return Request(
             rid=rid,
-            prompt_ids=list(prompt_ids),
+            prompt_ids=list(spec.input_ids),
             params=params,
             checker=StopChecker(params, detok, self.eos_token_ids),
-            return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num,
-            stream=stream,
+            return_logprob=spec.return_logprob,
+            logprob_start_len=spec.logprob_start_len,
+            top_logprobs_num=spec.top_logprobs_num,
+            stream=spec.stream,
             seed=resolve_seed(params),
             speculative=self.spec is not None,
         )
-        return req
 
     def add_prefilled(
         self,
@@ -179,7 +139,9 @@ class Scheduler:
         self.requests[req.rid] = req
         self.prompt_tokens += len(req.prompt_ids)
         self.running.append(req)
-        self._append_token(req, first_token, first_logprob, None, None, time.monotonic())
+        if req.return_logprob:
+            req.output_logprobs.append(first_token, first_logprob)
+        self._append_token(req, first_token, time.monotonic())
 
     def add_aborted(self, req: Request, message: str) -> None:
         """Track a request that ended before it ran (PD: its KV never came), so its output can be reported."""
@@ -211,7 +173,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def stats(self) -> SchedulerStats:
-        spec = self.spec.counters if self.spec is not None else SpecCounters()
         return SchedulerStats(
             num_waiting=len(self.waiting),
             num_running=len(self.running),
@@ -223,15 +184,7 @@ class Scheduler:
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
             num_retractions=self.num_retractions,
-            spec_verify_steps=spec.verify_steps,
-            spec_verified_blocks=spec.blocks,
-            spec_proposed_drafts=spec.proposed,
-            spec_accepted_drafts=spec.accepted,
-            spec_emitted_tokens=spec.emitted,
-            spec_draft_seconds=spec.draft_seconds,
-            spec_verify_seconds=spec.verify_seconds,
-            spec_accept_rate=spec.accept_rate,
-            spec_accept_length=spec.accept_length,
+            **(self.spec.counters if self.spec is not None else SpecCounters()).stats_fields(),
         )
 
     # ------------------------------------------------------------------ one step
@@ -327,11 +280,12 @@ class Scheduler:
             entries.append(
                 BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
             )
-        logits = self.runner.forward(ForwardMode.EXTEND, entries)
+        if self.prompt_kv is not None:
+            logits = self.prompt_kv.forward(entries)
+        else:
+            logits = self.runner.forward(ForwardMode.EXTEND, entries)
         if self.spec is not None:  # the draft prefills the same chunks into its own pool
-            self.runner.draft_forward(
-                ForwardMode.EXTEND, [BatchEntry(e.new_token_ids, e.prefix_len, e.pages) for e in entries]
-            )
+            self.spec.prefill(entries)
             for req, n in chosen:
                 req.draft_computed = req.num_computed + n
         row = 0
@@ -340,7 +294,7 @@ class Scheduler:
         for (req, n), entry in zip(chosen, entries):
             rows = n if entry.logits_for_all else 1
             if entry.logits_for_all:
-                self._record_prompt_logprobs(req, logits[row : row + rows], req.num_computed, n)
+                req.record_prompt_logprobs(logits[row : row + rows], req.num_computed, n)
             req.num_computed += n
             if req.num_computed == req.seq_len and req.checker.finished:  # prompt logprobs only
                 self._finish(req, req.checker.finish_reason)
@@ -384,36 +338,11 @@ class Scheduler:
     def _append_block(self, req: Request, res: BlockResult, now: float) -> None:
         """Emit a block's tokens in order until the request finishes; nothing past a stop is emitted."""
         for i, tok in enumerate(res.tokens):
-            self._append_token(
-                req,
-                tok,
-                res.logprobs[i] if res.logprobs is not None else None,
-                res.top_vals[i] if res.top_vals is not None else None,
-                res.top_ids[i] if res.top_ids is not None else None,
-                now,
-            )
+            if req.return_logprob and res.logprobs is not None:
+                req.output_logprobs.append_from(res.logprobs, i)
+            self._append_token(req, tok, now)
             if req.finished:
                 return
-
-    def _record_prompt_logprobs(self, req: Request, logits: torch.Tensor, start: int, n: int) -> None:
-        """Row i of this chunk is position start + i, whose logits score prompt token start + i + 1."""
-        prompt = req.prompt_ids
-        first = req.logprob_start_len
-        if start == 0 and first == 0:
-            req.input_logprobs.append(None)
-            req.input_logprob_ids.append(prompt[0])
-            req.input_top_vals.append(None)
-            req.input_top_ids.append(None)
-        rows = [i for i in range(n) if max(first, 1) <= start + i + 1 < len(prompt)]
-        if rows:
-            targets = torch.tensor([prompt[start + i + 1] for i in rows], device=logits.device)
-            values, top_vals, top_ids = token_logprobs(logits[rows], targets, req.top_logprobs_num)
-            req.input_logprobs.extend(values.tolist())
-            req.input_logprob_ids.extend(targets.tolist())
-            req.input_top_vals.extend(top_vals.tolist() if top_vals is not None else [None] * len(rows))
-            req.input_top_ids.extend(top_ids.tolist() if top_ids is not None else [None] * len(rows))
-        if start + n >= len(prompt):
-            req.prompt_logprobs_done = True
 
     def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
         batch = SamplingBatch.build(
@@ -427,35 +356,19 @@ class Scheduler:
         want_logprob = any(r.return_logprob for r in reqs)
         top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
         out = self.sampler(logits, batch, return_logprob=want_logprob, top_logprobs_nums=top_nums)
-        ids, logprobs, top_vals, top_ids = out.tolist()
+        ids, logprobs = out.tolist()
         now = time.monotonic()
         for i, req in enumerate(reqs):
-            self._append_token(
-                req,
-                ids[i],
-                logprobs[i] if logprobs is not None else None,
-                top_vals[i] if top_vals is not None else None,
-                top_ids[i] if top_ids is not None else None,
-                now,
-            )
+            if req.return_logprob and logprobs is not None:
+                req.output_logprobs.append_from(logprobs, i)
+            self._append_token(req, ids[i], now)
 
-    def _append_token(
-        self,
-        req: Request,
-        tok: int,
-        logprob: float | None,
-        top_vals: list[float] | None,
-        top_ids: list[int] | None,
-        now: float,
-    ) -> None:
+    def _append_token(self, req: Request, tok: int, now: float) -> None:
+        """The caller has recorded the token's logprob, when the request asked for logprobs."""
         req.output_ids.append(tok)
         self.generated_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = now
-        if req.return_logprob:
-            req.output_logprobs.append(logprob)
-            req.output_top_vals.append(top_vals)
-            req.output_top_ids.append(top_ids)
         req.checker.append([tok])
         if req.checker.finished:
             self._finish(req, req.checker.finish_reason)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from tpla_serve.config import LOAD_FORMATS
 from tpla_serve.models.config import ModelConfig, QuantConfig
 from tpla_serve.models.registry import get_model_class
 from tpla_serve.models.weight_utils import CheckpointTensorError, LazyTensor, dequantize_fp8_blocks
@@ -30,7 +31,6 @@ from tpla_serve.tpla.transforms import latent_rotations, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _INDEX_FILE = "model.safetensors.index.json"
 _SCALE_SUFFIX = "_scale_inv"  # "<linear>.weight" is scaled by "<linear>.weight_scale_inv"
 

@@ -1,6 +1,11 @@
 """Sampling: request parameters, the batched sampler, penalties and logprob formatting."""
 
-from tpla_serve.sampling.logprobs import format_token_logprobs, format_top_logprobs, token_logprobs
+from tpla_serve.sampling.logprobs import (
+    TokenLogprobs,
+    format_token_logprobs,
+    format_top_logprobs,
+    token_logprobs,
+)
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.sampling.sampler import Sampler, SamplerOutput, SamplingBatch, resolve_seed
 
@@ -9,6 +14,7 @@ __all__ = [
     "SamplerOutput",
     "SamplingBatch",
     "SamplingParams",
+    "TokenLogprobs",
     "format_token_logprobs",
     "format_top_logprobs",
     "resolve_seed",

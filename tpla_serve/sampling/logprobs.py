@@ -8,6 +8,7 @@ where a position has none (the first prompt token has no logprob at all: `[None,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +18,70 @@ _LOGPROB_MIN = torch.finfo(torch.float32).min
 
 class _Decoder(Protocol):
     def batch_decode(self, sequences: list[list[int]], **kwargs: Any) -> list[str]: ...
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs of a run of tokens, one position each: the token, its logprob (None where a position has
+    none, as the first prompt token) and, when top-k was asked for, the top values and ids (None where a
+    position has no entries)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    values: list[float | None] = field(default_factory=list)
+    top_values: list[list[float] | None] = field(default_factory=list)
+    top_ids: list[list[int] | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def append(
+        self, token_id: int, value: float | None, top_values: list[float] | None = None,
+        top_ids: list[int] | None = None,
+    ) -> None:
+        self.token_ids.append(token_id)
+        self.values.append(value)
+        self.top_values.append(top_values)
+        self.top_ids.append(top_ids)
+
+    def append_from(self, other: TokenLogprobs, i: int) -> None:
+        """Append position i of `other`."""
+        self.append(other.token_ids[i], other.values[i], other.top_values[i], other.top_ids[i])
+
+    def extend(self, other: TokenLogprobs) -> None:
+        self.token_ids.extend(other.token_ids)
+        self.values.extend(other.values)
+        self.top_values.extend(other.top_values)
+        self.top_ids.extend(other.top_ids)
+
+    def slice(self, start: int, end: int) -> TokenLogprobs:
+        return TokenLogprobs(
+            self.token_ids[start:end], self.values[start:end], self.top_values[start:end], self.top_ids[start:end]
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        token_ids: list[int],
+        values: torch.Tensor,
+        top_values: torch.Tensor | None = None,
+        top_ids: torch.Tensor | None = None,
+        top_nums: Sequence[int] | None = None,
+    ) -> TokenLogprobs:
+        """One host transfer per tensor; each row's top-k cut to its own k (all of it when top_nums is None)."""
+        ids, vals = token_ids, values.tolist()
+        if top_values is None or top_ids is None:
+            return cls(ids, vals, [None] * len(ids), [None] * len(ids))
+        tv, ti = top_values.tolist(), top_ids.tolist()
+        ks = top_nums if top_nums is not None else [len(r) for r in tv]
+        return cls(ids, vals, [v[:k] for v, k in zip(tv, ks)], [t[:k] for t, k in zip(ti, ks)])
+
+    def formatted(self, tokenizer: _Decoder | None = None) -> list[list[Any]]:
+        """SGLang's `*_token_logprobs`."""
+        return format_token_logprobs(self.values, self.token_ids, tokenizer)
+
+    def formatted_top(self, tokenizer: _Decoder | None = None) -> list[list[list[Any]] | None]:
+        """SGLang's `*_top_logprobs`."""
+        return format_top_logprobs(self.top_values, self.top_ids, tokenizer)
 
 
 def token_logprobs(

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from tpla_serve.sampling.logprobs import TokenLogprobs
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.sampling.penalties import PenaltyInputs, StopTokenMask, apply_penalties, host_to_device
 
@@ -217,17 +218,16 @@ class SamplerOutput(NamedTuple):
     top_logprobs_ids: torch.Tensor | None  # [B, max k] int64
     top_logprobs_nums: tuple[int, ...] | None  # k per row
 
-    def tolist(
-        self,
-    ) -> tuple[list[int], list[float] | None, list[list[float]] | None, list[list[int]] | None]:
-        """(token ids, logprobs, top-k values, top-k ids), the top-k lists cut to each row's own k."""
+    def tolist(self) -> tuple[list[int], TokenLogprobs | None]:
+        """(token ids, their logprobs when computed), the top-k lists cut to each row's own k."""
         ids = self.next_token_ids.tolist()
-        lps = self.logprobs.tolist() if self.logprobs is not None else None
-        if self.top_logprobs_vals is None or self.top_logprobs_nums is None:
-            return ids, lps, None, None
-        vals, tids = self.top_logprobs_vals.tolist(), self.top_logprobs_ids.tolist()
-        ks = self.top_logprobs_nums
-        return ids, lps, [v[:k] for v, k in zip(vals, ks)], [t[:k] for t, k in zip(tids, ks)]
+        if self.logprobs is None:
+            return ids, None
+        if self.top_logprobs_nums is None:
+            return ids, TokenLogprobs.from_tensors(ids, self.logprobs)
+        return ids, TokenLogprobs.from_tensors(
+            ids, self.logprobs, self.top_logprobs_vals, self.top_logprobs_ids, self.top_logprobs_nums
+        )
 
 
 def adjusted_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

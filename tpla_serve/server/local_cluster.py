@@ -15,7 +15,6 @@ import json
 import logging
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,17 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpla_serve.config import DEFAULT_MODEL_PATH, EngineConfig
+from tpla_serve.net import free_port
 
 # The project's draft model, trained with the bundled target (same tokenizer).
 DEFAULT_DRAFT_MODEL_PATH = str(Path(DEFAULT_MODEL_PATH).parent / "mla-tiny-draft")
 
 logger = logging.getLogger("tpla_serve.local_cluster")
 
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

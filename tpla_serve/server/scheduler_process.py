@@ -2,7 +2,8 @@
 
 Loop: take every message the front sent, run one scheduler step when there is work, publish the
 requests the step changed (every step for streaming requests, the final state for the rest). Role
-specifics (PD pairing, KV streaming) live in tpla_serve.server.pd and plug into the same loop.
+specifics (PD pairing, KV streaming) live in tpla_serve.disagg (prefill.py, decode.py) and plug into the
+same loop through one protocol (disagg.role.PDRole).
 """
 
 from __future__ import annotations
@@ -11,20 +12,22 @@ import dataclasses
 import logging
 import os
 import signal
-import time
 import traceback
 from typing import Any
 
 import zmq
 
 from tpla_serve.config import ServerConfig
-from tpla_serve.engine.model_runner import ModelRunner
+from tpla_serve.disagg.decode import DecodeRole
+from tpla_serve.disagg.prefill import PrefillRole, PromptKVStream
+from tpla_serve.disagg.role import Bootstrap, PDRole
+from tpla_serve.disagg.sender import KVSender
 from tpla_serve.engine.output import request_output
-from tpla_serve.engine.request import Request
+from tpla_serve.engine.request import Request, RequestSpec
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.engine.tokenizer import eos_token_ids, load_tokenizer
+from tpla_serve.entrypoints.rank import RankParts, build_scheduler, launch_rank0
 from tpla_serve.sampling.params import SamplingParams
-from tpla_serve.server.pd import DecodeRole, PrefillRole, make_pd_role
 from tpla_serve.server.messages import (
     AbortRequest,
     FlushCache,
@@ -53,16 +56,17 @@ class SchedulerProcess:
         self.outbox.connect(from_scheduler)
         self.front_pid = os.getppid()
         engine = config.engine
-        self.runner = ModelRunner(engine)
-        self.tokenizer = None if engine.skip_tokenizer_init else load_tokenizer(engine.resolved_tokenizer_path)
-        self.scheduler = Scheduler(self.runner, self.tokenizer, eos_token_ids(engine.model_path, self.tokenizer))
+        self.parts = launch_rank0(engine)
+        self.runner = self.parts.runner
+        try:
+            self.tokenizer = None if engine.skip_tokenizer_init else load_tokenizer(engine.resolved_tokenizer_path)
+            self.scheduler, self.pd = _build_scheduler_and_role(
+                config, self.parts, self.tokenizer, eos_token_ids(engine.model_path, self.tokenizer)
+            )
+        except BaseException:
+            self.parts.close()
+            raise
         self.text_in_logprobs: dict[str, bool] = {}
-        self.pd = self._make_pd()
-
-    def _make_pd(self) -> PrefillRole | DecodeRole | None:
-        if self.config.engine.disaggregation_mode == "null":
-            return None
-        return make_pd_role(self)
 
     # ------------------------------------------------------------------ messages
 
@@ -106,15 +110,16 @@ class SchedulerProcess:
 
     def handle_generate(self, msg: GenerateRequest) -> None:
         try:
-            params = SamplingParams.from_dict(msg.sampling_params)
+            spec = RequestSpec(
+                msg.input_ids, SamplingParams.from_dict(msg.sampling_params), rid=msg.rid,
+                return_logprob=msg.return_logprob, logprob_start_len=msg.logprob_start_len,
+                top_logprobs_num=msg.top_logprobs_num, stream=msg.stream,
+            )
             if self.pd is not None and msg.bootstrap_room is not None:
-                ready = self.pd.add(msg, params)
+                bootstrap = Bootstrap(msg.bootstrap_host or "127.0.0.1", msg.bootstrap_port, msg.bootstrap_room)
+                ready = self.pd.add(spec, bootstrap)
             else:
-                req = self.scheduler.add_request(
-                    msg.input_ids, params, rid=msg.rid, return_logprob=msg.return_logprob,
-                    logprob_start_len=msg.logprob_start_len, top_logprobs_num=msg.top_logprobs_num,
-                    stream=msg.stream,
-                )
+                req = self.scheduler.add_request(spec)
                 ready = [req] if req.finished else []
         except ValueError as e:
             self.send(RequestError(msg.rid, 400, str(e)))
@@ -168,10 +173,32 @@ class SchedulerProcess:
     def close(self) -> None:
         if self.pd is not None:
             self.pd.close()
-        self.runner.shutdown()
+        self.parts.close()
         self.inbox.close(0)
         self.outbox.close(0)
         self.ctx.term()
+
+
+def _build_scheduler_and_role(
+    config: ServerConfig, parts: RankParts, tokenizer: object | None, eos: set[int]
+) -> tuple[Scheduler, PDRole | None]:
+    """The scheduler over rank 0's parts and, for one side of a PD pair, that side's role."""
+    engine = config.engine
+    if engine.disaggregation_mode == "prefill":
+        sender = KVSender(
+            parts.kv_spec(),
+            draft=parts.draft_kv_spec(),
+            host=config.host,
+            port=engine.disaggregation_bootstrap_port,
+            timeout_s=engine.disaggregation_timeout,
+        )
+        scheduler = build_scheduler(parts, tokenizer, eos, prompt_kv=PromptKVStream(parts.runner, sender, parts.draft))
+        return scheduler, PrefillRole(scheduler, sender)
+    scheduler = build_scheduler(parts, tokenizer, eos)
+    if engine.disaggregation_mode == "decode":
+        assert parts.kv_port is not None
+        return scheduler, DecodeRole(scheduler, parts.kv_port, parts.kv_endpoints, parts.tp, engine.speculative)
+    return scheduler, None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from tpla_serve.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.engine.blocks import BlockResult, SpecCounters
+from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.request import Request
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, adjusted_logits
+from tpla_serve.speculative.draft import DraftModel
 from tpla_serve.speculative.verify import (
     VerifyUniforms,
     build_verify_batch,
@@ -34,50 +35,20 @@ from tpla_serve.speculative.verify import (
     speculative_verify,
 )
 
-if TYPE_CHECKING:
-    from tpla_serve.engine.model_runner import ModelRunner
-
-
-@dataclass
-class BlockResult:
-    """One request's verified block: the tokens to emit in order, with their logprobs when asked for."""
-
-    tokens: list[int]  # accepted drafts, then the correction or bonus token
-    num_drafts: int
-    num_accepted: int
-    logprobs: list[float] | None = None
-    top_vals: list[list[float]] | None = None
-    top_ids: list[list[int]] | None = None
-
-
-@dataclass
-class SpecCounters:
-    """Totals over the server's life (scheduler stats, /metrics)."""
-
-    verify_steps: int = 0  # batched verification steps
-    blocks: int = 0  # requests' blocks verified (a step verifies one per request in it)
-    proposed: int = 0
-    accepted: int = 0
-    emitted: int = 0  # accepted drafts + bonus/correction tokens
-    draft_seconds: float = 0.0  # calibration + drafting, until the last draft token is on the host
-    verify_seconds: float = 0.0  # the target's block forward and verification
-
-    @property
-    def accept_rate(self) -> float:
-        """Accepted / proposed draft tokens."""
-        return self.accepted / max(self.proposed, 1)
-
-    @property
-    def accept_length(self) -> float:
-        """Mean tokens a request's verified block emits."""
-        return self.emitted / max(self.blocks, 1)
-
 
 class SpeculativeDecoder:
+    """The scheduler's BlockDecoder: owns the draft model and runs the target through `runner`."""
+
     def __init__(
-        self, runner: ModelRunner, sampler: Sampler, vocab_size: int, eos_token_ids: Collection[int]
+        self,
+        runner: ModelRunner,
+        draft: DraftModel,
+        sampler: Sampler,
+        vocab_size: int,
+        eos_token_ids: Collection[int],
     ) -> None:
         self.runner = runner
+        self.draft = draft
         self.sampler = sampler
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
@@ -93,6 +64,10 @@ class SpeculativeDecoder:
             device,
             eos_token_ids=self.eos_token_ids,
         )
+
+    def prefill(self, entries: list[BatchEntry]) -> None:
+        """The draft prefills the chunks the target just prefilled, into its own pool's same pages."""
+        self.draft.forward(ForwardMode.EXTEND, [BatchEntry(e.new_token_ids, e.prefix_len, e.pages) for e in entries])
 
     def step(self, reqs: list[Request], num_drafts: list[int]) -> list[BlockResult]:
         """Run one block for every request; request b proposes num_drafts[b] >= 0 tokens.
@@ -131,7 +106,7 @@ class SpeculativeDecoder:
             req = reqs[b]
             entries.append(BatchEntry(req.tokens_from(req.draft_computed), req.draft_computed, list(req.pages)))
             req.draft_computed = req.seq_len
-        logits = self.runner.draft_forward(ForwardMode.EXTEND, entries)
+        logits = self.draft.forward(ForwardMode.EXTEND, entries)
         for j in range(max(num_drafts)):
             batch = self._draft_batch([reqs[b] for b in active], [drafts[b] for b in active], logits.device)
             tokens = self.sampler(logits, batch).next_token_ids
@@ -147,7 +122,7 @@ class SpeculativeDecoder:
             entries = [
                 BatchEntry([drafts[b][-1]], reqs[b].seq_len + j, list(reqs[b].pages)) for b in active
             ]
-            logits = self.runner.draft_forward(ForwardMode.DECODE, entries)
+            logits = self.draft.forward(ForwardMode.DECODE, entries)
         return drafts, probs if need_probs else None
 
     # ------------------------------------------------------------------ verification
@@ -224,12 +199,10 @@ class SpeculativeDecoder:
         ]
         nums = [r.top_logprobs_num for r, k in zip(reqs, num_drafts) for _ in range(k + 1)]
         out = self.sampler.score(logits, batch, torch.tensor(token_ids, device=logits.device), nums)
-        _, lps, vals, ids = out.tolist()
+        _, scored = out.tolist()
+        assert scored is not None
         for res, start in zip(results, _row_starts(num_drafts)):
-            end = start + len(res.tokens)
-            res.logprobs = lps[start:end]
-            res.top_vals = vals[start:end] if vals is not None else None
-            res.top_ids = ids[start:end] if ids is not None else None
+            res.logprobs = scored.slice(start, start + len(res.tokens))
 
 
 def _row_starts(num_drafts: list[int]) -> list[int]:

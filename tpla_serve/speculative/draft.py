@@ -13,13 +13,18 @@ every rank exactly.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
-from torch import nn
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode, build_forward_batch
+from tpla_serve.config import EngineConfig
+from tpla_serve.distributed import RunDraftStep, TPGroup
+from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode, LayerKVSink, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.layers.linear import tp_all_reduce
+from tpla_serve.models.base import DecoderLayer
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
 from tpla_serve.tpla.layout import ShardLayout
@@ -38,40 +43,77 @@ def layer_groups(num_layers: int, group_size: int) -> list[list[int]]:
     return [[0]] + [middle[i : i + group_size] for i in range(0, len(middle), group_size)] + [[num_layers - 1]]
 
 
+def layer_parallel(config: EngineConfig) -> bool:
+    """EasySpec across ranks: every rank holds a draft and computes some of its attention sublayers."""
+    return config.speculative_algorithm == "easyspec" and config.tp_size > 1
+
+
+def holds_draft(config: EngineConfig, rank: int) -> bool:
+    """Rank 0 always drafts; the other ranks only take part in layer-parallel (EasySpec) drafting.
+    A PD prefill given a draft model prefills it on rank 0, for its decode servers."""
+    if config.disaggregation_mode == "prefill":
+        return config.speculative_draft_model_path is not None and rank == 0
+    return config.speculative and (rank == 0 or layer_parallel(config))
+
+
+def draft_model_config(config: EngineConfig) -> ModelConfig:
+    """The draft's model config, read from --speculative-draft-model-path (a directory or config.json)."""
+    assert config.speculative_draft_model_path is not None
+    path = Path(config.speculative_draft_model_path)
+    return ModelConfig.from_json_file(path) if path.is_file() else ModelConfig.from_pretrained_dir(path)
+
+
+def draft_kv_bytes_per_token(draft: ModelConfig, dtype: torch.dtype) -> int:
+    """KV bytes one token costs in the draft pool (the target's pool sizing leaves room for them)."""
+    return LatentKVPool.bytes_per_token(draft.num_hidden_layers, draft.kv_lora_rank, draft.qk_rope_head_dim, dtype)
+
+
 class DraftModel:
-    """One rank's copy of the draft model, its KV pool and its attention backend."""
+    """One rank's copy of the draft model, its KV pool and its attention backend.
+
+    On rank 0 under layer-parallel drafting, forward() announces every draft step to the other ranks
+    (their workers run forward_local() with it): all of them write the draft's KV.
+    """
 
     def __init__(
         self,
-        model_path: str,
+        config: EngineConfig,
+        target_vocab_size: int,
         num_pages: int,
-        page_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        attention_backend: str,
         tp_layout: ShardLayout,
-        group_size: int,
-        seed: int,
-        load_format: str = "auto",
+        device: torch.device,
+        tp: TPGroup | None = None,
     ) -> None:
+        assert config.speculative_draft_model_path is not None
+        path = config.speculative_draft_model_path
+        dtype = config.torch_dtype
+        page_size = config.resolved_page_size
         self.model = load_model(
-            model_path, dtype=dtype, device=device, load_format=load_format, seed=seed, show_progress=False
+            path, dtype=dtype, device=device, load_format=config.load_format, seed=config.random_seed,
+            show_progress=False,
         )
         self.config = self.model.config
+        if self.config.vocab_size != target_vocab_size:
+            raise ValueError(
+                f"the draft model {path} has vocab_size {self.config.vocab_size}, the target "
+                f"{target_vocab_size}: a draft must share the target's tokenizer"
+            )
         self.device = device
+        self.tp = tp
         self.tp_layout = tp_layout  # the target's: the group all-reduce runs over the decode server's ranks
+        self.layer_parallel = layer_parallel(config)
         shape = AttentionShape(
             self.config.num_attention_heads,
             self.config.kv_lora_rank,
             self.config.qk_rope_head_dim,
             page_size,
             dtype,
-            self.model.model.layers[0].self_attn.scale,
+            self.model.layers[0].self_attn.scale,
         )
         # FlashInfer serves only some latent widths: a draft it cannot serve takes the automatic choice instead.
-        name = "auto" if attention_backend == "flashinfer" else attention_backend
+        name = "auto" if config.attention_backend == "flashinfer" else config.attention_backend
         self.attn_backend = create_attention_backend(name, device, shape)
-        self.groups = layer_groups(self.config.num_hidden_layers, group_size)
+        self.groups = layer_groups(self.config.num_hidden_layers, config.resolved_easyspec_group_size)
         self.kv_pool = LatentKVPool(
             self.config.num_hidden_layers,
             num_pages,
@@ -81,50 +123,51 @@ class DraftModel:
             dtype,
             device,
         )
+        self.kv_fingerprint = hashlib.sha256(f"{self.model.fingerprint}|draft".encode()).hexdigest()[:16]
 
-    @staticmethod
-    def bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:
-        """KV bytes one token costs in the draft pool (to size the shared page count)."""
-        return LatentKVPool.bytes_per_token(
-            model_config.num_hidden_layers, model_config.kv_lora_rank, model_config.qk_rope_head_dim, dtype
-        )
+    def forward(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor:
+        """Rank 0: fp32 logits of the rows the entries ask for. EXTEND is the exact sequential forward
+        (draft prefill, bonus calibration); DECODE drafts one token per request, layer-parallel under
+        EasySpec across ranks."""
+        if self.tp is None or not self.layer_parallel:
+            logits = self.forward_local(mode, entries)
+        else:
+            self.tp.announce(RunDraftStep(mode, entries))
+            logits = self.tp.collective(lambda: self.forward_local(mode, entries))
+        assert logits is not None
+        return logits
 
     @torch.inference_mode()
-    def forward(
-        self, mode: ForwardMode, entries: list[BatchEntry], layer_parallel: bool, want_logits: bool
+    def forward_local(
+        self, mode: ForwardMode, entries: list[BatchEntry], kv_sink: LayerKVSink | None = None
     ) -> torch.Tensor | None:
-        """Run the draft over `entries`; fp32 logits of the rows the entries ask for (when want_logits).
-
-        layer_parallel: EasySpec drafting (every rank of the TP group must call this together);
-        otherwise the ordinary sequential forward, which needs no other rank.
-        """
+        """This rank's part of a draft step; logits on rank 0 only (kv_sink: a PD prefill streams the KV)."""
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
+        fb.kv_sink = kv_sink
         self.attn_backend.prepare(fb)
-        inner = self.model.model
-        x = inner.embed_tokens(fb.input_ids)
-        cos, sin = inner.rotary_emb.cos_sin(fb.positions)
-        for group in self.groups if layer_parallel else [[i] for i in range(len(inner.layers))]:
+        model = self.model
+        x, cos, sin = model.embed(fb)
+        parallel = mode is ForwardMode.DECODE and self.layer_parallel
+        for group in self.groups if parallel else [[i] for i in range(len(model.layers))]:
             if len(group) == 1:
-                x = inner.layers[group[0]](x, cos, sin, fb)
+                x = model.layers[group[0]](x, cos, sin, fb)
             else:
-                x = self._parallel_group([inner.layers[i] for i in group], x, cos, sin, fb)
-        if not want_logits:
+                x = self._parallel_group([model.layers[i] for i in group], x, cos, sin, fb)
+        if self.tp_layout.tp_rank != 0 or kv_sink is not None:
             return None
-        hidden = inner.norm(x[fb.logits_indices])
-        return self.model.compute_logits(hidden)
+        return model.logits(x, fb)
 
     def _parallel_group(
-        self, layers: list[nn.Module], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
+        self, layers: list[DecoderLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
     ) -> torch.Tensor:
         """Rank r computes the attention of the group's r-th layer on the group's input; all ranks then
         apply x += A_i; x += MLP_i(x) in layer order."""
         rank = self.tp_layout.tp_rank
         attn = x.new_zeros(len(layers), *x.shape)
         if rank < len(layers):
-            layer = layers[rank]
-            attn[rank] = layer.self_attn(layer.input_layernorm(x), cos, sin, fb)
+            attn[rank] = layers[rank].attention(x, cos, sin, fb)
         attn = tp_all_reduce(attn, self.tp_layout)
         for i, layer in enumerate(layers):
             x = x + attn[i]
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.feed_forward(x)
         return x

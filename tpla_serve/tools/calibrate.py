@@ -19,12 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tpla_serve.config import EngineConfig
-from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+from tpla_serve.config import TPLA_TRANSFORMS, EngineConfig
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.tokenizer import load_tokenizer
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 from tpla_serve.tpla.calibration import Calibration
-from tpla_serve.tpla.transforms import TRANSFORMS, randomized_hadamard
 
 logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".json", ".rst")
@@ -116,8 +115,8 @@ def calibrate(
     model_path: str, data: str, groups: int, transform: str, seq_len: int = 512, max_tokens: int = 65536,
     dtype: str = "float32", device: str = "auto",
 ) -> Calibration:
-    if transform not in TRANSFORMS:
-        raise ValueError(f"--tpla-transform must be one of {', '.join(TRANSFORMS)}")
+    if transform not in TPLA_TRANSFORMS:
+        raise ValueError(f"--tpla-transform must be one of {', '.join(TPLA_TRANSFORMS)}")
     base = "hadamard" if transform == "hadamard" else "none"
     config = EngineConfig(
         model_path=model_path, dtype=dtype, device=device, tpla_transform=base, max_total_tokens=seq_len,
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="a text file or a directory of text files")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tpla-groups", type=int, default=2)
-    parser.add_argument("--tpla-transform", default="pca", choices=list(TRANSFORMS))
+    parser.add_argument("--tpla-transform", default="pca", choices=list(TPLA_TRANSFORMS))
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=65536)
     parser.add_argument("--dtype", default="float32")

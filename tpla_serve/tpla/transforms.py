@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from tpla_serve.config import TPLA_TRANSFORMS
 from tpla_serve.tpla.calibration import Calibration
 
-TRANSFORMS = ("none", "hadamard", "pca")
 HADAMARD_SEED = 0x7A1A
 
 
@@ -64,8 +64,8 @@ def latent_rotations(
     transform: str, num_layers: int, kv_lora_rank: int, calibration: Calibration | None
 ) -> list[torch.Tensor | None]:
     """Per layer U, or None per layer for `none`."""
-    if transform not in TRANSFORMS:
-        raise ValueError(f"tpla_transform must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
+    if transform not in TPLA_TRANSFORMS:
+        raise ValueError(f"tpla_transform must be one of {', '.join(TPLA_TRANSFORMS)}, got {transform!r}")
     if transform == "none":
         return [None] * num_layers
     if transform == "hadamard":

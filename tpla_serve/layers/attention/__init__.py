@@ -6,9 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from tpla_serve.config import ATTENTION_BACKENDS
 from tpla_serve.layers.attention.base import AttentionBackend
-
-BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
 class AttentionShape(NamedTuple):
@@ -26,8 +25,8 @@ class AttentionShape(NamedTuple):
 def resolve_backend_name(name: str, device: torch.device, shape: AttentionShape | None = None) -> str:
     """auto: FlashInfer's MLA kernel on GPU where it imports and supports `shape`, else our Triton kernel;
     plain torch on CPU. An explicit choice that cannot run here is an error, not a silent fallback."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
     cuda = device.type == "cuda"
     if name == "auto":
         if not cuda:
@@ -71,4 +70,4 @@ def create_attention_backend(
     return TorchAttentionBackend()
 
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionShape", "create_attention_backend", "resolve_backend_name"]
+__all__ = ["AttentionBackend", "AttentionShape", "create_attention_backend", "resolve_backend_name"]

@@ -10,9 +10,9 @@ from typing import Any
 from tpla_serve.config import EngineConfig
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.output import request_output
-from tpla_serve.engine.request import Request
-from tpla_serve.engine.scheduler import Scheduler
+from tpla_serve.engine.request import Request, RequestSpec
 from tpla_serve.engine.tokenizer import eos_token_ids, load_tokenizer
+from tpla_serve.entrypoints.rank import build_scheduler, launch_rank0
 from tpla_serve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,20 @@ class Engine:
         if model_path is not None:
             kwargs["model_path"] = model_path
         self.config = EngineConfig(**kwargs)
-        self.runner = ModelRunner(self.config)
-        self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(
-            self.config.resolved_tokenizer_path
-        )
-        self.scheduler = Scheduler(
-            self.runner, self.tokenizer, eos_token_ids(self.config.model_path, self.tokenizer)
-        )
+        self.parts = launch_rank0(self.config)
+        try:
+            self.tokenizer = None if self.config.skip_tokenizer_init else load_tokenizer(
+                self.config.resolved_tokenizer_path
+            )
+            eos = eos_token_ids(self.config.model_path, self.tokenizer)
+            self.scheduler = build_scheduler(self.parts, self.tokenizer, eos)
+        except BaseException:
+            self.parts.close()
+            raise
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.parts.runner
 
     # ------------------------------------------------------------------ requests
 
@@ -90,17 +97,16 @@ class Engine:
         try:
             for i in range(n):
                 sp = params[i] if isinstance(params[i], SamplingParams) else SamplingParams.from_dict(params[i])
-                added.append(
-                    self.scheduler.add_request(
-                        token_lists[i],
-                        sp,
-                        rid=rids[i],
-                        return_logprob=bool(logprob[i]),
-                        logprob_start_len=-1 if start[i] is None else int(start[i]),
-                        top_logprobs_num=0 if top[i] is None else int(top[i]),
-                        stream=stream,
-                    )
+                spec = RequestSpec(
+                    token_lists[i],
+                    sp,
+                    rid=rids[i],
+                    return_logprob=bool(logprob[i]),
+                    logprob_start_len=-1 if start[i] is None else int(start[i]),
+                    top_logprobs_num=0 if top[i] is None else int(top[i]),
+                    stream=stream,
                 )
+                added.append(self.scheduler.add_request(spec))
         except ValueError:
             for req in added:
                 self.scheduler.abort(req.rid)
@@ -160,8 +166,8 @@ class Engine:
         return self.scheduler.abort(rid) is not None
 
     def shutdown(self) -> None:
-        """Stop the TP ranks (a no-op on one rank)."""
-        self.runner.shutdown()
+        """Stop the TP ranks and free the engine's memory."""
+        self.parts.close()
 
     def __enter__(self) -> Engine:
         return self

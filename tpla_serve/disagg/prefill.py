@@ -1,0 +1,139 @@
+"""The prefill side of a PD pair (DESIGN §4): stream each prompt's KV to its room as it is computed.
+
+A request with a bootstrap room runs its prompt as usual; every layer's new KV rows go to the room right
+after the layer writes them (LayerKVStreamer), so bytes move while the next layers compute; when the
+prefill was given a draft model, the draft's layers follow. Once the first token is sampled, DONE closes
+the room, and the request ends on the prefill (its answer carries the prompt logprobs the router merges).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from tpla_serve.disagg.role import Bootstrap
+from tpla_serve.disagg.sender import KVSender
+from tpla_serve.engine.model_runner import ModelRunner
+from tpla_serve.engine.request import Request, RequestSpec
+from tpla_serve.engine.scheduler import Scheduler
+from tpla_serve.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.speculative.draft import DraftModel
+
+logger = logging.getLogger(__name__)
+
+
+class LayerKVStreamer:
+    """A LayerKVSink that sends each room's rows of every layer as it is written (draft: the layers are
+    the draft model's)."""
+
+    def __init__(self, sender: KVSender, entries: list[BatchEntry], draft: bool = False) -> None:
+        self.sender = sender
+        self.draft = draft
+        self.rows: list[tuple[int, int, int, int]] = []  # (room, first row, end row, token_start)
+        row = 0
+        for e in entries:
+            if e.kv_room is not None:
+                self.rows.append((e.kv_room, row, row + len(e.new_token_ids), e.prefix_len))
+            row += len(e.new_token_ids)
+
+    def on_layer(self, layer: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        for room, r0, r1, start in self.rows:
+            self.sender.send_layer(
+                room, layer, ckv[r0:r1].contiguous(), kpe[r0:r1].contiguous(), start, draft=self.draft
+            )
+
+
+class PromptKVStream:
+    """The scheduler's PromptKVForward on a prefill server: runs prompt chunks, streaming the KV of those
+    with a room; with a draft model, then the draft's exact forward over the same chunks (a decode's draft
+    starts at the prompt's end)."""
+
+    def __init__(self, runner: ModelRunner, sender: KVSender, draft: DraftModel | None) -> None:
+        self.runner = runner
+        self.sender = sender
+        self.draft = draft
+
+    def forward(self, entries: list[BatchEntry]) -> torch.Tensor:
+        rooms = [e for e in entries if e.kv_room is not None]
+        if not rooms:
+            return self.runner.forward(ForwardMode.EXTEND, entries)
+        logits = self.runner.forward(ForwardMode.EXTEND, entries, kv_sink=LayerKVStreamer(self.sender, entries))
+        if self.draft is not None:
+            rooms = [dataclasses.replace(e, logits_for_all=False) for e in rooms]
+            self.draft.forward_local(ForwardMode.EXTEND, rooms, kv_sink=LayerKVStreamer(self.sender, rooms, draft=True))
+        return logits
+
+
+class PrefillRole:
+    """A prefill server's rooms: which request streams to which room, until DONE or failure."""
+
+    def __init__(self, scheduler: Scheduler, sender: KVSender) -> None:
+        self.scheduler = scheduler
+        self.sender = sender
+        self.rooms: dict[str, int] = {}  # rid -> room, until DONE is sent
+        logger.info("prefill bootstrap listening on %s", self.sender.bootstrap_endpoint)
+
+    has_work = False  # the sender's thread does the waiting
+
+    def add(self, spec: RequestSpec, bootstrap: Bootstrap) -> list[Request]:
+        """The prefill samples only the first token; a request for none streams no KV."""
+        room: int | None = bootstrap.room
+        params = spec.params
+        if params.max_new_tokens == 0:
+            room = None
+        else:
+            params = dataclasses.replace(params, max_new_tokens=1, min_new_tokens=min(params.min_new_tokens, 1))
+        req = self.scheduler.add_request(dataclasses.replace(spec, params=params), bootstrap_room=room)
+        if room is not None:
+            self.rooms[req.rid] = room
+        return [req] if req.finished else []
+
+    def after_step(self, updated: list[Request]) -> None:
+        """The first token closes the room: every layer went out before it (the sender keeps order)."""
+        for req in updated:
+            room = self.rooms.get(req.rid)
+            if room is None:
+                continue
+            if req.output_ids:
+                lp = req.output_logprobs.values[0] if req.output_logprobs else None
+                self.sender.send_done(room, req.output_ids[0], lp)
+                del self.rooms[req.rid]
+            elif req.finished:
+                self.sender.abort(room, f"the prefill request ended: {req.finish_reason}")
+                del self.rooms[req.rid]
+
+    def poll(self) -> list[Request]:
+        """A room that failed while its prompt still runs (decode gone, layout mismatch) ends it."""
+        ended = []
+        for event in self.sender.poll():
+            rid = next((r for r, room in self.rooms.items() if room == event.room), None)
+            if rid is None:
+                continue
+            del self.rooms[rid]
+            req = self.scheduler.abort(rid, event.message)
+            if req is not None:
+                ended.append(req)
+        return ended
+
+    def abort(self, rid: str, message: str) -> list[Request]:
+        room = self.rooms.pop(rid, None)
+        if room is not None:
+            self.sender.abort(room, message)
+        return []
+
+    def stats(self) -> dict[str, Any]:
+        s = self.sender.stats()
+        return {
+            "kv_transfer_bytes": s.bytes_sent,
+            "kv_transfer_draft_bytes": s.draft_bytes_sent,
+            "kv_rooms_sent": s.rooms_sent,
+            "kv_rooms_failed": s.rooms_failed,
+            "kv_rooms_live": s.rooms_live,
+            "kv_messages_rejected": s.messages_rejected,
+        }
+
+    def close(self) -> None:
+        self.sender.close()

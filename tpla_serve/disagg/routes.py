@@ -1,0 +1,104 @@
+"""Where a registered room's KV goes and in which messages (the sender's IO thread sends them).
+
+Each decode rank gets its group's r/g latent dims of every target layer plus the full k_pe; ranks of one
+latent group share the slice's bytes. The draft's layers go whole to the ranks that keep a draft pool.
+Messages are cut so that no frame exceeds the decode's max_frame_bytes, in whole pages where possible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tpla_serve.disagg.handshake import KVSpec, draft_mismatch
+from tpla_serve.disagg.messages import Frame, LayerKV, Register, encode, tensor_frame
+
+logger = logging.getLogger(__name__)
+_MAX_WARNED = 1024
+
+
+@dataclass
+class Routes:
+    targets: list[tuple[str, int, int]]  # per decode rank: its endpoint and latent slice [a, b)
+    ckv_width: int
+    kv_itemsize: int
+    chunk_tokens: int  # tokens per message
+    send_draft: bool = False  # the decode wants this prefill's draft KV
+    draft_targets: list[str] = field(default_factory=list)  # endpoints of the ranks that keep a draft
+    draft_chunk_tokens: int = 0
+
+
+def _chunk_tokens(max_frame_bytes: int, widest_row_bytes: int, page_size: int) -> int:
+    chunk = max(1, max_frame_bytes // widest_row_bytes)
+    return chunk - chunk % page_size if chunk >= page_size else chunk
+
+
+def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None) -> tuple[Routes, str | None]:
+    """The room's routes, and why its draft KV cannot be sent (None when it can, or is not wanted)."""
+    layout = reg.layout
+    routes = Routes(
+        targets=[(e, *layout.latent_slice(rank)) for rank, e in enumerate(reg.rank_endpoints)],
+        ckv_width=layout.ckv_width,
+        kv_itemsize=kv.itemsize,
+        chunk_tokens=_chunk_tokens(reg.max_frame_bytes, max(layout.ckv_width, kv.rope_dim) * kv.itemsize,
+                                   layout.page_size),
+    )
+    problem = draft_mismatch(draft, layout)
+    if problem is None and draft is not None and layout.draft is not None:
+        routes.send_draft = True
+        routes.draft_targets = [reg.rank_endpoints[r] for r in layout.draft_ranks]
+        routes.draft_chunk_tokens = _chunk_tokens(
+            reg.max_frame_bytes, max(draft.kv_lora_rank, draft.rope_dim) * draft.itemsize, layout.page_size
+        )
+    return routes, problem
+
+
+def target_layer_messages(
+    routes: Routes, room: int, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor
+) -> Iterator[tuple[str, list[Frame], int]]:
+    """(endpoint, frames, payload bytes) of one target layer's rows, every decode rank its slice."""
+    n = ckv.shape[0]
+    kpe = kpe.contiguous()
+    ckv_bytes = routes.ckv_width * routes.kv_itemsize
+    for s in range(0, n, routes.chunk_tokens):
+        e = min(n, s + routes.chunk_tokens)
+        kpe_frame = tensor_frame(kpe[s:e])
+        slices: dict[int, Any] = {}  # ranks of one latent group share their slice's bytes
+        for endpoint, a, b in routes.targets:
+            if a not in slices:
+                slices[a] = tensor_frame(ckv[s:e, a:b].contiguous())
+            frames = encode(LayerKV(room, layer, token_start + s, e - s, slices[a], kpe_frame))
+            yield endpoint, frames, (e - s) * ckv_bytes + kpe_frame.nbytes
+
+
+def draft_layer_messages(
+    routes: Routes, room: int, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor
+) -> Iterator[tuple[str, list[Frame], int]]:
+    """(endpoint, frames, payload bytes) of one draft layer's rows, whole, to every rank with a draft."""
+    n = ckv.shape[0]
+    ckv, kpe = ckv.contiguous(), kpe.contiguous()
+    for s in range(0, n, routes.draft_chunk_tokens):
+        e = min(n, s + routes.draft_chunk_tokens)
+        ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
+        frames = encode(LayerKV(room, layer, token_start + s, e - s, ckv_frame, kpe_frame))
+        for endpoint in routes.draft_targets:
+            yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes
+
+
+class OncePerPeer:
+    """Logs that a decode server's rooms go without draft KV once per server and reason, not per room."""
+
+    def __init__(self) -> None:
+        self._warned: set[tuple[str, str]] = set()
+
+    def warn(self, peer: str, problem: str) -> None:
+        if (peer, problem) in self._warned:
+            return
+        if len(self._warned) >= _MAX_WARNED:
+            self._warned.clear()
+        self._warned.add((peer, problem))
+        logger.warning("decode %s: %s; its rooms get the target's KV only and prefill their draft locally", peer, problem)

@@ -1,0 +1,71 @@
+"""A prefill room's life on the sender's IO thread: the engine's commands for it, buffered until the
+decode server registers, then streamed along the room's routes; and what is remembered once it ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tpla_serve.disagg.messages import Done, Register
+from tpla_serve.disagg.routes import Routes
+
+
+@dataclass(frozen=True)
+class LayerCmd:
+    room: int
+    layer: int  # wire numbering: the draft's layers follow the target's
+    token_start: int
+    ckv: torch.Tensor
+    kpe: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.ckv.nbytes + self.kpe.nbytes
+
+
+@dataclass(frozen=True)
+class DoneCmd:
+    done: Done
+
+    @property
+    def room(self) -> int:
+        return self.done.room
+
+
+@dataclass(frozen=True)
+class AbortCmd:
+    room: int
+    message: str
+
+
+Command = LayerCmd | DoneCmd | AbortCmd
+
+
+@dataclass
+class SenderRoom:
+    room: int
+    deadline: float
+    next_start: list[int]  # per wire layer: tokens handed to the stream so far
+    registration: Register | None = None
+    routes: Routes | None = None  # set on registration
+    buffered: list[Command] = field(default_factory=list)
+    buffered_bytes: int = 0
+    touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
+
+    def buffer(self, cmd: Command, total_buffered: int, room_limit: int, total_limit: int) -> str | None:
+        """Keep `cmd` until the decode registers; or why not, when it would pass a byte limit."""
+        nbytes = cmd.nbytes if isinstance(cmd, LayerCmd) else 0
+        if self.buffered_bytes + nbytes > room_limit:
+            return f"more than {room_limit} bytes of KV were ready before the decode server registered the room"
+        if total_buffered + nbytes > total_limit:
+            return f"prefill's KV buffer for unregistered rooms is full ({total_limit} bytes)"
+        self.buffered.append(cmd)
+        self.buffered_bytes += nbytes
+        return None
+
+
+@dataclass
+class EndedRoom:
+    message: str | None  # None: completed
+    reported: bool  # a RoomFailed went (or need not go) to the engine

@@ -1,0 +1,28 @@
+"""Tensor parallelism as processes: the TP group, rank 0's control operations, the other ranks' loop."""
+
+from tpla_serve.distributed.control import (
+    AwaitRoom,
+    CancelRoom,
+    ControlChannel,
+    ControlOp,
+    ExpectRoom,
+    RandomizeKV,
+    RunDraftStep,
+    RunStep,
+    Shutdown,
+)
+from tpla_serve.distributed.group import TPGroup, rank_device
+
+__all__ = [
+    "AwaitRoom",
+    "CancelRoom",
+    "ControlChannel",
+    "ControlOp",
+    "ExpectRoom",
+    "RandomizeKV",
+    "RunDraftStep",
+    "RunStep",
+    "Shutdown",
+    "TPGroup",
+    "rank_device",
+]
