@@ -186,6 +186,5 @@ class ModelRunner:
         """Give the device memory back: another engine may start in this process."""
         self.cuda_graph = None
         if self.device.type == "cuda":
-            for name in ("model", "kv_pool", "attn_backend"):
-                self.__dict__.pop(name, None)
+            del self.model, self.kv_pool, self.attn_backend
             torch.cuda.empty_cache()

@@ -43,6 +43,7 @@ class RankParts:
     draft: DraftModel | None = None
     kv_port: DecodeKVPort | None = None
     kv_endpoints: list[str] = field(default_factory=list)
+    closed: bool = False
 
     def kv_spec(self) -> KVSpec:
         """The target's latent KV as a PD peer must see it."""
@@ -57,6 +58,9 @@ class RankParts:
 
     def close(self) -> None:
         """Stop receiving KV, drop the CUDA graphs, stop the other ranks (rank 0), free the device memory."""
+        if self.closed:
+            return
+        self.closed = True
         if self.kv_port is not None:
             self.kv_port.close()
             self.kv_port = None
