@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -210,6 +211,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 ROLES = ("prefill", "decode", "router", "all")
+API_KEY_ENV = "TPLA_API_KEY"  # the API key, for servers started without it on their command line
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ class ServerConfig:
     port: int = 30000
     served_model_name: str | None = None
     max_body_bytes: int = 32 << 20
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never logged
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -243,10 +245,29 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=d.port)
     g.add_argument("--served-model-name", default=None)
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    g.add_argument("--api-key", default=None)
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer <key>' on every route but /health (or set {API_KEY_ENV}, "
+                        "or give --api-key-file: a command line is visible to every user of the machine)")
+    g.add_argument("--api-key-file", default=None, help="a file holding the API key")
     g.add_argument("--log-level", default=d.log_level)
 
 
+def resolve_api_key(flag: str | None, path: str | None) -> str | None:
+    """The API key from --api-key, else --api-key-file, else the environment (None: no key)."""
+    if flag is not None and path is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if path is not None:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as e:
+            raise ValueError(f"--api-key-file: {e}") from None
+    return flag or os.environ.get(API_KEY_ENV) or None
+
+
 def server_config_from_cli(args: argparse.Namespace) -> ServerConfig:
-    names = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine"}
-    return ServerConfig(engine=EngineConfig.from_cli(args), **{k: v for k, v in vars(args).items() if k in names})
+    names = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine", "api_key"}
+    return ServerConfig(
+        engine=EngineConfig.from_cli(args),
+        api_key=resolve_api_key(args.api_key, args.api_key_file),
+        **{k: v for k, v in vars(args).items() if k in names},
+    )

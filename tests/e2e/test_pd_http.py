@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -119,9 +120,33 @@ def test_room_whose_prefill_never_comes_aborts_and_frees_pages(cluster):
     body = {"text": PROMPTS[0], "sampling_params": PARAMS, "bootstrap_host": HOST,
             "bootstrap_port": free_port(), "bootstrap_room": random.getrandbits(63)}
     out = httpx.post(cluster.decode_url + "/generate", json=body, timeout=120)
-    reason = out.json()["meta_info"]["finish_reason"] if out.status_code == 200 else None
-    assert out.status_code >= 500 or reason["type"] == "abort", out.text
+    assert out.status_code == 503 and out.json()["error"]["type"] == "kv_transfer_failed", out.text
+    streamed = httpx.post(cluster.decode_url + "/generate", json={**body, "stream": True,
+                                                                   "bootstrap_room": random.getrandbits(63)},
+                          timeout=120)
+    assert streamed.status_code == 503 and streamed.json()["error"]["type"] == "kv_transfer_failed"
     after = httpx.get(cluster.decode_url + "/server_info").json()["internal_states"][0]["pages_free"]
     assert after == before
+    ok = httpx.post(cluster.url + "/generate", json={"text": PROMPTS[0], "sampling_params": PARAMS}, timeout=120)
+    assert ok.status_code == 200
+
+
+def test_more_rooms_than_a_decode_server_holds_fail_that_request_not_the_server(cluster):
+    """A batch of 4,100 prompts, each with its own room, passes the decode's 4,096 rooms: that request gets
+    a 503 naming the limit, its rooms are given up, and the server goes on serving."""
+    state = httpx.get(cluster.decode_url + "/server_info").json()["internal_states"][0]
+    n = 4100
+    body = {"input_ids": [[5, 6, 7]] * n, "sampling_params": {"max_new_tokens": 2},
+            "bootstrap_host": [HOST] * n, "bootstrap_port": [free_port()] * n,
+            "bootstrap_room": random.sample(range(1, 1 << 62), n)}
+    out = httpx.post(cluster.decode_url + "/generate", json=body, timeout=300)
+    assert out.status_code == 503 and "retry later" in out.json()["error"]["message"], out.text[:500]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = httpx.get(cluster.decode_url + "/server_info").json()["internal_states"][0]
+        if now["pages_free"] == state["pages_free"] and now["kv_rooms_waiting"] == 0:
+            break
+        time.sleep(0.5)
+    assert now["pages_free"] == state["pages_free"] and now["kv_rooms_waiting"] == 0
     ok = httpx.post(cluster.url + "/generate", json={"text": PROMPTS[0], "sampling_params": PARAMS}, timeout=120)
     assert ok.status_code == 200

@@ -71,6 +71,7 @@ def test_room_without_prefill_times_out_and_frees_pages(pair):
     out = decode_.final(timeout_s=30)
     reason = out.output["meta_info"]["finish_reason"]
     assert reason["type"] == "abort" and reason["message"]
+    assert reason["status_code"] == 503 and reason["err_type"] == "kv_transfer_failed"  # retryable elsewhere
     assert decode_.stats()["pages_free"] == baseline
 
 

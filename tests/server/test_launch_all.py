@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import httpx
-from server_procs import alive, descendants
+from server_procs import alive, descendants, scheduler_pid
 
 
-def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start `--role all` with its output in `log`; return it and the router URL once it says it is ready."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 240
@@ -84,5 +84,63 @@ def test_role_all_with_easyspec_decodes_like_the_target_alone(tmp_path: Path) ->
         assert proc.wait(90) == 0
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_role_all_restarts_a_server_whose_tp_rank_died_and_keeps_the_key_off_command_lines(
+    chat_model_dir: Path, tmp_path: Path
+) -> None:
+    key = "k3y-only-in-the-environment"
+    log = tmp_path / "all.log"
+    small = "--kv-cache-bytes 33554432"
+    cmd = [sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--port", "0", "--model-path", str(chat_model_dir),
+           "--prefill-args", small, "--decode-args", small, "--log-level", "info"]
+    proc, url = _start(cmd, log, {"TPLA_API_KEY": key})
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"text": "def fibonacci(n):", "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+    try:
+        assert httpx.post(url + "/generate", json=body, timeout=120).status_code == 401
+        r = httpx.post(url + "/generate", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        tree = descendants(proc.pid)
+        assert all(key not in _cmdline(pid) for pid in tree | {proc.pid})
+
+        decode_front = next(pid for pid in tree if "--role decode" in _cmdline(pid))
+        scheduler = scheduler_pid(decode_front)
+        (rank1,) = [pid for pid in descendants(scheduler) if "spawn_main" in _cmdline(pid)]  # TP rank 1
+        os.kill(rank1, signal.SIGKILL)
+
+        deadline = time.monotonic() + 240
+        restarted = False
+        while time.monotonic() < deadline:
+            fronts = [pid for pid in descendants(proc.pid) if "--role decode" in _cmdline(pid)]
+            restarted = restarted or (bool(fronts) and fronts != [decode_front])
+            if restarted:
+                try:
+                    r = httpx.post(url + "/generate", json=body, headers=headers, timeout=60)
+                except httpx.TransportError:
+                    r = None
+                if r is not None and r.status_code == 200:
+                    break
+            time.sleep(1.0)
+        assert restarted, "the decode server was not restarted:\n" + log.read_text()[-3000:]
+        assert r is not None and r.status_code == 200, "no answer after the restart:\n" + log.read_text()[-3000:]
+        assert proc.poll() is None  # the cluster kept running
+        text = log.read_text()
+        assert "restarting it" in text and "TP rank 1" in text
+        assert key not in text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

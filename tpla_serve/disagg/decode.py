@@ -26,7 +26,7 @@ from tpla_serve.config import EngineConfig
 from tpla_serve.disagg.events import RoomCompleted, RoomFailed
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
 from tpla_serve.disagg.receiver import KVReceiver, KVWriter
-from tpla_serve.disagg.role import Bootstrap
+from tpla_serve.disagg.role import KV_TRANSFER_FAILED, Bootstrap, ServerBusy
 from tpla_serve.distributed import AwaitRoom, CancelRoom, ExpectRoom, TPGroup
 from tpla_serve.engine.request import Request, RequestSpec
 from tpla_serve.engine.scheduler import Scheduler
@@ -206,6 +206,11 @@ class DecodeRole:
     def add(self, spec: RequestSpec, bootstrap: Bootstrap) -> list[Request]:
         sched = self.scheduler
         room = bootstrap.room
+        if len(self.pending) >= self.port.receiver.max_rooms:
+            raise ServerBusy(
+                f"this decode server already waits for the KV of {len(self.pending)} requests, the most it "
+                "holds: retry later or on another decode server"
+            )
         if room in self.pending or (spec.rid is not None and (spec.rid in sched.requests or spec.rid in self.rooms)):
             raise ValueError(f"bootstrap_room {room} or rid {spec.rid!r} is already in use")
         # Prompt logprobs come from the prefill's answer (the router merges them): none computed here.
@@ -277,7 +282,7 @@ class DecodeRole:
                 if p.req.finished or p.req.stream:
                     ended.append(p.req)
             else:
-                ended.append(self._fail(event.room, p, event.message))
+                ended.append(self._fail(event.room, p, f"KV transfer failed: {event.message}", transfer=True))
         self._start_waiting()
         return ended
 
@@ -291,11 +296,16 @@ class DecodeRole:
                 peer,
             )
 
-    def _fail(self, room: int, p: _Pending, message: str) -> Request:
+    def _fail(self, room: int, p: _Pending, message: str, transfer: bool = False) -> Request:
+        """End a waiting request. transfer: its KV never came (the server's failure, not the client's): the
+        answer is a 503 a router retries on another pair."""
         if p.pages is not None:
             self._cancel(room, message)
             self.scheduler.allocator.free(p.pages)
-        self.scheduler.add_aborted(p.req, message)
+        if transfer:
+            self.scheduler.add_aborted(p.req, message, 503, KV_TRANSFER_FAILED)
+        else:
+            self.scheduler.add_aborted(p.req, message)
         return p.req
 
     def abort(self, rid: str, message: str) -> list[Request]:

@@ -8,6 +8,14 @@ from typing import Any, Protocol
 from tpla_serve.engine.request import Request, RequestSpec
 
 
+# The err_type of a request whose KV transfer failed: its answer is a 503 that a router retries elsewhere.
+KV_TRANSFER_FAILED = "kv_transfer_failed"
+
+
+class ServerBusy(Exception):
+    """A request this server cannot take now (a bounded queue is full): a 503, retryable elsewhere."""
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """The PD fields the router adds to a request (DESIGN §4): where the prefill is, and the room."""

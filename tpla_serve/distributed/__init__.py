@@ -3,11 +3,13 @@
 from tpla_serve.distributed.control import (
     AwaitRoom,
     CancelRoom,
-    ControlChannel,
     ControlOp,
+    ControlReceiver,
+    ControlSender,
     ExpectRoom,
     RandomizeKV,
     RunDraftStep,
+    RankZeroGone,
     RunStep,
     Shutdown,
 )
@@ -16,10 +18,12 @@ from tpla_serve.distributed.group import TPGroup, rank_device
 __all__ = [
     "AwaitRoom",
     "CancelRoom",
-    "ControlChannel",
     "ControlOp",
+    "ControlReceiver",
+    "ControlSender",
     "ExpectRoom",
     "RandomizeKV",
+    "RankZeroGone",
     "RunDraftStep",
     "RunStep",
     "Shutdown",

@@ -2,24 +2,26 @@
 
 Rank 0 schedules; every other rank replays what rank 0 announces. Each announcement is one typed
 operation, encoded as a msgpack list [version, tag, *fields] through an explicit tag → class map (never
-pickle, never a lookup by name). Both ends are processes of one server, so decoding checks the version,
-the tag and the field count and lets the dataclasses take the fields in order.
+pickle, never a lookup by name), sent over ZMQ from rank 0 to every other rank. Both ends are processes of
+one server, so decoding checks the version, the tag and the field count and lets the dataclasses take the
+fields in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 import msgpack
-import torch
-import torch.distributed as dist
+import zmq
 
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
 
 VERSION = 1
 MAX_CONTROL_BYTES = 1 << 30
+ALIVE_CHECK_MS = 1000
 
 
 @dataclass(frozen=True)
@@ -129,23 +131,53 @@ def decode_op(data: bytes) -> ControlOp:
     return cls(**kwargs)
 
 
-class ControlChannel:
-    """Rank 0's announcements to the other ranks: a length, then the operation's bytes, over a gloo group."""
+class ControlSender:
+    """Rank 0's end: one PUSH socket per other rank (a queue each; nothing is lost to a slow joiner)."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        self.group = group
+    def __init__(self, endpoints: list[str]) -> None:
+        self.ctx = zmq.Context()
+        self.sockets = []
+        for endpoint in endpoints:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, 0)  # rank 0 never drops or blocks on an announcement
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(endpoint)
+            self.sockets.append(sock)
 
     def send(self, op: ControlOp) -> None:
         data = encode_op(op)
-        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), src=0, group=self.group)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
+        for sock in self.sockets:
+            sock.send(data, copy=False)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.ctx.term()
+
+
+class RankZeroGone(RuntimeError):
+    """Rank 0's process ended: a rank > 0 has nobody left to serve."""
+
+
+class ControlReceiver:
+    """A rank's end: a PULL socket it blocks on between operations (an idle rank costs no CPU and never
+    times out), waking once a second only to check that rank 0 is still alive."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self.parent_pid = os.getppid()
 
     def receive(self) -> ControlOp:
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self.group)
-        n = int(size.item())
-        if not 0 < n <= MAX_CONTROL_BYTES:
-            raise RuntimeError(f"control message of {n} bytes from rank 0 is out of bounds")
-        buf = torch.empty(n, dtype=torch.uint8)
-        dist.broadcast(buf, src=0, group=self.group)
-        return decode_op(buf.numpy().tobytes())
+        while not self.sock.poll(ALIVE_CHECK_MS):
+            if os.getppid() != self.parent_pid:
+                raise RankZeroGone("rank 0's process is gone")
+        return decode_op(self.sock.recv())
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpla_serve.config import EngineConfig
-from tpla_serve.distributed.control import ControlOp, Shutdown
+from tpla_serve.distributed.control import ControlOp, RankZeroGone, Shutdown
 from tpla_serve.distributed.group import TPGroup
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ BuildRank = Callable[[EngineConfig, TPGroup], RankHandlers]
 def serve(tp: TPGroup, rank: RankHandlers) -> None:
     """Replay rank 0's operations until Shutdown."""
     while True:
-        op: ControlOp = tp.control.receive()
+        op: ControlOp = tp.receive()
         if isinstance(op, Shutdown):
             return
         handler = rank.handlers.get(type(op))
@@ -58,6 +58,8 @@ def run_worker(rank: int, config_fields: dict[str, Any], port: int, errors: Any,
         raise
     try:
         serve(tp, parts)
+    except RankZeroGone:
+        logger.info("rank 0 is gone; TP rank %d exits", rank)
     except RuntimeError as e:
         if not _peer_closed(e):
             errors.put((rank, traceback.format_exc()))

@@ -162,9 +162,15 @@ class StopChecker:
                 self._check_stop_strings()
         return taken
 
-    def abort(self, message: str) -> None:
+    def abort(self, message: str, status_code: int | None = None, err_type: str | None = None) -> None:
+        """End the request. status_code / err_type (SGLang's abort fields): the HTTP error the request's
+        answer becomes, for failures that are the server's, not the client's doing."""
         if not self.finished:
             self.finish_reason = {"type": "abort", "message": message}
+            if status_code is not None:
+                self.finish_reason["status_code"] = status_code
+            if err_type is not None:
+                self.finish_reason["err_type"] = err_type
 
     def _check_stop_strings(self) -> None:
         if not self._params.stop:

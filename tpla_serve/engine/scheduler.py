@@ -143,12 +143,14 @@ class Scheduler:
             req.output_logprobs.append(first_token, first_logprob)
         self._append_token(req, first_token, time.monotonic())
 
-    def add_aborted(self, req: Request, message: str) -> None:
+    def add_aborted(
+        self, req: Request, message: str, status_code: int | None = None, err_type: str | None = None
+    ) -> None:
         """Track a request that ended before it ran (PD: its KV never came), so its output can be reported."""
         if req.rid in self.requests:
             raise ValueError(f"rid {req.rid!r} is already in use")
         self.requests[req.rid] = req
-        req.checker.abort(message)
+        req.checker.abort(message, status_code, err_type)
         self._finish(req, req.checker.finish_reason)
 
     def abort(self, rid: str, message: str = "aborted by request") -> Request | None:

@@ -10,18 +10,24 @@ from fastapi.responses import JSONResponse
 class APIError(Exception):
     """A request the front answers itself with `status` (4xx: the client's fault, 5xx: ours)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, err_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.err_type = err_type
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
-    return {"error": {"message": message, "code": status}}
+def error_body(status: int, message: str, err_type: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"message": message, "code": status}
+    if err_type is not None:
+        error["type"] = err_type
+    return {"error": error}
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, err_type: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, err_type), status_code=status, headers=headers)
 
 
 def format_validation_errors(errors: list[dict[str, Any]]) -> str:

@@ -47,7 +47,9 @@ def _output(msg: Answer) -> dict[str, Any]:
     reason = msg.output.get("meta_info", {}).get("finish_reason") or {}
     status = reason.get("status_code") if isinstance(reason, dict) else None
     if msg.finished and reason.get("type") == "abort" and isinstance(status, int) and status >= 400:
-        raise APIError(status, str(reason.get("message", "the request was aborted")))
+        err_type = reason.get("err_type")
+        raise APIError(status, str(reason.get("message", "the request was aborted")),
+                       err_type if isinstance(err_type, str) else None)
     return msg.output
 
 

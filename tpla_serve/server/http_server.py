@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tpla_serve.config import ServerConfig
 from tpla_serve.server import native_api, openai_api
+from tpla_serve.server.body_check import lone_surrogate
 from tpla_serve.server.errors import APIError, error_response, format_validation_errors
 from tpla_serve.server.metrics import ServerMetrics
 from tpla_serve.server.scheduler_client import SchedulerClient
@@ -33,6 +34,10 @@ _OPEN_PATHS = frozenset({"/health"})
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BadText(Exception):
     pass
 
 
@@ -70,6 +75,8 @@ class GuardMiddleware:
                 except _BodyTooLarge:
                     rejection = (413, f"the request body is larger than the limit of {self.max_body} bytes "
                                       "(--max-body-bytes)")
+                except _BadText as e:
+                    rejection = (400, str(e))
             if rejection is not None:
                 code, message = rejection
                 headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
@@ -109,7 +116,10 @@ class GuardMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        return _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive)
+        body = b"".join(chunks)
+        if (problem := lone_surrogate(body)) is not None:
+            raise _BadText(problem)
+        return _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
@@ -124,7 +134,7 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Any:
-        return error_response(exc.status, exc.message)
+        return error_response(exc.status, exc.message, err_type=exc.err_type)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Any:

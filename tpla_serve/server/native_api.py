@@ -69,7 +69,7 @@ async def stream_response(group: RequestGroup, request: Request, batched: bool) 
             async for index, output, _ in stream_answers(group, first):
                 yield sse({**output, "index": index} if batched else output)
         except APIError as e:
-            yield sse(error_body(e.status, e.message))
+            yield sse(error_body(e.status, e.message, e.err_type))
         yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

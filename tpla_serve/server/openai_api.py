@@ -120,7 +120,7 @@ async def _run(
             if body.include_usage:
                 yield sse(usage_chunk(_usage(list(last.values()))))
         except APIError as e:
-            yield sse(error_body(e.status, e.message))
+            yield sse(error_body(e.status, e.message, e.err_type))
         yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

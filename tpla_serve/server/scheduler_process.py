@@ -20,7 +20,7 @@ import zmq
 from tpla_serve.config import ServerConfig
 from tpla_serve.disagg.decode import DecodeRole
 from tpla_serve.disagg.prefill import PrefillRole, PromptKVStream
-from tpla_serve.disagg.role import Bootstrap, PDRole
+from tpla_serve.disagg.role import Bootstrap, PDRole, ServerBusy
 from tpla_serve.disagg.sender import KVSender
 from tpla_serve.engine.output import request_output
 from tpla_serve.engine.request import Request, RequestSpec
@@ -44,6 +44,10 @@ from tpla_serve.server.messages import (
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # how often an idle scheduler checks that its front is still alive
 BUSY_POLL_MS = 5  # how long to wait for messages while transfers are in flight but nothing can run
+
+
+class TPRankDied(RuntimeError):
+    """One of the server's TP ranks is gone: the server cannot compute, and stops (a supervisor restarts it)."""
 
 
 class SchedulerProcess:
@@ -95,6 +99,16 @@ class SchedulerProcess:
         return data
 
     def handle(self, msg: Message) -> None:
+        """One message from the front. A request the code cannot handle fails alone, with a 500 naming the
+        cause; it never stops the server."""
+        try:
+            self._handle(msg)
+        except Exception as e:
+            logger.exception("handling %s failed", type(msg).__name__)
+            if isinstance(msg, GenerateRequest):
+                self.send(RequestError(msg.rid, 500, f"internal error: {type(e).__name__}: {e}"))
+
+    def _handle(self, msg: Message) -> None:
         if isinstance(msg, GenerateRequest):
             self.handle_generate(msg)
         elif isinstance(msg, AbortRequest):
@@ -124,6 +138,9 @@ class SchedulerProcess:
         except ValueError as e:
             self.send(RequestError(msg.rid, 400, str(e)))
             return
+        except ServerBusy as e:
+            self.send(RequestError(msg.rid, 503, str(e)))
+            return
         self.text_in_logprobs[msg.rid] = msg.return_text_in_logprobs
         self.publish(ready)
 
@@ -145,6 +162,8 @@ class SchedulerProcess:
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
         while True:
+            if self.parts.tp is not None and (why := self.parts.tp.failure()) is not None:
+                raise TPRankDied(why)
             busy = self.scheduler.has_work or (self.pd is not None and self.pd.has_work)
             if self.scheduler.has_work:
                 timeout = 0
@@ -175,7 +194,7 @@ class SchedulerProcess:
             self.pd.close()
         self.parts.close()
         self.inbox.close(0)
-        self.outbox.close(0)
+        self.outbox.close(linger=2000)  # the last answers, or why the scheduler stopped, still reach the front
         self.ctx.term()
 
 
@@ -223,5 +242,8 @@ def run_scheduler_process(config: ServerConfig, to_scheduler: str, from_schedule
         raise
     try:
         proc.run()
+    except Exception as e:  # tell the front why, so every waiting request and /health say so
+        proc.send(RequestError("", 500, f"the scheduler stopped: {e}"))
+        raise
     finally:
         proc.close()
