@@ -149,7 +149,6 @@ class TPGroup:
         sender: ControlSender | None = None,
         receiver: ControlReceiver | None = None,
         processes: RankProcesses | None = None,
-        listener: socket.socket | None = None,
     ) -> None:
         self.rank = rank
         self.size = size
@@ -158,18 +157,18 @@ class TPGroup:
         self.sender = sender
         self.receiver = receiver
         self.processes = processes
-        self.listener = listener  # rank 0: the store's listening socket
 
     @classmethod
     def launch(cls, config: EngineConfig, build: BuildRank) -> TPGroup:
         """Rank 0: spawn ranks 1..T-1 (each builds its parts with `build`) and join the group with them.
         A rank that dies before it joins is reported within a fraction of a second, with its reason."""
         listener = _listening_socket(TP_HOST)
+        port = listener.getsockname()[1]
         store = dist.TCPStore(
-            TP_HOST, listener.getsockname()[1], config.tp_size, True, COLLECTIVE_TIMEOUT,
-            wait_for_workers=False, master_listen_fd=listener.fileno(),
+            TP_HOST, port, config.tp_size, True, COLLECTIVE_TIMEOUT,
+            wait_for_workers=False, master_listen_fd=listener.detach(),  # the store owns the socket now
         )
-        processes = RankProcesses(config, build, listener.getsockname()[1])
+        processes = RankProcesses(config, build, port)
         joined_before = dist.is_initialized()
         try:
             keys = [f"control/{r}" for r in range(1, config.tp_size)]
@@ -188,11 +187,10 @@ class TPGroup:
                 dist.destroy_process_group()
             processes.kill()
             processes.join()
-            listener.close()
             if isinstance(e, RuntimeError):
                 raise
             raise RuntimeError(f"joining the TP group failed: {e}") from e
-        return cls(0, config.tp_size, group, store, sender=sender, processes=processes, listener=listener)
+        return cls(0, config.tp_size, group, store, sender=sender, processes=processes)
 
     @classmethod
     def join(cls, config: EngineConfig, rank: int, store_port: int) -> TPGroup:
@@ -290,7 +288,4 @@ class TPGroup:
             if end is not None:
                 end.close()
         self.sender = self.receiver = None
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
 
