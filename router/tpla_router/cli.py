@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tpla_router",
                                      description="PD-aware router for prefill/decode LLM servers")
     add_router_args(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
@@ -196,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("command line: %s", " ".join(redact_argv(argv)))
     if args.api_key is not None:
         logger.warning("--api-key on the command line is visible to every user of this machine (ps); "
                        "prefer $%s or --api-key-file", API_KEY_ENV)

@@ -10,8 +10,10 @@ output. Once streaming has started, a failure ends the stream with an SSE error 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
+import secrets
 from typing import Any
 
 import orjson
@@ -40,8 +42,8 @@ class _AttemptFailed(Exception):
     failure is not retryable. `status` / `error_type`: the error the client gets once retries run out;
     `in_stream`: that error goes out as an SSE event rather than an HTTP status."""
 
-    def __init__(self, kind: str, message: str, retryable: bool, blame: tuple[Worker, ...], counts: bool = True,
-                 status: int = 502, error_type: str | None = None, answer: Response | None = None,
+    def __init__(self, kind: str, message: str, retryable: bool, blame: tuple[Worker, ...],
+                 counts: bool = True, status: int = 502, error_type: str | None = None, answer: Response | None = None,
                  in_stream: bool = False, unreachable: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
@@ -59,13 +61,15 @@ class _AttemptFailed(Exception):
 def _lost(worker: Worker, error: UpstreamError) -> _AttemptFailed:
     """No answer from `worker`: unreachable, connection broken, or out of time."""
     if isinstance(error, UpstreamTimeout):
-        return _AttemptFailed("timeout", "request timed out", retryable=False, blame=(), counts=False, status=504)
+        return _AttemptFailed("timeout", "request timed out", retryable=False, blame=(), counts=False,
+                              status=504)
     role = worker.role.value
     return _AttemptFailed(f"{role}_unreachable", f"{role} worker {worker.url}: {error}", retryable=True,
                           blame=(worker,), unreachable=True)
 
 
-def _refused(worker: Worker, exchange: UpstreamResponse, body: bytes, pair: tuple[Worker, Worker]) -> _AttemptFailed:
+def _refused(worker: Worker, exchange: UpstreamResponse, body: bytes,
+             pair: tuple[Worker, Worker]) -> _AttemptFailed:
     """`worker` answered with a non-2xx status."""
     status = exchange.status
     assert status is not None
@@ -126,8 +130,8 @@ def _first_event_failure(event: bytes, pair: tuple[Worker, Worker]) -> _AttemptF
         decode = pair[1]
         error = payload.get("error") if isinstance(payload, dict) else None
         if isinstance(error, dict) and error.get("type") == _KV_FAILED:
-            return _AttemptFailed(_KV_FAILED, f"decode worker {decode.url}: {error.get('message')}", retryable=True,
-                                  blame=pair, status=503, error_type=_KV_FAILED, in_stream=True)
+            return _AttemptFailed(_KV_FAILED, f"decode worker {decode.url}: {error.get('message')}",
+                                  retryable=True, blame=pair, status=503, error_type=_KV_FAILED, in_stream=True)
         reason = _abort_reason(payload)
         if reason is not None:
             return _AttemptFailed(_ABORTED, f"decode worker {decode.url} aborted the request: {reason}",
@@ -165,6 +169,9 @@ class PDDispatcher:
         self._config = router.config
         self._metrics = router.metrics
         self._rng = random.Random()
+        # rids: unique per attempt; the random prefix keeps several routers in front of one worker apart
+        self._rid_prefix = secrets.token_hex(6)
+        self._rid_count = itertools.count()
 
     async def handle(self, request: Request, out: ResponseWriter, route: Route) -> Response | None:
         loop = asyncio.get_running_loop()
@@ -177,7 +184,8 @@ class PDDispatcher:
         finally:
             metrics.duration.observe(loop.time() - start)
 
-    async def _dispatch(self, pd: PDRequest, out: ResponseWriter, start: float, deadline: float) -> Response | None:
+    async def _dispatch(self, pd: PDRequest, out: ResponseWriter, start: float,
+                        deadline: float) -> Response | None:
         loop = asyncio.get_running_loop()
         exclude: set[str] = set()
         failure: _AttemptFailed | None = None
@@ -200,7 +208,7 @@ class PDDispatcher:
             prefill, decode = p_lease.worker, d_lease.worker
             rids: list[str] = []
             try:
-                payload, rids = pd.render(prefill)
+                payload, rids = pd.render(prefill, f"{self._rid_prefix}-{next(self._rid_count)}")
                 if pd.stream:
                     return await self._stream(pd, p_lease, d_lease, payload, rids, out, start, deadline)
                 return await self._full(pd, p_lease, d_lease, payload, deadline)
@@ -226,9 +234,9 @@ class PDDispatcher:
                 p_lease.release()
                 d_lease.release()
         assert failure is not None, "the loop runs at least once and returns on success"
-        return await self._give_up(failure, made, out)
+        return self._give_up(failure, made, out)
 
-    async def _give_up(self, failure: _AttemptFailed, attempts: int, out: ResponseWriter) -> Response | None:
+    def _give_up(self, failure: _AttemptFailed, attempts: int, out: ResponseWriter) -> Response | None:
         if failure.kind == "timeout":
             return error_response(504, f"request timed out after {self._config.request_timeout_secs} s")
         if failure.answer is not None and not failure.retryable:
@@ -236,8 +244,7 @@ class PDDispatcher:
         message = f"{failure.message} (gave up after {attempts} attempts)"
         if failure.in_stream:
             out.start(200, b"text/event-stream", _SSE_HEADERS)
-            await out.write(sse_error(failure.status, message, failure.error_type))
-            out.end()
+            out.end(sse_error(failure.status, message, failure.error_type))
             return None
         return error_response(failure.status, message, failure.error_type)
 
@@ -344,7 +351,8 @@ class PDDispatcher:
             raise _lost(decode, e) from None
         return b"".join(chunks)
 
-    async def _first_event(self, d: UpstreamResponse, p: UpstreamResponse, pair: tuple[Worker, Worker]) -> bytes:
+    async def _first_event(self, d: UpstreamResponse, p: UpstreamResponse,
+                           pair: tuple[Worker, Worker]) -> bytes:
         """The decode's stream up to the end of its first event, failing early if the prefill fails."""
         buffered = b""
         while b"\n\n" not in buffered and len(buffered) < _FIRST_EVENT_LIMIT:
@@ -363,33 +371,44 @@ class PDDispatcher:
 
     async def _pump(self, out: ResponseWriter, d: UpstreamResponse, first: bytes, merger: StreamMerger | None,
                     pair: tuple[Worker, Worker], rids: list[str]) -> None:
-        """Copy the decode's stream to the client as it arrives."""
+        """Copy the decode's stream to the client as it arrives (what arrived together goes out together,
+        and the last bytes go out with the end of the answer)."""
         decode = pair[1]
-        chunk = first
+        pending = first
         try:
             while True:
-                if chunk:
-                    data = merger.feed(chunk) if merger is not None else chunk
-                    if data:
-                        await out.write(data)
                 try:
-                    chunk = await d.read()
+                    more = d.read_nowait()
                 except UpstreamError as e:
-                    timed_out = isinstance(e, UpstreamTimeout)
-                    if not timed_out:
-                        decode.breaker.record_failure()
-                        self._router.health.poke(decode)
-                    self._router.abort(pair, rids)
-                    self._metrics.error("timeout" if timed_out else "decode_stream")
-                    reason = "request timed out" if timed_out else f"decode worker {decode.url} stream broke: {e}"
-                    await out.write(sse_error(504 if timed_out else 502, reason))
-                    break
-                if not chunk:
-                    if merger is not None and (tail := merger.flush()):
-                        await out.write(tail)
+                    await out.write(merger.feed(pending) if merger is not None else pending)
+                    self._stream_broke(out, e, pair, rids)
+                    return
+                if more is None:
+                    if pending:
+                        await out.write(merger.feed(pending) if merger is not None else pending)
+                        pending = b""
+                    await d.data_ready()
+                elif more:
+                    pending += more
+                else:
+                    if merger is not None:
+                        pending = merger.feed(pending) + merger.flush()
+                    out.end(pending)
                     decode.breaker.record_success()
-                    break
-            out.end()
+                    return
         except ConnectionError:
             self._router.abort(pair, rids)
             self._metrics.error("client_disconnect")
+
+    def _stream_broke(self, out: ResponseWriter, error: UpstreamError, pair: tuple[Worker, Worker],
+                      rids: list[str]) -> None:
+        """End a stream the decode stopped feeding with an error event."""
+        decode = pair[1]
+        timed_out = isinstance(error, UpstreamTimeout)
+        if not timed_out:
+            decode.breaker.record_failure()
+            self._router.health.poke(decode)
+        self._router.abort(pair, rids)
+        self._metrics.error("timeout" if timed_out else "decode_stream")
+        reason = "request timed out" if timed_out else f"decode worker {decode.url} stream broke: {error}"
+        out.end(sse_error(504 if timed_out else 502, reason))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import uuid
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -52,11 +51,11 @@ class PDRequest:
     merge_logprobs: bool
     routing_key: str | None
 
-    def render(self, prefill: Worker) -> tuple[Body, list[str]]:
+    def render(self, prefill: Worker, rid: str) -> tuple[Body, list[str]]:
         """The body both workers get for one attempt, and the rids to abort it by.
 
-        Each attempt gets fresh rooms, and a fresh rid unless the client chose one, so a retry never
-        collides with the remains of a failed attempt.
+        Each attempt gets fresh rooms, and the fresh `rid` (batch items: rid-0, rid-1, ...) unless the
+        client chose its own, so a retry never collides with the remains of a failed attempt.
         """
         n = self.batch_size
         if n is None:
@@ -66,8 +65,7 @@ class PDRequest:
             fields = b'%b,"bootstrap_room":[%b]' % (prefill.bootstrap_fields_batch(n), rooms)
         rids = self.client_rids
         if rids is None:
-            base = uuid.uuid4().hex
-            rids = [base] if n is None else [f"{base}-{i}" for i in range(n)]
+            rids = [rid] if n is None else [f"{rid}-{i}" for i in range(n)]
             fields += b',"rid":' + orjson.dumps(rids[0] if n is None else rids)
         tail = (b"," if self.has_fields else b"") + fields + b"}"
         return (self.base, tail), rids
@@ -99,7 +97,8 @@ def parse_request(route: Route, raw: bytes, max_new_tokens_cap: int | None) -> P
         fill = _enforce_cap(route, caps, max_new_tokens_cap)
     rid = body.get("rid")
     client_rids = None if rid is None else [str(r) for r in rid] if isinstance(rid, list) else [str(rid)]
-    if any(k in body for k in _OWNED) or ("rid" in body and rid is None) or (fill is not None and "max_tokens" in body):
+    owned = any(k in body for k in _OWNED) or ("rid" in body and rid is None)
+    if owned or (fill is not None and "max_tokens" in body):
         raw, empty = _rewritten(raw, fill)
     else:
         raw = raw.rstrip()
@@ -107,8 +106,8 @@ def parse_request(route: Route, raw: bytes, max_new_tokens_cap: int | None) -> P
         if fill is not None:
             raw = raw[:-1] + (b"" if empty else b",") + b'"max_tokens":%d}' % fill
             empty = False
-    return PDRequest(route, memoryview(raw)[:-1], not empty, client_rids, batch_size, bool(body.get("stream")),
-                     merge, key)
+    return PDRequest(route, memoryview(raw)[:-1], not empty, client_rids, batch_size,
+                     bool(body.get("stream")), merge, key)
 
 
 def _rewritten(raw: bytes, fill: int | None) -> tuple[bytes, bool]:
@@ -180,8 +179,9 @@ def _chat_key(body: dict[str, Any]) -> str | None:
         if not isinstance(m, dict):
             continue
         content = m.get("content")
-        text = content if isinstance(content, str) else orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
-        parts.append(f"{m.get('role')}\x1f{text}\x1e")
+        if not isinstance(content, str):
+            content = orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
+        parts.append(f"{m.get('role')}\x1f{content}\x1e")
     return "".join(parts) or None
 
 

@@ -69,7 +69,8 @@ class Router:
         for worker in workers:
             for rid in rids:
                 self.metrics.aborts.inc()
-                worker.upstream.send(b"POST", b"/abort_request", (orjson.dumps({"rid": rid}),), deadline).detach()
+                body = (orjson.dumps({"rid": rid}),)
+                worker.upstream.send(b"POST", b"/abort_request", body, deadline).detach()
 
     async def add_worker(self, spec: WorkerSpec) -> Worker:
         """Register a worker after it answers its health endpoint once."""

@@ -1,4 +1,4 @@
-"""What the router serves: one RouteSpec per (method, path), read by the dispatcher and the OpenAPI document."""
+"""What the router serves: one RouteSpec per (method, path), read by the dispatcher and by /openapi.json."""
 
 from __future__ import annotations
 

@@ -108,6 +108,9 @@ def test_bodies_are_limited_before_they_are_read(http: httpx.Client, workers: Wo
     status, _, body = raw_exchange(router.port, b"POST /generate HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked"
                                                 b"\r\n\r\n", [chunk] * 40 + [b"0\r\n\r\n"])
     assert status == 413 and "exceeds the limit" in body["error"]["message"]
+    # So is a head that never ends (httptools would gather a header's pieces without bound).
+    status, _, body = raw_exchange(router.port, b"GET /health HTTP/1.1\r\nHost: r\r\nX-Big: ", [b"a" * 32768] * 8)
+    assert status == 431 and "request head larger than" in body["error"]["message"]
 
     # Large bodies under the limit pass through without the router holding many copies of them.
     before = peak_rss_mib(router.proc.pid)
@@ -181,7 +184,7 @@ def test_failed_kv_transfer_is_retried_on_another_pair(http: httpx.Client, worke
             else:
                 assert r.json()["meta_info"]["served_by"] == f"decode:{d1.port}"
             failed_rid = d0.requests()[0]["body"]["rid"]
-            wait_for(lambda: {"rid": failed_rid} in d0.aborts(), what="abort of the failed attempt")
+            wait_for(lambda rid=failed_rid: {"rid": rid} in d0.aborts(), what="abort of the failed attempt")
     assert 'tpla_router_errors_total{kind="kv_transfer_failed"} 2.0' in http.get(router.url + "/metrics").text
 
     # Every pair failing: a 503 of type kv_transfer_failed, or for a stream an error event and [DONE].
@@ -245,7 +248,7 @@ def test_api_key_from_environment_or_file_never_in_ps_or_logs(
     # Given on the command line (discouraged), it is still kept out of the logs.
     on_cli = start_router(router_args(workers.prefill, workers.decode, *NO_HEALTH, "--api-key", secret))
     assert http.get(on_cli.url + "/metrics", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
-    for router in routers + [on_cli]:
+    for router in [*routers, on_cli]:
         router.stop()
         log = router.log.read_text()
         assert "api_key=<redacted>" in log and secret not in log, log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 
@@ -15,6 +16,7 @@ from tpla_router.protocol import PDRequest, Route, parse_request
 from tpla_router.worker import Worker
 
 PREFILL = Worker(WorkerSpec("http://10.1.2.3:30001", Role.PREFILL, 8998), RouterConfig())
+RIDS = itertools.count()
 
 
 def parse(route: Route, body: object, cap: int | None = None):
@@ -23,7 +25,7 @@ def parse(route: Route, body: object, cap: int | None = None):
 
 def render(pd: PDRequest) -> tuple[bytes, list[str]]:
     """The bytes one attempt sends, joined from the pieces render() hands to the upstream writer."""
-    pieces, rids = pd.render(PREFILL)
+    pieces, rids = pd.render(PREFILL, f"rid-{next(RIDS)}")
     return b"".join(pieces), rids
 
 

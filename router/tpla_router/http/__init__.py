@@ -5,7 +5,15 @@ work per request is small (read a JSON body, splice a few fields in, forward it 
 answer back) and a general framework's per-request objects cost more CPU than that work itself.
 """
 
-from .client import Body, UpstreamBroken, UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from .client import (
+    Body,
+    UpstreamBroken,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .server import HttpServer, Request, Response, ResponseWriter, ServerLimits
 
 __all__ = [

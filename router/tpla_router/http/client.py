@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import cast
 from urllib.parse import urlsplit
 
-
 import httptools
 
 Header = tuple[bytes, bytes]
@@ -71,10 +70,6 @@ class UpstreamResponse:
         self._conn: _Connection | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._timer = loop.call_at(deadline, self._on_timeout)
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def body(self) -> bytes:
         """The whole answer of a buffered exchange (valid once `ready` completed without error)."""
@@ -154,6 +149,9 @@ class UpstreamResponse:
 
     def _on_done(self) -> None:
         self._finished = True
+        if self._paused and self._conn is not None:  # the connection goes back to the pool: it must read again
+            self._paused = False
+            self._conn.transport.resume_reading()
         self._conn = None
         self._timer.cancel()
         if not self.ready.done():

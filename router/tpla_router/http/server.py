@@ -19,7 +19,6 @@ from email.utils import formatdate
 from typing import cast
 from urllib.parse import parse_qsl
 
-
 import httptools
 
 logger = logging.getLogger(__name__)
@@ -55,16 +54,17 @@ _INLINE_BODY = 64 << 10  # bodies up to this size go out in the same write as th
 class Request:
     """One parsed request. Header names are lower-case bytes; repeated headers are joined by ', '."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "query_string")
+    __slots__ = ("body", "headers", "http11", "keep_alive", "method", "path", "query_string")
 
     def __init__(self, method: bytes, path: str, query_string: bytes, headers: dict[bytes, bytes], body: bytes,
-                 keep_alive: bool) -> None:
+                 keep_alive: bool, http11: bool = True) -> None:
         self.method = method
         self.path = path
         self.query_string = query_string
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        self.http11 = http11  # else HTTP/1.0: no chunked answers
 
     def query(self) -> dict[str, str]:
         return dict(parse_qsl(self.query_string.decode("utf-8", "replace"), keep_blank_values=True))
@@ -106,25 +106,27 @@ def _head(status: int, content_type: bytes, headers: tuple[Header, ...], date: b
 class ResponseWriter:
     """Streams one answer: chunked transfer coding, or close-delimited for HTTP/1.0 clients.
 
-    A handler that calls `start()` owns the answer and returns None once it called `end()`.
+    A handler that calls `start()` owns the answer and returns None once it called `end()`. The head
+    goes out with the first bytes, and `end(data)` sends the last bytes with the terminator: one
+    write each, so a short stream costs few syscalls.
     """
 
-    __slots__ = ("_conn", "chunked", "ended", "started")
+    __slots__ = ("_conn", "_head", "chunked", "ended", "started")
 
     def __init__(self, conn: _Connection, chunked: bool) -> None:
         self._conn = conn
+        self._head = b""
         self.chunked = chunked
         self.started = False
         self.ended = False
 
     def start(self, status: int, content_type: bytes, headers: tuple[Header, ...] = ()) -> None:
-        conn = self._conn
-        if conn.closed:
+        if self._conn.closed:
             raise ConnectionResetError("the client went away")
         self.started = True
-        parts = _head(status, content_type, headers, conn.server.date_header, self.chunked)
+        parts = _head(status, content_type, headers, self._conn.server.date_header, self.chunked)
         parts.append(b"Transfer-Encoding: chunked\r\n\r\n" if self.chunked else b"\r\n")
-        conn.transport.write(b"".join(parts))
+        self._head = b"".join(parts)
 
     async def write(self, data: bytes) -> None:
         """Send `data` now; waits while the client is not reading (the transport's buffer is full)."""
@@ -133,22 +135,35 @@ class ResponseWriter:
             raise ConnectionResetError("the client went away")
         if not data:
             return
-        conn.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        conn.transport.write(self._framed(data))
         if conn.write_paused:
             await conn.drained()
 
-    def end(self) -> None:
+    def end(self, data: bytes = b"") -> None:
+        """Send `data` (if any) and finish the answer."""
         self.ended = True
-        if self.chunked and not self._conn.closed:
-            self._conn.transport.write(b"0\r\n\r\n")
+        if self._conn.closed:
+            return
+        out = self._framed(data) if data else self._take_head()
+        if self.chunked:
+            out += b"0\r\n\r\n"
+        if out:
+            self._conn.transport.write(out)
+
+    def _framed(self, data: bytes) -> bytes:
+        return self._take_head() + (b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+    def _take_head(self) -> bytes:
+        head, self._head = self._head, b""
+        return head
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: parses requests, runs their handlers one at a time, writes answers in order."""
 
-    __slots__ = ("_body", "_body_bytes", "_close_after", "_drain", "_head_bytes", "_headers", "_limits", "_parser",
-                 "_queue", "_read_paused", "_refusing", "_task", "_url", "closed", "last_input", "server",
-                 "transport", "write_paused")
+    __slots__ = ("_body", "_body_bytes", "_close_after", "_drain", "_head_bytes", "_head_pending", "_headers",
+                 "_in_body", "_limits", "_parser", "_queue", "_read_paused", "_refusing", "_task", "_url", "closed",
+                 "last_input", "server", "transport", "write_paused")
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
@@ -160,6 +175,8 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_bytes = 0
+        self._in_body = False  # between the end of a request's head and the end of its body
+        self._head_pending = 0  # bytes received since the current request's head began
         self._queue: deque[Request | Response] = deque()
         self._task: asyncio.Task[None] | None = None
         self._refusing = False
@@ -174,13 +191,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio.Transport
-
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_input = self.server.now
         if self._refusing:
             return
+        if not self._in_body:
+            self._head_pending += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -198,6 +216,10 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
         except httptools.HttpParserError as e:
             self._refuse(400, f"malformed HTTP request: {e}")
+        else:
+            # httptools gathers a header's pieces itself: a head that never ends must be cut off here.
+            if not self._in_body and self._head_pending > self._limits.max_head_bytes:
+                self._refuse(431, f"request head larger than {self._limits.max_head_bytes} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -228,6 +250,8 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
+        if self._head_bytes > self._limits.max_head_bytes:
+            raise _Refused(431, f"request head larger than {self._limits.max_head_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
@@ -245,8 +269,12 @@ class _Connection(asyncio.Protocol):
         if length is not None and int(length) > limits.max_body_bytes:  # llhttp has checked it is a number
             raise _Refused(413, f"request body of {int(length)} bytes exceeds the limit of "
                                 f"{limits.max_body_bytes} bytes")
+        self._in_body = True
+        self._head_pending = 0
         expect = self._headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
+        if expect is not None and expect.lower() == b"100-continue" and self.idle:
+            # (behind a pipelined answer in progress it would land inside that answer; the client then
+            # sends its body after its own short wait)
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
@@ -261,12 +289,14 @@ class _Connection(asyncio.Protocol):
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         path, _, query = self._url.partition(b"?")
         request = Request(parser.get_method(), path.decode("latin-1"), query, self._headers, body,
-                          parser.should_keep_alive())
+                          parser.should_keep_alive(), parser.get_http_version() != "1.0")
         self._url = b""
         self._headers = {}
         self._head_bytes = 0
         self._body = []
         self._body_bytes = 0
+        self._in_body = False
+        self._head_pending = 0
         if self._task is None and not self._queue:
             self._run(request)
             return
@@ -285,7 +315,7 @@ class _Connection(asyncio.Protocol):
         self._task = self.server.loop.create_task(self._respond(request))
 
     async def _respond(self, request: Request) -> None:
-        writer = ResponseWriter(self, chunked=self._parser.get_http_version() != "1.0")
+        writer = ResponseWriter(self, chunked=request.http11)
         try:
             response = await self.server.handler(request, writer)
         except Exception:
