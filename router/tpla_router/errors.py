@@ -18,16 +18,12 @@ class RouterError(Exception):
         self.error_type = error_type
 
 
-def error_payload(status: int, message: str, error_type: str | None = None) -> dict[str, dict[str, object]]:
+def error_body(status: int, message: str, error_type: str | None = None) -> bytes:
     error: dict[str, object] = {"message": message, "code": status}
     if error_type is not None:
         error["type"] = error_type
-    return {"error": error}
-
-
-def error_body(status: int, message: str, error_type: str | None = None) -> bytes:
     # ASCII-escaped: a message quoting client input must never fail to encode.
-    return json.dumps(error_payload(status, message, error_type)).encode()
+    return json.dumps({"error": error}).encode()
 
 
 def error_response(status: int, message: str, error_type: str | None = None) -> Response:

@@ -40,10 +40,10 @@ class Worker:
         self.role = spec.role
         self.bootstrap_host = urlsplit(spec.url).hostname
         self.bootstrap_port = spec.bootstrap_port
-        host, port = orjson.dumps(self.bootstrap_host), orjson.dumps(self.bootstrap_port)
-        # The PD fields as JSON members, encoded once: every request through this prefill carries them.
-        self.bootstrap_fields = b'"bootstrap_host":%b,"bootstrap_port":%b' % (host, port)
-        self._bootstrap_json = (host, port)
+        # The PD fields as JSON, encoded once: every request through this prefill carries them.
+        self._host_json = orjson.dumps(self.bootstrap_host)
+        self._port_json = orjson.dumps(self.bootstrap_port)
+        self.bootstrap_fields = b'"bootstrap_host":%b,"bootstrap_port":%b' % (self._host_json, self._port_json)
         headers = () if config.api_key is None else ((b"Authorization", f"Bearer {config.api_key}".encode()),)
         self.upstream = UpstreamPool(spec.url, headers)
         self.in_flight = 0
@@ -61,8 +61,9 @@ class Worker:
         )
 
     def bootstrap_fields_batch(self, n: int) -> bytes:
-        host, port = self._bootstrap_json
-        return b'"bootstrap_host":[%b],"bootstrap_port":[%b]' % (b",".join([host] * n), b",".join([port] * n))
+        """The PD fields of a batch of `n`: one host and port per item."""
+        hosts, ports = b",".join([self._host_json] * n), b",".join([self._port_json] * n)
+        return b'"bootstrap_host":[%b],"bootstrap_port":[%b]' % (hosts, ports)
 
     @property
     def available(self) -> bool:
