@@ -129,7 +129,10 @@ async def serve(config: RouterConfig) -> None:
     server = HttpServer(app.handle, ServerLimits(max_body_bytes=config.max_payload_size), error_response)
     await app.router.start()
     try:
-        await server.start(config.host, config.port)
+        try:
+            await server.start(config.host, config.port)
+        except OSError as e:
+            raise SystemExit(f"tpla_router: cannot listen on {config.host}:{config.port}: {e}") from None
         logger.info("listening on http://%s:%d", config.host, config.port)
         if config.api_key is None and not config.loopback_only:
             logger.warning("no API key and listening on %s: generation and info routes are open to anyone who "
