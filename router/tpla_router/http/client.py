@@ -294,7 +294,7 @@ class UpstreamPool:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/").encode()
-        static = [b"Host: ", parts.netloc.encode(), b"\r\n"]
+        static = [b"Host: ", parts.netloc.rpartition("@")[2].encode(), b"\r\n"]  # never any user:password@
         for name, value in headers:
             static += (name, b": ", value, b"\r\n")
         self._static = b"".join(static)
