@@ -14,11 +14,9 @@ import itertools
 import logging
 import random
 import secrets
-from typing import Any
-
-import orjson
 
 from .errors import RouterError, error_response, sse_error
+from .failures import AttemptFailed, Pair, aborted, first_event_failure, lost, refused
 from .http import Body, Request, Response, ResponseWriter, UpstreamError, UpstreamResponse, UpstreamTimeout
 from .logprobs import StreamMerger, merge_response, prefill_prompt_logprobs
 from .protocol import PDRequest, Route, parse_request
@@ -27,117 +25,9 @@ from .worker import Lease, Worker
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_BREAKER_STATUSES = frozenset({500, 502, 503, 504})
-_KV_FAILED = "kv_transfer_failed"
-_ABORTED = "decode_aborted"
 _SSE_HEADERS = ((b"Cache-Control", b"no-cache"),)
 _FIRST_EVENT_LIMIT = 64 << 10  # bytes of a stream held back while waiting for its first event to end
 _POST = b"POST"
-
-
-class _AttemptFailed(Exception):
-    """Why one attempt failed. `blame`: the workers to avoid on the next attempt and, if `counts`, to
-    charge to their circuit breakers. `answer`: the worker's own answer, returned as it is when the
-    failure is not retryable. `status` / `error_type`: the error the client gets once retries run out;
-    `in_stream`: that error goes out as an SSE event rather than an HTTP status."""
-
-    def __init__(self, kind: str, message: str, retryable: bool, blame: tuple[Worker, ...],
-                 counts: bool = True, status: int = 502, error_type: str | None = None, answer: Response | None = None,
-                 in_stream: bool = False, unreachable: bool = False) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retryable = retryable
-        self.blame = blame
-        self.counts = counts
-        self.status = status
-        self.error_type = error_type
-        self.answer = answer
-        self.in_stream = in_stream
-        self.unreachable = unreachable
-
-
-def _lost(worker: Worker, error: UpstreamError) -> _AttemptFailed:
-    """No answer from `worker`: unreachable, connection broken, or out of time."""
-    if isinstance(error, UpstreamTimeout):
-        return _AttemptFailed("timeout", "request timed out", retryable=False, blame=(), counts=False,
-                              status=504)
-    role = worker.role.value
-    return _AttemptFailed(f"{role}_unreachable", f"{role} worker {worker.url}: {error}", retryable=True,
-                          blame=(worker,), unreachable=True)
-
-
-def _refused(worker: Worker, exchange: UpstreamResponse, body: bytes,
-             pair: tuple[Worker, Worker]) -> _AttemptFailed:
-    """`worker` answered with a non-2xx status."""
-    status = exchange.status
-    assert status is not None
-    role = worker.role.value
-    if status == 503 and worker is pair[1] and _KV_FAILED.encode() in body:
-        return _AttemptFailed(_KV_FAILED, f"{role} worker {worker.url}: {_message(body)}", retryable=True,
-                              blame=pair, status=503, error_type=_KV_FAILED)
-    answer = Response(status, body, exchange.content_type or b"application/json")
-    return _AttemptFailed(f"{role}_error", f"{role} worker {worker.url} answered HTTP {status}",
-                          retryable=status in RETRYABLE_STATUSES, blame=(worker,),
-                          counts=status in _BREAKER_STATUSES, status=status, answer=answer)
-
-
-def _message(body: bytes) -> str:
-    """The message of an SGLang-style error body, or the body itself."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body[:200].decode("utf-8", "replace")
-    error = payload.get("error") if isinstance(payload, dict) else None
-    return str(error.get("message")) if isinstance(error, dict) else body[:200].decode("utf-8", "replace")
-
-
-def _abort_reason(payload: Any) -> str | None:
-    """The abort message of a /generate answer (or event) that ended in an abort with no output, else None."""
-    for item in payload if isinstance(payload, list) else (payload,):
-        if not isinstance(item, dict):
-            continue
-        meta = item.get("meta_info")
-        reason = meta.get("finish_reason") if isinstance(meta, dict) else None
-        if isinstance(reason, dict) and reason.get("type") == "abort" and not item.get("text") \
-                and not item.get("output_ids"):
-            return str(reason.get("message") or "aborted")
-    return None
-
-
-def _aborted_answer(body: bytes) -> str | None:
-    if b'"abort"' not in body:  # the common case costs one substring search
-        return None
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return _abort_reason(payload)
-
-
-def _first_event_failure(event: bytes, pair: tuple[Worker, Worker]) -> _AttemptFailed | None:
-    """A retryable failure announced by a stream's first event, if it is one."""
-    if b'"error"' not in event and b'"abort"' not in event:
-        return None
-    for line in event.split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        try:
-            payload = orjson.loads(line[5:])
-        except orjson.JSONDecodeError:
-            return None
-        decode = pair[1]
-        error = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(error, dict) and error.get("type") == _KV_FAILED:
-            return _AttemptFailed(_KV_FAILED, f"decode worker {decode.url}: {error.get('message')}",
-                                  retryable=True, blame=pair, status=503, error_type=_KV_FAILED, in_stream=True)
-        reason = _abort_reason(payload)
-        if reason is not None:
-            return _AttemptFailed(_ABORTED, f"decode worker {decode.url} aborted the request: {reason}",
-                                  retryable=True, blame=pair, error_type=_ABORTED, in_stream=True)
-        return None
-    return None
 
 
 def _failed(future: asyncio.Future[None]) -> bool:
@@ -188,7 +78,7 @@ class PDDispatcher:
                         deadline: float) -> Response | None:
         loop = asyncio.get_running_loop()
         exclude: set[str] = set()
-        failure: _AttemptFailed | None = None
+        failure: AttemptFailed | None = None
         attempts = self._config.retry_max_retries
         made = 0
         for attempt in range(attempts):
@@ -212,7 +102,7 @@ class PDDispatcher:
                 if pd.stream:
                     return await self._stream(pd, p_lease, d_lease, payload, rids, out, start, deadline)
                 return await self._full(pd, p_lease, d_lease, payload, deadline)
-            except _AttemptFailed as f:
+            except AttemptFailed as f:
                 self._router.abort((prefill, decode), rids)
                 self._metrics.error(f.kind)
                 for worker in f.blame:
@@ -236,7 +126,7 @@ class PDDispatcher:
         assert failure is not None, "the loop runs at least once and returns on success"
         return self._give_up(failure, made, out)
 
-    def _give_up(self, failure: _AttemptFailed, attempts: int, out: ResponseWriter) -> Response | None:
+    def _give_up(self, failure: AttemptFailed, attempts: int, out: ResponseWriter) -> Response | None:
         if failure.kind == "timeout":
             return error_response(504, f"request timed out after {self._config.request_timeout_secs} s")
         if failure.answer is not None and not failure.retryable:
@@ -253,17 +143,17 @@ class PDDispatcher:
         ms = min(c.retry_initial_backoff_ms * c.retry_backoff_multiplier ** (attempt - 1), c.retry_max_backoff_ms)
         return ms * (1.0 + c.retry_jitter_factor * self._rng.uniform(-1.0, 1.0)) / 1000.0
 
-    def _check_prefill(self, p: UpstreamResponse, pair: tuple[Worker, Worker]) -> None:
+    def _check_prefill(self, p: UpstreamResponse, pair: Pair) -> None:
         """Raise if the prefill's (finished) exchange failed or answered non-2xx."""
         ready = p.ready
         if ready.cancelled():
-            raise _lost(pair[0], UpstreamError("the exchange was cancelled"))
+            raise lost(pair[0], UpstreamError("the exchange was cancelled"))
         error = ready.exception()
         if error is not None:
             assert isinstance(error, UpstreamError)
-            raise _lost(pair[0], error)
+            raise lost(pair[0], error)
         if not 200 <= (p.status or 0) < 300:
-            raise _refused(pair[0], p, p.body(), pair)
+            raise refused(pair[0], p, p.body(), pair)
 
     async def _full(self, pd: PDRequest, p_lease: Lease, d_lease: Lease, payload: Body,
                     deadline: float) -> Response:
@@ -279,14 +169,13 @@ class PDDispatcher:
             error = d.ready.exception()
             if error is not None:
                 assert isinstance(error, UpstreamError)
-                raise _lost(decode, error)
+                raise lost(decode, error)
             body = d.body()
             if not 200 <= (d.status or 0) < 300:
-                raise _refused(decode, d, body, pair)
-            reason = _aborted_answer(body)
-            if reason is not None:
-                raise _AttemptFailed(_ABORTED, f"decode worker {decode.url} aborted the request: {reason}",
-                                     retryable=True, blame=pair, error_type=_ABORTED)
+                raise refused(decode, d, body, pair)
+            failure = aborted(body, pair)
+            if failure is not None:
+                raise failure
             await _until(p.ready, d.ready)
             self._check_prefill(p, pair)
         finally:
@@ -313,9 +202,9 @@ class PDDispatcher:
             error = d.ready.exception()
             if error is not None:
                 assert isinstance(error, UpstreamError)
-                raise _lost(decode, error)
+                raise lost(decode, error)
             if not 200 <= (d.status or 0) < 300:
-                raise _refused(decode, d, await self._rest(d, decode), pair)
+                raise refused(decode, d, await self._rest(d, decode), pair)
             merger: StreamMerger | None = None
             if pd.merge_logprobs:
                 # Prompt logprobs go into the first event, so the prefill's answer is needed first; in
@@ -324,7 +213,7 @@ class PDDispatcher:
                 self._check_prefill(p, pair)
                 merger = StreamMerger(prefill_prompt_logprobs(p.body()))
             first = await self._first_event(d, p, pair)
-            failure = _first_event_failure(first, pair)
+            failure = first_event_failure(first, pair)
             if failure is not None:
                 raise failure
             out.start(d.status or 200, d.content_type or b"text/event-stream", _SSE_HEADERS)
@@ -348,11 +237,11 @@ class PDDispatcher:
             while chunk := await d.read():
                 chunks.append(chunk)
         except UpstreamError as e:
-            raise _lost(decode, e) from None
+            raise lost(decode, e) from None
         return b"".join(chunks)
 
     async def _first_event(self, d: UpstreamResponse, p: UpstreamResponse,
-                           pair: tuple[Worker, Worker]) -> bytes:
+                           pair: Pair) -> bytes:
         """The decode's stream up to the end of its first event, failing early if the prefill fails."""
         buffered = b""
         while b"\n\n" not in buffered and len(buffered) < _FIRST_EVENT_LIMIT:
@@ -362,7 +251,7 @@ class PDDispatcher:
             try:
                 chunk = d.read_nowait()
             except UpstreamError as e:
-                raise _lost(pair[1], e) from None
+                raise lost(pair[1], e) from None
             if chunk == b"":
                 break
             if chunk is not None:
@@ -370,7 +259,7 @@ class PDDispatcher:
         return buffered
 
     async def _pump(self, out: ResponseWriter, d: UpstreamResponse, first: bytes, merger: StreamMerger | None,
-                    pair: tuple[Worker, Worker], rids: list[str]) -> None:
+                    pair: Pair, rids: list[str]) -> None:
         """Copy the decode's stream to the client as it arrives (what arrived together goes out together,
         and the last bytes go out with the end of the answer)."""
         decode = pair[1]
@@ -400,7 +289,7 @@ class PDDispatcher:
             self._router.abort(pair, rids)
             self._metrics.error("client_disconnect")
 
-    def _stream_broke(self, out: ResponseWriter, error: UpstreamError, pair: tuple[Worker, Worker],
+    def _stream_broke(self, out: ResponseWriter, error: UpstreamError, pair: Pair,
                       rids: list[str]) -> None:
         """End a stream the decode stopped feeding with an error event."""
         decode = pair[1]
