@@ -343,7 +343,7 @@ class UpstreamPool:
             return
         finally:
             exchange._connect_task = None
-        if exchange._closed or exchange._error is not None or self._closed:
+        if exchange._closed or exchange._error is not None:  # the caller gave up meanwhile
             self._release(conn)
         else:
             conn.start(exchange)
