@@ -214,8 +214,9 @@ def main() -> None:
 
 def _write(args: argparse.Namespace, results: dict[tuple[str, str], Series], load_at_start: float) -> Path:
     today = time.strftime("%Y-%m-%d")
-    versions = [f"aiohttp {metadata.version('aiohttp')}"]
-    versions.append(f"uvloop {metadata.version('uvloop')}" if _has("uvloop") else "no uvloop")
+    versions = [f"{dist} {metadata.version(dist)}" if _has(dist) else f"no {dist}"
+                for dist in ("httptools", "orjson", "uvloop")]
+    versions.append(f"aiohttp {metadata.version('aiohttp')} (load generators, stubs)")
     if _has("sglang-router"):
         versions.append(f"sglang-router {metadata.version('sglang-router')}")
     lines = [
@@ -250,10 +251,29 @@ def _write(args: argparse.Namespace, results: dict[tuple[str, str], Series], loa
         errors = sum(p.errors for p in cell.latency + cell.throughput)
         added = "– | –" if name == DIRECT else f"{p50 - b50:.2f} | {p99 - b99:.2f}"
         lines.append(f"| {mode} | {name} | {rate} | {cpu:.3f} | {p50:.2f} | {p99:.2f} | {added} | {errors} |")
+    lines += _targets(results)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"router_{today}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _targets(results: dict[tuple[str, str], Series]) -> list[str]:
+    """tpla_router against the targets (req/s >= sglang-router's, CPU-ms/req <= 1.2x its, added p50 <= 1 ms)."""
+    modes = sorted({mode for mode, name in results if name == "sglang-router"})
+    if not modes:
+        return []
+    lines = ["", "Targets, from the medians above (tpla_router / sglang-router):", ""]
+    for mode in modes:
+        ours, theirs, base = (results[(mode, n)] for n in ("tpla_router", "sglang-router", DIRECT))
+        rate = [s.median([p.rate for p in s.throughput]) for s in (ours, theirs)]
+        cpu = [s.median([p.cpu_ms_per_request for p in s.throughput]) for s in (ours, theirs)]
+        added = ours.median([p.pct(0.5) for p in ours.latency]) - base.median([p.pct(0.5) for p in base.latency])
+        verdicts = [f"req/s {rate[0] / rate[1]:.2f}x ({'met' if rate[0] >= rate[1] else 'missed'})",
+                    f"CPU-ms/req {cpu[0] / cpu[1]:.2f}x ({'met' if cpu[0] <= 1.2 * cpu[1] else 'missed'})",
+                    f"added p50 {added:.2f} ms ({'met' if added <= 1.0 else 'missed'})"]
+        lines.append(f"- {mode}: " + "; ".join(verdicts))
+    return lines
 
 
 if __name__ == "__main__":

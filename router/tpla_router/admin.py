@@ -6,23 +6,26 @@ prefill workers, bootstrap_port.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from aiohttp import web
+import orjson
 
 from .config import Role, WorkerSpec, normalize_url
 from .errors import RouterError
+from .http import Request, Response, ResponseWriter
 from .router import Router
 
 
-async def _params(request: web.Request) -> dict[str, Any]:
-    params: dict[str, Any] = dict(request.query)
-    raw = await request.read()
-    if raw.strip():
+def _json(payload: Any) -> Response:
+    return Response(200, orjson.dumps(payload))
+
+
+def _params(request: Request) -> dict[str, Any]:
+    params: dict[str, Any] = request.query()
+    if request.body.strip():
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            body = orjson.loads(request.body)
+        except orjson.JSONDecodeError as e:
             raise RouterError(400, f"request body is not valid JSON: {e}", "bad_request") from None
         if not isinstance(body, dict):
             raise RouterError(400, "request body must be a JSON object", "bad_request")
@@ -35,9 +38,11 @@ async def _params(request: web.Request) -> dict[str, Any]:
 def _bootstrap_port(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
         return None
+    if isinstance(value, bool):
+        raise RouterError(400, f"bootstrap_port must be an integer or 'none', got {value!r}", "bad_request")
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RouterError(400, f"bootstrap_port must be an integer or 'none', got {value!r}", "bad_request") from None
 
 
@@ -45,13 +50,8 @@ class AdminHandlers:
     def __init__(self, router: Router) -> None:
         self._router = router
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/add_worker", self.add_worker)
-        app.router.add_post("/remove_worker", self.remove_worker)
-        app.router.add_get("/list_workers", self.list_workers)
-
-    async def add_worker(self, request: web.Request) -> web.Response:
-        params = await _params(request)
+    async def add_worker(self, request: Request, out: ResponseWriter) -> Response:
+        params = _params(request)
         try:
             role = Role(params.get("worker_type"))
         except ValueError:
@@ -61,17 +61,16 @@ class AdminHandlers:
         except ValueError as e:
             raise RouterError(400, str(e), "bad_request") from None
         worker = await self._router.add_worker(spec)
-        return web.json_response({"added": worker.describe()})
+        return _json({"added": worker.describe()})
 
-    async def remove_worker(self, request: web.Request) -> web.Response:
-        params = await _params(request)
+    async def remove_worker(self, request: Request, out: ResponseWriter) -> Response:
+        params = _params(request)
         try:
             url = normalize_url(params["url"])
         except ValueError as e:
             raise RouterError(400, str(e), "bad_request") from None
         worker = self._router.remove_worker(url)
-        return web.json_response({"removed": worker.describe()})
+        return _json({"removed": worker.describe()})
 
-    async def list_workers(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {role.value: [w.describe() for w in pool] for role, pool in self._router.pools.items()})
+    async def list_workers(self, request: Request, out: ResponseWriter) -> Response:
+        return _json({role.value: [w.describe() for w in pool] for role, pool in self._router.pools.items()})

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .app import run
 from .config import LOG_LEVELS, POLICY_NAMES, Role, RouterConfig, WorkerSpec
 
+API_KEY_ENV = "TPLA_API_KEY"
 _DEFAULTS = RouterConfig()
+_REDACTED = "<redacted>"
+logger = logging.getLogger(__name__)
 
 
 def add_router_args(parser: argparse.ArgumentParser, common: bool = True) -> None:
@@ -82,7 +88,13 @@ def add_router_args(parser: argparse.ArgumentParser, common: bool = True) -> Non
 
     g = parser.add_argument_group("security and logging")
     g.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health, and send the same "
+                        f"key to the workers. Visible in ps: prefer ${API_KEY_ENV} or --api-key-file")
+    g.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from this file (its only line)")
+    g.add_argument("--enable-admin", action="store_true",
+                   help="serve /add_worker and /remove_worker without an API key even when listening beyond "
+                        "loopback (without a key they are off there by default)")
     if common:
         g.add_argument("--log-level", choices=LOG_LEVELS, default=d.log_level)
 
@@ -97,6 +109,42 @@ def _prefill_spec(values: list[str]) -> WorkerSpec:
         except ValueError:
             raise ValueError(f"--prefill bootstrap port must be a number or 'none', got {values[1]!r}") from None
     return WorkerSpec(values[0], Role.PREFILL, port)
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key, --api-key-file or $TPLA_API_KEY (in that order; the two flags exclude each other)."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise ValueError("give the API key once: --api-key or --api-key-file")
+    if args.api_key_file is not None:
+        path = Path(args.api_key_file)
+        try:
+            key = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file {path}: cannot read it ({e})") from None
+        if not key or "\n" in key:
+            raise ValueError(f"--api-key-file {path} must hold the key on its one line")
+        return key
+    if args.api_key is not None:
+        return args.api_key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with the value of --api-key hidden, for logging a command line."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(_REDACTED)
+            hide_next = False
+        elif arg == "--api-key":
+            out.append(arg)
+            hide_next = True
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=" + _REDACTED)
+        else:
+            out.append(arg)
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -132,7 +180,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         health_check_interval_secs=args.health_check_interval_secs,
         health_check_endpoint=args.health_check_endpoint,
         disable_health_check=args.disable_health_check,
-        api_key=args.api_key,
+        api_key=resolve_api_key(args),
+        enable_admin=args.enable_admin,
         log_level=args.log_level,
     )
 
@@ -141,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tpla_router",
                                      description="PD-aware router for prefill/decode LLM servers")
     add_router_args(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
@@ -148,4 +198,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("command line: %s", " ".join(redact_argv(argv)))
+    if args.api_key is not None:
+        logger.warning("--api-key on the command line is visible to every user of this machine (ps); "
+                       "prefer $%s or --api-key-file", API_KEY_ENV)
     run(config)

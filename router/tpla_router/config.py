@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ipaddress
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from urllib.parse import urlsplit
 
@@ -52,8 +53,8 @@ class RouterConfig:
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 1 << 26
-    # requests
-    max_payload_size: int = 512 << 20
+    # requests (the body limit is the servers' own)
+    max_payload_size: int = 32 << 20
     max_new_tokens_cap: int | None = None
     request_timeout_secs: float = 1800.0
     # retries: attempts in all, counted as SGLang's router counts them (1 disables retrying)
@@ -67,15 +68,16 @@ class RouterConfig:
     cb_success_threshold: int = 3
     cb_timeout_duration_secs: float = 60.0
     disable_circuit_breaker: bool = False
-    # health checks
+    # health checks: a dead worker leaves rotation within ~3 s without traffic, at once with it
     health_failure_threshold: int = 3
     health_success_threshold: int = 2
-    health_check_timeout_secs: float = 5.0
-    health_check_interval_secs: float = 60.0
+    health_check_timeout_secs: float = 1.0
+    health_check_interval_secs: float = 1.0
     health_check_endpoint: str = "/health"
     disable_health_check: bool = False
     # security and logging
     api_key: str | None = field(default=None, repr=False)
+    enable_admin: bool = False  # serve /add_worker and /remove_worker without an API key on any address
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -118,6 +120,33 @@ class RouterConfig:
                      "cb_timeout_duration_secs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the router listens on a loopback address only (so only this machine reaches it)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def admin_open(self) -> bool:
+        """Whether admin routes serve without an API key (with one, they need it like every route)."""
+        return self.enable_admin or self.loopback_only
+
+    def redacted(self) -> str:
+        """Every setting, the API key shown only as set or not: the form for logs."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "api_key":
+                value = None if value is None else "<redacted>"
+            elif f.name in ("prefill", "decode"):
+                value = [s.url if s.bootstrap_port is None else f"{s.url} {s.bootstrap_port}" for s in value]
+            parts.append(f"{f.name}={value}")
+        return ", ".join(parts)
 
     @property
     def effective_prefill_policy(self) -> str:

@@ -1,25 +1,35 @@
-"""The router's one error shape, {"error": {"message", "code"}}, as SGLang servers answer."""
+"""The router's one error shape, {"error": {"message", "code"[, "type"]}}, as SGLang servers answer."""
 
 from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from .http import Response
 
 
 class RouterError(Exception):
     """A request the router answers itself with `status`; `kind` labels the error metric."""
 
-    def __init__(self, status: int, message: str, kind: str) -> None:
+    def __init__(self, status: int, message: str, kind: str, error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
+        self.error_type = error_type
 
 
-def error_body(status: int, message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "code": status}}).encode()
+def error_body(status: int, message: str, error_type: str | None = None) -> bytes:
+    error: dict[str, object] = {"message": message, "code": status}
+    if error_type is not None:
+        error["type"] = error_type
+    # ASCII-escaped: a message quoting client input must never fail to encode.
+    return json.dumps({"error": error}).encode()
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=error_body(status, message), content_type="application/json")
+def error_response(status: int, message: str, error_type: str | None = None) -> Response:
+    return Response(status, error_body(status, message, error_type))
+
+
+def sse_error(status: int, message: str, error_type: str | None = None) -> bytes:
+    """The SSE events that end a stream on an error: the error event, then [DONE]."""
+    return b"data: " + error_body(status, message, error_type) + b"\n\ndata: [DONE]\n\n"

@@ -13,6 +13,11 @@ from typing import Any
 _DATA = b"data:"
 
 
+def _dumps(payload: Any) -> bytes:
+    # A lone surrogate (from a \udXXX escape in the decode's JSON) goes back out as that same escape.
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def _index(event: dict[str, Any]) -> int:
     """A streamed batch event's item index; events of a single request carry none."""
     index = event.get("index", 0)
@@ -75,7 +80,7 @@ def merge_response(prefill: dict[int, list[Any]], decode_body: bytes) -> bytes:
         return decode_body
     for i, item in enumerate(_items(payload)):
         _prepend(item, prefill.get(i))
-    return json.dumps(payload, ensure_ascii=False).encode()
+    return _dumps(payload)
 
 
 class StreamMerger:
@@ -116,5 +121,5 @@ class StreamMerger:
                 continue
             if isinstance(payload, dict):
                 _prepend(payload, self._prefill.get(_index(payload)))
-                lines[n] = b"data: " + json.dumps(payload, ensure_ascii=False).encode()
+                lines[n] = b"data: " + _dumps(payload)
         return b"\n".join(lines)

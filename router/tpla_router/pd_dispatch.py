@@ -1,90 +1,56 @@
 """The PD request path: pick a pair, send the same body to both at once, answer with the decode's reply.
 
-One attempt = one (prefill, decode) pair, one set of bootstrap rooms. An attempt that fails before
-any byte reached the client is aborted on both workers and retried on a new pair; once streaming has
-started, failures end the stream with an SSE error event instead.
+One attempt = one (prefill, decode) pair and one set of bootstrap rooms. An attempt that fails before
+any byte reached the client is aborted on both workers and retried on a new pair: a worker that
+cannot be reached, 408/429/5xx from either, and a decode whose KV transfer failed (503 with
+`kv_transfer_failed`, as its status or as its first SSE event) or that answers an abort with no
+output. Once streaming has started, a failure ends the stream with an SSE error event instead.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import logging
 import random
+import secrets
 
-import aiohttp
-from aiohttp import web
-
-from .errors import RouterError, error_response
+from .errors import RouterError, error_response, sse_error
+from .failures import AttemptFailed, Pair, aborted, first_event_failure, lost, refused
+from .http import Body, Request, Response, ResponseWriter, UpstreamError, UpstreamResponse, UpstreamTimeout
 from .logprobs import StreamMerger, merge_response, prefill_prompt_logprobs
 from .protocol import PDRequest, Route, parse_request
 from .router import Router
-from .upstream import Reply
-from .worker import Worker
+from .worker import Lease, Worker
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_BREAKER_STATUSES = frozenset({500, 502, 503, 504})
-_NOT_FORWARDED = frozenset({
-    "host", "content-length", "content-type", "accept-encoding", "connection", "keep-alive",
-    "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection",
-})
+_SSE_HEADERS = ((b"Cache-Control", b"no-cache"),)
+_FIRST_EVENT_LIMIT = 64 << 10  # bytes of a stream held back while waiting for its first event to end
+_POST = b"POST"
 
 
-class _AttemptFailed(Exception):
-    def __init__(self, worker: Worker, kind: str, message: str, retryable: bool,
-                 upstream: Reply | None = None) -> None:
-        super().__init__(message)
-        self.worker = worker
-        self.kind = kind
-        self.message = message
-        self.retryable = retryable
-        self.upstream = upstream
+def _failed(future: asyncio.Future[None]) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
-def _failure(worker: Worker, res: Reply) -> _AttemptFailed:
-    role = worker.role.value
-    if res.timed_out:
-        return _AttemptFailed(worker, "timeout", "request timed out", retryable=False)
-    if res.status is None:
-        return _AttemptFailed(worker, f"{role}_unreachable", f"{role} worker {worker.url}: {res.error}",
-                              retryable=True)
-    return _AttemptFailed(worker, f"{role}_error", f"{role} worker {worker.url} answered HTTP {res.status}",
-                          retryable=res.status in RETRYABLE_STATUSES, upstream=res)
-
-
-def _check(worker: Worker, res: Reply) -> None:
-    if not res.ok:
-        raise _failure(worker, res)
-
-
-def _settle(task: asyncio.Future[object]) -> None:
-    """Cancel a task we no longer need, or mark its exception as seen if it already failed."""
-    if not task.done():
-        task.cancel()
-    elif not task.cancelled():
-        task.exception()
-
-
-def _record(worker: Worker, res: Reply) -> None:
-    """Connection failures and server errors count against the breaker; timeouts count for nothing."""
-    if res.timed_out:
+async def _until(main: asyncio.Future[None], watched: asyncio.Future[None]) -> None:
+    """Wait until `main` is done or `watched` fails, whichever comes first; never raises their errors."""
+    if main.done() or _failed(watched):
         return
-    if res.status is None or res.status in _BREAKER_STATUSES:
-        worker.breaker.record_failure()
-    else:
-        worker.breaker.record_success()
+    waiter = asyncio.get_running_loop().create_future()
 
+    def wake(future: asyncio.Future[None]) -> None:
+        if not waiter.done() and (future is main or future.cancelled() or future.exception() is not None):
+            waiter.set_result(None)
 
-def forward_headers(request: web.Request) -> dict[str, str]:
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
-    headers["Content-Type"] = "application/json"
-    return headers
-
-
-def _sse_error(message: str) -> bytes:
-    return b"data: " + json.dumps({"error": {"message": message}}).encode() + b"\n\ndata: [DONE]\n\n"
+    main.add_done_callback(wake)
+    watched.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        main.remove_done_callback(wake)
+        watched.remove_done_callback(wake)
 
 
 class PDDispatcher:
@@ -93,23 +59,26 @@ class PDDispatcher:
         self._config = router.config
         self._metrics = router.metrics
         self._rng = random.Random()
+        # rids: unique per attempt; the random prefix keeps several routers in front of one worker apart
+        self._rid_prefix = secrets.token_hex(6)
+        self._rid_count = itertools.count()
 
-    async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
+    async def handle(self, request: Request, out: ResponseWriter, route: Route) -> Response | None:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        self._metrics.route(route.value).requests.inc()
+        metrics = self._metrics.route(route.value)
+        metrics.requests.inc()
         try:
-            pd = parse_request(route, await request.read(), self._config.max_new_tokens_cap)
-            return await self._dispatch(request, pd, start, start + self._config.request_timeout_secs)
+            pd = parse_request(route, request.body, self._config.max_new_tokens_cap)
+            return await self._dispatch(pd, out, start, start + self._config.request_timeout_secs)
         finally:
-            self._metrics.route(route.value).duration.observe(loop.time() - start)
+            metrics.duration.observe(loop.time() - start)
 
-    async def _dispatch(self, request: web.Request, pd: PDRequest, start: float,
-                        deadline: float) -> web.StreamResponse:
+    async def _dispatch(self, pd: PDRequest, out: ResponseWriter, start: float,
+                        deadline: float) -> Response | None:
         loop = asyncio.get_running_loop()
-        headers = forward_headers(request)
         exclude: set[str] = set()
-        failure: _AttemptFailed | None = None
+        failure: AttemptFailed | None = None
         attempts = self._config.retry_max_retries
         made = 0
         for attempt in range(attempts):
@@ -120,205 +89,215 @@ class PDDispatcher:
                 self._metrics.route(pd.route.value).retries.inc()
                 await asyncio.sleep(delay)
             try:
-                prefill, decode = self._router.select_pair(pd.routing_key, exclude)
+                p_lease, d_lease = self._router.select_pair(pd.routing_key, exclude)
             except RouterError:
                 if failure is None:
                     raise
                 break
             made += 1
-            payload, rids = pd.render(prefill)
+            prefill, decode = p_lease.worker, d_lease.worker
+            rids: list[str] = []
             try:
+                payload, rids = pd.render(prefill, f"{self._rid_prefix}-{next(self._rid_count)}")
                 if pd.stream:
-                    return await self._stream(request, pd, prefill, decode, payload, rids, headers, start,
-                                              deadline)
-                return await self._full(pd, prefill, decode, payload, headers, deadline)
-            except _AttemptFailed as f:
-                self._router.abort((prefill, decode), rids, headers)
+                    return await self._stream(pd, p_lease, d_lease, payload, rids, out, start, deadline)
+                return await self._full(pd, p_lease, d_lease, payload, deadline)
+            except AttemptFailed as f:
+                self._router.abort((prefill, decode), rids)
                 self._metrics.error(f.kind)
+                for worker in f.blame:
+                    if f.counts:
+                        worker.breaker.record_failure()
+                    if f.unreachable:
+                        self._router.health.poke(worker)
                 logger.warning("attempt %d/%d on (%s, %s) failed: %s", attempt + 1, attempts, prefill.url,
                                decode.url, f.message)
                 failure = f
                 if not f.retryable:
                     break
-                exclude.add(f.worker.url)
+                exclude.update(w.url for w in f.blame)
             except asyncio.CancelledError:
-                self._router.abort((prefill, decode), rids, headers)
+                self._router.abort((prefill, decode), rids)
                 self._metrics.error("client_disconnect")
                 raise
+            finally:
+                p_lease.release()
+                d_lease.release()
         assert failure is not None, "the loop runs at least once and returns on success"
-        return self._give_up(failure, made)
+        return self._give_up(failure, made, out)
 
-    def _give_up(self, failure: _AttemptFailed, attempts: int) -> web.Response:
-        up = failure.upstream
-        if up is not None and up.status is not None and not failure.retryable:
-            return web.Response(status=up.status, body=up.body,
-                                headers={"Content-Type": up.content_type or "application/json"})
+    def _give_up(self, failure: AttemptFailed, attempts: int, out: ResponseWriter) -> Response | None:
         if failure.kind == "timeout":
             return error_response(504, f"request timed out after {self._config.request_timeout_secs} s")
-        status = up.status if up is not None and up.status is not None else 502
-        return error_response(status, f"{failure.message} (gave up after {attempts} attempts)")
+        if failure.answer is not None and not failure.retryable:
+            return failure.answer
+        message = f"{failure.message} (gave up after {attempts} attempts)"
+        if failure.in_stream:
+            out.start(200, b"text/event-stream", _SSE_HEADERS)
+            out.end(sse_error(failure.status, message, failure.error_type))
+            return None
+        return error_response(failure.status, message, failure.error_type)
 
     def _backoff(self, attempt: int) -> float:
         c = self._config
         ms = min(c.retry_initial_backoff_ms * c.retry_backoff_multiplier ** (attempt - 1), c.retry_max_backoff_ms)
         return ms * (1.0 + c.retry_jitter_factor * self._rng.uniform(-1.0, 1.0)) / 1000.0
 
-    def _timeout(self, deadline: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=max(deadline - asyncio.get_running_loop().time(), 1e-3))
+    def _check_prefill(self, p: UpstreamResponse, pair: Pair) -> None:
+        """Raise if the prefill's (finished) exchange failed or answered non-2xx."""
+        ready = p.ready
+        if ready.cancelled():
+            raise lost(pair[0], UpstreamError("the exchange was cancelled"))
+        error = ready.exception()
+        if error is not None:
+            assert isinstance(error, UpstreamError)
+            raise lost(pair[0], error)
+        if not 200 <= (p.status or 0) < 300:
+            raise refused(pair[0], p, p.body(), pair)
 
-    async def _call(self, worker: Worker, path: str, payload: bytes, headers: dict[str, str],
-                    deadline: float) -> Reply:
-        """POST and read the whole answer; releases the worker's load when done."""
+    async def _full(self, pd: PDRequest, p_lease: Lease, d_lease: Lease, payload: Body,
+                    deadline: float) -> Response:
+        prefill, decode = pair = p_lease.worker, d_lease.worker
+        path = pd.route.path_bytes
+        p = prefill.upstream.send(_POST, path, payload, deadline)
+        d = decode.upstream.send(_POST, path, payload, deadline)
+        p.ready.add_done_callback(p_lease.release)
         try:
-            async with self._router.session.post(worker.endpoint(path), data=payload, headers=headers,
-                                                 timeout=self._timeout(deadline)) as resp:
-                res = Reply(resp.status, await resp.read(), resp.headers.get("Content-Type"))
-        except asyncio.TimeoutError:
-            res = Reply(None, error="timed out", timed_out=True)
-        except aiohttp.ClientError as e:
-            res = Reply(None, error=f"{type(e).__name__}: {e}")
+            await _until(d.ready, p.ready)  # the decode's answer, unless the prefill fails first
+            if p.ready.done():
+                self._check_prefill(p, pair)
+            error = d.ready.exception()
+            if error is not None:
+                assert isinstance(error, UpstreamError)
+                raise lost(decode, error)
+            body = d.body()
+            if not 200 <= (d.status or 0) < 300:
+                raise refused(decode, d, body, pair)
+            failure = aborted(body, pair)
+            if failure is not None:
+                raise failure
+            await _until(p.ready, d.ready)
+            self._check_prefill(p, pair)
         finally:
-            worker.release()
-        _record(worker, res)
-        return res
-
-    async def _full(self, pd: PDRequest, prefill: Worker, decode: Worker, payload: bytes,
-                    headers: dict[str, str], deadline: float) -> web.Response:
-        path = pd.route.value
-        tasks = {
-            asyncio.ensure_future(self._call(prefill, path, payload, headers, deadline)): prefill,
-            asyncio.ensure_future(self._call(decode, path, payload, headers, deadline)): decode,
-        }
-        results: dict[Worker, Reply] = {}
-        try:
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    worker = tasks[task]
-                    results[worker] = task.result()
-                    _check(worker, results[worker])
-        finally:
-            for task in tasks:
-                task.cancel()
-        d_res = results[decode]
-        body = d_res.body
+            p.close()
+            d.close()
+        prefill.breaker.record_success()
+        decode.breaker.record_success()
         if pd.merge_logprobs:
-            body = merge_response(prefill_prompt_logprobs(results[prefill].body), body)
-        return web.Response(status=d_res.status, body=body,
-                            headers={"Content-Type": d_res.content_type or "application/json"})
+            body = merge_response(prefill_prompt_logprobs(p.body()), body)
+        return Response(d.status or 200, body, d.content_type or b"application/json")
 
-    async def _open(self, decode: Worker, path: str, payload: bytes, headers: dict[str, str],
-                    deadline: float) -> aiohttp.ClientResponse:
-        """POST to the decode worker and return once its status line is in; the body is read later."""
-        try:
-            resp = await self._router.session.post(decode.endpoint(path), data=payload, headers=headers,
-                                                   timeout=self._timeout(deadline))
-        except asyncio.TimeoutError:
-            raise _failure(decode, Reply(None, timed_out=True)) from None
-        except aiohttp.ClientError as e:
-            res = Reply(None, error=f"{type(e).__name__}: {e}")
-            _record(decode, res)
-            raise _failure(decode, res) from e
-        if not 200 <= resp.status < 300:
-            try:
-                body = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                body = b""
-            finally:
-                resp.release()
-            res = Reply(resp.status, body, resp.headers.get("Content-Type"))
-            _record(decode, res)
-            raise _failure(decode, res)
-        return resp
-
-    async def _stream(self, request: web.Request, pd: PDRequest, prefill: Worker, decode: Worker,
-                      payload: bytes, rids: list[str], headers: dict[str, str], start: float,
-                      deadline: float) -> web.StreamResponse:
-        path = pd.route.value
-        p_task = asyncio.ensure_future(self._call(prefill, path, payload, headers, deadline))
-        d_task = asyncio.ensure_future(self._open(decode, path, payload, headers, deadline))
-        resp: aiohttp.ClientResponse | None = None
+    async def _stream(self, pd: PDRequest, p_lease: Lease, d_lease: Lease, payload: Body, rids: list[str],
+                      out: ResponseWriter, start: float, deadline: float) -> None:
+        prefill, decode = pair = p_lease.worker, d_lease.worker
+        path = pd.route.path_bytes
+        p = prefill.upstream.send(_POST, path, payload, deadline)
+        d = decode.upstream.send(_POST, path, payload, deadline, stream=True)
+        p.ready.add_done_callback(p_lease.release)
         committed = False
         try:
-            await asyncio.wait((p_task, d_task), return_when=asyncio.FIRST_COMPLETED)
-            if p_task.done():
-                _check(prefill, p_task.result())
-            resp = await d_task
+            await _until(d.ready, p.ready)
+            if p.ready.done():
+                self._check_prefill(p, pair)
+            error = d.ready.exception()
+            if error is not None:
+                assert isinstance(error, UpstreamError)
+                raise lost(decode, error)
+            if not 200 <= (d.status or 0) < 300:
+                raise refused(decode, d, await self._rest(d, decode), pair)
             merger: StreamMerger | None = None
-            first = b""
             if pd.merge_logprobs:
                 # Prompt logprobs go into the first event, so the prefill's answer is needed first; in
                 # PD the decode's first token waits for the prefill anyway.
-                p_res = await p_task
-                _check(prefill, p_res)
-                merger = StreamMerger(prefill_prompt_logprobs(p_res.body))
-            else:
-                first = await self._first_chunk(resp, prefill, decode, p_task)
-            out = web.StreamResponse(status=resp.status, headers={
-                "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
-                "Cache-Control": "no-cache",
-            })
-            await out.prepare(request)
+                await _until(p.ready, d.ready)
+                self._check_prefill(p, pair)
+                merger = StreamMerger(prefill_prompt_logprobs(p.body()))
+            first = await self._first_event(d, p, pair)
+            failure = first_event_failure(first, pair)
+            if failure is not None:
+                raise failure
+            out.start(d.status or 200, d.content_type or b"text/event-stream", _SSE_HEADERS)
             committed = True
-            self._metrics.route(path).first_byte.observe(asyncio.get_running_loop().time() - start)
-            await self._pump(out, resp, first, merger, prefill, decode, rids, headers)
-            return out
+            self._metrics.route(pd.route.value).first_byte.observe(asyncio.get_running_loop().time() - start)
+            if p.ready.done() and not _failed(p.ready):
+                prefill.breaker.record_success()
+            await self._pump(out, d, first, merger, pair, rids)
         finally:
-            decode.release()
-            if resp is None and d_task.done() and not d_task.cancelled() and d_task.exception() is None:
-                resp = d_task.result()
-            _settle(d_task)
-            if resp is not None:
-                resp.close()
-            if committed and not p_task.done():
-                self._router.track(p_task)
+            d.close()
+            d_lease.release()
+            if committed:
+                p.detach()
             else:
-                _settle(p_task)
+                p.close()
 
-    async def _first_chunk(self, resp: aiohttp.ClientResponse, prefill: Worker, decode: Worker,
-                           p_task: asyncio.Future[Reply]) -> bytes:
-        """Wait for the decode's first bytes, retrying instead if the prefill fails before they come."""
-        read = asyncio.ensure_future(resp.content.readany())
+    async def _rest(self, d: UpstreamResponse, decode: Worker) -> bytes:
+        """The whole body of a streamed exchange (an error answer)."""
+        chunks = []
         try:
-            await asyncio.wait((p_task, read), return_when=asyncio.FIRST_COMPLETED)
-            if p_task.done():
-                _check(prefill, p_task.result())
-            return await read
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            res = Reply(None, error=f"{type(e).__name__}: {e}", timed_out=isinstance(e, asyncio.TimeoutError))
-            _record(decode, res)
-            raise _failure(decode, res) from e
-        finally:
-            _settle(read)
+            while chunk := await d.read():
+                chunks.append(chunk)
+        except UpstreamError as e:
+            raise lost(decode, e) from None
+        return b"".join(chunks)
 
-    async def _pump(self, out: web.StreamResponse, resp: aiohttp.ClientResponse, first: bytes,
-                    merger: StreamMerger | None, prefill: Worker, decode: Worker, rids: list[str],
-                    headers: dict[str, str]) -> None:
-        """Copy the decode's stream to the client chunk by chunk as it arrives."""
-        chunk = first
+    async def _first_event(self, d: UpstreamResponse, p: UpstreamResponse,
+                           pair: Pair) -> bytes:
+        """The decode's stream up to the end of its first event, failing early if the prefill fails."""
+        buffered = b""
+        while b"\n\n" not in buffered and len(buffered) < _FIRST_EVENT_LIMIT:
+            await _until(d.data_ready(), p.ready)
+            if p.ready.done():
+                self._check_prefill(p, pair)
+            try:
+                chunk = d.read_nowait()
+            except UpstreamError as e:
+                raise lost(pair[1], e) from None
+            if chunk == b"":
+                break
+            if chunk is not None:
+                buffered += chunk
+        return buffered
+
+    async def _pump(self, out: ResponseWriter, d: UpstreamResponse, first: bytes, merger: StreamMerger | None,
+                    pair: Pair, rids: list[str]) -> None:
+        """Copy the decode's stream to the client as it arrives (what arrived together goes out together,
+        and the last bytes go out with the end of the answer)."""
+        decode = pair[1]
+        pending = first
         try:
             while True:
-                if chunk:
-                    data = merger.feed(chunk) if merger is not None else chunk
-                    if data:
-                        await out.write(data)
                 try:
-                    chunk = await resp.content.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    timed_out = isinstance(e, asyncio.TimeoutError)
-                    _record(decode, Reply(None, timed_out=timed_out))
-                    self._router.abort((prefill, decode), rids, headers)
-                    self._metrics.error("timeout" if timed_out else "decode_stream")
-                    reason = "request timed out" if timed_out else f"decode worker {decode.url} stream broke: {e}"
-                    await out.write(_sse_error(reason))
-                    break
-                if not chunk:
-                    if merger is not None and (tail := merger.flush()):
-                        await out.write(tail)
+                    more = d.read_nowait()
+                except UpstreamError as e:
+                    await out.write(merger.feed(pending) if merger is not None else pending)
+                    self._stream_broke(out, e, pair, rids)
+                    return
+                if more is None:
+                    if pending:
+                        await out.write(merger.feed(pending) if merger is not None else pending)
+                        pending = b""
+                    await d.data_ready()
+                elif more:
+                    pending += more
+                else:
+                    if merger is not None:
+                        pending = merger.feed(pending) + merger.flush()
+                    out.end(pending)
                     decode.breaker.record_success()
-                    break
-            await out.write_eof()
+                    return
         except ConnectionError:
-            self._router.abort((prefill, decode), rids, headers)
+            self._router.abort(pair, rids)
             self._metrics.error("client_disconnect")
+
+    def _stream_broke(self, out: ResponseWriter, error: UpstreamError, pair: Pair,
+                      rids: list[str]) -> None:
+        """End a stream the decode stopped feeding with an error event."""
+        decode = pair[1]
+        timed_out = isinstance(error, UpstreamTimeout)
+        if not timed_out:
+            decode.breaker.record_failure()
+            self._router.health.poke(decode)
+        self._router.abort(pair, rids)
+        self._metrics.error("timeout" if timed_out else "decode_stream")
+        reason = "request timed out" if timed_out else f"decode worker {decode.url} stream broke: {error}"
+        out.end(sse_error(504 if timed_out else 502, reason))

@@ -1,26 +1,38 @@
 """What the router reads from and adds to a generation request (DESIGN §4's PD contract).
 
-The router parses only the fields it needs (batch shape, stream, logprobs, token caps, routing text)
-and leaves every other field exactly as the client sent it.
+The body is parsed once, strictly (orjson: no lone surrogates, no nesting past 1024 levels, valid
+UTF-8), for the few facts the router needs: batch shape, stream, logprobs, token caps, routing text.
+The bytes the workers get are the client's own bytes with the router's fields spliced in before the
+closing brace, so unknown fields, number spellings and key order pass through untouched and a large
+body is never re-encoded. Only a body that already carries a field the router owns (bootstrap_*, a
+null rid or token limit) is rewritten once, with the stdlib encoder, which keeps big integers exact.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import uuid
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import orjson
+
 from .errors import RouterError
+from .http import Body
 from .worker import Worker
+
+_OWNED = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 
 
 class Route(str, Enum):
     GENERATE = "/generate"
     COMPLETIONS = "/v1/completions"
     CHAT = "/v1/chat/completions"
+
+    @property
+    def path_bytes(self) -> bytes:
+        return self.value.encode()
 
 
 def new_room() -> int:
@@ -31,40 +43,38 @@ def new_room() -> int:
 @dataclass(frozen=True)
 class PDRequest:
     route: Route
-    body: dict[str, Any]
+    base: memoryview  # the body up to (not including) its closing brace, fields to add included
+    has_fields: bool  # `base` holds at least one field, so spliced fields need a leading comma
+    client_rids: list[str] | None  # the client's own rid(s), kept on every attempt
     batch_size: int | None
     stream: bool
     merge_logprobs: bool
     routing_key: str | None
 
-    def render(self, prefill: Worker) -> tuple[bytes, list[str]]:
+    def render(self, prefill: Worker, rid: str) -> tuple[Body, list[str]]:
         """The body both workers get for one attempt, and the rids to abort it by.
 
-        Each attempt gets fresh rooms, and a fresh rid unless the client chose one, so a retry never
-        collides with the remains of a failed attempt.
+        Each attempt gets fresh rooms, and the fresh `rid` (batch items: rid-0, rid-1, ...) unless the
+        client chose its own, so a retry never collides with the remains of a failed attempt.
         """
-        body = dict(self.body)
-        if self.batch_size is None:
-            body["bootstrap_host"] = prefill.bootstrap_host
-            body["bootstrap_port"] = prefill.bootstrap_port
-            body["bootstrap_room"] = new_room()
+        n = self.batch_size
+        if n is None:
+            fields = b'%b,"bootstrap_room":%d' % (prefill.bootstrap_fields, new_room())
         else:
-            body["bootstrap_host"] = [prefill.bootstrap_host] * self.batch_size
-            body["bootstrap_port"] = [prefill.bootstrap_port] * self.batch_size
-            body["bootstrap_room"] = [new_room() for _ in range(self.batch_size)]
-        rid = body.get("rid")
-        if rid is None:
-            base = uuid.uuid4().hex
-            rid = base if self.batch_size is None else [f"{base}-{i}" for i in range(self.batch_size)]
-            body["rid"] = rid
-        rids = [str(r) for r in rid] if isinstance(rid, list) else [str(rid)]
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), rids
+            rooms = ",".join(str(new_room()) for _ in range(n)).encode()
+            fields = b'%b,"bootstrap_room":[%b]' % (prefill.bootstrap_fields_batch(n), rooms)
+        rids = self.client_rids
+        if rids is None:
+            rids = [rid] if n is None else [f"{rid}-{i}" for i in range(n)]
+            fields += b',"rid":' + orjson.dumps(rids[0] if n is None else rids)
+        tail = (b"," if self.has_fields else b"") + fields + b"}"
+        return (self.base, tail), rids
 
 
 def parse_request(route: Route, raw: bytes, max_new_tokens_cap: int | None) -> PDRequest:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
         raise RouterError(400, f"request body is not valid JSON: {e}", "bad_request") from None
     if not isinstance(body, dict):
         raise RouterError(400, "request body must be a JSON object", "bad_request")
@@ -82,9 +92,34 @@ def parse_request(route: Route, raw: bytes, max_new_tokens_cap: int | None) -> P
         caps = [("max_tokens", body.get("max_tokens")),
                 ("max_completion_tokens", body.get("max_completion_tokens"))]
         merge = False
+    fill: int | None = None
     if max_new_tokens_cap is not None:
-        _enforce_cap(route, body, caps, max_new_tokens_cap)
-    return PDRequest(route, body, batch_size, bool(body.get("stream")), merge, key)
+        fill = _enforce_cap(route, caps, max_new_tokens_cap)
+    rid = body.get("rid")
+    client_rids = None if rid is None else [str(r) for r in rid] if isinstance(rid, list) else [str(rid)]
+    owned = any(k in body for k in _OWNED) or ("rid" in body and rid is None)
+    if owned or (fill is not None and "max_tokens" in body):
+        raw, empty = _rewritten(raw, fill)
+    else:
+        raw = raw.rstrip()
+        empty = not body
+        if fill is not None:
+            raw = raw[:-1] + (b"" if empty else b",") + b'"max_tokens":%d}' % fill
+            empty = False
+    return PDRequest(route, memoryview(raw)[:-1], not empty, client_rids, batch_size,
+                     bool(body.get("stream")), merge, key)
+
+
+def _rewritten(raw: bytes, fill: int | None) -> tuple[bytes, bool]:
+    """The body without the fields the router owns (and with the token cap filled in), re-encoded once."""
+    body = json.loads(raw)  # already validated; the stdlib keeps integers of any size exact
+    for k in _OWNED:
+        body.pop(k, None)
+    if "rid" in body and body["rid"] is None:
+        del body["rid"]
+    if fill is not None:
+        body["max_tokens"] = fill
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(), not body
 
 
 def _ids_key(ids: list[Any]) -> str:
@@ -144,8 +179,9 @@ def _chat_key(body: dict[str, Any]) -> str | None:
         if not isinstance(m, dict):
             continue
         content = m.get("content")
-        text = content if isinstance(content, str) else json.dumps(content, sort_keys=True)
-        parts.append(f"{m.get('role')}\x1f{text}\x1e")
+        if not isinstance(content, str):
+            content = orjson.dumps(content, option=orjson.OPT_SORT_KEYS).decode()
+        parts.append(f"{m.get('role')}\x1f{content}\x1e")
     return "".join(parts) or None
 
 
@@ -159,8 +195,8 @@ def _generate_caps(body: dict[str, Any]) -> list[tuple[str, Any]]:
     return []
 
 
-def _enforce_cap(route: Route, body: dict[str, Any], caps: list[tuple[str, Any]], cap: int) -> None:
-    """Reject explicit values over the cap; OpenAI requests without one get the cap.
+def _enforce_cap(route: Route, caps: list[tuple[str, Any]], cap: int) -> int | None:
+    """Reject explicit values over the cap; returns the max_tokens to fill in, if any.
 
     An OpenAI request without max_tokens may run to the context length, so the cap is filled in;
     SGLang's /generate has a small server-side default and is left alone.
@@ -170,4 +206,5 @@ def _enforce_cap(route: Route, body: dict[str, Any], caps: list[tuple[str, Any]]
             raise RouterError(400, f"{name}={value} exceeds this router's max_new_tokens cap of {cap}",
                               "bad_request")
     if route is not Route.GENERATE and all(value is None for _, value in caps):
-        body["max_tokens"] = cap
+        return cap
+    return None

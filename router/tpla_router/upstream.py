@@ -1,4 +1,4 @@
-"""One reply from a worker, as the router keeps it."""
+"""One finished reply from a worker, as the info and admin endpoints keep it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ class Reply:
 
     status: int | None
     body: bytes = b""
-    content_type: str | None = None
+    content_type: bytes | None = None
     error: str | None = None
-    timed_out: bool = False
 
     @property
     def ok(self) -> bool:

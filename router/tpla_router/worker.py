@@ -5,14 +5,30 @@ from __future__ import annotations
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
-from yarl import URL
+import orjson
 
 from .circuit_breaker import CircuitBreaker
 from .config import Role, RouterConfig, WorkerSpec
+from .http import UpstreamPool
+
+
+class Lease:
+    """One request's share of a worker's in-flight count; `release` is idempotent (and a done-callback)."""
+
+    __slots__ = ("held", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.held = True
+
+    def release(self, _: object = None) -> None:
+        if self.held:
+            self.held = False
+            self.worker.in_flight -= 1
 
 
 class Worker:
-    """One prefill or decode server.
+    """One prefill or decode server, with its pool of keep-alive connections.
 
     A request holds a reference to its Worker for its whole life, so removing a worker from its pool
     stops new traffic while in-flight requests finish and release their load here.
@@ -24,7 +40,12 @@ class Worker:
         self.role = spec.role
         self.bootstrap_host = urlsplit(spec.url).hostname
         self.bootstrap_port = spec.bootstrap_port
-        self._urls: dict[str, URL] = {}
+        # The PD fields as JSON, encoded once: every request through this prefill carries them.
+        self._host_json = orjson.dumps(self.bootstrap_host)
+        self._port_json = orjson.dumps(self.bootstrap_port)
+        self.bootstrap_fields = b'"bootstrap_host":%b,"bootstrap_port":%b' % (self._host_json, self._port_json)
+        headers = () if config.api_key is None else ((b"Authorization", f"Bearer {config.api_key}".encode()),)
+        self.upstream = UpstreamPool(spec.url, headers)
         self.in_flight = 0
         self.requests_total = 0
         self.healthy = True
@@ -39,26 +60,26 @@ class Worker:
             enabled=not config.disable_circuit_breaker,
         )
 
-    def endpoint(self, path: str) -> URL:
-        """The parsed URL of one of the worker's routes, built once (URL parsing is per-request cost)."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.url + path)
-        return url
+    def bootstrap_fields_batch(self, n: int) -> bytes:
+        """The PD fields of a batch of `n`: one host and port per item."""
+        hosts, ports = b",".join([self._host_json] * n), b",".join([self._port_json] * n)
+        return b'"bootstrap_host":[%b],"bootstrap_port":[%b]' % (hosts, ports)
 
     @property
     def available(self) -> bool:
         return self.healthy and self.breaker.allows()
 
-    def acquire(self) -> None:
+    def acquire(self) -> Lease:
         self.in_flight += 1
         self.requests_total += 1
+        return Lease(self)
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def record_health(self, ok: bool) -> bool:
+        """Flip health only after `threshold` consecutive results, so one blip changes nothing.
 
-    def record_health(self, ok: bool) -> None:
-        """Flip health only after `threshold` consecutive results, so one blip changes nothing."""
+        Returns whether this result flipped it.
+        """
+        was = self.healthy
         if ok:
             self._health_failures = 0
             self._health_successes += 1
@@ -69,6 +90,7 @@ class Worker:
             self._health_failures += 1
             if self.healthy and self._health_failures >= self._health_failure_threshold:
                 self.healthy = False
+        return self.healthy != was
 
     def describe(self) -> dict[str, object]:
         return {

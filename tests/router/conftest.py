@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -30,8 +31,8 @@ def workers(module_workers: Workers) -> Workers:
 def start_router() -> Iterator[Callable[..., RouterProcess]]:
     routers: list[RouterProcess] = []
 
-    def start(args: list[str]) -> RouterProcess:
-        router = RouterProcess(args)
+    def start(args: list[str], **kwargs: Any) -> RouterProcess:
+        router = RouterProcess(args, **kwargs)
         routers.append(router)
         return router
 

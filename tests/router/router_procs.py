@@ -126,14 +126,15 @@ class RouterProcess:
     """`python -m <module>` with router flags, on a free loopback port, until `stop()`."""
 
     def __init__(self, args: list[str], module: str = "tpla_router", port_flag: str = "--port",
-                 ready_path: str = "/health", startup_timeout: float = 20.0) -> None:
+                 ready_path: str = "/health", startup_timeout: float = 20.0,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"router-{self.port}.log"
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, "--host", HOST, port_flag, str(self.port), *args],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env=_env())
+            stdout=self._log_file, stderr=subprocess.STDOUT, env={**_env(), **(env or {})})
         deadline = time.monotonic() + startup_timeout
         probe = httpx.Client(timeout=1)
         while True:

@@ -4,6 +4,7 @@ It answers at once (or as configured), records every generation body it receives
 control endpoints under /stub/: POST /stub/config (merge behaviour), GET /stub/requests,
 GET /stub/aborts, POST /stub/release (let held requests answer), POST /stub/reset.
 
+A request shape the toy model cannot serve gets a 400, as a real server's validation would give.
 Its toy tokenizer maps each character to its code point; a prefill stub reports prompt logprobs
 [-(k+1)/1000, token, None] for position k, a decode stub reports `decode_logprobs` (default []).
 
@@ -34,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "break_after": None,  # streaming: close the connection after this many chunks
     "pause_after": None,  # streaming: after this many chunks, wait for /stub/release (or an abort)
     "decode_logprobs": [],  # decode role: its own input_token_logprobs
+    # KV transfer failed (the decode's contract): 503 {"error": {"type": "kv_transfer_failed"}}, or when
+    # streaming, that error as the only event before [DONE]
+    "kv_fail": False,
+    "abort_empty": False,  # /generate answers 200 with finish_reason abort and no output (older servers)
     "record": True,  # keep request bodies (benchmarks turn this off)
 }
 
@@ -58,10 +63,9 @@ class Stub:
 
     def _meta(self, body: dict[str, Any], i: int, prompt: Any, rid: str | None, n_out: int,
               return_logprob: bool) -> dict[str, Any]:
-        tokens = self._tokens(prompt)
         meta: dict[str, Any] = {
             "id": rid,
-            "prompt_tokens": len(tokens),
+            "prompt_tokens": len(prompt) if isinstance(prompt, (str, list)) else 0,
             "completion_tokens": n_out,
             "finish_reason": {"type": "length", "length": n_out},
             "served_by": f"{self.role}:{self.port}",
@@ -69,7 +73,7 @@ class Stub:
         }
         if return_logprob:
             if self.role == "prefill":
-                meta["input_token_logprobs"] = [[-(k + 1) / 1000, t, None] for k, t in enumerate(tokens)]
+                meta["input_token_logprobs"] = [[-(k + 1) / 1000, t, None] for k, t in enumerate(self._tokens(prompt))]
             else:
                 meta["input_token_logprobs"] = list(self.behaviour["decode_logprobs"])
         return meta
@@ -90,6 +94,17 @@ class Stub:
         if self.behaviour["status"] != 200:
             return web.json_response({"error": {"message": f"stub {self.role} failing on purpose"}},
                                      status=self.behaviour["status"])
+        if self.behaviour["kv_fail"]:
+            error = {"message": f"KV transfer for room {body.get('bootstrap_room')} failed (stub)",
+                     "type": "kv_transfer_failed"}
+            if not body.get("stream"):
+                return web.json_response({"error": error}, status=503)
+            out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await out.prepare(request)
+            await out.write(b"data: " + json.dumps({"error": {**error, "code": 503}}).encode() + b"\n\n")
+            await out.write(b"data: [DONE]\n\n")
+            await out.write_eof()
+            return out
         return None
 
     async def _wait_release(self, rids: list[str]) -> None:
@@ -125,10 +140,22 @@ class Stub:
     # ---- SGLang native API -----------------------------------------------------------------
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        return await self._served(request, self._generate)
+
+    async def _served(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError) as e:
+            return web.json_response({"error": {"message": f"stub cannot parse this body: {e!r}"}}, status=400)
         gated = await self._gate(request, body)
         if gated is not None:
             return gated
+        try:
+            return await handler(request, body)
+        except (TypeError, IndexError, KeyError, AttributeError, ValueError) as e:
+            return web.json_response({"error": {"message": f"stub cannot serve this request: {e!r}"}}, status=400)
+
+    async def _generate(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         text = body.get("text")
         ids = body.get("input_ids")
         batch = isinstance(text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
@@ -139,9 +166,15 @@ class Stub:
 
         def item(i: int, upto: int) -> dict[str, Any]:
             flag = bool(_item(rl, i))
+            if self.behaviour["abort_empty"]:
+                meta = self._meta(body, i, prompts[i], _rid(rids, i), 0, flag)
+                meta["finish_reason"] = {"type": "abort", "message": "KV transfer failed (stub)"}
+                return {"text": "", "output_ids": [], "meta_info": meta}
             return {"text": "".join(f" {self.role}{k}" for k in range(upto)),
                     "meta_info": self._meta(body, i, prompts[i], _rid(rids, i), upto, flag)}
 
+        for i in range(len(prompts)):  # shape errors surface here, before any streamed byte
+            item(i, 0)
         if body.get("stream"):
             async def events() -> AsyncIterator[bytes]:
                 async for step in self._ticks(rids):
@@ -159,16 +192,12 @@ class Stub:
     # ---- OpenAI API ------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._openai(request, chat=False)
+        return await self._served(request, lambda r, b: self._openai(r, b, chat=False))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._openai(request, chat=True)
+        return await self._served(request, lambda r, b: self._openai(r, b, chat=True))
 
-    async def _openai(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        body = await request.json()
-        gated = await self._gate(request, body)
-        if gated is not None:
-            return gated
+    async def _openai(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
         rids = _rids(body)
         rid = rids[0] if rids else "none"
         prompt = body.get("prompt")

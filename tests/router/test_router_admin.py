@@ -29,7 +29,7 @@ def test_api_key_guards_every_route_but_health(http: httpx.Client, workers: Work
     assert all(w.requests() == [] for w in workers.all)
     r = http.post(router.url + "/generate", json={"text": "open sesame"}, headers=KEY)
     assert r.status_code == 200
-    # The client's credentials travel on to the workers, as SGLang's router forwards headers.
+    # The workers get the router's own key (the client's header itself is never forwarded).
     assert {rec["authorization"] for w in workers.all for rec in w.requests()} == {"Bearer sesame"}
 
 

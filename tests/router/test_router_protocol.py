@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 
@@ -11,14 +12,25 @@ from tpla_router.cli import add_router_args, config_from_args
 from tpla_router.config import Role, RouterConfig, WorkerSpec
 from tpla_router.errors import RouterError
 from tpla_router.logprobs import StreamMerger, merge_response, prefill_prompt_logprobs
-from tpla_router.protocol import Route, parse_request
+from tpla_router.protocol import PDRequest, Route, parse_request
 from tpla_router.worker import Worker
 
 PREFILL = Worker(WorkerSpec("http://10.1.2.3:30001", Role.PREFILL, 8998), RouterConfig())
+RIDS = itertools.count()
 
 
 def parse(route: Route, body: object, cap: int | None = None):
     return parse_request(route, json.dumps(body).encode(), cap)
+
+
+def render(pd: PDRequest) -> tuple[bytes, list[str]]:
+    """The bytes one attempt sends, joined from the pieces render() hands to the upstream writer."""
+    pieces, rids = pd.render(PREFILL, f"rid-{next(RIDS)}")
+    return b"".join(pieces), rids
+
+
+def sent(pd: PDRequest) -> dict:
+    return json.loads(render(pd)[0])
 
 
 def test_single_generate_gets_scalar_bootstrap_fields_and_keeps_everything_else() -> None:
@@ -26,14 +38,14 @@ def test_single_generate_gets_scalar_bootstrap_fields_and_keeps_everything_else(
             "custom": {"nested": [1, 2.5, None, "é"]}, "big": 2**70}
     pd = parse(Route.GENERATE, body)
     assert (pd.batch_size, pd.stream, pd.merge_logprobs, pd.routing_key) == (None, False, False, "hello")
-    raw, rids = pd.render(PREFILL)
-    sent = json.loads(raw)
-    assert sent["bootstrap_host"] == "10.1.2.3" and sent["bootstrap_port"] == 8998
-    assert isinstance(sent["bootstrap_room"], int) and 0 <= sent["bootstrap_room"] < 2**63
-    assert rids == [sent["rid"]]
-    assert {k: v for k, v in sent.items() if not k.startswith("bootstrap_") and k != "rid"} == body
-    again, rids2 = pd.render(PREFILL)
-    assert json.loads(again)["bootstrap_room"] != sent["bootstrap_room"] and rids2 != rids
+    raw, rids = render(pd)
+    first = json.loads(raw)
+    assert first["bootstrap_host"] == "10.1.2.3" and first["bootstrap_port"] == 8998
+    assert isinstance(first["bootstrap_room"], int) and 0 <= first["bootstrap_room"] < 2**63
+    assert rids == [first["rid"]]
+    assert {k: v for k, v in first.items() if not k.startswith("bootstrap_") and k != "rid"} == body
+    again, rids2 = render(pd)
+    assert json.loads(again)["bootstrap_room"] != first["bootstrap_room"] and rids2 != rids
 
 
 @pytest.mark.parametrize("body,size,key", [
@@ -44,19 +56,19 @@ def test_single_generate_gets_scalar_bootstrap_fields_and_keeps_everything_else(
 def test_generate_batch_shapes(body: dict, size: int | None, key: str) -> None:
     pd = parse(Route.GENERATE, body)
     assert pd.batch_size == size and pd.routing_key == key
-    sent = json.loads(pd.render(PREFILL)[0])
+    body_sent = sent(pd)
     if size is None:
-        assert isinstance(sent["bootstrap_room"], int)
+        assert isinstance(body_sent["bootstrap_room"], int)
         return
-    assert sent["bootstrap_host"] == ["10.1.2.3"] * size
-    assert sent["bootstrap_port"] == [8998] * size
-    assert len(set(sent["bootstrap_room"])) == size
-    assert len(sent["rid"]) == size
+    assert body_sent["bootstrap_host"] == ["10.1.2.3"] * size
+    assert body_sent["bootstrap_port"] == [8998] * size
+    assert len(set(body_sent["bootstrap_room"])) == size
+    assert len(body_sent["rid"]) == size
 
 
 def test_client_rid_is_kept() -> None:
     pd = parse(Route.GENERATE, {"text": ["a", "b"], "rid": ["x", "y"]})
-    raw, rids = pd.render(PREFILL)
+    raw, rids = render(pd)
     assert json.loads(raw)["rid"] == ["x", "y"] and rids == ["x", "y"]
 
 
@@ -102,9 +114,9 @@ def test_max_new_tokens_cap() -> None:
         parse(Route.GENERATE, {"text": ["a", "b"], "sampling_params": [{}, {"max_new_tokens": 100}]}, 64)
     with pytest.raises(RouterError, match="max_completion_tokens"):
         parse(Route.CHAT, {"messages": [], "max_completion_tokens": 1000}, 64)
-    assert "sampling_params" not in parse(Route.GENERATE, {"text": "a"}, 64).body
-    assert parse(Route.COMPLETIONS, {"prompt": "a"}, 64).body["max_tokens"] == 64
-    assert parse(Route.COMPLETIONS, {"prompt": "a", "max_tokens": 3}, 64).body["max_tokens"] == 3
+    assert "sampling_params" not in sent(parse(Route.GENERATE, {"text": "a"}, 64))
+    assert sent(parse(Route.COMPLETIONS, {"prompt": "a"}, 64))["max_tokens"] == 64
+    assert sent(parse(Route.COMPLETIONS, {"prompt": "a", "max_tokens": 3}, 64))["max_tokens"] == 3
 
 
 def test_merge_prepends_prefill_logprobs_per_item() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 
 class LoadedWorker(Protocol):
@@ -12,6 +12,9 @@ class LoadedWorker(Protocol):
 
     url: str
     in_flight: int
+
+
+W = TypeVar("W", bound=LoadedWorker)
 
 
 class Policy(ABC):
@@ -22,7 +25,7 @@ class Policy(ABC):
     """
 
     @abstractmethod
-    def select(self, workers: Sequence[LoadedWorker], key: str | None) -> LoadedWorker: ...
+    def select(self, workers: Sequence[W], key: str | None) -> W: ...
 
     def on_worker_removed(self, url: str) -> None:
         """Forget per-worker state; called when a worker leaves its pool."""

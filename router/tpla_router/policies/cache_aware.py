@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import LoadedWorker, Policy
+from .base import Policy, W
 from .prefix_tree import PrefixTree
 
 
@@ -29,7 +29,7 @@ class CacheAwarePolicy(Policy):
         self._max_tree_size = max_tree_size
         self._tree = PrefixTree()
 
-    def select(self, workers: Sequence[LoadedWorker], key: str | None) -> LoadedWorker:
+    def select(self, workers: Sequence[W], key: str | None) -> W:
         loads = [w.in_flight for w in workers]
         low, high = min(loads), max(loads)
         imbalanced = high - low > self._abs_threshold and high > low * self._rel_threshold

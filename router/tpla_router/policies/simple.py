@@ -5,14 +5,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from .base import LoadedWorker, Policy
+from .base import Policy, W
 
 
 class RoundRobinPolicy(Policy):
     def __init__(self) -> None:
         self._next = 0
 
-    def select(self, workers: Sequence[LoadedWorker], key: str | None) -> LoadedWorker:
+    def select(self, workers: Sequence[W], key: str | None) -> W:
         worker = workers[self._next % len(workers)]
         self._next += 1
         return worker
@@ -22,7 +22,7 @@ class RandomPolicy(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def select(self, workers: Sequence[LoadedWorker], key: str | None) -> LoadedWorker:
+    def select(self, workers: Sequence[W], key: str | None) -> W:
         return workers[self._rng.randrange(len(workers))]
 
 
@@ -36,7 +36,7 @@ class PowerOfTwoPolicy(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def select(self, workers: Sequence[LoadedWorker], key: str | None) -> LoadedWorker:
+    def select(self, workers: Sequence[W], key: str | None) -> W:
         if len(workers) == 1:
             return workers[0]
         a, b = self._rng.sample(range(len(workers)), 2)
