@@ -26,7 +26,7 @@ FLOORS = [
     {"server", "tools", "launch", "generate"},
 ]
 # The disagg package holds the transport (floor 3) and the two PD sides, which sit on the engine (floor 5).
-DISAGG_SIDES = {"tpla_serve.disagg.prefill", "tpla_serve.disagg.decode", "tpla_serve.disagg.role"}
+DISAGG_SIDES = {"tpla_serve.disagg.prefill_side", "tpla_serve.disagg.decode_side", "tpla_serve.disagg.role"}
 
 
 def _module_name(path: Path) -> str:

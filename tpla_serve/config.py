@@ -69,6 +69,7 @@ class EngineConfig:
     disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
     disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
     disable_cuda_graph: bool = False  # GPU: run decode steps eagerly instead of replaying captured graphs
+    disable_overlap_schedule: bool = False  # read each decode step's tokens before building the next
     cuda_graph_max_bs: int = 256  # GPU: the largest decode batch captured in a CUDA graph
     speculative_algorithm: str = "none"  # none | standard | easyspec
     speculative_draft_model_path: str | None = None
@@ -197,6 +198,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
     )
     g.add_argument("--disable-cuda-graph", action="store_true", help="GPU: run decode steps eagerly")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="read each decode step's tokens before building the next, instead of while it runs")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--speculative-algorithm", default=d.speculative_algorithm,
                    choices=SPECULATIVE_ALGORITHMS,

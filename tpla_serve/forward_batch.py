@@ -70,6 +70,36 @@ class ForwardBatch:
 
 
 @dataclass(frozen=True)
+class TableDelta:
+    """Writes to a RequestTable: page ids at flat (slot * width + column) indices, and slots' tokens."""
+
+    page_index: np.ndarray  # [K] int64
+    page_id: np.ndarray  # [K] int32
+    token_slot: np.ndarray  # [M] int64
+    token_id: np.ndarray  # [M] int64
+
+    @classmethod
+    def empty(cls) -> TableDelta:
+        return cls(*(np.zeros(0, dtype=d) for d in (np.int64, np.int32, np.int64, np.int64)))
+
+    def __bool__(self) -> bool:
+        return bool(self.page_index.size or self.token_slot.size)
+
+    def to_bytes(self) -> list[bytes]:
+        return [a.tobytes() for a in (self.page_index, self.page_id, self.token_slot, self.token_id)]
+
+    @classmethod
+    def from_bytes(cls, frames: list[bytes]) -> TableDelta:
+        if len(frames) != 4:
+            raise ValueError(f"a table delta has 4 arrays, got {len(frames)}")
+        index, page, slot, token = (np.frombuffer(f, dtype=d) for f, d in zip(frames, (np.int64, np.int32,
+                                                                                         np.int64, np.int64)))
+        if index.size != page.size or slot.size != token.size:
+            raise ValueError("a table delta's index and value arrays differ in length")
+        return cls(index, page, slot, token)
+
+
+@dataclass(frozen=True)
 class BatchEntry:
     """One request's part of a step: its new tokens, how many tokens it already has cached, its pages."""
 

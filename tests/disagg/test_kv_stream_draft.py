@@ -36,7 +36,7 @@ from tpla_serve.disagg import (
     decode,
     encode,
 )
-from tpla_serve.disagg.decode import pages_writer
+from tpla_serve.disagg.decode_side import pages_writer
 from tpla_serve.disagg.messages import Done, LayerKV, tensor_frame
 
 TARGET = small_spec()

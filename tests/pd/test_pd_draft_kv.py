@@ -18,7 +18,7 @@ import torch
 
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg import KVSender, RoomCompleted
-from tpla_serve.disagg.prefill import PromptKVStream
+from tpla_serve.disagg.prefill_side import PromptKVStream
 from tpla_serve.engine.request import RequestSpec
 from tpla_serve.entrypoints.rank import RankParts, build_scheduler, launch_rank0
 from tpla_serve.forward_batch import BatchEntry, ForwardMode

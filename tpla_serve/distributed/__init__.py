@@ -8,8 +8,9 @@ from tpla_serve.distributed.control import (
     ControlSender,
     ExpectRoom,
     RandomizeKV,
-    RunDraftStep,
     RankZeroGone,
+    RunDecode,
+    RunDraftStep,
     RunStep,
     Shutdown,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "ExpectRoom",
     "RandomizeKV",
     "RankZeroGone",
+    "RunDecode",
     "RunDraftStep",
     "RunStep",
     "Shutdown",

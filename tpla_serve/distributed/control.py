@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
 import msgpack
+import numpy as np
 import zmq
 
-from tpla_serve.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, TableDelta
 
 VERSION = 1
 MAX_CONTROL_BYTES = 1 << 30
@@ -26,11 +27,25 @@ ALIVE_CHECK_MS = 1000
 
 @dataclass(frozen=True)
 class RunStep:
-    """Run one target-model step over `entries` (every rank: its shard of every layer)."""
+    """Apply `delta` to the request table, then run one target-model step over `entries` (every rank: its
+    shard of every layer); then take rank 0's sampled tokens for `sample_slots` (a broadcast)."""
 
     TAG: ClassVar[int] = 1
     mode: ForwardMode
     entries: list[BatchEntry]
+    delta: TableDelta
+    sample_slots: np.ndarray  # [S] int64
+
+
+@dataclass(frozen=True)
+class RunDecode:
+    """Apply `delta`, then run one decode step of the requests in `slots` (one token each, at `positions`,
+    inputs gathered from the request table); then take rank 0's sampled tokens for them (a broadcast)."""
+
+    TAG: ClassVar[int] = 8
+    slots: np.ndarray  # [B] int64
+    positions: np.ndarray  # [B] int64: KV tokens each request has cached, the new token's position
+    delta: TableDelta
 
 
 @dataclass(frozen=True)
@@ -86,10 +101,12 @@ class Shutdown:
     TAG: ClassVar[int] = 7
 
 
-ControlOp = Union[RunStep, RunDraftStep, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown]
+ControlOp = Union[RunStep, RunDecode, RunDraftStep, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown]
 _OPS: dict[int, type] = {
-    cls.TAG: cls for cls in (RunStep, RunDraftStep, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown)
+    cls.TAG: cls
+    for cls in (RunStep, RunDecode, RunDraftStep, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown)
 }
+_ARRAY_FIELDS = frozenset({"sample_slots", "slots", "positions"})  # int64 arrays, sent as raw bytes
 
 
 def _pack_entries(entries: list[BatchEntry]) -> list[list[Any]]:
@@ -108,6 +125,10 @@ def encode_op(op: ControlOp) -> bytes:
             value = value.value
         elif f.name == "entries":
             value = _pack_entries(value)
+        elif f.name == "delta":
+            value = value.to_bytes()
+        elif f.name in _ARRAY_FIELDS:
+            value = np.ascontiguousarray(value, dtype=np.int64).tobytes()
         fields.append(value)
     return msgpack.packb([VERSION, op.TAG, *fields], use_bin_type=True)
 
@@ -128,6 +149,10 @@ def decode_op(data: bytes) -> ControlOp:
         kwargs["mode"] = ForwardMode(kwargs["mode"])
     if "entries" in kwargs:
         kwargs["entries"] = _unpack_entries(kwargs["entries"])
+    if "delta" in kwargs:
+        kwargs["delta"] = TableDelta.from_bytes(kwargs["delta"])
+    for name in _ARRAY_FIELDS & kwargs.keys():
+        kwargs[name] = np.frombuffer(kwargs[name], dtype=np.int64)
     return cls(**kwargs)
 
 

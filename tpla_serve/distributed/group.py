@@ -37,6 +37,7 @@ T = TypeVar("T")
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("TPLA_TP_TIMEOUT_S", "300")))
 TP_HOST = "127.0.0.1"  # the ranks of one server share a host
 JOIN_POLL_S = 0.05
+JOIN_TIMEOUT_S = 600.0  # spawned ranks import torch and set up their device first; a dead one is seen at once
 
 
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
@@ -172,12 +173,12 @@ class TPGroup:
         joined_before = dist.is_initialized()
         try:
             keys = [f"control/{r}" for r in range(1, config.tp_size)]
-            deadline = time.monotonic() + COLLECTIVE_TIMEOUT.total_seconds()
+            deadline = time.monotonic() + JOIN_TIMEOUT_S
             while not store.check(keys):
                 if (why := processes.failure(starting=True)) is not None:
                     raise RuntimeError(why)
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"TP ranks did not join within {COLLECTIVE_TIMEOUT.total_seconds():.0f} s")
+                    raise RuntimeError(f"TP ranks did not join within {JOIN_TIMEOUT_S:.0f} s")
                 time.sleep(JOIN_POLL_S)
             _init_process_group(config, 0, store)
             group = _control_group()

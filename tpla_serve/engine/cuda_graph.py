@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
+from tpla_serve.engine.request_table import DecodeInputs, RequestTable
 from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode
 from tpla_serve.layers.attention.base import AttentionBackend
 from tpla_serve.models.deepseek import DeepseekForCausalLM
@@ -36,16 +36,6 @@ def capture_batch_sizes(max_bs: int) -> list[int]:
         raise ValueError(f"max_bs must be >= 1, got {max_bs}")
     sizes = [s for s in [1, 2, 4, 8, 16, 24, 32, *range(48, max_bs + 1, 16)] if s <= max_bs]
     return sizes if sizes[-1] == max_bs else [*sizes, max_bs]
-
-
-class DecodeInputs(NamedTuple):
-    """Host arrays of a decode step padded to a bucket's bs rows."""
-
-    input_ids: torch.Tensor  # [bs] int64
-    positions: torch.Tensor  # [bs] int64
-    out_cache_loc: torch.Tensor  # [bs] int64
-    seq_lens: torch.Tensor  # [bs] int32
-    page_table: torch.Tensor  # [bs, max_pages] int32, zero (page 0) past each request's pages
 
 
 def pad_decode_inputs(entries: list[BatchEntry], bs: int, max_pages: int, page_size: int) -> DecodeInputs:
@@ -134,10 +124,24 @@ class StaticDecodeBatch:
         """Copy a decode step into the buffers, then plan the (bs, width) graph for it (in that order: a plan
         may read the buffers, as FlashInfer's gathers its page indices from the page table)."""
         inputs = pad_decode_inputs(entries, bs, width, self.kv_pool.page_size)
-        for dst, src in zip((self.input_ids, self.positions, self.out_cache_loc, self.seq_lens), inputs):
-            dst[:bs].copy_(src, non_blocking=True)
-        self.page_table[:bs, :width].copy_(inputs.page_table, non_blocking=True)
+        self._copy_rows(inputs, 0, bs, width)
         return self.planned_batch(bs, width, inputs.seq_lens.tolist())
+
+    def load_from_table(self, table: RequestTable, slots: np.ndarray, positions: np.ndarray, bs: int,
+                        width: int) -> ForwardBatch:
+        """The same from the request table, by device copies: rows [0, n) gathered, [n, bs) padding."""
+        n = len(slots)
+        self._copy_rows(table.gather(slots, positions, self.kv_pool.page_size, width), 0, n, width)
+        if n < bs:  # padding: one token at position 0, written to and reading only slot 0 of page 0
+            for buf, value in ((self.input_ids, 0), (self.positions, 0), (self.out_cache_loc, 0), (self.seq_lens, 1)):
+                buf[n:bs].fill_(value)
+            self.page_table[n:bs, :width].zero_()
+        return self.planned_batch(bs, width, (positions + 1).tolist() + [1] * (bs - n))
+
+    def _copy_rows(self, inputs: DecodeInputs, start: int, end: int, width: int) -> None:
+        for dst, src in zip((self.input_ids, self.positions, self.out_cache_loc, self.seq_lens), inputs):
+            dst[start:end].copy_(src, non_blocking=True)
+        self.page_table[start:end, :width].copy_(inputs.page_table, non_blocking=True)
 
 
 class CudaGraphRunner:
@@ -213,15 +217,29 @@ class CudaGraphRunner:
             len(e.new_token_ids) == 1 and e.kv_room is None and len(e.pages) <= self.max_pages for e in entries
         )
 
+    def can_replay(self, batch_size: int, max_seq_len: int) -> bool:
+        """A decode step of `batch_size` requests whose longest holds max_seq_len tokens after it."""
+        return bool(self.graphs) and batch_size <= self.batch_sizes[-1] and max_seq_len <= self.max_pages * self.page_size
+
     @torch.inference_mode()  # planning writes buffers that capture (in inference mode) created
     def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
         """fp32 logits [B, vocab] of the decode step, computed by the smallest bucket >= B whose page table
         holds the longest request."""
-        n = len(entries)
-        bs = next(s for s in self.batch_sizes if s >= n)
-        longest = max(len(e.pages) for e in entries)
-        width = next(w for w in self.widths if w >= longest)
+        bs, width = self._bucket(len(entries), max(len(e.pages) for e in entries))
         self.static.load(entries, bs, width)
+        return self._run(bs, width, len(entries))
+
+    @torch.inference_mode()
+    def replay_from_table(self, table: RequestTable, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """The same for a step described by slots and positions (its inputs gathered from the table)."""
+        bs, width = self._bucket(len(slots), -(-int(positions.max() + 1) // self.page_size))
+        self.static.load_from_table(table, slots, positions, bs, width)
+        return self._run(bs, width, len(slots))
+
+    def _bucket(self, n: int, pages: int) -> tuple[int, int]:
+        return next(s for s in self.batch_sizes if s >= n), next(w for w in self.widths if w >= pages)
+
+    def _run(self, bs: int, width: int, n: int) -> torch.Tensor:
         self.graphs[bs, width].replay()
         self.num_replays += 1
         return self.logits[bs, width][:n].clone()

@@ -128,6 +128,7 @@ class StopChecker:
         self._stop_ids = frozenset(params.stop_token_ids).union(int(t) for t in eos_token_ids)
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
         self._searched = 0  # text length already searched for stop strings
+        self._undecoded: list[int] = []  # tokens for the text, not fed to the detokenizer yet
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
         if params.max_new_tokens == 0:
@@ -141,26 +142,36 @@ class StopChecker:
         """Feed newly sampled tokens (one per step, or several accepted draft tokens).
 
         Returns how many were taken: tokens after the one that finished the request are dropped,
-        so the caller can roll back their KV.
+        so the caller can roll back their KV. The text is decoded when it is asked for (or, with stop
+        strings, at once): the per-token path is counting and set lookups only.
         """
         taken = 0
+        params = self._params
         for t in token_ids:
-            if self.finished:
+            if self.finish_reason is not None:
                 break
             t = int(t)
             taken += 1
             self.output_ids.append(t)
-            if len(self.output_ids) >= self._params.max_new_tokens:
-                self._detok.append([t])
-                self.finish_reason = {"type": "length", "length": self._params.max_new_tokens}
-            elif not self._params.ignore_eos and t in self._stop_ids:
-                if self._params.no_stop_trim:
-                    self._detok.append([t])
+            if len(self.output_ids) >= params.max_new_tokens:
+                self._undecoded.append(t)
+                self.finish_reason = {"type": "length", "length": params.max_new_tokens}
+            elif not params.ignore_eos and t in self._stop_ids:
+                if params.no_stop_trim:
+                    self._undecoded.append(t)
                 self.finish_reason = {"type": "stop", "matched": t}
             else:
-                self._detok.append([t])
-                self._check_stop_strings()
+                self._undecoded.append(t)
+                if params.stop:
+                    self._check_stop_strings()
         return taken
+
+    def _decoded(self) -> IncrementalDetokenizer:
+        """The detokenizer, fed every token so far."""
+        if self._undecoded:
+            self._detok.append(self._undecoded)
+            self._undecoded = []
+        return self._detok
 
     def abort(self, message: str, status_code: int | None = None, err_type: str | None = None) -> None:
         """End the request. status_code / err_type (SGLang's abort fields): the HTTP error the request's
@@ -173,9 +184,7 @@ class StopChecker:
                 self.finish_reason["err_type"] = err_type
 
     def _check_stop_strings(self) -> None:
-        if not self._params.stop:
-            return
-        text = self._detok.text
+        text = self._decoded().text
         start = max(0, self._searched - self._max_stop_len + 1)
         best: tuple[int, str] | None = None
         for s in self._params.stop:
@@ -190,15 +199,15 @@ class StopChecker:
     def text(self) -> str:
         """The output text: final and trimmed once finished, else everything decoded so far."""
         if not self.finished:
-            return self._detok.text
-        return trim_stop_text(self._detok.final_text(), self.finish_reason, self._params.no_stop_trim)
+            return self._decoded().text
+        return trim_stop_text(self._decoded().final_text(), self.finish_reason, self._params.no_stop_trim)
 
     def stream_text(self) -> str:
         """Cumulative text a streamer may send now; every value is a prefix of the next and of
         the final `text`."""
         if self.finished:
             return self.text
-        text = self._detok.text
+        text = self._decoded().text
         if self._params.no_stop_trim:
             return text
         return text[: len(text) - stop_holdback(text, self._params.stop)]

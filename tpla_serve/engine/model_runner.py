@@ -14,13 +14,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.config import EngineConfig
-from tpla_serve.distributed import RandomizeKV, RunStep, TPGroup, rank_device
+from tpla_serve.distributed import RandomizeKV, RunDecode, RunStep, TPGroup, rank_device
 from tpla_serve.engine.cuda_graph import CudaGraphRunner
-from tpla_serve.forward_batch import BatchEntry, ForwardMode, LayerKVSink, build_forward_batch
+from tpla_serve.engine.request_table import RequestTable
+from tpla_serve.forward_batch import BatchEntry, ForwardMode, LayerKVSink, TableDelta, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.models.loader import load_model
 from tpla_serve.tpla.layout import ShardLayout
@@ -28,6 +31,7 @@ from tpla_serve.tpla.options import TPLAOptions
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 
 class ModelRunner:
@@ -75,12 +79,13 @@ class ModelRunner:
             self.device,
         )
         self.allocator = PageAllocator(self.num_pages)
+        self.max_pages_per_request = -(-self.context_length // self.page_size)
+        self.table = RequestTable(config.max_running_requests, self.max_pages_per_request, self.device)
         self.kv_fingerprint = self._kv_fingerprint()
         self.cuda_graph: CudaGraphRunner | None = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
             self.cuda_graph = CudaGraphRunner(
-                self.model, self.attn_backend, self.kv_pool, config, self.device,
-                -(-self.context_length // self.page_size),
+                self.model, self.attn_backend, self.kv_pool, config, self.device, self.max_pages_per_request
             )
             self._collective(self.cuda_graph.capture)
         logger.info(
@@ -142,27 +147,74 @@ class ModelRunner:
         return fn() if self.tp is None else self.tp.collective(fn)
 
     def forward(
-        self, mode: ForwardMode, entries: list[BatchEntry], kv_sink: LayerKVSink | None = None
+        self,
+        mode: ForwardMode,
+        entries: list[BatchEntry],
+        kv_sink: LayerKVSink | None = None,
+        sample_slots: np.ndarray = NO_SLOTS,
     ) -> torch.Tensor:
         """Run one step (on every rank); fp32 logits for the rows each entry asked for.
 
         kv_sink (rank 0 of a PD prefill): receives every layer's new KV rows as they are written.
+        sample_slots: the requests whose next token this step samples; commit_tokens() must follow.
         """
+        delta = self.table.take_delta()
         if self.tp is not None:
-            self.tp.announce(RunStep(mode, entries))
-        return self._collective(lambda: self.forward_local(mode, entries, kv_sink))
+            self.tp.announce(RunStep(mode, entries, delta, sample_slots))
+        return self._collective(lambda: self.forward_local(mode, entries, kv_sink, delta))
 
     @torch.inference_mode()
     def forward_local(
-        self, mode: ForwardMode, entries: list[BatchEntry], kv_sink: LayerKVSink | None = None
+        self,
+        mode: ForwardMode,
+        entries: list[BatchEntry],
+        kv_sink: LayerKVSink | None = None,
+        delta: TableDelta | None = None,
     ) -> torch.Tensor:
         """This rank's part of a step (ranks > 0 run it when rank 0 announces the step)."""
+        if delta:
+            self.table.apply(delta)
         if kv_sink is None and self.cuda_graph is not None and self.cuda_graph.can_run(mode, entries):
             return self.cuda_graph.replay(entries)
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
         fb.kv_sink = kv_sink
         self.attn_backend.prepare(fb)
         return self.model(fb)
+
+    def decode(self, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        """One decode step of the requests in `slots`, each one new token at `positions` (int64 arrays),
+        its inputs gathered from the request table on every rank; fp32 logits [B, V]. commit_tokens()
+        must follow with the sampled tokens."""
+        delta = self.table.take_delta()
+        if self.tp is not None:
+            self.tp.announce(RunDecode(slots, positions, delta))
+        return self._collective(lambda: self.decode_local(slots, positions, delta))
+
+    @torch.inference_mode()
+    def decode_local(self, slots: np.ndarray, positions: np.ndarray, delta: TableDelta) -> torch.Tensor:
+        if delta:
+            self.table.apply(delta)
+        seq_lens = positions + 1
+        if self.cuda_graph is not None and self.cuda_graph.can_replay(len(slots), int(seq_lens.max())):
+            return self.cuda_graph.replay_from_table(self.table, slots, positions)
+        fb = self.table.decode_batch(slots, positions, self.kv_pool, self.attn_backend)
+        self.attn_backend.prepare(fb)
+        return self.model(fb)
+
+    def commit_tokens(self, slots: np.ndarray, tokens: torch.Tensor) -> None:
+        """Rank 0: the step's sampled tokens become the slots' newest tokens on every rank (a broadcast on
+        the device: no host round trip)."""
+        slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        tokens = tokens.to(torch.int64)
+        if self.tp is not None:
+            self._collective(lambda: dist.broadcast(tokens, src=0))
+        self.table.set_tokens(slots_t, tokens)
+
+    def receive_tokens(self, slots: np.ndarray) -> None:
+        """Ranks > 0: commit_tokens()'s other end."""
+        tokens = torch.empty(len(slots), dtype=torch.int64, device=self.device)
+        dist.broadcast(tokens, src=0)
+        self.table.set_tokens(torch.from_numpy(slots).to(self.device, non_blocking=True), tokens)
 
     @torch.no_grad()
     def randomize_kv(self, seed: int) -> None:

@@ -71,8 +71,8 @@ def validate_request(spec: RequestSpec, limits: RequestLimits) -> SamplingParams
 
 @dataclass(eq=False)  # an entity: `req in batch` compares identities, never token lists
 class Request:
-    """Invariant: the KV of all_ids[:num_computed] is in the cache, in `pages`; outputs are sampled from the
-    logits of the last token of all_ids once num_computed == len(all_ids)."""
+    """Invariant: the KV of the first num_computed of its tokens is in the cache, in `pages`; a decode step
+    runs once num_computed == total_len - 1 (everything but the newest token cached)."""
 
     rid: str
     prompt_ids: list[int]
@@ -84,6 +84,8 @@ class Request:
     stream: bool = False
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
+    slot: int | None = None  # its row of the runner's request table while it runs (or is reserved)
+    inflight: int = 0  # tokens sampled on the device that the host has not read yet (overlap scheduling)
     num_computed: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: dict[str, Any] | None = None
@@ -120,6 +122,11 @@ class Request:
     @property
     def seq_len(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def total_len(self) -> int:
+        """Its tokens, those still in flight to the host included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.inflight
 
     @property
     def finished(self) -> bool:

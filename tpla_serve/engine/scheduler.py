@@ -6,6 +6,13 @@ block of up to k + 1 tokens). Prefill goes first so new requests join the runnin
 When pages run short, waiting requests stay queued and, if a decode step cannot grow, the newest running
 request is retracted (its pages freed, recomputed later): no request is dropped and the engine never
 fails for lack of memory.
+
+Overlap scheduling (SGLang's; off with --disable-overlap-schedule, and never for speculative decoding): a
+decode step's tokens are read one step late, while the next step already runs on the device, so the host's
+work (appending, stop checks, building the next step) hides behind the device's. A request that finished
+at step N still runs in step N + 1; that token is dropped, never shown. Each running request owns a slot
+of the runner's request table: its pages and newest token live on the device, and a decode step's inputs
+are gathered there.
 """
 
 from __future__ import annotations
@@ -14,27 +21,21 @@ import logging
 import time
 import uuid
 from collections import deque
-from typing import Protocol
-
-import torch
 
 from tpla_serve.engine.blocks import BlockDecoder, BlockResult, SpecCounters
 from tpla_serve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.request import Request, RequestLimits, RequestSpec, RequestStatus, validate_request
+from tpla_serve.engine.request_memory import RequestMemory
 from tpla_serve.engine.stats import SchedulerStats
-from tpla_serve.forward_batch import BatchEntry, ForwardMode
-from tpla_serve.sampling.sampler import Sampler, SamplingBatch, resolve_seed
+from tpla_serve.engine.step_launch import Launched, PromptKVForward, StepLauncher
+from tpla_serve.sampling.sampler import resolve_seed
 
 logger = logging.getLogger(__name__)
 
 
-class PromptKVForward(Protocol):
-    """Runs the EXTEND steps of a PD prefill server: prompts with a bootstrap room stream their KV."""
-
-    def forward(self, entries: list[BatchEntry]) -> torch.Tensor:
-        """fp32 logits of the rows the entries ask for, as ModelRunner.forward gives them."""
-        ...
+class ServerFull(RuntimeError):
+    """Every request slot is taken: the caller keeps the request until one frees."""
 
 
 class _NoText:
@@ -66,11 +67,20 @@ class Scheduler:
         self.page_size = runner.page_size
         self.vocab_size = runner.model_config.vocab_size
         self.eos_token_ids = set(eos_token_ids or ())
-        self.sampler = Sampler()
         self.spec = spec
-        self.prompt_kv = prompt_kv
+        self.launcher = StepLauncher(runner, self.vocab_size, self.eos_token_ids, spec, prompt_kv)
+        self.table = runner.table
+        self.memory = RequestMemory(self.allocator, self.table, self.page_size)
+        # PD prefill servers sample one token per request and must send it at once; speculative blocks
+        # need their tokens before the next block.
+        self.overlap = not (
+            self.config.disable_overlap_schedule or spec is not None or self.config.disaggregation_mode == "prefill"
+        )
+        self.pending: Launched | None = None  # the decode step whose tokens the host has not read yet
+        self._updated: list[Request] = []  # requests the current step() changed
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.prefilling: list[Request] = []  # running requests whose prompt is not all cached yet
         self.requests: dict[str, Request] = {}
         self.generated_tokens = 0
         self.prompt_tokens = 0
@@ -132,6 +142,10 @@ class Scheduler:
         """
         if req.rid in self.requests:
             raise ValueError(f"rid {req.rid!r} is already in use")
+        if req.slot is None:
+            req.pages = pages
+            if not self.memory.take_slot(req):
+                raise ServerFull(f"all {self.table.max_slots} request slots are in use")
         req.pages = pages
         req.num_computed = len(req.prompt_ids)
         req.draft_computed = len(req.prompt_ids) if draft_kv and self.spec is not None else 0
@@ -139,9 +153,19 @@ class Scheduler:
         self.requests[req.rid] = req
         self.prompt_tokens += len(req.prompt_ids)
         self.running.append(req)
+        self.table.set_token(req.slot, first_token)
         if req.return_logprob:
             req.output_logprobs.append(first_token, first_logprob)
         self._append_token(req, first_token, time.monotonic())
+
+    def reserve(self, req: Request, num_tokens: int) -> list[int] | None:
+        """A request that is not running yet takes pages for num_tokens and a slot (PD decode reserves them
+        before its prompt's KV arrives); None, with nothing taken, when either is short."""
+        return req.pages if self.memory.reserve(req, num_tokens) else None
+
+    def unreserve(self, req: Request) -> None:
+        """Give back what reserve() took, for a request that will not run."""
+        self.memory.release(req)
 
     def add_aborted(
         self, req: Request, message: str, status_code: int | None = None, err_type: str | None = None
@@ -172,7 +196,7 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.pending)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -192,47 +216,61 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[Request]:
-        """Run one batch; returns the requests that got new tokens or finished in it."""
+        """Run one batch; returns the requests that got new tokens or finished in it (with overlap, those
+        of the step before, whose tokens are read now)."""
+        self._updated = []
         extend = self._schedule_extend()
         if extend:
-            return self._run_extend(extend)
-        decode = self._schedule_decode()
-        if decode:
-            return self._run_decode(decode)
-        return []
-
-    def _pages_needed(self, req: Request, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.page_size) - len(req.pages))
-
-    def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Make req's pages cover num_tokens tokens; False (nothing taken) if the pool is short."""
-        need = self._pages_needed(req, num_tokens)
-        if need == 0:
-            return True
-        pages = self.allocator.alloc(need)
-        if pages is None:
-            return False
-        req.pages.extend(pages)
-        return True
+            done, launched = self.launcher.extend(extend)
+            for req in done:
+                self._finish(req, req.checker.finish_reason)
+            self._updated.extend(done)
+            self._read_pending()  # the last decode step's tokens, while the prompts run
+            if launched is not None:
+                self._read(launched)
+        else:
+            decode = self._schedule_decode()
+            if decode and self.spec is not None:
+                self._read_pending()
+                self._run_spec_decode(decode)
+            elif decode:
+                if self.pending is not None and any(r.params.has_penalties for r in decode):
+                    self._read_pending()  # penalties count a request's tokens on the host
+                    decode = [r for r in decode if not r.finished]
+                launched = self.launcher.decode(decode)
+                self._read_pending()
+                if self.overlap:
+                    self.pending = launched
+                else:
+                    self._read(launched)
+            else:
+                self._read_pending()
+        updated, self._updated = list(dict.fromkeys(self._updated)), []
+        return updated
 
     def _schedule_extend(self) -> list[tuple[Request, int]]:
         budget = self.config.chunked_prefill_size if self.config.chunked_prefill_size > 0 else 1 << 62
         chosen: list[tuple[Request, int]] = []
-        partial = [r for r in self.running if r.num_computed < r.seq_len and not self._is_decoding(r)]
-        for req in partial:
-            n = min(req.seq_len - req.num_computed, budget)
-            if not self._grow(req, req.num_computed + n):
+        self.prefilling = [
+            r for r in self.prefilling
+            if r.status is RequestStatus.RUNNING and r.num_computed < r.total_len and not self._is_decoding(r)
+        ]
+        for req in self.prefilling:
+            n = min(req.total_len - req.num_computed, budget)
+            if not self.memory.grow(req, req.num_computed + n):
                 return chosen  # finish what is started before admitting more
             chosen.append((req, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+        while self.waiting and budget > 0 and self.table.num_free > 0:
             req = self.waiting[0]
-            n = min(req.seq_len, budget)
-            if not self._grow(req, n):
+            n = min(req.total_len, budget)
+            if not self.memory.grow(req, n):
                 break  # stays queued until pages return
+            self.memory.take_slot(req)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            self.prefilling.append(req)
             chosen.append((req, n))
             budget -= n
         return chosen
@@ -240,7 +278,7 @@ class Scheduler:
     @staticmethod
     def _is_decoding(req: Request) -> bool:
         """A request decodes once the KV of everything but its newest sampled token is cached."""
-        return bool(req.output_ids) and req.num_computed == req.seq_len - 1
+        return bool(req.output_ids or req.inflight) and req.num_computed == req.total_len - 1
 
     def _num_drafts(self, req: Request) -> int:
         """Draft tokens a request proposes this step: k, fewer near its max_new_tokens (a block emits at
@@ -250,12 +288,28 @@ class Scheduler:
         return max(0, min(self.num_draft_tokens, req.params.max_new_tokens - len(req.output_ids) - 1))
 
     def _schedule_decode(self) -> list[Request]:
-        batch = [r for r in self.running if self._is_decoding(r)]
-        for req in list(batch):
+        """Every running request that decodes; pages grown for the step (retracting the newest requests
+        when the pool runs short). One pass of plain arithmetic per request: this runs every step."""
+        page_size = self.page_size
+        batch: list[Request] = []
+        short: list[Request] = []  # need a page (or draft lookahead) before this step
+        for r in self.running:
+            n_out = len(r.output_ids) + r.inflight
+            total = len(r.prompt_ids) + n_out
+            if n_out == 0 or r.num_computed != total - 1 or n_out >= r.params.max_new_tokens:
+                continue  # still prefilling, or its tokens in flight end it
+            batch.append(r)
+            if self.spec is not None or total > len(r.pages) * page_size:
+                short.append(r)
+        for req in short:
             lookahead = self._num_drafts(req)
-            while req in batch and not self._grow(req, req.seq_len + lookahead):
-                if lookahead and self._grow(req, req.seq_len):
+            while req in batch and not self.memory.grow(req, req.total_len + lookahead):
+                if lookahead and self.memory.grow(req, req.total_len):
                     break  # this step decodes it without drafts
+                if self.pending is not None:  # the tokens in flight may end requests and free pages
+                    self._read_pending()
+                    batch = [r for r in batch if not r.finished]
+                    continue
                 victim = max(batch, key=lambda r: r.arrival_time)
                 self._retract(victim)
                 batch.remove(victim)
@@ -263,8 +317,7 @@ class Scheduler:
 
     def _retract(self, req: Request) -> None:
         logger.info("KV pool full: retracting request %s (%d tokens) to recompute later", req.rid, req.seq_len)
-        self.allocator.free(req.pages)
-        req.pages = []
+        self.memory.release(req)
         req.num_computed = 0
         req.draft_computed = 0
         req.status = RequestStatus.WAITING
@@ -275,55 +328,32 @@ class Scheduler:
 
     # ------------------------------------------------------------------ execution
 
-    def _run_extend(self, chosen: list[tuple[Request, int]]) -> list[Request]:
-        entries = []
-        for req, n in chosen:
-            ids = req.tokens_from(req.num_computed)[:n]
-            entries.append(
-                BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
-            )
-        if self.prompt_kv is not None:
-            logits = self.prompt_kv.forward(entries)
-        else:
-            logits = self.runner.forward(ForwardMode.EXTEND, entries)
-        if self.spec is not None:  # the draft prefills the same chunks into its own pool
-            self.spec.prefill(entries)
-            for req, n in chosen:
-                req.draft_computed = req.num_computed + n
-        row = 0
-        sample_reqs: list[Request] = []
-        sample_rows: list[int] = []
-        for (req, n), entry in zip(chosen, entries):
-            rows = n if entry.logits_for_all else 1
-            if entry.logits_for_all:
-                req.record_prompt_logprobs(logits[row : row + rows], req.num_computed, n)
-            req.num_computed += n
-            if req.num_computed == req.seq_len and req.checker.finished:  # prompt logprobs only
-                self._finish(req, req.checker.finish_reason)
-            elif req.num_computed == req.seq_len:
-                sample_reqs.append(req)
-                sample_rows.append(row + rows - 1)
-            row += rows
-        if sample_reqs:
-            self._sample_and_append(sample_reqs, logits[sample_rows])
-        return [r for r, _ in chosen if r in sample_reqs or r.finished]
+    def _read_pending(self) -> None:
+        if self.pending is not None:
+            launched, self.pending = self.pending, None
+            self._read(launched)
 
-    def _run_decode(self, batch: list[Request]) -> list[Request]:
-        if self.spec is not None:
-            return self._run_spec_decode(batch)
-        entries = [BatchEntry([r.last_token], r.num_computed, list(r.pages)) for r in batch]
-        logits = self.runner.forward(ForwardMode.DECODE, entries)
-        for req in batch:
-            req.num_computed += 1
-        self._sample_and_append(batch, logits)
-        return batch
+    def _read(self, launched: Launched) -> None:
+        """Append a step's tokens; a request that ended while its token was in flight drops it."""
+        ids, logprobs = launched.tokens.result()
+        now = time.monotonic()
+        updated = self._updated
+        for i, req in enumerate(launched.reqs):
+            req.inflight -= 1
+            if req.status is RequestStatus.FINISHED:
+                continue
+            if logprobs is not None and req.return_logprob:
+                req.output_logprobs.append_from(logprobs, i)
+            self._append_token(req, ids[i], now)
+            updated.append(req)
 
-    def _run_spec_decode(self, batch: list[Request]) -> list[Request]:
+    def _run_spec_decode(self, batch: list[Request]) -> None:
         """One verified block per request; rejected positions' KV is dropped, whole pages freed."""
         assert self.spec is not None
         num_drafts = [min(self._num_drafts(r), len(r.pages) * self.page_size - r.seq_len) for r in batch]
         results = self.spec.step(batch, num_drafts)
         now = time.monotonic()
+        self._updated.extend(batch)
         for req, res in zip(batch, results):
             req.spec_verify_ct += 1
             req.spec_num_proposed_drafts += res.num_drafts
@@ -335,7 +365,6 @@ class Scheduler:
                 if len(req.pages) > keep:
                     self.allocator.free(req.pages[keep:])
                     del req.pages[keep:]
-        return batch
 
     def _append_block(self, req: Request, res: BlockResult, now: float) -> None:
         """Emit a block's tokens in order until the request finishes; nothing past a stop is emitted."""
@@ -346,41 +375,21 @@ class Scheduler:
             if req.finished:
                 return
 
-    def _sample_and_append(self, reqs: list[Request], logits: torch.Tensor) -> None:
-        batch = SamplingBatch.build(
-            [r.params for r in reqs],
-            [r.output_ids for r in reqs],
-            [r.seed for r in reqs],
-            self.vocab_size,
-            logits.device,
-            eos_token_ids=self.eos_token_ids,
-        )
-        want_logprob = any(r.return_logprob for r in reqs)
-        top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
-        out = self.sampler(logits, batch, return_logprob=want_logprob, top_logprobs_nums=top_nums)
-        ids, logprobs = out.tolist()
-        now = time.monotonic()
-        for i, req in enumerate(reqs):
-            if req.return_logprob and logprobs is not None:
-                req.output_logprobs.append_from(logprobs, i)
-            self._append_token(req, ids[i], now)
-
     def _append_token(self, req: Request, tok: int, now: float) -> None:
         """The caller has recorded the token's logprob, when the request asked for logprobs."""
         req.output_ids.append(tok)
         self.generated_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = now
-        req.checker.append([tok])
-        if req.checker.finished:
-            self._finish(req, req.checker.finish_reason)
+        checker = req.checker
+        checker.append((tok,))
+        if checker.finish_reason is not None:
+            self._finish(req, checker.finish_reason)
 
     def _finish(self, req: Request, reason: dict | None) -> None:
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        if req.pages:
-            self.allocator.free(req.pages)
-            req.pages = []
+        self.memory.release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = time.monotonic()

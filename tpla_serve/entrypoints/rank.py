@@ -12,9 +12,9 @@ import logging
 from dataclasses import dataclass, field
 
 from tpla_serve.config import EngineConfig
-from tpla_serve.disagg.decode import DecodeKVPort, decode_layout, gather_endpoints, rank_handlers
+from tpla_serve.disagg.decode_side import DecodeKVPort, decode_layout, gather_endpoints, rank_handlers
 from tpla_serve.disagg.handshake import KVSpec, pool_kv_spec
-from tpla_serve.distributed import RandomizeKV, RunDraftStep, RunStep, TPGroup
+from tpla_serve.distributed import RandomizeKV, RunDecode, RunDraftStep, RunStep, TPGroup
 from tpla_serve.distributed.worker import RankHandlers
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.scheduler import PromptKVForward, Scheduler
@@ -132,8 +132,19 @@ def worker_handlers(config: EngineConfig, tp: TPGroup) -> RankHandlers:
     """Ranks > 0: build this rank's parts and the handler of each of rank 0's operations."""
     parts = build_rank(config, tp.rank, tp)
     runner = parts.runner
+
+    def run_step(op: RunStep) -> None:
+        runner.forward_local(op.mode, op.entries, delta=op.delta)
+        if op.sample_slots.size:
+            runner.receive_tokens(op.sample_slots)
+
+    def run_decode(op: RunDecode) -> None:
+        runner.decode_local(op.slots, op.positions, op.delta)
+        runner.receive_tokens(op.slots)
+
     handlers: dict[type, object] = {
-        RunStep: lambda op: runner.forward_local(op.mode, op.entries),
+        RunStep: run_step,
+        RunDecode: run_decode,
         RandomizeKV: lambda op: runner.randomize_kv_local(op.seed),
     }
     if parts.draft is not None:

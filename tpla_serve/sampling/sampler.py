@@ -146,9 +146,9 @@ class SamplingBatch:
     ) -> SamplingBatch:
         """Row i samples request `params[i]` whose generated tokens so far are `output_ids[i]`.
 
-        `seeds[i]` comes from `resolve_seed` (fixed for the request's lifetime). `steps[i]` defaults
-        to len(output_ids[i]); pass it explicitly when several rows belong to one request (draft
-        verification). `eos_token_ids` are the model's EOS ids, masked with each request's
+        `seeds[i]` comes from `resolve_seed` (fixed for the request's lifetime). `steps[i]`, the output
+        index of the token being sampled, defaults to len(output_ids[i]); pass it explicitly when several
+        rows belong to one request (draft verification) or tokens are still in flight (overlap). `eos_token_ids` are the model's EOS ids, masked with each request's
         stop_token_ids while it is short of min_new_tokens.
         """
         device = torch.device(device)
@@ -175,7 +175,7 @@ class SamplingBatch:
                 device,
             )
         eos = sorted({int(t) for t in eos_token_ids})
-        short = [i for i, p in enumerate(params) if len(output_ids[i]) < p.min_new_tokens]
+        short = [i for i, p in enumerate(params) if steps[i] < p.min_new_tokens]
         stop_mask = None
         if short:
             token_sets = [sorted(set(params[i].stop_token_ids).union(eos)) for i in short]

@@ -2,7 +2,7 @@
 
 Loop: take every message the front sent, run one scheduler step when there is work, publish the
 requests the step changed (every step for streaming requests, the final state for the rest). Role
-specifics (PD pairing, KV streaming) live in tpla_serve.disagg (prefill.py, decode.py) and plug into the
+specifics (PD pairing, KV streaming) live in tpla_serve.disagg (prefill_side.py, decode_side.py) and plug into the
 same loop through one protocol (disagg.role.PDRole).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import zmq
 
 from tpla_serve.config import ServerConfig
-from tpla_serve.disagg.decode import DecodeRole
-from tpla_serve.disagg.prefill import PrefillRole, PromptKVStream
+from tpla_serve.disagg.decode_side import DecodeRole
+from tpla_serve.disagg.prefill_side import PrefillRole, PromptKVStream
 from tpla_serve.disagg.role import Bootstrap, PDRole, ServerBusy
 from tpla_serve.disagg.sender import KVSender
 from tpla_serve.engine.output import request_output

@@ -12,11 +12,12 @@ import dataclasses
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
 from tpla_serve.disagg.role import Bootstrap
 from tpla_serve.disagg.sender import KVSender
-from tpla_serve.engine.model_runner import ModelRunner
+from tpla_serve.engine.model_runner import NO_SLOTS, ModelRunner
 from tpla_serve.engine.request import Request, RequestSpec
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
@@ -56,11 +57,12 @@ class PromptKVStream:
         self.sender = sender
         self.draft = draft
 
-    def forward(self, entries: list[BatchEntry]) -> torch.Tensor:
+    def forward(self, entries: list[BatchEntry], sample_slots: np.ndarray = NO_SLOTS) -> torch.Tensor:
         rooms = [e for e in entries if e.kv_room is not None]
+        sink = LayerKVStreamer(self.sender, entries) if rooms else None
+        logits = self.runner.forward(ForwardMode.EXTEND, entries, kv_sink=sink, sample_slots=sample_slots)
         if not rooms:
-            return self.runner.forward(ForwardMode.EXTEND, entries)
-        logits = self.runner.forward(ForwardMode.EXTEND, entries, kv_sink=LayerKVStreamer(self.sender, entries))
+            return logits
         if self.draft is not None:
             rooms = [dataclasses.replace(e, logits_for_all=False) for e in rooms]
             self.draft.forward_local(ForwardMode.EXTEND, rooms, kv_sink=LayerKVStreamer(self.sender, rooms, draft=True))

@@ -224,13 +224,13 @@ class DecodeRole:
         return []
 
     def _start_waiting(self) -> None:
-        """Reserve pages and register, oldest first; rooms that do not fit wait for pages to return."""
-        allocator, page_size = self.scheduler.allocator, self.scheduler.page_size
+        """Reserve pages and a request slot and register, oldest first; rooms that do not fit wait for
+        pages or slots to return."""
         for room, p in self.pending.items():
             if p.pages is not None:
                 continue
             n = len(p.req.prompt_ids)
-            pages = allocator.alloc(-(-n // page_size))
+            pages = self.scheduler.reserve(p.req, n)
             if pages is None:
                 return
             p.pages = pages
@@ -301,7 +301,7 @@ class DecodeRole:
         answer is a 503 a router retries on another pair."""
         if p.pages is not None:
             self._cancel(room, message)
-            self.scheduler.allocator.free(p.pages)
+            self.scheduler.unreserve(p.req)
         if transfer:
             self.scheduler.add_aborted(p.req, message, 503, KV_TRANSFER_FAILED)
         else:
