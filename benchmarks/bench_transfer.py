@@ -50,6 +50,15 @@ PAGE_SIZE = 64
 # ---------------------------------------------------------------- prefill process
 
 
+def _wait_registered(sender: KVSender, timeout_s: float) -> None:
+    """Until the one room in flight has registered (the decode sends REGISTER before asking for it)."""
+    deadline = time.monotonic() + timeout_s
+    while sender.stats().rooms_registered < 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the decode did not register within {timeout_s:g}s")
+        time.sleep(0.0005)
+
+
 def _prefill_main(conn: Connection, max_len: int) -> None:
     """Serves ("zmq", room, n) and ("raw", n, T, g, ports) requests; answers with its start time."""
     torch.set_num_threads(1)
@@ -69,8 +78,7 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
             break
         if req[0] == "zmq":
             _, room, n = req
-            if sender.wait_for_registration(room, 30.0) is None:
-                raise RuntimeError(f"room {room} did not register")
+            _wait_registered(sender, 30.0)
             t0 = time.monotonic()
             for layer, (ckv, kpe) in enumerate(kv):
                 sender.send_layer(room, layer, ckv[:n], kpe[:n])
