@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ TPLA_NORMS = ("exact", "local")
 TPLA_TRANSFORMS = ("none", "hadamard", "pca")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 SPECULATIVE_ALGORITHMS = ("none", "standard", "easyspec")
+# Where a server reads its disaggregation secret when --disaggregation-secret is not given.
+DISAGGREGATION_SECRET_ENV = "TPLA_DISAGGREGATION_SECRET"
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -67,6 +70,7 @@ class EngineConfig:
     disaggregation_host: str = "127.0.0.1"  # decode: where each rank binds its KV receiving socket
     disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
     disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
+    disaggregation_secret: str | None = field(default=None, repr=False)  # authenticates KV peers; never logged
     disable_cuda_graph: bool = False  # GPU: run decode steps eagerly instead of replaying captured graphs
     cuda_graph_max_bs: int = 256  # GPU: the largest decode batch captured in a CUDA graph
     speculative_algorithm: str = "none"  # none | standard | easyspec
@@ -97,6 +101,8 @@ class EngineConfig:
             raise ValueError("a prefill server runs exact MLA: --tpla-groups must be 1 with --disaggregation-mode prefill")
         if not 0 < self.disaggregation_bootstrap_port < 65536:
             raise ValueError(f"disaggregation_bootstrap_port must be in 1..65535, got {self.disaggregation_bootstrap_port}")
+        if self.disaggregation_secret is not None and not self.disaggregation_secret:
+            raise ValueError("disaggregation_secret must not be empty")
         _check_choice("tpla_transform", self.tpla_transform, TPLA_TRANSFORMS)
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
@@ -191,6 +197,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="decode: the address its TP ranks receive KV on (reachable from the prefill servers)")
     g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
+    g.add_argument("--disaggregation-secret", default=None,
+                   help=f"PD: the secret every prefill and decode server of a cluster shares to authenticate KV "
+                        f"transfers (default: ${DISAGGREGATION_SECRET_ENV}, else --api-key; the variable keeps it "
+                        f"out of process listings)")
     g.add_argument(
         "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
@@ -222,7 +232,7 @@ class ServerConfig:
     port: int = 30000
     served_model_name: str | None = None
     max_body_bytes: int = 32 << 20
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -248,5 +258,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config_from_cli(args: argparse.Namespace) -> ServerConfig:
+    """The server's config; its disaggregation secret is the flag's, else the environment's, else the API key."""
     names = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine"}
-    return ServerConfig(engine=EngineConfig.from_cli(args), **{k: v for k, v in vars(args).items() if k in names})
+    engine = EngineConfig.from_cli(args)
+    if engine.disaggregation_secret is None:
+        secret = os.environ.get(DISAGGREGATION_SECRET_ENV, args.api_key)
+        engine = dataclasses.replace(engine, disaggregation_secret=secret)
+    return ServerConfig(engine=engine, **{k: v for k, v in vars(args).items() if k in names})

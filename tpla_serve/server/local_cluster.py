@@ -5,7 +5,8 @@ each a `python -m tpla_serve.launch` child process on a free port. With --specul
 server speculates with a draft model (the bundled draft for the bundled model) and the prefill server
 prefills the draft and streams its KV too. Waits until all are healthy, prints
 the router's URL with a ready-to-paste request, and stops them all on Ctrl-C / SIGTERM (or when any of
-them dies).
+them dies). The two servers authenticate their KV transfers with a random secret made for this cluster,
+handed to them in their environment (never on a command line).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpla_serve.config import DEFAULT_MODEL_PATH, EngineConfig
+from tpla_serve.config import DEFAULT_MODEL_PATH, DISAGGREGATION_SECRET_ENV, EngineConfig
 from tpla_serve.net import free_port
 
 # The project's draft model, trained with the bundled target (same tokenizer).
@@ -68,10 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _launch(name: str, args: list[str], url: str) -> Child:
+def _launch(name: str, args: list[str], url: str, env: dict[str, str] | None = None) -> Child:
     cmd = [sys.executable, "-m", "tpla_serve.launch", *args]
     logger.info("starting %s: %s", name, shlex.join(cmd))
-    return Child(name, url, subprocess.Popen(cmd))
+    return Child(name, url, subprocess.Popen(cmd, env=env))
+
+
+def server_env() -> dict[str, str]:
+    """This process's environment plus a fresh random disaggregation secret, for the PD servers."""
+    return {**os.environ, DISAGGREGATION_SECRET_ENV: secrets.token_urlsafe(32)}
 
 
 def _healthy(child: Child, api_key: str | None) -> bool:
@@ -161,6 +169,7 @@ def main(argv: Sequence[str]) -> int:
     decode_url = f"http://{host}:{ports['decode_port']}"
     router_url = f"http://{host}:{ports['port']}"
     bootstrap = str(ports["disaggregation_bootstrap_port"])
+    env = server_env()
     children: list[Child] = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
         signal.signal(sig, _raise_stop)
@@ -168,12 +177,12 @@ def main(argv: Sequence[str]) -> int:
         children.append(_launch("prefill server", [
             "--role", "prefill", "--disaggregation-mode", "prefill", *common,
             "--port", str(ports["prefill_port"]), "--disaggregation-bootstrap-port", bootstrap,
-            "--tp-size", "1", *prefill_spec, *shlex.split(args.prefill_args)], prefill_url))
+            "--tp-size", "1", *prefill_spec, *shlex.split(args.prefill_args)], prefill_url, env))
         children.append(_launch("decode server", [
             "--role", "decode", "--disaggregation-mode", "decode", *common,
             "--port", str(ports["decode_port"]), "--disaggregation-bootstrap-port", bootstrap,
             "--tp-size", str(args.decode_tp_size), "--tpla-groups", str(args.decode_tpla_groups),
-            *decode_spec, *shlex.split(args.decode_args)], decode_url))
+            *decode_spec, *shlex.split(args.decode_args)], decode_url, env))
         deadline = time.monotonic() + args.startup_timeout
         _wait_healthy(children, args.api_key, deadline)
         router_args = ["--role", "router", "--host", host, "--port", str(ports["port"]),
