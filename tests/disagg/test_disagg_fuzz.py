@@ -8,8 +8,8 @@ mutated field by field or byte by byte.
 from __future__ import annotations
 
 import tracemalloc
+
 import msgpack
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

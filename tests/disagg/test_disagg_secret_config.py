@@ -63,11 +63,7 @@ def test_reprs_leave_the_secrets_out() -> None:
 class _Exited:
     """Stands in for a child process that exits at once, so --role all stops right after starting two."""
 
-    launched: list[tuple[list[str], dict[str, str] | None]] = []
-
-    def __init__(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        self.launched.append((cmd, env))
-        self.pid = 0
+    pid = 0
 
     def poll(self) -> int:
         return 1
@@ -79,13 +75,18 @@ class _Exited:
 def test_role_all_gives_its_servers_one_random_secret_through_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave this process's handlers alone
     secrets = set()
     for _ in range(2):
-        _Exited.launched = []
-        monkeypatch.setattr(subprocess, "Popen", _Exited)
-        monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave this process's handlers alone
+        launched: list[tuple[list[str], dict[str, str] | None]] = []
+
+        def popen(cmd: list[str], env: dict[str, str] | None = None, launched: list = launched) -> _Exited:
+            launched.append((cmd, env))
+            return _Exited()
+
+        monkeypatch.setattr(subprocess, "Popen", popen)
         assert local_cluster.main(["--role", "all", "--api-key", "router-key", "--startup-timeout", "5"]) == 1
-        (prefill_cmd, prefill_env), (decode_cmd, decode_env) = _Exited.launched[:2]
+        (prefill_cmd, prefill_env), (decode_cmd, decode_env) = launched
         assert prefill_env is not None and decode_env is not None
         secret = prefill_env[DISAGGREGATION_SECRET_ENV]
         assert decode_env[DISAGGREGATION_SECRET_ENV] == secret and len(secret) >= 32
