@@ -272,7 +272,7 @@ def test_servers_with_different_secrets_refuse_each_other_and_say_why(closing: l
     decode_.expect(107, 8, sender.bootstrap_port)
     for (event,) in decode_.events():
         assert isinstance(event, RoomFailed) and "timed out" in event.message
-    assert "the same --disaggregation-secret" in event.message
+    assert "none at all: is --disaggregation-secret the same on both servers?" in event.message
     # The REGISTER and then both ranks' ABORTs on timeout, all dropped unread.
     assert wait_until(lambda: sender.stats().messages_unauthenticated == 3, 5.0)
     assert (sender.stats().rooms_live, sender.stats().sockets_open) == (0, 0)

@@ -1,4 +1,4 @@
-"""What the prefill's bootstrap socket lets in, and what each decode server may hold once it is in.
+"""The prefill's bootstrap socket, what it lets in, and what each decode server may hold once it is in.
 
 A message counts only when it decodes, carries its key's tag (a REGISTER: the cluster's register key; an
 ABORT: its room's decode → prefill key) and, for a REGISTER, is fresh and not a replay. Everything else is
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 from tpla_serve.disagg.auth import ClusterAuth, ReplayGuard, signed_by, wall_clock_ms
-from tpla_serve.disagg.io_loop import Outbound, peer_address
+from tpla_serve.disagg.bootstrap import tcp_endpoint
+from tpla_serve.disagg.io_loop import Outbound, bind_tcp, peer_address
 from tpla_serve.disagg.log_limit import RateLimitedLog
-from tpla_serve.disagg.messages import Abort, ProtocolError, Register, decode
+from tpla_serve.disagg.messages import MAX_HEADER_BYTES, Abort, ProtocolError, Register, decode
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +77,8 @@ class PeerTable:
         peer = self._peers.get(reg.notify_endpoint)
         if peer is not None and peer.rooms >= self.limits.max_rooms:
             return (
-                f"decode server {reg.notify_endpoint} already has {peer.rooms} rooms in flight on this prefill "
-                f"(at most {self.limits.max_rooms})"
+                f"decode server {reg.notify_endpoint} already has {peer.rooms} rooms in flight on this "
+                f"prefill (at most {self.limits.max_rooms})"
             )
         return None
 
@@ -94,9 +97,24 @@ class PeerTable:
 
 
 class BootstrapGate:
-    """Decodes and authenticates what arrives on the bootstrap socket (IO thread only)."""
+    """The bootstrap socket (a PULL bound on host:port) and the checks its messages pass; the socket
+    belongs to the IO thread that polls it."""
 
-    def __init__(self, auth: ClusterAuth, max_skew_s: float, replay_capacity: int, limits: PeerLimits) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        host: str,
+        port: int,
+        auth: ClusterAuth,
+        max_skew_s: float,
+        replay_capacity: int,
+        limits: PeerLimits,
+    ) -> None:
+        self.socket = ctx.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
+        self.port = bind_tcp(self.socket, host, port)
+        self.endpoint = tcp_endpoint(host, self.port)
         self.auth = auth
         self.peers = PeerTable(limits)
         self._replay = ReplayGuard(max_skew_s, replay_capacity)
@@ -104,15 +122,28 @@ class BootstrapGate:
         self.rejected = 0  # malformed
         self.unauthenticated = 0  # a wrong tag, a stale or replayed REGISTER
 
-    def receive(self, frames: Sequence[Any]) -> Register | Abort | None:
-        """The message in `frames` if it may act on the prefill's rooms; None when it was dropped."""
+    def receive(self, max_messages: int) -> Iterator[Register | Abort]:
+        """The messages waiting on the socket (at most max_messages read) that may act on rooms."""
+        for _ in range(max_messages):
+            try:
+                frames = self.socket.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            msg = self._admit(frames)
+            if msg is not None:
+                yield msg
+
+    def _admit(self, frames: Sequence[Any]) -> Register | Abort | None:
+        """The message in `frames`, or None when it is malformed or unauthenticated (counted, dropped)."""
         try:
             msg = decode(frames)
             if not isinstance(msg, (Register, Abort)):
                 raise ProtocolError(f"{type(msg).__name__} is not a bootstrap message")
         except ProtocolError as exc:
             self.rejected += 1
-            self._log.warning("malformed", "rejected a bootstrap message from %s: %s", peer_address(frames), exc)
+            self._log.warning(
+                "malformed", "rejected a bootstrap message from %s: %s", peer_address(frames), exc
+            )
             return None
         problem = self._refusal(msg, frames)
         if problem is not None:

@@ -91,7 +91,8 @@ class DecodeKVPort:
         self.draft_pool = draft_pool
         self.timeout_s = timeout_s
         self.receiver = KVReceiver(
-            layout, rank, host=host, timeout_s=timeout_s, default_bootstrap_port=default_bootstrap_port, secret=secret
+            layout, rank, host=host, timeout_s=timeout_s, default_bootstrap_port=default_bootstrap_port,
+            secret=secret,
         )
         self.completed: dict[int, RoomCompleted] = {}
         self.failed: dict[int, str] = {}

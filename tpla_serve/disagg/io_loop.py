@@ -246,7 +246,9 @@ class Outbound:
 
     def _connect(self, endpoint: str, now: float) -> _Peer:
         if len(self._peers) >= self.max_sockets:
-            raise ConnectionLimit(f"already has the {self.max_sockets} connections it may open; cannot connect to {endpoint}")
+            raise ConnectionLimit(
+                f"already has the {self.max_sockets} connections it may open; cannot connect to {endpoint}"
+            )
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)

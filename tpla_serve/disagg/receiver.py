@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 _RECV_BATCH = 64
 _SWEEP_EVERY_S = 5.0
+_NO_KV_HINT = "; none at all: is --disaggregation-secret the same on both servers?"
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ class KVReceiver(IOLoop):
                 raise ValueError(f"bootstrap_room {room} is already expected on rank {self.rank}")
             if len(self._rooms) >= self.max_rooms:
                 raise ValueError(
-                    f"decode rank {self.rank} already expects {self.max_rooms} rooms, the most it takes at once"
+                    f"decode rank {self.rank} already expects {self.max_rooms} rooms, the most it takes "
+                    "at once"
                 )
             self._rooms[room] = state
 
@@ -229,7 +231,7 @@ class KVReceiver(IOLoop):
             expired = [s for s in self._rooms.values() if s.deadline < now]
         for s in expired:
             layers = sum(1 for n in s.next_start if n == s.n_tokens)
-            hint = "; did it get the REGISTER? (the same --disaggregation-secret on both?)" if s.first_data is None else ""
+            hint = "" if s.first_data is not None else _NO_KV_HINT
             self._fail_room(
                 s.room,
                 f"timed out: no KV from the prefill server at {s.bootstrap} for {self.timeout_s:g}s "
@@ -254,7 +256,9 @@ class KVReceiver(IOLoop):
                 raise ProtocolError("REGISTER sent to a decode rank")
         except ProtocolError as exc:
             self._rejected += 1
-            self._log.warning("malformed", "rank %d rejected a message from %s: %s", self.rank, peer_address(frames), exc)
+            self._log.warning(
+                "malformed", "rank %d rejected a message from %s: %s", self.rank, peer_address(frames), exc
+            )
             return
         events: list[RoomEvent] = []
         with self._lock:
@@ -272,7 +276,7 @@ class KVReceiver(IOLoop):
                 self._unauthenticated += 1
                 self._log.warning(
                     "unauthenticated", "rank %d dropped %s for room %d from %s: its tag is not the room's",
-                    self.rank, type(msg).__name__.upper(), msg.room, peer_address(frames),
+                    self.rank, type(msg).__name__, msg.room, peer_address(frames),
                 )
                 return
             if isinstance(msg, LayerKV):
@@ -358,7 +362,10 @@ class KVReceiver(IOLoop):
         self._events.emit([RoomFailed(room, message)])
 
     def _send_abort(self, state: ExpectedRoom, message: str, now: float) -> None:
+        frames = encode(Abort(state.room, message), state.keys.to_prefill)
         try:
-            self._out.send(state.bootstrap, state.room, encode(Abort(state.room, message), state.keys.to_prefill), now)
+            self._out.send(state.bootstrap, state.room, frames, now)
         except SEND_ERRORS as exc:
-            self._log.warning("abort", "room %d: cannot send ABORT to %s: %s", state.room, state.bootstrap, exc)
+            self._log.warning(
+                "abort", "room %d: cannot send ABORT to %s: %s", state.room, state.bootstrap, exc
+            )

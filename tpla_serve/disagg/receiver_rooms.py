@@ -41,8 +41,8 @@ class ExpectedRoom:
         end = msg.token_start + msg.n_tokens
         if msg.token_start != expected or end > self.n_tokens:
             return (
-                f"layer {msg.layer}: tokens [{msg.token_start}, {end}) arrived, expected tokens from {expected} "
-                f"of {self.n_tokens}"
+                f"layer {msg.layer}: tokens [{msg.token_start}, {end}) arrived, expected tokens from "
+                f"{expected} of {self.n_tokens}"
             )
         return None
 

@@ -26,12 +26,12 @@ import zmq
 
 from tpla_serve.disagg.admission import BootstrapGate, PeerLimits
 from tpla_serve.disagg.auth import UNAUTHENTICATED_WARNING, ClusterAuth
-from tpla_serve.disagg.bootstrap import check_room, tcp_endpoint
+from tpla_serve.disagg.bootstrap import check_room
 from tpla_serve.disagg.events import EventSink, RoomEvent, RoomFailed
 from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
-from tpla_serve.disagg.io_loop import SEND_ERRORS, IOLoop, Outbound, bind_tcp
+from tpla_serve.disagg.io_loop import SEND_ERRORS, IOLoop, Outbound
 from tpla_serve.disagg.log_limit import RateLimitedLog
-from tpla_serve.disagg.messages import MAX_HEADER_BYTES, Abort, Done, PromptLogprobs, Register, encode
+from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, encode
 from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
 from tpla_serve.disagg.sender_rooms import AbortCmd, Command, DoneCmd, EndedRoom, LayerCmd, SenderRoom
 
@@ -61,8 +61,9 @@ class KVSender(IOLoop):
     Threading: every method may be called from any thread; all sockets live on the sender's IO thread.
     Tensors passed to send_layer are kept (not copied) until sent: do not modify them afterwards.
 
-    secret: what every peer must prove (None: any peer is accepted, with a warning). max_peer_rooms / _endpoints:
-    what one decode server may hold; max_sockets: connections in all; max_register_skew_s: REGISTER clock skew.
+    secret: what every peer must prove (None: any peer is accepted, with a warning). max_peer_rooms,
+    max_peer_endpoints: what one decode server may hold at once; max_sockets: outbound connections in all;
+    max_register_skew_s: how far a REGISTER's issue time may be from this host's clock.
     """
 
     def __init__(
@@ -86,7 +87,10 @@ class KVSender(IOLoop):
         super().__init__(name="kv-sender")
         auth = ClusterAuth(secret)
         limits = PeerLimits(max_peer_rooms, max_peer_endpoints)
-        self._gate = BootstrapGate(auth, max_register_skew_s, _NONCES_PER_ROOM * max_rooms, limits)
+        replay_capacity = _NONCES_PER_ROOM * max_rooms
+        self._gate = BootstrapGate(self.ctx, host, port, auth, max_register_skew_s, replay_capacity, limits)
+        self.bootstrap_port, self.bootstrap_endpoint = self._gate.port, self._gate.endpoint
+        self.poller.register(self._gate.socket, zmq.POLLIN)
         self.kv = kv
         self.draft = draft
         self.timeout_s = timeout_s
@@ -94,12 +98,6 @@ class KVSender(IOLoop):
         self.max_buffered_bytes_per_room = max_buffered_bytes_per_room
         self.max_buffered_bytes = max_buffered_bytes
         self._events = EventSink(on_event)
-        self._bootstrap = self.ctx.socket(zmq.PULL)
-        self._bootstrap.setsockopt(zmq.LINGER, 0)
-        self._bootstrap.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
-        self.bootstrap_port = bind_tcp(self._bootstrap, host, port)
-        self.bootstrap_endpoint = tcp_endpoint(host, self.bootstrap_port)
-        self.poller.register(self._bootstrap, zmq.POLLIN)
         self._out = Outbound(self.ctx, self.poller, max_sockets)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
@@ -172,8 +170,10 @@ class KVSender(IOLoop):
 
     def stats(self) -> SenderStats:
         gate = self._gate
-        return SenderStats(self._bytes_sent, self._draft_bytes_sent, self._rooms_sent, self._rooms_failed,
-                           len(self._rooms), self._rooms_registered, gate.rejected, gate.unauthenticated, len(self._out))
+        return SenderStats(
+            self._bytes_sent, self._draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
+            self._rooms_registered, gate.rejected, gate.unauthenticated, len(self._out),
+        )
 
     # ------------------------------------------------------------ IO thread
 
@@ -210,16 +210,11 @@ class KVSender(IOLoop):
 
     def _on_sockets(self, ready: dict[Any, int]) -> None:
         now = time.monotonic()
-        if ready.get(self._bootstrap, 0) & zmq.POLLIN:
-            for _ in range(_RECV_BATCH):
-                try:
-                    frames = self._bootstrap.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                msg = self._gate.receive(frames)  # None: malformed or unauthenticated, dropped unread
+        if ready.get(self._gate.socket, 0) & zmq.POLLIN:
+            for msg in self._gate.receive(_RECV_BATCH):  # authenticated: the rest was dropped unread
                 if isinstance(msg, Abort):
                     self._on_decode_abort(msg)
-                elif msg is not None:
+                else:
                     self._on_register(msg, now)
         self._out.on_writable(ready, now)
 
@@ -242,7 +237,7 @@ class KVSender(IOLoop):
 
     def _on_close(self) -> None:
         self._out.close()
-        self._bootstrap.close()
+        self._gate.socket.close()
 
     def _on_decode_abort(self, msg: Abort) -> None:
         message = f"decode server aborted the room: {msg.message}"
@@ -294,7 +289,9 @@ class KVSender(IOLoop):
                 break  # a buffered command ended the room
             self._stream(state, cmd, now)
 
-    def _refuse(self, reg: Register, state: SenderRoom | None, problem: str, now: float, notify_only: bool) -> None:
+    def _refuse(
+        self, reg: Register, state: SenderRoom | None, problem: str, now: float, notify_only: bool
+    ) -> None:
         """End the room a REGISTER names without serving it, and tell the decode server why."""
         self._log.warning("refused", "room %d: %s", reg.room, problem)
         if state is not None:
@@ -348,7 +345,8 @@ class KVSender(IOLoop):
         routes = state.routes
         assert routes is not None
         send_draft = routes.send_draft
-        problem = state.unfinished_layer(len(state.next_start) if send_draft else self.kv.num_layers, reg.n_tokens)
+        wire_layers = len(state.next_start) if send_draft else self.kv.num_layers
+        problem = state.unfinished_layer(wire_layers, reg.n_tokens)
         if problem is not None:
             self._fail(state, problem)
             return

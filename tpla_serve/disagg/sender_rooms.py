@@ -60,7 +60,10 @@ class SenderRoom:
         if cmd.token_start != expected:
             return f"layer {cmd.layer}: tokens from {cmd.token_start} sent, expected {expected}"
         if cmd.token_start + n > n_tokens:
-            return f"prefill has at least {cmd.token_start + n} prompt tokens but the decode server expects {n_tokens}"
+            return (
+                f"prefill has at least {cmd.token_start + n} prompt tokens but the decode server expects "
+                f"{n_tokens}"
+            )
         self.next_start[cmd.layer] += n
         return None
 
@@ -68,7 +71,10 @@ class SenderRoom:
         """Why DONE may not close the room yet (a layer of the first `wire_layers` is short), or None."""
         for layer, sent in enumerate(self.next_start[:wire_layers]):
             if sent != n_tokens:
-                return f"prefill finished with {sent} tokens of layer {layer}, the decode server expects {n_tokens}"
+                return (
+                    f"prefill finished with {sent} tokens of layer {layer}, the decode server expects "
+                    f"{n_tokens}"
+                )
         return None
 
     def buffer(self, cmd: Command, total_buffered: int, room_limit: int, total_limit: int) -> str | None:
