@@ -201,14 +201,19 @@ def test_a_register_naming_1000_endpoints_is_refused_without_connecting_to_them(
     endpoints = [notify_endpoint] + [f"tcp://10.9.{i // 250}.{i % 250}:9" for i in range(999)]
     layout = DecodeLayout(kv=SPEC, tp_size=1000, latent_groups=1, page_size=PAGE_SIZE)
     room = 105
-    _push(closing, sender.bootstrap_endpoint).send_multipart(_register(room, endpoints, layout=layout))
+    push = _push(closing, sender.bootstrap_endpoint)
+    push.send_multipart(_register(room, endpoints, key=ClusterAuth("guess").register_key, layout=layout))
+    assert wait_until(lambda: sender.stats().messages_unauthenticated == 1, 5.0)
+    assert sender.stats().sockets_open == 0  # forged: not even its notify endpoint hears of it
+    # From a decode server that holds the secret, only the notify endpoint hears why.
+    push.send_multipart(_register(room, endpoints, layout=layout))
     assert notify.poll(5000)
     frames = notify.recv_multipart()
     abort = decode(frames)
     assert isinstance(abort, Abort) and abort.room == room and signed_by(AUTH.room_keys(room).to_decode, frames)
     assert "names 1000 endpoints, more than the 64" in abort.message
     stats = sender.stats()
-    assert (stats.rooms_live, stats.sockets_open, stats.messages_unauthenticated) == (0, 1, 0)  # the notify only
+    assert (stats.rooms_live, stats.sockets_open, stats.messages_unauthenticated) == (0, 1, 1)  # the notify only
 
 
 def test_one_decode_server_cannot_take_every_room(closing: list) -> None:

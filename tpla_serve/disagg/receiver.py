@@ -123,11 +123,6 @@ class KVReceiver(IOLoop):
             logger.warning(UNAUTHENTICATED_WARNING, f"the decode KV receiver {self.endpoint}")
         self._start()
 
-    @property
-    def authenticated(self) -> bool:
-        """Whether the prefill must prove the cluster secret (False: made without one)."""
-        return self._auth.authenticated
-
     # ------------------------------------------------------------ engine API
 
     def expect(

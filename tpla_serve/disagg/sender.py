@@ -159,11 +159,6 @@ class KVSender(IOLoop):
         check_room(room)
         self._submit(AbortCmd(room, str(message)))
 
-    @property
-    def authenticated(self) -> bool:
-        """Whether peers must prove the cluster secret (False: this sender was made without one)."""
-        return self._gate.auth.authenticated
-
     def poll(self) -> list[RoomEvent]:
         """Events since the last poll (when no on_event callback was given): RoomFailed only."""
         return self._events.poll()
