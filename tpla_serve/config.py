@@ -22,6 +22,8 @@ TPLA_NORMS = ("exact", "local")
 TPLA_TRANSFORMS = ("none", "hadamard", "pca")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 SPECULATIVE_ALGORITHMS = ("none", "standard", "easyspec")
+# Where a server reads its disaggregation secret when --disaggregation-secret is not given.
+DISAGGREGATION_SECRET_ENV = "TPLA_DISAGGREGATION_SECRET"
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -68,6 +70,7 @@ class EngineConfig:
     disaggregation_host: str = "127.0.0.1"  # decode: where each rank binds its KV receiving socket
     disaggregation_timeout: float = 60.0  # seconds a room may wait for its peer or its KV
     disaggregation_bootstrap_port: int = 8998  # prefill: where decodes REGISTER; decode: default for null ports
+    disaggregation_secret: str | None = field(default=None, repr=False)  # authenticates KV peers; never logged
     disable_cuda_graph: bool = False  # GPU: run decode steps eagerly instead of replaying captured graphs
     disable_overlap_schedule: bool = False  # read each decode step's tokens before building the next
     cuda_graph_max_bs: int = 256  # GPU: the largest decode batch captured in a CUDA graph
@@ -99,6 +102,8 @@ class EngineConfig:
             raise ValueError("a prefill server runs exact MLA: --tpla-groups must be 1 with --disaggregation-mode prefill")
         if not 0 < self.disaggregation_bootstrap_port < 65536:
             raise ValueError(f"disaggregation_bootstrap_port must be in 1..65535, got {self.disaggregation_bootstrap_port}")
+        if self.disaggregation_secret is not None and not self.disaggregation_secret:
+            raise ValueError("disaggregation_secret must not be empty")
         _check_choice("tpla_transform", self.tpla_transform, TPLA_TRANSFORMS)
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
@@ -193,6 +198,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="decode: the address its TP ranks receive KV on (reachable from the prefill servers)")
     g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
+    g.add_argument("--disaggregation-secret", default=None,
+                   help=f"PD: the secret every prefill and decode server of a cluster shares to authenticate KV "
+                        f"transfers (default: ${DISAGGREGATION_SECRET_ENV}, else --api-key; the variable keeps it "
+                        f"out of process listings)")
     g.add_argument(
         "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
@@ -268,9 +277,11 @@ def resolve_api_key(flag: str | None, path: str | None) -> str | None:
 
 
 def server_config_from_cli(args: argparse.Namespace) -> ServerConfig:
+    """The server's config; its disaggregation secret is the flag's, else the environment's, else the API key."""
     names = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine", "api_key"}
-    return ServerConfig(
-        engine=EngineConfig.from_cli(args),
-        api_key=resolve_api_key(args.api_key, args.api_key_file),
-        **{k: v for k, v in vars(args).items() if k in names},
-    )
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
+    engine = EngineConfig.from_cli(args)
+    if engine.disaggregation_secret is None:
+        secret = os.environ.get(DISAGGREGATION_SECRET_ENV, api_key)
+        engine = dataclasses.replace(engine, disaggregation_secret=secret)
+    return ServerConfig(engine=engine, api_key=api_key, **{k: v for k, v in vars(args).items() if k in names})

@@ -75,6 +75,43 @@ class PagedRank:
         return write
 
 
+class Decode:
+    """A decode server's transport: T receivers, each with its own paged KV pool."""
+
+    def __init__(self, layout: DecodeLayout, **kwargs: object) -> None:
+        self.layout = layout
+        self.ranks = [PagedRank(layout) for _ in range(layout.tp_size)]
+        self.rx = [KVReceiver(layout, r, **kwargs) for r in range(layout.tp_size)]
+        self.slots: dict[int, torch.Tensor] = {}
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [r.endpoint for r in self.rx]
+
+    def expect(self, room: int, n_tokens: int, port: int | None, register: bool = True) -> None:
+        for rank, rx in zip(self.ranks, self.rx):
+            slots = rank.reserve(n_tokens)
+            rx.expect(room, n_tokens, rank.writer(slots), "127.0.0.1", port)
+            self.slots[room] = slots
+        if register:
+            self.rx[0].send_register(room, self.endpoints)
+
+    def events(self, timeout_s: float = 10.0) -> list[list]:
+        return wait_events(self.rx, timeout_s)
+
+    def assert_holds(self, room: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        T, g = self.layout.tp_size, self.layout.latent_groups
+        for r, rank in enumerate(self.ranks):
+            for layer, (ckv, kpe) in enumerate(kv):
+                got_ckv, got_kpe = rank.pool.read(layer, self.slots[room])
+                assert torch.equal(got_ckv, expected_ckv_slice(ckv, T, g, r)), (r, layer)
+                assert torch.equal(got_kpe, kpe), (r, layer)
+
+    def close(self) -> None:
+        for rx in self.rx:
+            rx.close()
+
+
 def wait_events(
     receivers: list[KVReceiver], timeout_s: float = 10.0, per_rank: int = 1
 ) -> list[list[RoomEvent]]:

@@ -1,4 +1,5 @@
-"""A stand-in prefill process for the KV-stream tests: a KVSender driven by JSON lines on stdin.
+"""A stand-in prefill process for the KV-stream tests: a KVSender driven by JSON lines on stdin, with the
+cluster secret from $TPLA_DISAGGREGATION_SECRET (none when unset), as a server reads it.
 
 Prints {"port": bootstrap_port} first, then answers commands:
   {"cmd": "send", "room": R, "n": N, "mode": M}  M = "now" (stream at once, buffered until REGISTER),
@@ -11,11 +12,13 @@ Prints {"port": bootstrap_port} first, then answers commands:
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 from kv_stream_helpers import prompt_kv, small_spec, wait_until
 
+from tpla_serve.config import DISAGGREGATION_SECRET_ENV
 from tpla_serve.disagg import KVSender
 
 
@@ -26,7 +29,8 @@ def _reply(obj: object) -> None:
 
 def main() -> None:
     spec = small_spec()
-    sender = KVSender(spec, timeout_s=float(sys.argv[1]) if len(sys.argv) > 1 else 30.0)
+    timeout_s = float(sys.argv[1]) if len(sys.argv) > 1 else 30.0
+    sender = KVSender(spec, timeout_s=timeout_s, secret=os.environ.get(DISAGGREGATION_SECRET_ENV))
     _reply({"port": sender.bootstrap_port})
     events: list = []
     for line in sys.stdin:

@@ -1,4 +1,4 @@
-"""Wire format: round trips, and strict, bounded rejection of everything else."""
+"""Wire format: round trips, and strict, bounded rejection of everything else (tags: test_kv_auth.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tpla_serve.disagg import (
     encode,
     layout_mismatch,
 )
+from tpla_serve.disagg.auth import NONCE_BYTES, TAG_BYTES, signed_by
 from tpla_serve.disagg.messages import tensor_frame
 
 SPEC = KVSpec(
@@ -30,6 +31,8 @@ SPEC = KVSpec(
 )
 LAYOUT = DecodeLayout(kv=SPEC, tp_size=2, latent_groups=2, page_size=64, draft=SPEC, draft_ranks=(0, 1))
 ROOM = 2**63 - 1
+KEY = bytes(range(32))
+NO_TAG = b"\0" * TAG_BYTES  # the decoder checks a tag's size; the transports check its value
 
 
 def _register(**overrides: object) -> Register:
@@ -40,6 +43,8 @@ def _register(**overrides: object) -> Register:
         "notify_endpoint": "tcp://10.0.0.2:5000",
         "n_tokens": 8192,
         "max_frame_bytes": 1 << 26,
+        "issued_ms": 1_796_000_000_000,
+        "nonce": b"\x07" * NONCE_BYTES,
     }
     fields.update(overrides)
     return Register(**fields)
@@ -54,21 +59,32 @@ def _header(frames: list) -> dict:
 
 
 def _with_header(header: dict, payload: list[bytes] = ()) -> list[bytes]:
-    return [msgpack.packb(header), *payload]
+    return [msgpack.packb(header), NO_TAG, *payload]
 
 
 def test_register_round_trip() -> None:
     reg = _register()
-    assert decode(_bytes(encode(reg))) == reg
+    frames = _bytes(encode(reg, KEY))
+    assert decode(frames) == reg and signed_by(KEY, frames)
     no_draft = _register(layout=DecodeLayout(kv=SPEC, tp_size=2, latent_groups=1, page_size=1))
-    assert decode(_bytes(encode(no_draft))) == no_draft
+    assert decode(_bytes(encode(no_draft, KEY))) == no_draft
+
+
+def test_the_tag_signs_the_header_under_its_key_only() -> None:
+    frames = _bytes(encode(Abort(room=3, message="why"), KEY))
+    assert len(frames) == 2 and len(frames[1]) == TAG_BYTES and signed_by(KEY, frames)
+    assert not signed_by(bytes(32), frames)
+    tampered = msgpack.packb({**_header(frames), "room": 4})
+    assert not signed_by(KEY, [tampered, frames[1]])
+    with pytest.raises(ValueError, match="nonce"):
+        _register(nonce=b"short")
 
 
 def test_layer_kv_round_trip_is_bitwise() -> None:
     ckv = torch.randn(5, 256).bfloat16()
     kpe = torch.randn(5, 64).bfloat16()
     frames = encode(
-        LayerKV(room=3, layer=26, token_start=100, n_tokens=5, ckv=tensor_frame(ckv), kpe=tensor_frame(kpe))
+        LayerKV(room=3, layer=26, token_start=100, n_tokens=5, ckv=tensor_frame(ckv), kpe=tensor_frame(kpe)), KEY
     )
     msg = decode(_bytes(frames))
     assert isinstance(msg, LayerKV) and (msg.room, msg.layer, msg.token_start, msg.n_tokens) == (
@@ -93,21 +109,21 @@ def test_done_and_abort_round_trip() -> None:
         top_ids=torch.randint(0, 100, (7, 3), dtype=torch.int32),
     )
     msg = decode(
-        _bytes(encode(Done(room=9, first_token_id=42, first_token_logprob=-1.25, prompt_logprobs=lp)))
+        _bytes(encode(Done(room=9, first_token_id=42, first_token_logprob=-1.25, prompt_logprobs=lp), KEY))
     )
     assert isinstance(msg, Done) and (msg.room, msg.first_token_id, msg.first_token_logprob) == (9, 42, -1.25)
     assert msg.prompt_logprobs is not None and msg.prompt_logprobs.start == 1
     assert torch.equal(msg.prompt_logprobs.logprobs, lp.logprobs)
     assert torch.equal(msg.prompt_logprobs.top_logprobs, lp.top_logprobs)
     assert torch.equal(msg.prompt_logprobs.top_ids, lp.top_ids)
-    plain = decode(_bytes(encode(Done(room=9, first_token_id=0))))
+    plain = decode(_bytes(encode(Done(room=9, first_token_id=0), KEY)))
     assert plain == Done(room=9, first_token_id=0, first_token_logprob=None, prompt_logprobs=None, draft_kv=False)
-    assert decode(_bytes(encode(Done(room=9, first_token_id=0, draft_kv=True)))).draft_kv is True
-    assert decode(_bytes(encode(Abort(room=0, message="why")))) == Abort(room=0, message="why")
+    assert decode(_bytes(encode(Done(room=9, first_token_id=0, draft_kv=True), KEY))).draft_kv is True
+    assert decode(_bytes(encode(Abort(room=0, message="why"), KEY))) == Abort(room=0, message="why")
 
 
 def _done_header() -> dict:
-    return _header(encode(Done(room=1, first_token_id=2, first_token_logprob=-0.5)))
+    return _header(encode(Done(room=1, first_token_id=2, first_token_logprob=-0.5), KEY))
 
 
 @pytest.mark.parametrize(
@@ -185,11 +201,20 @@ def _done_header() -> dict:
         ([b"\xdd\xff\xff\xff\xff"], "not valid msgpack"),  # declares a 4-billion-entry array
         ([b"\xdb\x7f\xff\xff\xff"], "not valid msgpack"),  # declares a 2 GiB string
         ([b"\x80" * (70 * 1024)], "header of"),
+        ([msgpack.packb({**_done_header(), "x": b"\0" * (NONCE_BYTES + 1)})], "not valid msgpack"),  # bin cap
     ],
 )
 def test_malformed_messages_raise_protocol_error(frames: list[bytes], match: str) -> None:
+    """Frame 0 as given, then a tag-sized frame 1, then the rest."""
     with pytest.raises(ProtocolError, match=match):
-        decode(frames)
+        decode(frames[:1] + [NO_TAG] + frames[1:] if frames else frames)
+
+
+@pytest.mark.parametrize("tag", [None, b"", b"\0" * (TAG_BYTES - 1), b"\0" * (TAG_BYTES + 1)])
+def test_a_message_without_a_tag_sized_frame_1_is_malformed(tag: bytes | None) -> None:
+    header = encode(Abort(room=1, message=""), KEY)[0]
+    with pytest.raises(ProtocolError, match="ABORT has no 16-byte tag in frame 1"):
+        decode([header] if tag is None else [header, tag])
 
 
 @pytest.mark.parametrize(
@@ -211,10 +236,14 @@ def test_malformed_messages_raise_protocol_error(frames: list[bytes], match: str
         (lambda h: h.update(notify_endpoint="inproc://x"), "not tcp://host:port"),
         (lambda h: h.update(n_tokens=0), "register.n_tokens"),
         (lambda h: h.update(rank_endpoints="tcp://a:1"), "list of str"),
+        (lambda h: h.update(nonce=b"\0" * (NONCE_BYTES - 1)), "register.nonce must be 16 bytes"),
+        (lambda h: h.update(nonce="x" * NONCE_BYTES), "register.nonce must be 16 bytes"),
+        (lambda h: h.pop("issued_ms"), "missing fields \\['issued_ms'\\]"),
+        (lambda h: h.update(issued_ms=-1), "register.issued_ms"),
     ],
 )
 def test_register_field_validation(mutate, match: str) -> None:
-    header = _header(encode(_register()))
+    header = _header(encode(_register(), KEY))
     mutate(header)
     with pytest.raises(ProtocolError, match=match):
         decode(_with_header(header))

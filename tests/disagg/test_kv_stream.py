@@ -1,4 +1,5 @@
-"""KVSender → KVReceiver over real ZMQ TCP sockets on loopback (sender and ranks in this process)."""
+"""KVSender → KVReceiver over real ZMQ TCP sockets on loopback (sender and ranks in this process), each
+test with and without a cluster secret."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import torch
 import zmq
 from kv_stream_helpers import (
     PAGE_SIZE,
-    PagedRank,
-    expected_ckv_slice,
+    Decode,
     owned_socket,
     poll_until,
     prompt_kv,
@@ -32,67 +32,37 @@ from tpla_serve.disagg import (
     RoomCompleted,
     RoomFailed,
 )
+from tpla_serve.disagg.auth import ClusterAuth, make_tag
 from tpla_serve.disagg.messages import decode as decode_message
 
 
-class Decode:
-    """A decode server's transport: T receivers, each with its own paged KV pool."""
+class Transports(list):
+    """What a test opened (closed at its end, whatever happens), and the cluster secret its transports share."""
 
-    def __init__(self, layout: DecodeLayout, **kwargs: object) -> None:
-        self.layout = layout
-        self.ranks = [PagedRank(layout) for _ in range(layout.tp_size)]
-        self.rx = [KVReceiver(layout, r, **kwargs) for r in range(layout.tp_size)]
-        self.slots: dict[int, torch.Tensor] = {}
-
-    @property
-    def endpoints(self) -> list[str]:
-        return [r.endpoint for r in self.rx]
-
-    def expect(self, room: int, n_tokens: int, port: int | None, register: bool = True) -> None:
-        for rank, rx in zip(self.ranks, self.rx):
-            slots = rank.reserve(n_tokens)
-            rx.expect(room, n_tokens, rank.writer(slots), "127.0.0.1", port)
-            self.slots[room] = slots
-        if register:
-            self.rx[0].send_register(room, self.endpoints)
-
-    def events(self, timeout_s: float = 10.0) -> list[list]:
-        return wait_events(self.rx, timeout_s)
-
-    def assert_holds(self, room: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        T, g = self.layout.tp_size, self.layout.latent_groups
-        for r, rank in enumerate(self.ranks):
-            for layer, (ckv, kpe) in enumerate(kv):
-                got_ckv, got_kpe = rank.pool.read(layer, self.slots[room])
-                assert torch.equal(got_ckv, expected_ckv_slice(ckv, T, g, r)), (r, layer)
-                assert torch.equal(got_kpe, kpe), (r, layer)
-
-    def close(self) -> None:
-        for rx in self.rx:
-            rx.close()
+    def __init__(self, secret: str | None) -> None:
+        super().__init__()
+        self.secret = secret
 
 
-@pytest.fixture
-def closing() -> Iterator[list]:
-    """Transports to close at the end of the test, whatever happens."""
-    objs: list = []
+@pytest.fixture(params=[None, "a cluster secret"], ids=["open", "authenticated"])
+def closing(request: pytest.FixtureRequest) -> Iterator[Transports]:
+    objs = Transports(request.param)
     yield objs
     for obj in objs:
         obj.close()
 
 
-def _sender(closing: list, spec: KVSpec | None = None, **kwargs: object) -> KVSender:
-    sender = KVSender(spec or small_spec(), **kwargs)
+def _sender(closing: Transports, spec: KVSpec | None = None, **kwargs: object) -> KVSender:
+    sender = KVSender(spec or small_spec(), secret=closing.secret, **kwargs)
     closing.append(sender)
     return sender
 
 
 def _decode(
-    closing: list, tp: int = 2, groups: int = 2, spec: KVSpec | None = None, **kwargs: object
+    closing: Transports, tp: int = 2, groups: int = 2, spec: KVSpec | None = None, **kwargs: object
 ) -> Decode:
-    decode = Decode(
-        DecodeLayout(kv=spec or small_spec(), tp_size=tp, latent_groups=groups, page_size=PAGE_SIZE), **kwargs
-    )
+    layout = DecodeLayout(kv=spec or small_spec(), tp_size=tp, latent_groups=groups, page_size=PAGE_SIZE)
+    decode = Decode(layout, secret=closing.secret, **kwargs)
     closing.append(decode)
     return decode
 
@@ -105,7 +75,7 @@ def _send_all(sender: KVSender, room: int, kv: list, first_token: int = 5) -> No
 
 @pytest.mark.parametrize("groups", [2, 1])
 @pytest.mark.parametrize("register_first", [True, False], ids=["register-first", "layers-first"])
-def test_each_rank_receives_exactly_its_slice(closing: list, groups: int, register_first: bool) -> None:
+def test_each_rank_receives_exactly_its_slice(closing: Transports, groups: int, register_first: bool) -> None:
     sender, decode = _sender(closing), _decode(closing, groups=groups)
     room, n = 2**62 + 17, 11
     kv = prompt_kv(room, n, sender.kv)
@@ -128,7 +98,7 @@ def test_each_rank_receives_exactly_its_slice(closing: list, groups: int, regist
     assert all(rx.stats().rooms_live == 0 for rx in decode.rx)
 
 
-def test_chunked_prefill_and_frame_limit_split_tokens_on_page_boundaries(closing: list) -> None:
+def test_chunked_prefill_and_frame_limit_split_tokens_on_page_boundaries(closing: Transports) -> None:
     sender = _sender(closing)
     # 9 tokens of the widest row (16 dims of bf16) fit a frame: chunks of 8 (two pages of 4).
     decode = _decode(closing, groups=1, max_frame_bytes=9 * 16 * 2)
@@ -146,7 +116,7 @@ def test_chunked_prefill_and_frame_limit_split_tokens_on_page_boundaries(closing
     assert starts == [(0, 8), (8, 8), (16, 3), (19, 8), (27, 3)]
 
 
-def test_prompt_logprobs_reach_rank_zero_only(closing: list) -> None:
+def test_prompt_logprobs_reach_rank_zero_only(closing: Transports) -> None:
     sender, decode = _sender(closing), _decode(closing)
     room, n = 99, 6
     kv = prompt_kv(room, n, sender.kv)
@@ -179,7 +149,7 @@ def test_prompt_logprobs_reach_rank_zero_only(closing: list) -> None:
     ],
 )
 def test_layout_mismatch_fails_both_sides_with_the_field_named(
-    closing: list, decode_spec: KVSpec, field: str
+    closing: Transports, decode_spec: KVSpec, field: str
 ) -> None:
     sender, decode = _sender(closing), _decode(closing, spec=decode_spec)
     room, n = 5, 4
@@ -193,7 +163,7 @@ def test_layout_mismatch_fails_both_sides_with_the_field_named(
     assert all(rx.stats().rooms_live == 0 for rx in decode.rx) and sender.stats().rooms_live == 0
 
 
-def test_refused_register_is_reported_when_the_prefill_reaches_the_room(closing: list) -> None:
+def test_refused_register_is_reported_when_the_prefill_reaches_the_room(closing: Transports) -> None:
     sender, decode = _sender(closing), _decode(closing, spec=small_spec(fingerprint="x"))
     room = 77
     decode.expect(room, 4, sender.bootstrap_port)
@@ -210,7 +180,7 @@ def test_refused_register_is_reported_when_the_prefill_reaches_the_room(closing:
 @pytest.mark.parametrize(
     "prefill_tokens, match", [(12, "at least 12 prompt tokens"), (8, "finished with 8 tokens")]
 )
-def test_prompt_length_disagreement_fails_the_room(closing: list, prefill_tokens: int, match: str) -> None:
+def test_prompt_length_disagreement_fails_the_room(closing: Transports, prefill_tokens: int, match: str) -> None:
     sender, decode = _sender(closing), _decode(closing)
     room = 3
     decode.expect(room, 10, sender.bootstrap_port)
@@ -221,7 +191,7 @@ def test_prompt_length_disagreement_fails_the_room(closing: list, prefill_tokens
     assert match in poll_until(sender)[0].message
 
 
-def test_cancel_tells_the_prefill_and_the_other_ranks(closing: list) -> None:
+def test_cancel_tells_the_prefill_and_the_other_ranks(closing: Transports) -> None:
     sender, decode = _sender(closing), _decode(closing)
     room, n = 11, 8
     kv = prompt_kv(room, n, sender.kv)
@@ -243,7 +213,7 @@ def test_cancel_tells_the_prefill_and_the_other_ranks(closing: list) -> None:
     assert sender.stats().rooms_live == 0 and decode.rx[1].stats().rooms_live == 0
 
 
-def test_decode_room_expires_when_no_kv_arrives(closing: list) -> None:
+def test_decode_room_expires_when_no_kv_arrives(closing: Transports) -> None:
     sender = _sender(closing, timeout_s=30.0)
     decode = _decode(closing, timeout_s=0.5)
     room = 12
@@ -265,7 +235,7 @@ def test_decode_room_expires_when_no_kv_arrives(closing: list) -> None:
     assert "timed out" in failed.message
 
 
-def test_unregistered_room_expires_on_the_prefill_and_late_register_is_refused(closing: list) -> None:
+def test_unregistered_room_expires_on_the_prefill_and_late_register_is_refused(closing: Transports) -> None:
     sender, decode = _sender(closing, timeout_s=0.3), _decode(closing)
     room = 13
     _send_all(sender, room, prompt_kv(room, 4, sender.kv))
@@ -276,7 +246,7 @@ def test_unregistered_room_expires_on_the_prefill_and_late_register_is_refused(c
         assert isinstance(event, RoomFailed) and "already ended on the prefill" in event.message
 
 
-def test_prefill_buffer_cap_aborts_the_room(closing: list) -> None:
+def test_prefill_buffer_cap_aborts_the_room(closing: Transports) -> None:
     sender, decode = _sender(closing, max_buffered_bytes_per_room=1000), _decode(closing)
     room, n = 14, 16  # one layer is 16 * (16 + 8) * 2 = 768 bytes: the second overflows
     _send_all(sender, room, prompt_kv(room, n, sender.kv))
@@ -287,7 +257,7 @@ def test_prefill_buffer_cap_aborts_the_room(closing: list) -> None:
         assert isinstance(event, RoomFailed) and "more than 1000 bytes" in event.message
 
 
-def test_writer_error_fails_the_room_and_tells_the_prefill(closing: list) -> None:
+def test_writer_error_fails_the_room_and_tells_the_prefill(closing: Transports) -> None:
     sender, decode = _sender(closing), _decode(closing, tp=1, groups=1)
 
     def broken(layer: int, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
@@ -302,19 +272,21 @@ def test_writer_error_fails_the_room_and_tells_the_prefill(closing: list) -> Non
     assert "page table corrupt" in poll_until(sender)[0].message
 
 
-def _raw_push(closing: list, endpoint: str) -> zmq.Socket:
+def _raw_push(closing: Transports, endpoint: str) -> zmq.Socket:
     sock = owned_socket(closing, zmq.PUSH, 1000)
     sock.connect(endpoint)
     return sock
 
 
-def _layer_header(room: int, layer: int, start: int, n: int) -> bytes:
-    return msgpack.packb(
+def _layer_header(closing: Transports, room: int, layer: int, start: int, n: int) -> list[bytes]:
+    """A LAYER_KV header and its tag, as a prefill holding the test's secret would send them."""
+    header = msgpack.packb(
         {"v": PROTOCOL_VERSION, "t": 2, "room": room, "layer": layer, "token_start": start, "n_tokens": n}
     )
+    return [header, make_tag(ClusterAuth(closing.secret).room_keys(room).to_decode, header)]
 
 
-def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: list) -> None:
+def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: Transports) -> None:
     sender = _sender(closing)
     decode = _decode(closing, tp=1, groups=1, max_frame_bytes=4096)
     rx = decode.rx[0]
@@ -326,8 +298,8 @@ def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: l
         [b"\xc1not msgpack"],
         [msgpack.packb({"v": PROTOCOL_VERSION, "t": 42})],
         [msgpack.packb({"v": 999, "t": 2})],
-        [_layer_header(404, 0, 0, 1), b"\0" * width * 2, b"\0" * rope * 2],  # unknown room: dropped
-        [_layer_header(victim, 0, 0, 2**20), b"", b""],  # declares far more tokens than expected
+        [*_layer_header(closing, 404, 0, 0, 1), b"\0" * width * 2, b"\0" * rope * 2],  # unknown room: dropped
+        [*_layer_header(closing, victim, 0, 0, 2**20), b"", b""],  # declares far more tokens than expected
     ]
     for frames in bad:
         raw.send_multipart(frames)
@@ -337,11 +309,11 @@ def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: l
     # Wrong frame size for a live room fails that room only.
     victim2 = 22
     decode.expect(victim2, 4, sender.bootstrap_port, register=False)
-    raw.send_multipart([_layer_header(victim2, 0, 0, 4), b"\0" * (4 * width * 2 + 2), b"\0" * 4 * rope * 2])
+    raw.send_multipart([*_layer_header(closing, victim2, 0, 0, 4), b"\0" * (4 * width * 2 + 2), b"\0" * 4 * rope * 2])
     ((event,),) = decode.events()
     assert event.room == victim2 and "bad KV frame" in event.message
     # A frame over max_frame_bytes makes ZMQ drop that connection before anything is allocated for it.
-    raw.send_multipart([_layer_header(victim2, 0, 0, 4), b"\0" * 10_000, b""])
+    raw.send_multipart([*_layer_header(closing, victim2, 0, 0, 4), b"\0" * 10_000, b""])
     time.sleep(0.2)
     # A good room still streams end to end.
     room, n = 23, 9
@@ -354,11 +326,11 @@ def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: l
     assert rx.stats().rooms_live == 0 and rx.stats().rooms_failed == 2
 
 
-def test_malformed_bootstrap_messages_are_rejected_and_the_sender_keeps_working(closing: list) -> None:
+def test_malformed_bootstrap_messages_are_rejected_and_the_sender_keeps_working(closing: Transports) -> None:
     sender, decode = _sender(closing), _decode(closing)
     raw = _raw_push(closing, sender.bootstrap_endpoint)
     raw.send_multipart([b"\x00\x01"])
-    raw.send_multipart([_layer_header(1, 0, 0, 1), b"\0" * 32, b"\0" * 16])  # not a bootstrap message
+    raw.send_multipart([*_layer_header(closing, 1, 0, 0, 1), b"\0" * 32, b"\0" * 16])  # not a bootstrap message
     raw.send_multipart([b"\x80" * 100_000])  # over the bootstrap frame limit: connection dropped
     assert wait_until(lambda: sender.stats().messages_rejected >= 2, 5.0)
     room, n = 31, 5
@@ -369,7 +341,7 @@ def test_malformed_bootstrap_messages_are_rejected_and_the_sender_keeps_working(
     decode.assert_holds(room, kv)
 
 
-def test_api_validation(closing: list) -> None:
+def test_api_validation(closing: Transports) -> None:
     sender = _sender(closing)
     bootstrap = owned_socket(closing, zmq.PULL, 0)  # a prefill's bootstrap socket, read raw
     decode = _decode(closing, tp=1, groups=1,
@@ -408,7 +380,7 @@ def test_api_validation(closing: list) -> None:
         no_default.expect(1, 4, writer, "127.0.0.1", None)
 
 
-def test_prefill_abort_reaches_every_rank_and_a_late_register(closing: list) -> None:
+def test_prefill_abort_reaches_every_rank_and_a_late_register(closing: Transports) -> None:
     sender, decode = _sender(closing), _decode(closing)
     room, n = 41, 4
     kv = prompt_kv(room, n, sender.kv)
@@ -426,9 +398,9 @@ def test_prefill_abort_reaches_every_rank_and_a_late_register(closing: list) -> 
         assert isinstance(event, RoomFailed) and "client disconnected from the prefill" in event.message
 
 
-def test_sender_outlives_a_decode_server_that_dies_mid_stream(closing: list) -> None:
+def test_sender_outlives_a_decode_server_that_dies_mid_stream(closing: Transports) -> None:
     sender = _sender(closing, timeout_s=1.0)
-    dead = Decode(DecodeLayout(kv=small_spec(), tp_size=2, latent_groups=2, page_size=PAGE_SIZE))
+    dead = Decode(DecodeLayout(kv=small_spec(), tp_size=2, latent_groups=2, page_size=PAGE_SIZE), secret=closing.secret)
     room, n = 51, 8
     kv = prompt_kv(room, n, sender.kv)
     dead.expect(room, n, sender.bootstrap_port)

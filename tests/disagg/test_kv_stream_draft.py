@@ -36,11 +36,14 @@ from tpla_serve.disagg import (
     decode,
     encode,
 )
+from tpla_serve.disagg.auth import ClusterAuth, register_stamp
 from tpla_serve.disagg.decode_side import pages_writer
 from tpla_serve.disagg.messages import Done, LayerKV, tensor_frame
 
 TARGET = small_spec()
 DRAFT = small_spec(num_layers=2, kv_lora_rank=24, fingerprint="draft-1")
+SECRET = "the draft tests' cluster secret"
+AUTH = ClusterAuth(SECRET)
 
 
 class Rank:
@@ -60,7 +63,7 @@ class Rank:
                 d.num_layers, num_pages, PAGE_SIZE, d.kv_lora_rank, d.rope_dim, d.torch_dtype, "cpu"
             )
         self.alloc = PageAllocator(num_pages)
-        self.rx = KVReceiver(layout, rank)
+        self.rx = KVReceiver(layout, rank, secret=SECRET)
         self.layers_written: list[int] = []
 
     def expect(self, room: int, n: int, port: int) -> torch.Tensor:
@@ -122,7 +125,7 @@ def _send(sender: KVSender, room: int, kv: list, draft_kv: list | None, split: i
 def test_draft_kv_reaches_exactly_the_draft_ranks(
     closing: list, tp: int, groups: int, draft_ranks: tuple[int, ...], register_first: bool
 ) -> None:
-    sender = KVSender(TARGET, draft=DRAFT, max_rooms=8)
+    sender = KVSender(TARGET, draft=DRAFT, max_rooms=8, secret=SECRET)
     closing.append(sender)
     layout = _layout(tp, groups, DRAFT, draft_ranks)
     ranks = _ranks(closing, layout)
@@ -170,7 +173,7 @@ def test_draft_kv_reaches_exactly_the_draft_ranks(
 def test_prefill_that_cannot_serve_the_draft_still_serves_the_room(
     closing: list, caplog: pytest.LogCaptureFixture, prefill_draft: KVSpec | None, why: str
 ) -> None:
-    sender = KVSender(TARGET, draft=prefill_draft)
+    sender = KVSender(TARGET, draft=prefill_draft, secret=SECRET)
     closing.append(sender)
     ranks = _ranks(closing, _layout(2, 2, DRAFT, (0, 1)))
     for i in range(2):  # warned about once per decode server, not per room
@@ -190,7 +193,7 @@ def test_prefill_that_cannot_serve_the_draft_still_serves_the_room(
 
 
 def test_target_mismatch_still_fails_with_a_draft(closing: list) -> None:
-    sender = KVSender(small_spec(fingerprint="other"), draft=DRAFT)
+    sender = KVSender(small_spec(fingerprint="other"), draft=DRAFT, secret=SECRET)
     closing.append(sender)
     ranks = _ranks(closing, _layout(2, 2, DRAFT, (0,)))
     _expect_all(ranks, 9, 4, sender.bootstrap_port)
@@ -200,7 +203,7 @@ def test_target_mismatch_still_fails_with_a_draft(closing: list) -> None:
 
 def test_draft_layers_the_engine_never_sent_fail_the_room(closing: list) -> None:
     """A prefill with a draft must send every draft layer before DONE, as it must every target layer."""
-    sender = KVSender(TARGET, draft=DRAFT)
+    sender = KVSender(TARGET, draft=DRAFT, secret=SECRET)
     closing.append(sender)
     ranks = _ranks(closing, _layout(1, 1, DRAFT, (0,)))
     room, n = 11, 4
@@ -211,7 +214,7 @@ def test_draft_layers_the_engine_never_sent_fail_the_room(closing: list) -> None
 
 
 def test_sender_api_checks_draft_layers(closing: list) -> None:
-    plain, with_draft = KVSender(TARGET), KVSender(TARGET, draft=DRAFT)
+    plain, with_draft = KVSender(TARGET, secret=SECRET), KVSender(TARGET, draft=DRAFT, secret=SECRET)
     closing += [plain, with_draft]
     ckv, kpe = prompt_kv(1, 2, DRAFT)[0]
     with pytest.raises(ValueError, match="without a draft"):
@@ -227,7 +230,12 @@ def test_sender_api_checks_draft_layers(closing: list) -> None:
 
 
 def _frames(room: int, layer: int, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> list:
-    return encode(LayerKV(room, layer, start, ckv.shape[0], tensor_frame(ckv), tensor_frame(kpe)))
+    """A LAYER_KV as a prefill holding the cluster secret would send it."""
+    return _signed(LayerKV(room, layer, start, ckv.shape[0], tensor_frame(ckv), tensor_frame(kpe)))
+
+
+def _signed(msg: LayerKV | Done) -> list:
+    return encode(msg, AUTH.room_keys(msg.room).to_decode)
 
 
 def _raw_prefill(closing: list, endpoint: str) -> zmq.Socket:
@@ -280,12 +288,12 @@ def test_receiver_rejects_draft_kv_it_should_not_take(closing: list, case: str, 
         raw.send_multipart(_frames(room, L, 0, d_ckv[:, : layout.ckv_width].contiguous(), d_kpe))
     elif case == "done-before-draft-layers":
         raw.send_multipart(_frames(room, L, 0, d_ckv, d_kpe))
-        raw.send_multipart(encode(Done(room, 7, draft_kv=True)))
+        raw.send_multipart(_signed(Done(room, 7, draft_kv=True)))
     elif case == "done-claims-draft-on-rank-without-draft":
-        raw.send_multipart(encode(Done(room, 7, draft_kv=True)))
+        raw.send_multipart(_signed(Done(room, 7, draft_kv=True)))
     elif case == "done-denies-draft-it-sent":
         raw.send_multipart(_frames(room, L, 0, d_ckv, d_kpe))
-        raw.send_multipart(encode(Done(room, 7, draft_kv=False)))
+        raw.send_multipart(_signed(Done(room, 7, draft_kv=False)))
     elif case == "draft-layer-out-of-order":
         raw.send_multipart(_frames(room, L + 1, 2, d_ckv[2:], d_kpe[2:]))
     _fails_with(rank, match)
@@ -311,7 +319,7 @@ def test_completion_waits_for_every_draft_layer(closing: list) -> None:
     assert rank.rx.poll() == []  # all layers started, none of the draft's complete, no DONE
     for layer, (ckv, kpe) in enumerate(draft_kv):
         raw.send_multipart(_frames(room, TARGET.num_layers + layer, 5, ckv[5:].contiguous(), kpe[5:].contiguous()))
-    raw.send_multipart(encode(Done(room, 7, draft_kv=True)))
+    raw.send_multipart(_signed(Done(room, 7, draft_kv=True)))
     ((event,),) = wait_events([rank.rx])
     assert isinstance(event, RoomCompleted) and event.draft_kv
     assert rank.draft_pool is not None
@@ -321,10 +329,11 @@ def test_completion_waits_for_every_draft_layer(closing: list) -> None:
 
 def test_register_carries_the_draft_ranks() -> None:
     layout = _layout(2, 2, DRAFT, (0,))
+    issued_ms, nonce = register_stamp()
     reg = Register(
         room=1, layout=layout, rank_endpoints=("tcp://a:1", "tcp://a:2"), notify_endpoint="tcp://a:1",
-        n_tokens=4, max_frame_bytes=1 << 20,
+        n_tokens=4, max_frame_bytes=1 << 20, issued_ms=issued_ms, nonce=nonce,
     )
-    header = msgpack.unpackb(encode(reg)[0])
+    header = msgpack.unpackb(encode(reg, AUTH.register_key)[0])
     assert header["v"] == PROTOCOL_VERSION and header["layout"]["draft_ranks"] == [0]
-    assert decode(encode(reg)).layout == layout
+    assert decode(encode(reg, AUTH.register_key)).layout == layout

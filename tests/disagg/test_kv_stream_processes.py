@@ -1,4 +1,5 @@
-"""The KV stream between processes: a prefill process (prefill_worker.py) and decode ranks in this one."""
+"""The KV stream between processes: a prefill process (prefill_worker.py) and decode ranks in this one,
+sharing a cluster secret (the prefill reads it from its environment)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from kv_stream_helpers import (
     wait_until,
 )
 
+from tpla_serve.config import DISAGGREGATION_SECRET_ENV
 from tpla_serve.disagg import DecodeLayout, KVReceiver, RoomCompleted, RoomFailed
 
 WORKER = Path(__file__).with_name("prefill_worker.py")
+SECRET = "the process tests' cluster secret"
 
 
 class Prefill:
@@ -36,7 +39,7 @@ class Prefill:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", DISAGGREGATION_SECRET_ENV: SECRET},
         )
         self.port = self.read()["port"]
 
@@ -67,7 +70,7 @@ class DecodeRanks:
     def __init__(self, tp: int, groups: int, **kwargs: object) -> None:
         self.layout = DecodeLayout(kv=small_spec(), tp_size=tp, latent_groups=groups, page_size=PAGE_SIZE)
         self.ranks = [PagedRank(self.layout) for _ in range(tp)]
-        self.rx = [KVReceiver(self.layout, r, **kwargs) for r in range(tp)]
+        self.rx = [KVReceiver(self.layout, r, secret=SECRET, **kwargs) for r in range(tp)]
         self.slots: dict[int, object] = {}
 
     def expect(self, room: int, n: int, port: int) -> None:

@@ -83,6 +83,7 @@ class DecodeKVPort:
         timeout_s: float,
         default_bootstrap_port: int,
         draft_pool: LatentKVPool | None = None,
+        secret: str | None = None,
     ) -> None:
         if layout.wants_draft(rank) != (draft_pool is not None):
             raise ValueError(f"rank {rank}: a draft pool must be given exactly when the layout sends it draft KV")
@@ -90,7 +91,8 @@ class DecodeKVPort:
         self.draft_pool = draft_pool
         self.timeout_s = timeout_s
         self.receiver = KVReceiver(
-            layout, rank, host=host, timeout_s=timeout_s, default_bootstrap_port=default_bootstrap_port
+            layout, rank, host=host, timeout_s=timeout_s, default_bootstrap_port=default_bootstrap_port,
+            secret=secret,
         )
         self.completed: dict[int, RoomCompleted] = {}
         self.failed: dict[int, str] = {}

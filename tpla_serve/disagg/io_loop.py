@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,23 @@ def bind_tcp(sock: zmq.Socket, host: str, port: int) -> int:
     return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
 
 
+def peer_address(frames: Sequence[Any]) -> str:
+    """The IP address a received message came from, for logs ("?" where the transport has none)."""
+    if frames and isinstance(frames[0], zmq.Frame):
+        try:
+            return str(frames[0].get("Peer-Address"))
+        except zmq.ZMQError:  # ipc:// connections carry no peer address
+            pass
+    return "?"
+
+
+class ConnectionLimit(Exception):
+    """Sending would open one outbound socket more than the transport allows."""
+
+
+SEND_ERRORS = (zmq.ZMQError, ConnectionLimit)
+
+
 @dataclass
 class _Peer:
     socket: zmq.Socket
@@ -156,19 +174,30 @@ class Outbound:
     blocking: what the socket cannot take now waits in a per-peer outbox, flushed when it is writable.
 
     IMMEDIATE keeps messages out of ZMQ's queues while a peer is unreachable, so they stay in the outbox
-    where a room's failure can drop them. Only the IO thread may call this.
+    where a room's failure can drop them. At most `max_sockets` are open at once (each holds file
+    descriptors); idle ones close in `sweep`. Only the IO thread may call this.
     """
 
-    def __init__(self, ctx: zmq.Context, poller: zmq.Poller, sndhwm: int = 16) -> None:
+    def __init__(self, ctx: zmq.Context, poller: zmq.Poller, max_sockets: int, sndhwm: int = 16) -> None:
+        if max_sockets < 1:
+            raise ValueError(f"max_sockets must be >= 1, got {max_sockets}")
         self._ctx = ctx
         self._poller = poller
+        self.max_sockets = max_sockets
         self._sndhwm = sndhwm
         self._peers: dict[str, _Peer] = {}
         self._by_socket: dict[zmq.Socket, _Peer] = {}
 
+    def __len__(self) -> int:
+        """Sockets open now."""
+        return len(self._peers)
+
+    def is_open(self, endpoint: str) -> bool:
+        return endpoint in self._peers
+
     def send(self, endpoint: str, room: int, frames: list[Frame], now: float) -> None:
         """Queue `frames` for `endpoint` behind anything already queued for it (raises zmq.ZMQError for an
-        endpoint ZMQ cannot connect to)."""
+        endpoint ZMQ cannot connect to, ConnectionLimit when every socket allowed is open elsewhere)."""
         peer = self._peers.get(endpoint)
         if peer is None:
             peer = self._connect(endpoint, now)
@@ -216,6 +245,10 @@ class Outbound:
             self._close_peer(endpoint)
 
     def _connect(self, endpoint: str, now: float) -> _Peer:
+        if len(self._peers) >= self.max_sockets:
+            raise ConnectionLimit(
+                f"already has the {self.max_sockets} connections it may open; cannot connect to {endpoint}"
+            )
         sock = self._ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)

@@ -1,9 +1,11 @@
 """Wire messages of the prefill → decode KV stream.
 
 Each message is one multipart ZMQ message: frame 0 is a msgpack map {"v": version, "t": tag, fields...},
-any further frames are raw little-endian tensor bytes (never pickle). Decoding is strict and bounded:
-an unknown version or tag, a missing, extra or mistyped field, an out-of-range value, a wrong frame count
-or size all raise ProtocolError (a ValueError), so an IO loop can drop the message and carry on.
+frame 1 the header's 16-byte tag (auth.py), any further frames raw little-endian tensor bytes (never
+pickle). Decoding is strict and bounded: an unknown version or tag, a missing, extra or mistyped field,
+an out-of-range value, a wrong frame count or size all raise ProtocolError (a ValueError), so an IO loop
+can drop the message and carry on. Decoding does not check the tag: the transport does, with the key of
+the message's kind and room.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any
 import msgpack
 import torch
 
+from tpla_serve.disagg.auth import NONCE_BYTES, TAG_BYTES, make_tag
 from tpla_serve.disagg.bootstrap import check_endpoint
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
 from tpla_serve.disagg.wire import Frame, HeaderFields, ProtocolError, frame_tensor, tensor_frame
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 MAX_MESSAGE_LEN = 4096
 MAX_TOKENS = 1 << 24
@@ -30,7 +33,7 @@ MAX_RANKS = 1024
 MAX_LAYERS = 1 << 16  # per model: a layer index on the wire is below 2 * MAX_LAYERS (target + draft)
 _UNPACK_LIMITS = {
     "max_str_len": MAX_MESSAGE_LEN,
-    "max_bin_len": 0,
+    "max_bin_len": NONCE_BYTES,
     "max_array_len": MAX_RANKS,
     "max_map_len": 32,
     "max_ext_len": 0,
@@ -53,12 +56,16 @@ class Register:
     notify_endpoint: str  # also gets every ABORT for the room (rank 0's endpoint unless the decode says)
     n_tokens: int  # prompt tokens the decode expects (and reserved pages for)
     max_frame_bytes: int  # largest frame the decode ranks accept; the prefill chunks tokens to fit
+    issued_ms: int  # the decode's wall clock when it sent the REGISTER (ms since the epoch)
+    nonce: bytes  # random, once per REGISTER: the prefill refuses a REGISTER it has seen
 
     def __post_init__(self) -> None:
         if len(self.rank_endpoints) != self.layout.tp_size:
             raise ValueError(
                 f"rank_endpoints has {len(self.rank_endpoints)} entries for tp_size {self.layout.tp_size}"
             )
+        if type(self.nonce) is not bytes or len(self.nonce) != NONCE_BYTES:
+            raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
 
 
 @dataclass(frozen=True)
@@ -150,12 +157,14 @@ def _spec_map(spec: KVSpec) -> dict[str, Any]:
     }
 
 
-def _header(tag: Tag, fields: dict[str, Any]) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": int(tag), **fields})
+def _signed(tag: Tag, fields: dict[str, Any], key: bytes, payload: list[Frame] | None = None) -> list[Frame]:
+    header = msgpack.packb({"v": PROTOCOL_VERSION, "t": int(tag), **fields})
+    return [header, make_tag(key, header), *(payload or ())]
 
 
-def encode(msg: Message) -> list[Frame]:
-    """The frames of `msg`: a msgpack header, then its raw tensor frames (referenced, not copied)."""
+def encode(msg: Message, key: bytes) -> list[Frame]:
+    """The frames of `msg`: a msgpack header, its tag under `key`, then its raw tensor frames (referenced,
+    not copied). `key`: the cluster's register key for a REGISTER, else the room's key for the direction."""
     if isinstance(msg, LayerKV):
         fields = {
             "room": msg.room,
@@ -163,7 +172,7 @@ def encode(msg: Message) -> list[Frame]:
             "token_start": msg.token_start,
             "n_tokens": msg.n_tokens,
         }
-        return [_header(Tag.LAYER_KV, fields), msg.ckv, msg.kpe]
+        return _signed(Tag.LAYER_KV, fields, key, [msg.ckv, msg.kpe])
     if isinstance(msg, Done):
         lp = msg.prompt_logprobs
         lp_fields = None if lp is None else {"start": lp.start, "n": lp.logprobs.shape[0], "k": lp.top_k}
@@ -174,12 +183,12 @@ def encode(msg: Message) -> list[Frame]:
             "prompt_logprobs": lp_fields,
             "draft_kv": msg.draft_kv,
         }
-        frames: list[Frame] = [_header(Tag.DONE, fields)]
+        payload: list[Frame] = []
         if lp is not None:
-            frames.append(tensor_frame(lp.logprobs.contiguous()))
+            payload.append(tensor_frame(lp.logprobs.contiguous()))
             if lp.top_logprobs is not None and lp.top_ids is not None:
-                frames += [tensor_frame(lp.top_logprobs.contiguous()), tensor_frame(lp.top_ids.contiguous())]
-        return frames
+                payload += [tensor_frame(lp.top_logprobs.contiguous()), tensor_frame(lp.top_ids.contiguous())]
+        return _signed(Tag.DONE, fields, key, payload)
     if isinstance(msg, Register):
         layout = msg.layout
         fields = {
@@ -196,10 +205,12 @@ def encode(msg: Message) -> list[Frame]:
             "notify_endpoint": msg.notify_endpoint,
             "n_tokens": msg.n_tokens,
             "max_frame_bytes": msg.max_frame_bytes,
+            "issued_ms": msg.issued_ms,
+            "nonce": msg.nonce,
         }
-        return [_header(Tag.REGISTER, fields)]
+        return _signed(Tag.REGISTER, fields, key)
     if isinstance(msg, Abort):
-        return [_header(Tag.ABORT, {"room": msg.room, "message": msg.message[:MAX_MESSAGE_LEN]})]
+        return _signed(Tag.ABORT, {"room": msg.room, "message": msg.message[:MAX_MESSAGE_LEN]}, key)
     raise TypeError(f"not a message: {type(msg).__name__}")
 
 
@@ -239,6 +250,8 @@ def _register(f: HeaderFields, frames: Sequence[memoryview]) -> Register:
         notify_endpoint=check_endpoint(f.str("notify_endpoint")),
         n_tokens=f.int("n_tokens", 1, MAX_TOKENS),
         max_frame_bytes=f.int("max_frame_bytes", 1, 1 << 40),
+        issued_ms=f.int("issued_ms"),
+        nonce=f.bytes("nonce", NONCE_BYTES),
     )
 
 
@@ -297,7 +310,10 @@ class _Kind:
 _KINDS = MappingProxyType(
     {
         Tag.REGISTER: _Kind(
-            frozenset({"room", "layout", "rank_endpoints", "notify_endpoint", "n_tokens", "max_frame_bytes"}),
+            frozenset(
+                {"room", "layout", "rank_endpoints", "notify_endpoint", "n_tokens", "max_frame_bytes"}
+                | {"issued_ms", "nonce"}
+            ),
             0,
             _register,
         ),
@@ -313,7 +329,8 @@ _KINDS = MappingProxyType(
 
 
 def decode(frames: Sequence[Any]) -> Message:
-    """The message in `frames` (bytes or zmq.Frame); ProtocolError for anything malformed."""
+    """The message in `frames` (bytes or zmq.Frame); ProtocolError for anything malformed. The tag (frame 1)
+    is checked for its size only: see auth.signed_by."""
     if not frames:
         raise ProtocolError("empty message")
     views = [memoryview(f) for f in frames]
@@ -331,8 +348,10 @@ def decode(frames: Sequence[Any]) -> Message:
     if type(tag) is not int or tag not in _KINDS:
         raise ProtocolError(f"unknown message tag {tag!r:.40}")
     kind = _KINDS[Tag(tag)]
+    if len(views) < 2 or views[1].nbytes != TAG_BYTES:
+        raise ProtocolError(f"{Tag(tag).name} has no {TAG_BYTES}-byte tag in frame 1")
     body = {k: v for k, v in header.items() if k not in ("v", "t")}
-    payload = views[1:]
+    payload = views[2:]
     if kind.n_frames is not None and len(payload) != kind.n_frames:
         raise ProtocolError(f"{Tag(tag).name} carries {len(payload)} frames, expected {kind.n_frames}")
     fields = HeaderFields(body, kind.keys, Tag(tag).name.lower())

@@ -135,6 +135,7 @@ class PrefillRole:
             "kv_rooms_failed": s.rooms_failed,
             "kv_rooms_live": s.rooms_live,
             "kv_messages_rejected": s.messages_rejected,
+            "kv_messages_unauthenticated": s.messages_unauthenticated,
         }
 
     def close(self) -> None:

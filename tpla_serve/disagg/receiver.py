@@ -7,6 +7,7 @@ RoomCompleted (every layer, then DONE) or RoomFailed (with the reason), and is t
 
 A rank that keeps a draft pool (layout.draft_ranks) also accepts the draft's layers, numbered after the
 target's; DONE says whether they were sent (a prefill without that draft sends the target's alone).
+A message counts only when it carries its room's prefill → decode tag (auth.py); others are dropped unread.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import zmq
 
+from tpla_serve.disagg.auth import UNAUTHENTICATED_WARNING, ClusterAuth, register_stamp, signed_by
 from tpla_serve.disagg.bootstrap import bootstrap_endpoint, check_room, tcp_endpoint
 from tpla_serve.disagg.events import EventSink, RoomCompleted, RoomEvent, RoomFailed
-from tpla_serve.disagg.io_loop import IOLoop, Outbound, bind_tcp
+from tpla_serve.disagg.handshake import DecodeLayout
+from tpla_serve.disagg.io_loop import SEND_ERRORS, IOLoop, Outbound, bind_tcp, peer_address
+from tpla_serve.disagg.log_limit import RateLimitedLog
 from tpla_serve.disagg.messages import (
     MAX_HEADER_BYTES,
     MAX_TOKENS,
@@ -36,29 +39,13 @@ from tpla_serve.disagg.messages import (
     decode,
     encode,
 )
-from tpla_serve.disagg.handshake import DecodeLayout
+from tpla_serve.disagg.receiver_rooms import ExpectedRoom, KVWriter
 
 logger = logging.getLogger(__name__)
 
-KVWriter = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-"""writer(layer, token_start, ckv, kpe) copies received KV into the room's pages. layer < kv.num_layers:
-the target's, ckv [n, r/g]; kv.num_layers + i: the draft's layer i, ckv [n, draft r] (draft ranks only)."""
-
 _RECV_BATCH = 64
 _SWEEP_EVERY_S = 5.0
-
-
-@dataclass
-class _Expected:
-    room: int
-    n_tokens: int
-    writer: KVWriter
-    bootstrap: str
-    deadline: float
-    next_start: list[int]  # per wire layer (target's, then draft's): tokens received so far
-    nbytes: int = 0
-    draft_nbytes: int = 0
-    first_data: float | None = None
+_NO_KV_HINT = "; none at all: is --disaggregation-secret the same on both servers?"
 
 
 @dataclass(frozen=True)
@@ -77,6 +64,7 @@ class ReceiverStats:
     rooms_live: int
     messages_rejected: int  # malformed or inconsistent messages
     messages_dropped: int  # well-formed messages for rooms this rank does not (or no longer) expect
+    messages_unauthenticated: int  # for an expected room, without its tag: dropped unread
 
 
 class KVReceiver(IOLoop):
@@ -85,6 +73,9 @@ class KVReceiver(IOLoop):
     Threading: methods may be called from any thread. The writer and the on_event callback run on the
     receiver's IO thread; the writer only ever touches the pages of its own room, and is never called
     for a room again once expect()'s room has ended or cancel() has returned.
+
+    secret: what the prefill must prove (None: any peer is accepted, with a warning on rank 0).
+    max_sockets: connections to prefill servers open at once.
     """
 
     def __init__(
@@ -100,6 +91,8 @@ class KVReceiver(IOLoop):
         max_rooms: int = 4096,
         max_frame_bytes: int = 64 << 20,
         on_event: Callable[[RoomEvent], None] | None = None,
+        secret: str | None = None,
+        max_sockets: int = 256,
     ) -> None:
         layout.rank_layout(rank)  # validates rank
         if advertise_host is None and host in ("0.0.0.0", "::", "*"):
@@ -111,6 +104,8 @@ class KVReceiver(IOLoop):
         self.default_bootstrap_port = default_bootstrap_port
         self.max_rooms = max_rooms
         self.max_frame_bytes = max_frame_bytes
+        self._auth = ClusterAuth(secret)
+        self._log = RateLimitedLog(logger)
         self._events = EventSink(on_event)
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
@@ -118,11 +113,14 @@ class KVReceiver(IOLoop):
         self._pull.setsockopt(zmq.RCVHWM, 16)
         self.endpoint = tcp_endpoint(advertise_host or host, bind_tcp(self._pull, host, port))
         self.poller.register(self._pull, zmq.POLLIN)
-        self._out = Outbound(self.ctx, self.poller)
+        self._out = Outbound(self.ctx, self.poller, max_sockets)
         self._lock = threading.Lock()
-        self._rooms: dict[int, _Expected] = {}
+        self._rooms: dict[int, ExpectedRoom] = {}
         self._next_sweep = 0.0
         self._bytes = self._draft_bytes = self._completed = self._failed = self._rejected = self._dropped = 0
+        self._unauthenticated = 0
+        if rank == 0 and not self._auth.authenticated:
+            logger.warning(UNAUTHENTICATED_WARNING, f"the decode KV receiver {self.endpoint}")
         self._start()
 
     # ------------------------------------------------------------ engine API
@@ -138,11 +136,12 @@ class KVReceiver(IOLoop):
         if not callable(writer):
             raise TypeError("writer must be callable")
         bootstrap = bootstrap_endpoint(bootstrap_host, bootstrap_port, self.default_bootstrap_port)
-        state = _Expected(
+        state = ExpectedRoom(
             room=room,
             n_tokens=n_tokens,
             writer=writer,
             bootstrap=bootstrap,
+            keys=self._auth.room_keys(room),
             deadline=time.monotonic() + self.timeout_s,
             next_start=[0] * self.layout.num_wire_layers(self.rank),
         )
@@ -150,13 +149,17 @@ class KVReceiver(IOLoop):
             if room in self._rooms:
                 raise ValueError(f"bootstrap_room {room} is already expected on rank {self.rank}")
             if len(self._rooms) >= self.max_rooms:
-                raise RuntimeError(f"rank {self.rank} already expects {self.max_rooms} rooms")
+                raise ValueError(
+                    f"decode rank {self.rank} already expects {self.max_rooms} rooms, the most it takes "
+                    "at once"
+                )
             self._rooms[room] = state
 
     def send_register(
         self, room: int, rank_endpoints: Sequence[str], notify_endpoint: str | None = None
     ) -> None:
         """REGISTER an expected room with its prefill (decode rank 0, once every rank expects it)."""
+        issued_ms, nonce = register_stamp()
         with self._lock:
             state = self._rooms.get(room)
             if state is None:
@@ -168,9 +171,11 @@ class KVReceiver(IOLoop):
                 notify_endpoint=notify_endpoint or self.endpoint,
                 n_tokens=state.n_tokens,
                 max_frame_bytes=self.max_frame_bytes,
+                issued_ms=issued_ms,
+                nonce=nonce,
             )
             bootstrap = state.bootstrap
-        self._submit(_SendCmd(bootstrap, room, encode(reg)))
+        self._submit(_SendCmd(bootstrap, room, encode(reg, self._auth.register_key)))
 
     def cancel(self, room: int, message: str = "request aborted by the client") -> bool:
         """End the room now (no event follows) and tell its prefill. True if the room was live."""
@@ -178,7 +183,7 @@ class KVReceiver(IOLoop):
             state = self._rooms.pop(room, None)
         if state is None:
             return False
-        self._submit(_SendCmd(state.bootstrap, room, encode(Abort(room, message))))
+        self._submit(_SendCmd(state.bootstrap, room, encode(Abort(room, message), state.keys.to_prefill)))
         return True
 
     def poll(self) -> list[RoomEvent]:
@@ -194,6 +199,7 @@ class KVReceiver(IOLoop):
             len(self._rooms),
             self._rejected,
             self._dropped,
+            self._unauthenticated,
         )
 
     # ------------------------------------------------------------ IO thread
@@ -201,7 +207,7 @@ class KVReceiver(IOLoop):
     def _on_command(self, cmd: _SendCmd) -> None:
         try:
             self._out.send(cmd.endpoint, cmd.room, cmd.frames, time.monotonic())
-        except zmq.ZMQError as exc:
+        except SEND_ERRORS as exc:
             self._fail_room(cmd.room, f"cannot reach the prefill server at {cmd.endpoint}: {exc}", tell=False)
 
     def _on_sockets(self, ready: dict[Any, int]) -> None:
@@ -220,10 +226,11 @@ class KVReceiver(IOLoop):
             expired = [s for s in self._rooms.values() if s.deadline < now]
         for s in expired:
             layers = sum(1 for n in s.next_start if n == s.n_tokens)
+            hint = "" if s.first_data is not None else _NO_KV_HINT
             self._fail_room(
                 s.room,
                 f"timed out: no KV from the prefill server at {s.bootstrap} for {self.timeout_s:g}s "
-                f"(rank {self.rank} has {layers} of {len(s.next_start)} layers)",
+                f"(rank {self.rank} has {layers} of {len(s.next_start)} layers{hint})",
                 tell=True,
             )
         self._out.expire(now, self.timeout_s)
@@ -244,7 +251,9 @@ class KVReceiver(IOLoop):
                 raise ProtocolError("REGISTER sent to a decode rank")
         except ProtocolError as exc:
             self._rejected += 1
-            logger.warning("rank %d rejected a message: %s", self.rank, exc)
+            self._log.warning(
+                "malformed", "rank %d rejected a message from %s: %s", self.rank, peer_address(frames), exc
+            )
             return
         events: list[RoomEvent] = []
         with self._lock:
@@ -256,6 +265,13 @@ class KVReceiver(IOLoop):
                     self.rank,
                     type(msg).__name__,
                     msg.room,
+                )
+                return
+            if not signed_by(state.keys.to_decode, frames):
+                self._unauthenticated += 1
+                self._log.warning(
+                    "unauthenticated", "rank %d dropped %s for room %d from %s: its tag is not the room's",
+                    self.rank, type(msg).__name__, msg.room, peer_address(frames),
                 )
                 return
             if isinstance(msg, LayerKV):
@@ -274,24 +290,12 @@ class KVReceiver(IOLoop):
                 self._send_abort(state, problem, now)
         self._events.emit(events)
 
-    def _on_layer(self, state: _Expected, msg: LayerKV, now: float) -> str | None:
+    def _on_layer(self, state: ExpectedRoom, msg: LayerKV, now: float) -> str | None:
         """Validate and write one chunk (lock held); a message saying why the room fails, or None."""
-        num_layers = len(state.next_start)
-        if msg.layer >= num_layers:
+        problem = state.layer_problem(msg, self.layout.kv.num_layers, self.rank)
+        if problem is not None:
             self._rejected += 1
-            target = self.layout.kv.num_layers
-            return (
-                f"KV for layer {msg.layer} arrived, but rank {self.rank} takes {num_layers} layers "
-                f"({target} of the model, {num_layers - target} of the draft)"
-            )
-        expected = state.next_start[msg.layer]
-        end = msg.token_start + msg.n_tokens
-        if msg.token_start != expected or end > state.n_tokens:
-            self._rejected += 1
-            return (
-                f"layer {msg.layer}: tokens [{msg.token_start}, {end}) arrived, expected tokens from {expected} "
-                f"of {state.n_tokens}"
-            )
+            return problem
         draft = msg.layer >= self.layout.kv.num_layers
         if draft:
             assert self.layout.draft is not None  # num_wire_layers counts draft layers only with a draft
@@ -310,7 +314,7 @@ class KVReceiver(IOLoop):
             return f"writing KV on rank {self.rank} failed: {exc}"
         if state.first_data is None:
             state.first_data = now
-        state.next_start[msg.layer] = end
+        state.next_start[msg.layer] = msg.token_start + msg.n_tokens
         nbytes = ckv.nbytes + kpe.nbytes
         state.nbytes += nbytes
         self._bytes += nbytes
@@ -320,27 +324,11 @@ class KVReceiver(IOLoop):
         state.deadline = now + self.timeout_s
         return None
 
-    def _on_done(self, state: _Expected, msg: Done, now: float, events: list[RoomEvent]) -> str | None:
-        num_target = self.layout.kv.num_layers
-        target_done = sum(n == state.n_tokens for n in state.next_start[:num_target])
-        if target_done != num_target:
+    def _on_done(self, state: ExpectedRoom, msg: Done, now: float, events: list[RoomEvent]) -> str | None:
+        problem = state.done_problem(msg, self.layout.kv.num_layers, self.rank)
+        if problem is not None:
             self._rejected += 1
-            return f"prefill finished the room after {target_done} of {num_target} layers reached rank {self.rank}"
-        draft_layers = state.next_start[num_target:]
-        if msg.draft_kv:
-            if not draft_layers:
-                self._rejected += 1
-                return f"prefill says it sent draft KV to rank {self.rank}, which keeps no draft"
-            draft_done = sum(n == state.n_tokens for n in draft_layers)
-            if draft_done != len(draft_layers):
-                self._rejected += 1
-                return (
-                    f"prefill finished the room after {draft_done} of {len(draft_layers)} draft layers "
-                    f"reached rank {self.rank}"
-                )
-        elif any(draft_layers):
-            self._rejected += 1
-            return f"prefill sent draft KV to rank {self.rank} but finished the room without it"
+            return problem
         del self._rooms[state.room]
         self._completed += 1
         seconds = 0.0 if state.first_data is None else now - state.first_data
@@ -368,8 +356,11 @@ class KVReceiver(IOLoop):
             self._send_abort(state, message, time.monotonic())
         self._events.emit([RoomFailed(room, message)])
 
-    def _send_abort(self, state: _Expected, message: str, now: float) -> None:
+    def _send_abort(self, state: ExpectedRoom, message: str, now: float) -> None:
+        frames = encode(Abort(state.room, message), state.keys.to_prefill)
         try:
-            self._out.send(state.bootstrap, state.room, encode(Abort(state.room, message)), now)
-        except zmq.ZMQError as exc:
-            logger.warning("room %d: cannot send ABORT to %s: %s", state.room, state.bootstrap, exc)
+            self._out.send(state.bootstrap, state.room, frames, now)
+        except SEND_ERRORS as exc:
+            self._log.warning(
+                "abort", "room %d: cannot send ABORT to %s: %s", state.room, state.bootstrap, exc
+            )

@@ -23,6 +23,7 @@ _MAX_WARNED = 1024
 
 @dataclass
 class Routes:
+    key: bytes = field(repr=False)  # the room's prefill → decode tag key
     targets: list[tuple[str, int, int]]  # per decode rank: its endpoint and latent slice [a, b)
     ckv_width: int
     kv_itemsize: int
@@ -37,10 +38,12 @@ def _chunk_tokens(max_frame_bytes: int, widest_row_bytes: int, page_size: int) -
     return chunk - chunk % page_size if chunk >= page_size else chunk
 
 
-def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None) -> tuple[Routes, str | None]:
-    """The room's routes, and why its draft KV cannot be sent (None when it can, or is not wanted)."""
+def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None, key: bytes) -> tuple[Routes, str | None]:
+    """The room's routes (messages tagged with `key`), and why its draft KV cannot be sent (None when it
+    can, or is not wanted)."""
     layout = reg.layout
     routes = Routes(
+        key=key,
         targets=[(e, *layout.latent_slice(rank)) for rank, e in enumerate(reg.rank_endpoints)],
         ckv_width=layout.ckv_width,
         kv_itemsize=kv.itemsize,
@@ -71,7 +74,7 @@ def target_layer_messages(
         for endpoint, a, b in routes.targets:
             if a not in slices:
                 slices[a] = tensor_frame(ckv[s:e, a:b].contiguous())
-            frames = encode(LayerKV(room, layer, token_start + s, e - s, slices[a], kpe_frame))
+            frames = encode(LayerKV(room, layer, token_start + s, e - s, slices[a], kpe_frame), routes.key)
             yield endpoint, frames, (e - s) * ckv_bytes + kpe_frame.nbytes
 
 
@@ -84,7 +87,7 @@ def draft_layer_messages(
     for s in range(0, n, routes.draft_chunk_tokens):
         e = min(n, s + routes.draft_chunk_tokens)
         ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
-        frames = encode(LayerKV(room, layer, token_start + s, e - s, ckv_frame, kpe_frame))
+        frames = encode(LayerKV(room, layer, token_start + s, e - s, ckv_frame, kpe_frame), routes.key)
         for endpoint in routes.draft_targets:
             yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes
 

@@ -8,6 +8,7 @@ socket; layers that are ready before their room registers wait in a bounded buff
 With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
 stream, whole, to the decode ranks that keep a draft pool. A decode whose draft the prefill cannot serve
 (no draft here, or a different one) still gets the target's KV; DONE tells it to prefill its draft itself.
+Only authenticated REGISTERs and ABORTs act on rooms (admission.py); messages to a room carry its tag.
 """
 
 from __future__ import annotations
@@ -23,20 +24,14 @@ from typing import Any
 import torch
 import zmq
 
-from tpla_serve.disagg.bootstrap import check_room, tcp_endpoint
+from tpla_serve.disagg.admission import BootstrapGate, PeerLimits
+from tpla_serve.disagg.auth import UNAUTHENTICATED_WARNING, ClusterAuth
+from tpla_serve.disagg.bootstrap import check_room
 from tpla_serve.disagg.events import EventSink, RoomEvent, RoomFailed
 from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
-from tpla_serve.disagg.io_loop import IOLoop, Outbound, bind_tcp
-from tpla_serve.disagg.messages import (
-    MAX_HEADER_BYTES,
-    Abort,
-    Done,
-    PromptLogprobs,
-    ProtocolError,
-    Register,
-    decode,
-    encode,
-)
+from tpla_serve.disagg.io_loop import SEND_ERRORS, IOLoop, Outbound
+from tpla_serve.disagg.log_limit import RateLimitedLog
+from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, encode
 from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
 from tpla_serve.disagg.sender_rooms import AbortCmd, Command, DoneCmd, EndedRoom, LayerCmd, SenderRoom
 
@@ -44,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 _RECV_BATCH = 256
 _SWEEP_EVERY_S = 5.0
+_NONCES_PER_ROOM = 16  # REGISTERs remembered against replay, per room slot, within the allowed clock skew
 
 
 @dataclass(frozen=True)
@@ -54,7 +50,9 @@ class SenderStats:
     rooms_failed: int
     rooms_live: int
     rooms_registered: int  # live rooms whose decode server has registered
-    messages_rejected: int
+    messages_rejected: int  # malformed
+    messages_unauthenticated: int  # a wrong tag, a stale or replayed REGISTER: dropped unread
+    sockets_open: int  # outbound connections to decode servers
 
 
 class KVSender(IOLoop):
@@ -62,6 +60,10 @@ class KVSender(IOLoop):
 
     Threading: every method may be called from any thread; all sockets live on the sender's IO thread.
     Tensors passed to send_layer are kept (not copied) until sent: do not modify them afterwards.
+
+    secret: what every peer must prove (None: any peer is accepted, with a warning). max_peer_rooms,
+    max_peer_endpoints: what one decode server may hold at once; max_sockets: outbound connections in all;
+    max_register_skew_s: how far a REGISTER's issue time may be from this host's clock.
     """
 
     def __init__(
@@ -76,8 +78,19 @@ class KVSender(IOLoop):
         max_buffered_bytes_per_room: int = 1 << 30,
         max_buffered_bytes: int = 4 << 30,
         on_event: Callable[[RoomEvent], None] | None = None,
+        secret: str | None = None,
+        max_peer_rooms: int = 512,
+        max_peer_endpoints: int = 64,
+        max_sockets: int = 512,
+        max_register_skew_s: float = 60.0,
     ) -> None:
         super().__init__(name="kv-sender")
+        auth = ClusterAuth(secret)
+        limits = PeerLimits(max_peer_rooms, max_peer_endpoints)
+        replay_capacity = _NONCES_PER_ROOM * max_rooms
+        self._gate = BootstrapGate(self.ctx, host, port, auth, max_register_skew_s, replay_capacity, limits)
+        self.bootstrap_port, self.bootstrap_endpoint = self._gate.port, self._gate.endpoint
+        self.poller.register(self._gate.socket, zmq.POLLIN)
         self.kv = kv
         self.draft = draft
         self.timeout_s = timeout_s
@@ -85,20 +98,17 @@ class KVSender(IOLoop):
         self.max_buffered_bytes_per_room = max_buffered_bytes_per_room
         self.max_buffered_bytes = max_buffered_bytes
         self._events = EventSink(on_event)
-        self._bootstrap = self.ctx.socket(zmq.PULL)
-        self._bootstrap.setsockopt(zmq.LINGER, 0)
-        self._bootstrap.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)
-        self.bootstrap_port = bind_tcp(self._bootstrap, host, port)
-        self.bootstrap_endpoint = tcp_endpoint(host, self.bootstrap_port)
-        self.poller.register(self._bootstrap, zmq.POLLIN)
-        self._out = Outbound(self.ctx, self.poller)
+        self._out = Outbound(self.ctx, self.poller, max_sockets)
+        if not auth.authenticated:
+            logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
         # IO-thread state
         self._rooms: dict[int, SenderRoom] = {}
         self._buffered_bytes = 0
         self._next_sweep = 0.0
-        self._bytes_sent = self._draft_bytes_sent = self._rooms_sent = self._rooms_failed = self._rejected = 0
+        self._bytes_sent = self._draft_bytes_sent = self._rooms_sent = self._rooms_failed = 0
         self._rooms_registered = 0
         self._draft_warnings = OncePerPeer()
+        self._log = RateLimitedLog(logger)
         self._ended: OrderedDict[int, EndedRoom] = OrderedDict()  # recently ended rooms, for late commands
         self._start()
 
@@ -154,14 +164,10 @@ class KVSender(IOLoop):
         return self._events.poll()
 
     def stats(self) -> SenderStats:
+        gate = self._gate
         return SenderStats(
-            self._bytes_sent,
-            self._draft_bytes_sent,
-            self._rooms_sent,
-            self._rooms_failed,
-            len(self._rooms),
-            self._rooms_registered,
-            self._rejected,
+            self._bytes_sent, self._draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
+            self._rooms_registered, gate.rejected, gate.unauthenticated, len(self._out),
         )
 
     # ------------------------------------------------------------ IO thread
@@ -199,13 +205,12 @@ class KVSender(IOLoop):
 
     def _on_sockets(self, ready: dict[Any, int]) -> None:
         now = time.monotonic()
-        if ready.get(self._bootstrap, 0) & zmq.POLLIN:
-            for _ in range(_RECV_BATCH):
-                try:
-                    frames = self._bootstrap.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._on_bootstrap_message(frames, now)
+        if ready.get(self._gate.socket, 0) & zmq.POLLIN:
+            for msg in self._gate.receive(_RECV_BATCH):  # authenticated: the rest was dropped unread
+                if isinstance(msg, Abort):
+                    self._on_decode_abort(msg)
+                else:
+                    self._on_register(msg, now)
         self._out.on_writable(ready, now)
 
     def _on_tick(self, now: float) -> None:
@@ -227,21 +232,7 @@ class KVSender(IOLoop):
 
     def _on_close(self) -> None:
         self._out.close()
-        self._bootstrap.close()
-
-    def _on_bootstrap_message(self, frames: list[zmq.Frame], now: float) -> None:
-        try:
-            msg = decode(frames)
-            if not isinstance(msg, (Register, Abort)):
-                raise ProtocolError(f"{type(msg).__name__} is not a bootstrap message")
-        except ProtocolError as exc:
-            self._rejected += 1
-            logger.warning("rejected a bootstrap message: %s", exc)
-            return
-        if isinstance(msg, Abort):
-            self._on_decode_abort(msg)
-        else:
-            self._on_register(msg, now)
+        self._gate.socket.close()
 
     def _on_decode_abort(self, msg: Abort) -> None:
         message = f"decode server aborted the room: {msg.message}"
@@ -253,32 +244,35 @@ class KVSender(IOLoop):
             self._end(msg.room, message, reported=False)
 
     def _on_register(self, reg: Register, now: float) -> None:
+        """An authenticated REGISTER: bind its room to the decode's endpoints, unless the room cannot be
+        served or the decode server holds all it may (then only its notify endpoint hears why)."""
+        state = self._rooms.get(reg.room)
+        problem = self._gate.peers.endpoint_refusal(reg, self._out)
+        if problem is not None:
+            self._refuse(reg, state, problem, now, notify_only=True)
+            return
         ended = self._ended.get(reg.room)
         if ended is not None:
             why = "it completed" if ended.message is None else ended.message
             self._send_abort(reg, f"room {reg.room} already ended on the prefill server: {why}", now)
             return
-        state = self._rooms.get(reg.room)
         if state is not None and state.registration is not None:
             self._fail(state, f"room {reg.room} registered twice")
             self._send_abort(reg, f"room {reg.room} registered twice", now)
             return
-        problem = layout_mismatch(self.kv, reg.layout)
+        problem = layout_mismatch(self.kv, reg.layout) or self._gate.peers.room_refusal(reg)
         if problem is None and len(self._rooms) >= self.max_rooms and state is None:
             problem = f"prefill has too many rooms in flight ({self.max_rooms})"
         if problem is not None:
-            logger.warning("room %d: %s", reg.room, problem)
-            if state is not None:
-                self._fail(state, problem, tell_decode=False)
-            else:
-                self._end(reg.room, problem, reported=False)
-            self._send_abort(reg, problem, now)
+            self._refuse(reg, state, problem, now, notify_only=False)
             return
         if state is None:
             state = self._new_room(reg.room, now)
         state.registration = reg
+        self._gate.peers.add(reg)
         self._rooms_registered += 1
-        state.routes, draft_problem = plan_routes(reg, self.kv, self.draft)
+        key = self._gate.auth.room_keys(reg.room).to_decode
+        state.routes, draft_problem = plan_routes(reg, self.kv, self.draft, key)
         if draft_problem is not None:
             self._draft_warnings.warn(reg.notify_endpoint, draft_problem)
         state.deadline = now + self.timeout_s
@@ -289,6 +283,17 @@ class KVSender(IOLoop):
             if self._rooms.get(reg.room) is not state:
                 break  # a buffered command ended the room
             self._stream(state, cmd, now)
+
+    def _refuse(
+        self, reg: Register, state: SenderRoom | None, problem: str, now: float, notify_only: bool
+    ) -> None:
+        """End the room a REGISTER names without serving it, and tell the decode server why."""
+        self._log.warning("refused", "room %d: %s", reg.room, problem)
+        if state is not None:
+            self._fail(state, problem, tell_decode=state.registration is not None)
+        elif reg.room not in self._ended:
+            self._end(reg.room, problem, reported=False)
+        self._send_abort(reg, problem, now, notify_only)
 
     def _new_room(self, room: int, now: float) -> SenderRoom:
         num_layers = self.kv.num_layers + (self.draft.num_layers if self.draft is not None else 0)
@@ -311,7 +316,7 @@ class KVSender(IOLoop):
                 self._stream_layer(state, reg, cmd, now)
             elif isinstance(cmd, DoneCmd):
                 self._stream_done(state, reg, cmd.done, now)
-        except zmq.ZMQError as exc:
+        except SEND_ERRORS as exc:
             self._fail(state, f"cannot send to the decode server: {exc}")
 
     def _stream_layer(self, state: SenderRoom, reg: Register, cmd: LayerCmd, now: float) -> None:
@@ -320,19 +325,10 @@ class KVSender(IOLoop):
         draft = cmd.layer >= self.kv.num_layers
         if draft and not routes.send_draft:
             return  # the decode does not want this draft's KV
-        n = cmd.ckv.shape[0]
-        expected = state.next_start[cmd.layer]
-        if cmd.token_start != expected:
-            self._fail(state, f"layer {cmd.layer}: tokens from {cmd.token_start} sent, expected {expected}")
+        problem = state.take_layer(cmd, reg.n_tokens)
+        if problem is not None:
+            self._fail(state, problem)
             return
-        if cmd.token_start + n > reg.n_tokens:
-            self._fail(
-                state,
-                f"prefill has at least {cmd.token_start + n} prompt tokens but the decode server expects "
-                f"{reg.n_tokens}",
-            )
-            return
-        state.next_start[cmd.layer] += n
         messages = draft_layer_messages if draft else target_layer_messages
         for endpoint, frames, nbytes in messages(routes, state.room, cmd.layer, cmd.token_start, cmd.ckv, cmd.kpe):
             self._out.send(endpoint, state.room, frames, now)
@@ -341,23 +337,21 @@ class KVSender(IOLoop):
                 self._draft_bytes_sent += nbytes
 
     def _stream_done(self, state: SenderRoom, reg: Register, done: Done, now: float) -> None:
-        assert state.routes is not None
-        send_draft = state.routes.send_draft
+        routes = state.routes
+        assert routes is not None
+        send_draft = routes.send_draft
         wire_layers = len(state.next_start) if send_draft else self.kv.num_layers
-        for layer, sent in enumerate(state.next_start[:wire_layers]):
-            if sent != reg.n_tokens:
-                self._fail(
-                    state,
-                    f"prefill finished with {sent} tokens of layer {layer}, the decode server expects {reg.n_tokens}",
-                )
-                return
+        problem = state.unfinished_layer(wire_layers, reg.n_tokens)
+        if problem is not None:
+            self._fail(state, problem)
+            return
         for rank, endpoint in enumerate(reg.rank_endpoints):
             msg = dataclasses.replace(
                 done,
                 prompt_logprobs=done.prompt_logprobs if rank == 0 else None,
                 draft_kv=send_draft and reg.layout.wants_draft(rank),
             )
-            self._out.send(endpoint, state.room, encode(msg), now)
+            self._out.send(endpoint, state.room, encode(msg, routes.key), now)
         self._rooms_sent += 1
         self._remove(state)
         self._end(state.room, None, reported=True)
@@ -375,18 +369,20 @@ class KVSender(IOLoop):
         if report:
             self._events.emit([RoomFailed(state.room, message)])
 
-    def _send_abort(self, reg: Register, message: str, now: float) -> None:
-        frames = encode(Abort(reg.room, message))
-        for endpoint in dict.fromkeys((*reg.rank_endpoints, reg.notify_endpoint)):
+    def _send_abort(self, reg: Register, message: str, now: float, notify_only: bool = False) -> None:
+        frames = encode(Abort(reg.room, message), self._gate.auth.room_keys(reg.room).to_decode)
+        endpoints = (reg.notify_endpoint,) if notify_only else (*reg.rank_endpoints, reg.notify_endpoint)
+        for endpoint in dict.fromkeys(endpoints):
             try:
                 self._out.send(endpoint, reg.room, frames, now)
-            except zmq.ZMQError as exc:
-                logger.warning("room %d: cannot send ABORT to %s: %s", reg.room, endpoint, exc)
+            except SEND_ERRORS as exc:
+                self._log.warning("abort", "room %d: cannot send ABORT to %s: %s", reg.room, endpoint, exc)
 
     def _remove(self, state: SenderRoom) -> None:
         del self._rooms[state.room]
         if state.registration is not None:
             self._rooms_registered -= 1
+            self._gate.peers.remove(state.registration)
         self._buffered_bytes -= state.buffered_bytes
         state.buffered, state.buffered_bytes = [], 0
 

@@ -53,6 +53,30 @@ class SenderRoom:
     buffered_bytes: int = 0
     touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
 
+    def take_layer(self, cmd: LayerCmd, n_tokens: int) -> str | None:
+        """Count a layer's rows as streamed, or say why they end the room (out of order, past the prompt)."""
+        n = cmd.ckv.shape[0]
+        expected = self.next_start[cmd.layer]
+        if cmd.token_start != expected:
+            return f"layer {cmd.layer}: tokens from {cmd.token_start} sent, expected {expected}"
+        if cmd.token_start + n > n_tokens:
+            return (
+                f"prefill has at least {cmd.token_start + n} prompt tokens but the decode server expects "
+                f"{n_tokens}"
+            )
+        self.next_start[cmd.layer] += n
+        return None
+
+    def unfinished_layer(self, wire_layers: int, n_tokens: int) -> str | None:
+        """Why DONE may not close the room yet (a layer of the first `wire_layers` is short), or None."""
+        for layer, sent in enumerate(self.next_start[:wire_layers]):
+            if sent != n_tokens:
+                return (
+                    f"prefill finished with {sent} tokens of layer {layer}, the decode server expects "
+                    f"{n_tokens}"
+                )
+        return None
+
     def buffer(self, cmd: Command, total_buffered: int, room_limit: int, total_limit: int) -> str | None:
         """Keep `cmd` until the decode registers; or why not, when it would pass a byte limit."""
         nbytes = cmd.nbytes if isinstance(cmd, LayerCmd) else 0

@@ -46,8 +46,10 @@ class HeaderFields:
         if not isinstance(obj, dict):
             raise ProtocolError(f"{where} must be a map, got {type(obj).__name__}")
         missing, extra = keys - obj.keys(), obj.keys() - keys
-        if missing or extra:
-            raise ProtocolError(f"{where}: missing fields {sorted(missing)}, unexpected {sorted(extra)}")
+        if missing or extra:  # a peer's keys may mix str and bytes: sorted by their repr
+            raise ProtocolError(
+                f"{where}: missing fields {sorted(missing)}, unexpected {sorted(extra, key=repr)!r:.200}"
+            )
         self._map, self._where = obj, where
 
     def _fail(self, key: str, want: str) -> ProtocolError:
@@ -83,6 +85,12 @@ class HeaderFields:
         value = self._map[key]
         if type(value) is not list or any(type(v) is not int or not lo <= v <= hi for v in value):
             raise self._fail(key, f"a list of ints in [{lo}, {hi}]")
+        return value
+
+    def bytes(self, key: str, size: int) -> bytes:
+        value = self._map[key]
+        if type(value) is not bytes or len(value) != size:
+            raise self._fail(key, f"{size} bytes")
         return value
 
     def str_list(self, key: str) -> list[str]:

@@ -90,6 +90,7 @@ def build_rank(config: EngineConfig, rank: int = 0, tp: TPGroup | None = None) -
                 layout, rank, runner.kv_pool, config.disaggregation_host, config.disaggregation_timeout,
                 config.disaggregation_bootstrap_port,
                 draft_pool=parts.draft.kv_pool if parts.draft is not None else None,
+                secret=config.disaggregation_secret,
             )
             parts.kv_endpoints = gather_endpoints(parts.kv_port, tp)
     except BaseException:

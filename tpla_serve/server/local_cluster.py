@@ -5,8 +5,9 @@ each a `python -m tpla_serve.launch` child process on a free port. With --specul
 server speculates with a draft model (the bundled draft for the bundled model) and the prefill server
 prefills the draft and streams its KV too. Waits until all are healthy, prints the router's URL with a
 ready-to-paste request, restarts a child that dies (the others keep serving; the router's health checks
-take a dead server out of rotation and back), and stops them all on Ctrl-C / SIGTERM. The API key reaches
-the children through their environment, never their command lines.
+take a dead server out of rotation and back), and stops them all on Ctrl-C / SIGTERM. The API key and a
+random secret made for this cluster, with which the two servers authenticate their KV transfers, reach the
+children through their environment, never their command lines.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpla_serve.config import API_KEY_ENV, DEFAULT_MODEL_PATH, EngineConfig
+from tpla_serve.config import API_KEY_ENV, DEFAULT_MODEL_PATH, DISAGGREGATION_SECRET_ENV, EngineConfig
 from tpla_serve.net import free_port
 
 # The project's draft model, trained with the bundled target (same tokenizer).
@@ -194,7 +196,6 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     prefill_spec, decode_spec = _speculative_args(parser, args)
     api_key = _api_key(args, parser)
-    env = {API_KEY_ENV: api_key} if api_key else {}
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s all %(levelname)s: %(message)s")
     host = args.host
     ports = {name: getattr(args, name) or free_port(host)
@@ -206,6 +207,8 @@ def main(argv: Sequence[str]) -> int:
     decode_url = f"http://{host}:{ports['decode_port']}"
     router_url = f"http://{host}:{ports['port']}"
     bootstrap = str(ports["disaggregation_bootstrap_port"])
+    env = {API_KEY_ENV: api_key} if api_key else {}
+    server_env = {**env, DISAGGREGATION_SECRET_ENV: secrets.token_urlsafe(32)}
     children: list[Child] = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job starts with it ignored
         signal.signal(sig, _raise_stop)
@@ -213,12 +216,12 @@ def main(argv: Sequence[str]) -> int:
         children.append(_launch("prefill server", [
             "--role", "prefill", "--disaggregation-mode", "prefill", *common,
             "--port", str(ports["prefill_port"]), "--disaggregation-bootstrap-port", bootstrap,
-            "--tp-size", "1", *prefill_spec, *shlex.split(args.prefill_args)], prefill_url, env))
+            "--tp-size", "1", *prefill_spec, *shlex.split(args.prefill_args)], prefill_url, server_env))
         children.append(_launch("decode server", [
             "--role", "decode", "--disaggregation-mode", "decode", *common,
             "--port", str(ports["decode_port"]), "--disaggregation-bootstrap-port", bootstrap,
             "--tp-size", str(args.decode_tp_size), "--tpla-groups", str(args.decode_tpla_groups),
-            *decode_spec, *shlex.split(args.decode_args)], decode_url, env))
+            *decode_spec, *shlex.split(args.decode_args)], decode_url, server_env))
         deadline = time.monotonic() + args.startup_timeout
         _wait_healthy(children, api_key, deadline)
         router_args = ["--role", "router", "--host", host, "--port", str(ports["port"]),

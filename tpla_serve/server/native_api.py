@@ -158,7 +158,7 @@ async def get_server_info(request: Request) -> dict[str, Any]:
     front = front_state(request)
     stats = await front.client.stats()
     config = front.config
-    args = dataclasses.asdict(config.engine)
+    args = {k: v for k, v in dataclasses.asdict(config.engine).items() if k != "disaggregation_secret"}
     args.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                  if f.name not in ("engine", "api_key")})
     return {**args, "model_info": model_info(front), "internal_states": [stats], "version": _version()}

@@ -210,6 +210,7 @@ def _build_scheduler_and_role(
             host=config.host,
             port=engine.disaggregation_bootstrap_port,
             timeout_s=engine.disaggregation_timeout,
+            secret=engine.disaggregation_secret,
         )
         scheduler = build_scheduler(parts, tokenizer, eos, prompt_kv=PromptKVStream(parts.runner, sender, parts.draft))
         return scheduler, PrefillRole(scheduler, sender)
