@@ -37,6 +37,11 @@ _DTYPES = {
 }
 
 
+def public_fields(config: object) -> dict:
+    """A config's fields as a dict, without those kept out of its repr (secrets)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.repr}
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -104,8 +104,8 @@ class DecodeKVPort:
     def expect(self, room: int, n_tokens: int, pages: list[int], host: str, port: int | None) -> None:
         self.receiver.expect(room, n_tokens, pages_writer(self.pool, pages, self.draft_pool), host, port)
 
-    def poll(self) -> list[RoomCompleted | RoomFailed]:
-        events = self.receiver.poll()
+    def poll(self, timeout_s: float = 0.0) -> list[RoomCompleted | RoomFailed]:
+        events = self.receiver.poll(timeout_s)
         for ev in events:
             if isinstance(ev, RoomCompleted):
                 self.completed[ev.room] = ev
@@ -114,15 +114,16 @@ class DecodeKVPort:
         return events
 
     def wait_complete(self, room: int) -> RoomCompleted:
-        """Ranks > 0: block until this rank holds the room's KV (rank 0 saw its own slice arrive)."""
+        """Ranks > 0: block until this rank holds the room's KV (rank 0 saw its own slice arrive); the
+        wait sleeps on the transport's events, it does not poll."""
         deadline = time.monotonic() + self.timeout_s
         while room not in self.completed:
-            self.poll()
             if room in self.failed:
                 raise RuntimeError(f"room {room}: rank 0 has its KV but this rank failed: {self.failed.pop(room)}")
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise RuntimeError(f"room {room}: this rank's KV did not arrive within {self.timeout_s} s")
-            time.sleep(0.001)
+            self.poll(timeout_s=left)
         return self.completed.pop(room)
 
     def has_draft(self, event: RoomCompleted) -> bool:
@@ -222,22 +223,30 @@ class DecodeRole:
         req = sched.new_request(spec)
         self.pending[room] = _Pending(req, bootstrap.host, bootstrap.port)
         self.rooms[req.rid] = room
-        self._start_waiting()
-        return []
+        return self._start_waiting()
 
-    def _start_waiting(self) -> None:
+    def _start_waiting(self) -> list[Request]:
         """Reserve pages and a request slot and register, oldest first; rooms that do not fit wait for
-        pages or slots to return."""
-        for room, p in self.pending.items():
+        pages or slots to return. Returns the requests a transport bound ended at once (a 503)."""
+        failed: list[Request] = []
+        for room, p in list(self.pending.items()):
             if p.pages is not None:
                 continue
             n = len(p.req.prompt_ids)
             pages = self.scheduler.reserve(p.req, n)
             if pages is None:
-                return
+                break
+            try:
+                self._expect(room, n, pages, p.host, p.port)
+            except ValueError as e:  # a bound of the transport: this request ends, the others go on
+                del self.pending[room], self.rooms[p.req.rid]
+                self.scheduler.unreserve(p.req)
+                self.scheduler.add_aborted(p.req, f"cannot receive the KV: {e}", 503, KV_TRANSFER_FAILED)
+                failed.append(p.req)
+                continue
             p.pages = pages
-            self._expect(room, n, pages, p.host, p.port)
             self.port.receiver.send_register(room, self.endpoints)
+        return failed
 
     def _expect(self, room: int, n_tokens: int, pages: list[int], host: str, port: int | None) -> None:
         """Every rank starts accepting the room's KV into `pages`; returns once all of them do."""
@@ -285,7 +294,7 @@ class DecodeRole:
                     ended.append(p.req)
             else:
                 ended.append(self._fail(event.room, p, f"KV transfer failed: {event.message}", transfer=True))
-        self._start_waiting()
+        ended.extend(self._start_waiting())
         return ended
 
     def _note_no_draft(self, p: _Pending) -> None:
@@ -315,6 +324,10 @@ class DecodeRole:
         if room is None:
             return []
         return [self._fail(room, self.pending.pop(room), message)]
+
+    def fileno(self) -> int:
+        """Readable while the KV transport has events for poll()."""
+        return self.port.receiver.fileno()
 
     def stats(self) -> dict[str, Any]:
         s = self.port.receiver.stats()

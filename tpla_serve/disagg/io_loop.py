@@ -7,7 +7,6 @@ thread; other threads hand it commands through a queue and wake it with a self-p
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -19,39 +18,11 @@ from typing import Any
 import zmq
 
 from tpla_serve.disagg.messages import Frame
+from tpla_serve.disagg.waker import Waker
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-class Waker:
-    """A non-blocking self-pipe whose read end sits in the IO thread's zmq poll."""
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-
-    def fileno(self) -> int:
-        return self._r
-
-    def wake(self) -> None:
-        try:
-            os.write(self._w, b"\0")
-        except BlockingIOError:  # the pipe is full, so a wake-up is already pending
-            pass
-
-    def drain(self) -> None:
-        try:
-            while os.read(self._r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self._r)
-        os.close(self._w)
 
 
 class IOLoop:

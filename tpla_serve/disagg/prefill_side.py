@@ -126,6 +126,10 @@ class PrefillRole:
             self.sender.abort(room, message)
         return []
 
+    def fileno(self) -> int:
+        """Readable while the KV transport has events for poll()."""
+        return self.sender.fileno()
+
     def stats(self) -> dict[str, Any]:
         s = self.sender.stats()
         return {

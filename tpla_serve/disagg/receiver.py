@@ -23,9 +23,9 @@ import zmq
 
 from tpla_serve.disagg.auth import UNAUTHENTICATED_WARNING, ClusterAuth, register_stamp, signed_by
 from tpla_serve.disagg.bootstrap import bootstrap_endpoint, check_room, tcp_endpoint
-from tpla_serve.disagg.events import EventSink, RoomCompleted, RoomEvent, RoomFailed
+from tpla_serve.disagg.events import RoomCompleted, RoomEvent, RoomFailed, TransportLoop
 from tpla_serve.disagg.handshake import DecodeLayout
-from tpla_serve.disagg.io_loop import SEND_ERRORS, IOLoop, Outbound, bind_tcp, peer_address
+from tpla_serve.disagg.io_loop import SEND_ERRORS, Outbound, bind_tcp, peer_address
 from tpla_serve.disagg.log_limit import RateLimitedLog
 from tpla_serve.disagg.messages import (
     MAX_HEADER_BYTES,
@@ -67,7 +67,7 @@ class ReceiverStats:
     messages_unauthenticated: int  # for an expected room, without its tag: dropped unread
 
 
-class KVReceiver(IOLoop):
+class KVReceiver(TransportLoop):
     """Receives one decode rank's slice of prompts' latent KV.
 
     Threading: methods may be called from any thread. The writer and the on_event callback run on the
@@ -97,7 +97,7 @@ class KVReceiver(IOLoop):
         layout.rank_layout(rank)  # validates rank
         if advertise_host is None and host in ("0.0.0.0", "::", "*"):
             raise ValueError("advertise_host is required when binding a wildcard address")
-        super().__init__(name=f"kv-receiver-{rank}")
+        super().__init__(f"kv-receiver-{rank}", on_event)
         self.layout = layout
         self.rank = rank
         self.timeout_s = timeout_s
@@ -106,7 +106,6 @@ class KVReceiver(IOLoop):
         self.max_frame_bytes = max_frame_bytes
         self._auth = ClusterAuth(secret)
         self._log = RateLimitedLog(logger)
-        self._events = EventSink(on_event)
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.MAXMSGSIZE, max(max_frame_bytes, MAX_HEADER_BYTES))
@@ -185,10 +184,6 @@ class KVReceiver(IOLoop):
             return False
         self._submit(_SendCmd(state.bootstrap, room, encode(Abort(room, message), state.keys.to_prefill)))
         return True
-
-    def poll(self) -> list[RoomEvent]:
-        """Events since the last poll (when no on_event callback was given)."""
-        return self._events.poll()
 
     def stats(self) -> ReceiverStats:
         return ReceiverStats(

@@ -27,9 +27,9 @@ import zmq
 from tpla_serve.disagg.admission import BootstrapGate, PeerLimits
 from tpla_serve.disagg.auth import UNAUTHENTICATED_WARNING, ClusterAuth
 from tpla_serve.disagg.bootstrap import check_room
-from tpla_serve.disagg.events import EventSink, RoomEvent, RoomFailed
+from tpla_serve.disagg.events import RoomEvent, RoomFailed, TransportLoop
 from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
-from tpla_serve.disagg.io_loop import SEND_ERRORS, IOLoop, Outbound
+from tpla_serve.disagg.io_loop import SEND_ERRORS, Outbound
 from tpla_serve.disagg.log_limit import RateLimitedLog
 from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, encode
 from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
@@ -55,7 +55,7 @@ class SenderStats:
     sockets_open: int  # outbound connections to decode servers
 
 
-class KVSender(IOLoop):
+class KVSender(TransportLoop):
     """Streams prompts' latent KV to the decode servers that register for them.
 
     Threading: every method may be called from any thread; all sockets live on the sender's IO thread.
@@ -84,7 +84,7 @@ class KVSender(IOLoop):
         max_sockets: int = 512,
         max_register_skew_s: float = 60.0,
     ) -> None:
-        super().__init__(name="kv-sender")
+        super().__init__("kv-sender", on_event)
         auth = ClusterAuth(secret)
         limits = PeerLimits(max_peer_rooms, max_peer_endpoints)
         replay_capacity = _NONCES_PER_ROOM * max_rooms
@@ -97,7 +97,6 @@ class KVSender(IOLoop):
         self.max_rooms = max_rooms
         self.max_buffered_bytes_per_room = max_buffered_bytes_per_room
         self.max_buffered_bytes = max_buffered_bytes
-        self._events = EventSink(on_event)
         self._out = Outbound(self.ctx, self.poller, max_sockets)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
@@ -158,10 +157,6 @@ class KVSender(IOLoop):
         """End the room from the prefill side; the decode ranks get ABORT with `message`."""
         check_room(room)
         self._submit(AbortCmd(room, str(message)))
-
-    def poll(self) -> list[RoomEvent]:
-        """Events since the last poll (when no on_event callback was given): RoomFailed only."""
-        return self._events.poll()
 
     def stats(self) -> SenderStats:
         gate = self._gate

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from tpla_serve.config import EngineConfig
+from tpla_serve.config import EngineConfig, public_fields
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.output import request_output
 from tpla_serve.engine.request import Request, RequestSpec
@@ -178,7 +178,7 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         stats = self.scheduler.stats()
         return {
-            **dataclasses.asdict(self.config),
+            **public_fields(self.config),
             "model_architecture": self.runner.model_config.architecture,
             "context_length": self.runner.context_length,
             **dataclasses.asdict(stats),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tpla_serve.config import public_fields
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.server.errors import APIError, error_body
 from tpla_serve.server.generation import (
@@ -158,9 +158,8 @@ async def get_server_info(request: Request) -> dict[str, Any]:
     front = front_state(request)
     stats = await front.client.stats()
     config = front.config
-    args = {k: v for k, v in dataclasses.asdict(config.engine).items() if k != "disaggregation_secret"}
-    args.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                 if f.name not in ("engine", "api_key")})
+    args = {**public_fields(config.engine), **public_fields(config)}
+    del args["engine"]
     return {**args, "model_info": model_info(front), "internal_states": [stats], "version": _version()}
 
 

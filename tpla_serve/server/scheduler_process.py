@@ -43,7 +43,6 @@ from tpla_serve.server.messages import (
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # how often an idle scheduler checks that its front is still alive
-BUSY_POLL_MS = 5  # how long to wait for messages while transfers are in flight but nothing can run
 
 
 class TPRankDied(RuntimeError):
@@ -161,17 +160,13 @@ class SchedulerProcess:
         self.send(Stats({"ready": True, "model_info": self.model_info(), **self.stats()}))
         poller = zmq.Poller()
         poller.register(self.inbox, zmq.POLLIN)
+        if self.pd is not None:  # the KV transport's events wake the loop: no polling while KV is in flight
+            poller.register(self.pd.fileno(), zmq.POLLIN)
         while True:
             if self.parts.tp is not None and (why := self.parts.tp.failure()) is not None:
                 raise TPRankDied(why)
             busy = self.scheduler.has_work or (self.pd is not None and self.pd.has_work)
-            if self.scheduler.has_work:
-                timeout = 0
-            elif busy:
-                timeout = BUSY_POLL_MS
-            else:
-                timeout = IDLE_POLL_MS
-            if poller.poll(timeout):
+            if poller.poll(0 if self.scheduler.has_work else IDLE_POLL_MS):
                 while True:
                     try:
                         data = self.inbox.recv(zmq.NOBLOCK)
