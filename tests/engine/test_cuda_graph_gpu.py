@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from graph_case import prefilled_decode_entries
@@ -71,6 +73,28 @@ def test_replayed_step_equals_eager_step(dtype: str, dense: bool) -> None:
         assert graphs.num_replays == 6
         too_many = prefilled_decode_entries(engine.runner, [3] * (graphs.batch_sizes[-1] + 1), seed=9)
         assert not graphs.can_run(ForwardMode.DECODE, too_many)
+
+
+def test_step_from_the_request_table_replays_like_the_eager_step() -> None:
+    """The decode loop's path: inputs gathered from the request table into the graph's buffers by device
+    copies (rows past the batch padding) against the same step laid out eagerly from the table."""
+    kw = {"load_format": "dummy", "json_model_override_args": '{"first_k_dense_replace": 99}'}
+    with Engine(model_path=MODEL, device="cuda", dtype="float32", attention_backend="triton",
+                disable_cuda_graph=True, cuda_graph_max_bs=32, **kw) as engine:
+        graphs = _graphs(engine)
+        runner, table = engine.runner, engine.runner.table
+        for i, batch in enumerate([1, 3, 16, 30]):
+            entries = prefilled_decode_entries(runner, [5 + 41 * j % 300 for j in range(batch)], seed=10 + i)
+            slots = np.array(random.Random(i).sample(range(table.max_slots), batch), dtype=np.int64)
+            for slot, e in zip(slots, entries):
+                table.set_pages(int(slot), 0, e.pages)
+                table.set_token(int(slot), e.new_token_ids[0])
+            positions = np.array([e.prefix_len for e in entries], dtype=np.int64)
+            eager = runner.decode_local(slots, positions, table.take_delta())
+            replayed = graphs.replay_from_table(table, slots, positions)
+            torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+            for e in entries:
+                runner.allocator.free(e.pages)
 
 
 def _greedy(dtype: str, graphs_on: bool, prompts: list[str]) -> tuple[list[list[int]], list, int]:

@@ -7,6 +7,8 @@ import torch
 from tpla_serve.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
 
+_GATHER_ELEMENTS = 1 << 24  # KV elements one block of requests gathers at most (64 MiB of fp32)
+
 
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """True where query i (the last q_len of kv_len positions) may see key j."""
@@ -42,6 +44,8 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         nope_scale: float = 1.0,
     ) -> torch.Tensor:
+        if all(q == 1 for q in fb.q_lens):
+            return self._decode_one_token_each(q_nope, q_pe, layer, fb, scale, nope_scale)
         out = q_nope.new_empty(q_nope.shape)
         q_start = 0
         for i, (q_len, kv_len) in enumerate(zip(fb.q_lens, fb.seq_lens)):
@@ -55,4 +59,28 @@ class TorchAttentionBackend(AttentionBackend):
             probs = torch.softmax(scores, dim=-1)
             out[q_start : q_start + q_len] = torch.einsum("hqt,tc->qhc", probs, ckv.float()).to(out.dtype)
             q_start += q_len
+        return out
+
+    @staticmethod
+    def _decode_one_token_each(
+        q_nope: torch.Tensor, q_pe: torch.Tensor, layer: int, fb: ForwardBatch, scale: float, nope_scale: float
+    ) -> torch.Tensor:
+        """One query per request: the batch's KV gathered into [B, L_max] blocks (padding masked), a few
+        batched matrix products instead of a loop over requests; blocks of requests bound the memory."""
+        pool = fb.kv_pool
+        page = pool.page_size
+        out = q_nope.new_empty(q_nope.shape)
+        longest = max(fb.seq_lens)
+        t = torch.arange(longest, device=q_nope.device)
+        rows = max(1, _GATHER_ELEMENTS // (longest * (pool.ckv_dim + pool.rope_dim)))
+        ckv_all, kpe_all = pool.ckv[layer].view(-1, pool.ckv_dim), pool.kpe[layer].view(-1, pool.rope_dim)
+        for b0 in range(0, fb.batch_size, rows):
+            b1 = min(fb.batch_size, b0 + rows)
+            slots = fb.page_table[b0:b1, t // page].long() * page + t % page  # [b, L]
+            ckv, kpe = ckv_all[slots].float(), kpe_all[slots].float()  # [b, L, c], [b, L, r]
+            scores = nope_scale * torch.bmm(q_nope[b0:b1].float(), ckv.transpose(1, 2))
+            scores = (scores + torch.bmm(q_pe[b0:b1].float(), kpe.transpose(1, 2))) * scale  # [b, H, L]
+            valid = t[None, :] < fb.seq_lens_t[b0:b1, None]
+            scores.masked_fill_(~valid[:, None, :], float("-inf"))
+            out[b0:b1] = torch.bmm(torch.softmax(scores, dim=-1), ckv).to(out.dtype)
         return out
