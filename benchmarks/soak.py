@@ -5,7 +5,8 @@ Phases: the cluster starts (bundled model, decode TP=2 g=2), sits idle for --idl
 completions and chat, batches, logprobs — while a fault thread injects, in turn: clients that disconnect
 mid-stream, /abort_request of running requests, bad bodies (malformed JSON, lone surrogates, oversized,
 deep nesting, unknown fields), garbage on the prefill's bootstrap port, and killing the decode server's
-TP rank 1 (the supervisor restarts that server; the router takes it out of rotation and back).
+TP rank 1 every --kill-every-s (the supervisor restarts that server; the router takes it out of rotation and
+back; 5xx count as expected from the kill until a request is served again).
 
 Reported: requests sent, answered per status class, lost (no HTTP answer at all: a hang or a dropped
 connection outside a deliberate disconnect), 5xx outside the windows in which a server was deliberately
@@ -149,16 +150,38 @@ def client_loop(router: str, tally: Tally, stop: threading.Event, seed: int) -> 
                     status = client.post("/generate", json={"text": rng.choice(PROMPTS), "sampling_params": params,
                                                             "return_logprob": kind == "logprobs"}).status_code
                 tally.record(kind, status, started)
+                failed = status >= 500
             except httpx.HTTPError as e:
                 tally.record(kind, None, started, f"{type(e).__name__}: {e}")
+                failed = True
+            if failed:
+                stop.wait(0.5)  # a client backs off after a failure rather than spinning on it
+
+
+def _wait_served(router: str, timeout_s: float = 300.0) -> float:
+    """Seconds until a request through the router is answered 200 again (after a deliberate outage)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        try:
+            r = httpx.post(router + "/generate", timeout=30, json={"text": PROMPTS[0],
+                                                                 "sampling_params": {"max_new_tokens": 2}})
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    return time.monotonic() - start
 
 
 def fault_loop(router: str, cluster_pid: int, bootstrap_port: int, tally: Tally, stop: threading.Event,
-               every_s: float, log: list[str]) -> None:
-    faults = ["disconnect", "abort", "bad_body", "bootstrap_garbage", "kill_decode_rank"]
+               every_s: float, kill_every_s: float, log: list[str], outages: list[float]) -> None:
+    """Every every_s one of the light faults in turn; every kill_every_s, TP rank 1 of the decode server dies
+    (an outage: 5xx are expected from then until a request is served again)."""
+    faults = ["disconnect", "abort", "bad_body", "bootstrap_garbage"]
     i = 0
+    next_kill = time.monotonic() + kill_every_s / 2
     while not stop.wait(every_s):
-        fault = faults[i % len(faults)]
+        fault = "kill_decode_rank" if time.monotonic() >= next_kill else faults[i % len(faults)]
         i += 1
         started = time.monotonic()
         try:
@@ -193,8 +216,12 @@ def fault_loop(router: str, cluster_pid: int, bootstrap_port: int, tally: Tally,
                 scheduler = next(p for p in _children(front) if "spawn_main" in _cmdline(p))
                 rank = next(p for p in _children(scheduler) if "spawn_main" in _cmdline(p))
                 with tally.lock:
-                    tally.down_until = time.monotonic() + 120  # restart + health checks
+                    tally.down_until = float("inf")
                 os.kill(rank, signal.SIGKILL)
+                outages.append(_wait_served(router))
+                with tally.lock:
+                    tally.down_until = time.monotonic()
+                next_kill = time.monotonic() + kill_every_s
             log.append(f"{time.strftime('%H:%M:%S')} {fault}")
         except (httpx.HTTPError, OSError, StopIteration) as e:
             log.append(f"{time.strftime('%H:%M:%S')} {fault}: {type(e).__name__}")
@@ -206,6 +233,7 @@ def main() -> None:
     parser.add_argument("--traffic-minutes", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--fault-every-s", type=float, default=20.0)
+    parser.add_argument("--kill-every-s", type=float, default=600.0, help="how often the decode's TP rank dies")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -231,10 +259,11 @@ def main() -> None:
             "text": PROMPTS[0], "sampling_params": {"max_new_tokens": 4}}).status_code == 200
         rss_idle = cluster_rss(proc.pid)
 
-        tally, stop, faults = Tally(), threading.Event(), []
+        tally, stop, faults, outages = Tally(), threading.Event(), [], []
         threads = [threading.Thread(target=client_loop, args=(router, tally, stop, s)) for s in range(args.clients)]
         threads.append(threading.Thread(target=fault_loop, args=(router, proc.pid, bootstrap, tally, stop,
-                                                                 args.fault_every_s, faults)))
+                                                                 args.fault_every_s, args.kill_every_s, faults,
+                                                                 outages)))
         print(f"traffic for {args.traffic_minutes} min", flush=True)
         for t in threads:
             t.start()
@@ -256,13 +285,16 @@ def main() -> None:
     growth = (rss_end - rss_idle) / rss_idle * 100
     rows = [
         ("idle phase", f"{args.idle_minutes:g} min, then a request: {'answered' if idle_ok else 'FAILED'}"),
-        ("traffic", f"{args.traffic_minutes:g} min, {args.clients} clients, a fault every {args.fault_every_s:g} s"),
+        ("traffic", (f"{args.traffic_minutes:g} min, {args.clients} clients (0.5 s back-off after a failure), "
+                     f"a fault every {args.fault_every_s:g} s, the decode's TP rank 1 killed every "
+                     f"{args.kill_every_s:g} s")),
         ("requests sent", str(tally.sent)),
         ("answers by status", ", ".join(f"{k}: {v}" for k, v in sorted(tally.status.items()))),
         ("lost (no answer, outside deliberate outages)", str(len(tally.lost))),
         ("5xx outside deliberate outages", str(len(tally.unexpected_5xx))),
         ("faults injected", str(len(faults))),
         ("server restarts by --role all", str(restarts)),
+        ("outages (TP rank killed) until served again", ", ".join(f"{o:.0f} s" for o in outages) or "none"),
         ("cluster RSS after idle / after traffic",
          f"{rss_idle / 2**20:.0f} MiB / {rss_end / 2**20:.0f} MiB ({growth:+.1f} %)"),
         ("KV pages in use at the end (leaked)", ", ".join(f"{k}: {v}" for k, v in leaked.items())),
