@@ -10,9 +10,11 @@ measures the wall time, the time inside the model's forward and inside the sampl
 
     host = wall - model forward - sampler.
 
-At TP=2 rank 0's forward includes waiting for rank 1, whose own host work (receiving and unpacking the
-step) then shows in that wait: the TP=2 row subtracts the forward time TP=1 measures for the same batch
-instead, so rank 1's work counts as host time. --baseline runs the same measurement on another revision of
+At TP=2 rank 0's forward includes its collectives, and with them the wait for rank 1, whose own host work
+(decoding rank 0's step message, laying out its inputs) would hide in that wait: it is timed on its own, on
+the same requests' state, and the TP=2 row reports the larger of rank 0's and rank 1's host time. The
+broadcast of the sampled tokens to the other ranks is a collective like the model's (an NCCL kernel on a
+GPU): its time is listed apart, not counted as host time. --baseline runs the same measurement on another revision of
 the code (a temporary git worktree) in the same run, alternating, so old and new are compared on one machine
 state.
 """
@@ -66,16 +68,53 @@ class Timer:
 
 
 def _new_request(sched, ids: list[int], params, rid: str):  # noqa: ANN001, ANN202
-    try:  # this revision's API takes a RequestSpec
-        from tpla_serve.engine.request import RequestSpec
+    from tpla_serve.engine import request
 
-        return sched.new_request(RequestSpec(ids, params, rid=rid))
-    except ImportError:
-        return sched.new_request(ids, params, rid=rid)
+    if hasattr(request, "RequestSpec"):  # this revision's API takes a RequestSpec
+        return sched.new_request(request.RequestSpec(ids, params, rid=rid))
+    return sched.new_request(ids, params, rid=rid)
 
 
 def _sampler_owner(sched):  # noqa: ANN001, ANN202
     return getattr(sched, "launcher", sched)
+
+
+def rank1_ms(engine, reqs: list, repeats: int = 5) -> float:  # noqa: ANN001
+    """What a rank > 0 does per decode step before its forward: decode rank 0's message and lay out its
+    inputs. Timed here on rank 0's own structures for the same requests (the ranks hold equal state)."""
+    runner = engine.runner
+    if hasattr(runner, "table"):  # this revision: slots and positions, inputs gathered from the request table
+        import numpy as np
+
+        from tpla_serve.distributed.control import RunDecode, decode_op, encode_op
+        from tpla_serve.forward_batch import TableDelta
+
+        op = RunDecode(np.array([r.slot for r in reqs], dtype=np.int64),
+                       np.array([r.num_computed for r in reqs], dtype=np.int64), TableDelta.empty())
+        data = encode_op(op)
+
+        def work() -> None:
+            got = decode_op(data)
+            runner.table.decode_batch(got.slots, got.positions, runner.kv_pool, runner.attn_backend)
+    else:  # the baseline: every request's page list in the step message
+        import msgpack
+
+        from tpla_serve.engine.forward_batch import BatchEntry, ForwardMode, build_forward_batch
+
+        msg = {"op": "step", "mode": "decode",
+               "entries": [[[r.last_token], r.num_computed, list(r.pages), False] for r in reqs]}
+        data = msgpack.packb(msg, use_bin_type=True)
+
+        def work() -> None:
+            got = msgpack.unpackb(data, raw=False)
+            entries = [BatchEntry(ids, prefix, pages, bool(a)) for ids, prefix, pages, a in got["entries"]]
+            build_forward_batch(ForwardMode(got["mode"]), entries, runner.kv_pool, runner.attn_backend,
+                                runner.device)
+    work()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        work()
+    return (time.perf_counter() - start) / repeats * 1e3
 
 
 def measure(engine, context: int, batch: int, steps: int) -> dict[str, float]:  # noqa: ANN001
@@ -93,10 +132,14 @@ def measure(engine, context: int, batch: int, steps: int) -> dict[str, float]:  
         reqs.append(req)
     model = engine.runner.model
     owner = _sampler_owner(sched)
+    runner = engine.runner
     forward, sampler = Timer(model.forward), Timer(owner.sampler)
+    commit = Timer(runner.commit_tokens) if hasattr(runner, "commit_tokens") else None
     for _ in range(3):  # warm-up
         sched.step()
     model.forward, owner.sampler = forward, sampler
+    if commit is not None:
+        runner.commit_tokens = commit
     forward.seconds = sampler.seconds = 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -104,11 +147,15 @@ def measure(engine, context: int, batch: int, steps: int) -> dict[str, float]:  
     wall = time.perf_counter() - start
     del model.forward
     owner.sampler = sampler.fn
+    if commit is not None:
+        del runner.commit_tokens
+    rank1 = rank1_ms(engine, reqs) if engine.config.tp_size > 1 else 0.0
     for req in reqs:
         sched.abort(req.rid)
         sched.pop_finished(req.rid)
     return {"wall_ms": wall / steps * 1e3, "forward_ms": forward.seconds / steps * 1e3,
-            "sampler_ms": sampler.seconds / steps * 1e3}
+            "sampler_ms": sampler.seconds / steps * 1e3, "rank1_ms": rank1,
+            "broadcast_ms": commit.seconds / steps * 1e3 if commit is not None and engine.config.tp_size > 1 else 0.0}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -145,12 +192,12 @@ def run_tree(tree: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def host_ms(rows: list[dict]) -> dict[tuple[int, int, int], float]:
-    """host = wall - forward - sampler; at TP > 1 with TP=1's forward for the same (context, batch)."""
-    tp1 = {(r["context"], r["batch"]): r["forward_ms"] for r in rows if r["tp"] == 1}
+    """Rank 0's host = wall - forward - sampler; at TP > 1 the step waits for the slower of rank 0's host
+    work and rank 1's (its message and inputs), so the larger counts."""
     out = {}
     for r in rows:
-        forward = tp1.get((r["context"], r["batch"]), r["forward_ms"]) if r["tp"] > 1 else r["forward_ms"]
-        out[r["tp"], r["context"], r["batch"]] = r["wall_ms"] - forward - r["sampler_ms"]
+        rank0 = r["wall_ms"] - r["forward_ms"] - r["sampler_ms"] - r.get("broadcast_ms", 0.0)
+        out[r["tp"], r["context"], r["batch"]] = max(rank0, r["rank1_ms"])
     return out
 
 
@@ -195,13 +242,14 @@ def main() -> None:
     keys = sorted(measured["this tree"][0])
     names = list(trees)
     lines = ["| TP | context | batch | " + " | ".join(f"host ms/step, {n}" for n in names)
-             + " | wall ms/step, this tree | model forward ms | sampler ms |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|---|"]
+             + " | wall ms/step, this tree | model forward ms | sampler ms | token broadcast ms | rank 1 ms |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|"]
     for key in keys:
         best = {n: min(m[key] for m in measured[n]) for n in names}
         last = next(r for r in raw["this tree"][-1] if (r["tp"], r["context"], r["batch"]) == key)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(f"{best[n]:.2f}" for n in names)
-                     + f" | {last['wall_ms']:.2f} | {last['forward_ms']:.2f} | {last['sampler_ms']:.2f} |")
+                     + f" | {last['wall_ms']:.2f} | {last['forward_ms']:.2f} | {last['sampler_ms']:.2f} |"
+                     f" {last['broadcast_ms']:.2f} | {last['rank1_ms']:.2f} |")
     body = "\n".join([
         "`python benchmarks/bench_host_step.py " + " ".join(sys.argv[1:]) + "`. " + __doc__.split("\n\n")[2]
         .replace("\n", " "),

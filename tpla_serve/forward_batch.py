@@ -92,8 +92,8 @@ class TableDelta:
     def from_bytes(cls, frames: list[bytes]) -> TableDelta:
         if len(frames) != 4:
             raise ValueError(f"a table delta has 4 arrays, got {len(frames)}")
-        index, page, slot, token = (np.frombuffer(f, dtype=d) for f, d in zip(frames, (np.int64, np.int32,
-                                                                                         np.int64, np.int64)))
+        index, page, slot, token = (np.frombuffer(bytearray(f), dtype=d)  # writable: torch shares the memory
+                                    for f, d in zip(frames, (np.int64, np.int32, np.int64, np.int64)))
         if index.size != page.size or slot.size != token.size:
             raise ValueError("a table delta's index and value arrays differ in length")
         return cls(index, page, slot, token)

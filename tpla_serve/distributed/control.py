@@ -152,7 +152,7 @@ def decode_op(data: bytes) -> ControlOp:
     if "delta" in kwargs:
         kwargs["delta"] = TableDelta.from_bytes(kwargs["delta"])
     for name in _ARRAY_FIELDS & kwargs.keys():
-        kwargs[name] = np.frombuffer(kwargs[name], dtype=np.int64)
+        kwargs[name] = np.frombuffer(bytearray(kwargs[name]), dtype=np.int64)  # writable, for torch
     return cls(**kwargs)
 
 
