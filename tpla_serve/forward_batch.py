@@ -52,6 +52,7 @@ class ForwardBatch:
     capture: LatentObserver | None = None
     kv_sink: LayerKVSink | None = None
     _kv_indices: torch.Tensor | None = None
+    _padded_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -67,6 +68,17 @@ class ForwardBatch:
             slots = self.page_table[:, t // page_size].long() * page_size + t % page_size
             self._kv_indices = slots[t[None, :] < self.seq_lens_t[:, None].long()]
         return self._kv_indices
+
+    @property
+    def padded_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [B, L_max] int64, valid [B, L_max] bool): each request's KV slots in position order,
+        padded to the longest; shared by every layer of the step."""
+        if self._padded_kv is None:
+            page_size = self.kv_pool.page_size
+            t = torch.arange(max(self.seq_lens), device=self.page_table.device)
+            slots = self.page_table[:, t // page_size].long() * page_size + t % page_size
+            self._padded_kv = slots, t[None, :] < self.seq_lens_t[:, None]
+        return self._padded_kv
 
 
 @dataclass(frozen=True)

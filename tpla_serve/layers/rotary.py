@@ -104,19 +104,17 @@ def _yarn_correction_range(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [..., d] by cos/sin [..., d/2] (broadcastable), computed in fp32.
+    """Rotate x [..., d] by the tables cos = [c, c] and sin = [-s, s] [..., d] (broadcastable, from
+    RotaryEmbedding.cos_sin), computed in fp32: x1·c - x2·s and x2·c + x1·s, the halves as one product each.
 
     Interleaved checkpoints (DeepSeek's own layout) pair dims (0,1), (2,3), ...; the others pair (i, i+d/2).
     Either way the output is in half-split layout: queries and keys are rotated alike, so their dot
     products, which are all attention ever uses, are the same as the reference's.
     """
     xf = x.float()
-    half = x.shape[-1] // 2
     if interleaved:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    else:
-        x1, x2 = xf[..., :half], xf[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        xf = torch.cat([xf[..., 0::2], xf[..., 1::2]], dim=-1)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -134,11 +132,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", compute_inv_freq(params, dim).to(device), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos, sin [N, dim/2] for positions [N]."""
+        """fp32 tables [N, dim] for positions [N]: cos as [c, c] and sin as [-s, s], computed once per step
+        for every layer's apply_rotary."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos() * self.scale, freqs.sin() * self.scale
+        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [N, ..., dim]; cos/sin [N, dim/2] from cos_sin()."""
+        """x [N, ..., dim]; cos/sin [N, dim] from cos_sin()."""
         shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
         return apply_rotary(x, cos.view(shape), sin.view(shape), self.interleaved)

@@ -68,19 +68,17 @@ class TorchAttentionBackend(AttentionBackend):
         """One query per request: the batch's KV gathered into [B, L_max] blocks (padding masked), a few
         batched matrix products instead of a loop over requests; blocks of requests bound the memory."""
         pool = fb.kv_pool
-        page = pool.page_size
         out = q_nope.new_empty(q_nope.shape)
-        longest = max(fb.seq_lens)
-        t = torch.arange(longest, device=q_nope.device)
-        rows = max(1, _GATHER_ELEMENTS // (longest * (pool.ckv_dim + pool.rope_dim)))
+        all_slots, all_valid = fb.padded_kv
+        rows = max(1, _GATHER_ELEMENTS // (all_slots.shape[1] * (pool.ckv_dim + pool.rope_dim)))
         ckv_all, kpe_all = pool.ckv[layer].view(-1, pool.ckv_dim), pool.kpe[layer].view(-1, pool.rope_dim)
         for b0 in range(0, fb.batch_size, rows):
             b1 = min(fb.batch_size, b0 + rows)
-            slots = fb.page_table[b0:b1, t // page].long() * page + t % page  # [b, L]
-            ckv, kpe = ckv_all[slots].float(), kpe_all[slots].float()  # [b, L, c], [b, L, r]
+            flat = all_slots[b0:b1].reshape(-1)
+            ckv = ckv_all.index_select(0, flat).view(b1 - b0, -1, pool.ckv_dim).float()  # [b, L, c]
+            kpe = kpe_all.index_select(0, flat).view(b1 - b0, -1, pool.rope_dim).float()  # [b, L, r]
             scores = nope_scale * torch.bmm(q_nope[b0:b1].float(), ckv.transpose(1, 2))
             scores = (scores + torch.bmm(q_pe[b0:b1].float(), kpe.transpose(1, 2))) * scale  # [b, H, L]
-            valid = t[None, :] < fb.seq_lens_t[b0:b1, None]
-            scores.masked_fill_(~valid[:, None, :], float("-inf"))
+            scores.masked_fill_(~all_valid[b0:b1, None, :], float("-inf"))
             out[b0:b1] = torch.bmm(torch.softmax(scores, dim=-1), ckv).to(out.dtype)
         return out
