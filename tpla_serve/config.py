@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +20,12 @@ TPLA_NORMS = ("exact", "local")
 TPLA_TRANSFORMS = ("none", "hadamard", "pca")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 SPECULATIVE_ALGORITHMS = ("none", "standard", "easyspec")
+# The KV cache is kept in the model's dtype: "bfloat16" asks for a bfloat16 cache, so a bfloat16 model.
+KV_CACHE_DTYPES = ("auto", "bfloat16", "bf16")
+QUANTIZATIONS = ("fp8",)  # block-FP8 checkpoints (DeepSeek-V3, Kimi-K2), dequantized at load
+REASONING_PARSERS = ("deepseek-r1",)
+TOOL_CALL_PARSERS = ("deepseekv3",)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Where a server reads its disaggregation secret when --disaggregation-secret is not given.
 DISAGGREGATION_SECRET_ENV = "TPLA_DISAGGREGATION_SECRET"
 
@@ -52,9 +56,12 @@ class EngineConfig:
     model_path: str = DEFAULT_MODEL_PATH
     tokenizer_path: str | None = None
     skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False  # let the tokenizer run code from its directory (transformers' flag)
     load_format: str = "auto"  # auto | safetensors | dummy
     json_model_override_args: str = "{}"  # JSON object replacing config.json keys, e.g. '{"num_hidden_layers": 4}'
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 on GPU (and for a bf16 KV cache), fp32 on CPU
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; bfloat16 needs a bfloat16 model
+    quantization: str | None = None  # None: as config.json says; fp8: require a block-FP8 checkpoint
     device: str = "auto"  # auto: cuda when available
     context_length: int | None = None
     page_size: int | None = None  # auto: 64 on GPU, 16 on CPU
@@ -95,6 +102,12 @@ class EngineConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        self._check_kv_cache_dtype()
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"--quantization {self.quantization}: not supported; tpla-serve loads unquantized and block-FP8 "
+                "checkpoints (--quantization fp8, or no flag: the checkpoint's config.json decides)"
+            )
         if self.page_size is not None and (self.page_size < 1 or self.page_size & (self.page_size - 1)):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if not 0.0 < self.mem_fraction_static < 1.0:
@@ -128,6 +141,30 @@ class EngineConfig:
                 f"easyspec_group_size must be in [1, tp_size={self.tp_size}], got {self.easyspec_group_size}"
             )
 
+    def _check_kv_cache_dtype(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype}: not supported; the latent KV cache is kept in the "
+                "model's dtype here (--kv-cache-dtype auto), or in bfloat16 (--kv-cache-dtype bfloat16)"
+            )
+        if self.kv_cache_dtype != "auto" and self.dtype != "auto" and _DTYPES[self.dtype] != torch.bfloat16:
+            raise ValueError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} with --dtype {self.dtype}: the KV cache is kept in the "
+                "model's dtype, so a bfloat16 cache needs --dtype bfloat16 (or auto)"
+            )
+
+    def inapplicable_flags(self, given: set[str]) -> list[str]:
+        """Why flags among `given` (field names set explicitly) do nothing on this engine's device."""
+        notes = []
+        on_gpu = self.torch_device.type == "cuda"
+        if "mem_fraction_static" in given and not on_gpu:
+            notes.append("--mem-fraction-static applies to GPUs, not to this CPU engine: its KV cache is sized "
+                         f"by --kv-cache-bytes ({self.kv_cache_bytes} bytes per rank)")
+        if "kv_cache_bytes" in given and on_gpu:
+            notes.append("--kv-cache-bytes applies to CPU engines, not to this GPU engine: its KV cache is sized "
+                         f"by --mem-fraction-static ({self.mem_fraction_static})")
+        return notes
+
     @property
     def speculative(self) -> bool:
         return self.speculative_algorithm != "none"
@@ -152,7 +189,8 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+            bf16 = self.torch_device.type == "cuda" or self.kv_cache_dtype != "auto"
+            return torch.bfloat16 if bf16 else torch.float32
         return _DTYPES[self.dtype]
 
     @property
@@ -164,67 +202,6 @@ class EngineConfig:
     @property
     def resolved_tokenizer_path(self) -> str:
         return self.tokenizer_path or self.model_path
-
-    @classmethod
-    def from_cli(cls, args: argparse.Namespace) -> EngineConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Engine flags, named as SGLang names them where SGLang has the same knob."""
-    d = EngineConfig()
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model-path", default=d.model_path, help="local model directory (default: the bundled model)")
-    g.add_argument("--tokenizer-path", default=None)
-    g.add_argument("--skip-tokenizer-init", action="store_true", help="accept and return token ids only")
-    g.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS)
-    g.add_argument("--json-model-override-args", default=d.json_model_override_args,
-                   help='JSON object replacing config.json keys, e.g. \'{"num_hidden_layers": 4}\'')
-    g.add_argument("--dtype", default=d.dtype)
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--context-length", type=int, default=None)
-    g.add_argument("--page-size", type=int, default=None)
-    g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
-    g.add_argument("--kv-cache-bytes", type=int, default=d.kv_cache_bytes, help="KV cache budget on CPU")
-    g.add_argument("--max-total-tokens", type=int, default=None)
-    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
-    g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
-    g.add_argument("--attention-backend", default=d.attention_backend,
-                   choices=ATTENTION_BACKENDS)
-    g.add_argument("--random-seed", type=int, default=d.random_seed)
-    g.add_argument("--tp-size", type=int, default=d.tp_size)
-    g.add_argument("--tpla-groups", type=int, default=d.tpla_groups, help="latent groups g (1 = plain MLA-TP)")
-    g.add_argument("--tpla-norm", default=d.tpla_norm, choices=TPLA_NORMS)
-    g.add_argument("--tpla-transform", default=d.tpla_transform, choices=TPLA_TRANSFORMS)
-    g.add_argument("--tpla-calibration", default=None, help="calibration file (PCA bases, logit scales)")
-    g.add_argument("--disaggregation-mode", default=d.disaggregation_mode, choices=DISAGGREGATION_MODES)
-    g.add_argument("--disaggregation-host", default=d.disaggregation_host,
-                   help="decode: the address its TP ranks receive KV on (reachable from the prefill servers)")
-    g.add_argument("--disaggregation-timeout", type=float, default=d.disaggregation_timeout)
-    g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.disaggregation_bootstrap_port)
-    g.add_argument("--disaggregation-secret", default=None,
-                   help=f"PD: the secret every prefill and decode server of a cluster shares to authenticate KV "
-                        f"transfers (default: ${DISAGGREGATION_SECRET_ENV}, else --api-key; the variable keeps it "
-                        f"out of process listings)")
-    g.add_argument(
-        "--no-tpla-pd-sep", dest="tpla_pd_sep", action="store_false",
-        help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
-    )
-    g.add_argument("--disable-cuda-graph", action="store_true", help="GPU: run decode steps eagerly")
-    g.add_argument("--disable-overlap-schedule", action="store_true",
-                   help="read each decode step's tokens before building the next, instead of while it runs")
-    g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
-    g.add_argument("--speculative-algorithm", default=d.speculative_algorithm,
-                   choices=SPECULATIVE_ALGORITHMS,
-                   help="decode with a draft model: standard (layer after layer) or easyspec (layer-parallel)")
-    g.add_argument("--speculative-draft-model-path", default=None,
-                   help="a small model of the same family; on a PD prefill server (with --speculative-algorithm "
-                        "none) the prefill also runs this draft over every prompt and streams its KV to the "
-                        "decode server, whose speculative decoding then skips the draft's prefill")
-    g.add_argument("--speculative-num-draft-tokens", type=int, default=d.speculative_num_draft_tokens)
-    g.add_argument("--easyspec-group-size", type=int, default=None,
-                   help="draft layers run at once across TP ranks (default min(tp_size, 4))")
 
 
 ROLES = ("prefill", "decode", "router", "all")
@@ -243,50 +220,38 @@ class ServerConfig:
     max_body_bytes: int = 32 << 20
     api_key: str | None = field(default=None, repr=False)  # never logged
     log_level: str = "info"
+    enable_metrics: bool = False  # SGLang's metric names (sglang:*) beside ours on /metrics
+    chat_template: str | None = None  # a .jinja file or a built-in name; None: the tokenizer's own
+    skip_server_warmup: bool = False  # report ready without first serving one tiny request
+    watchdog_timeout: float = 300.0  # seconds a scheduler step may take before the server stops
+    reasoning_parser: str | None = None  # deepseek-r1: reasoning_content apart from content
+    tool_call_parser: str | None = None  # deepseekv3: OpenAI tool_calls from DeepSeek's tool tokens
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"a server's role is prefill or decode, got {self.role!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not self.watchdog_timeout > 0:
+            raise ValueError(f"--watchdog-timeout must be > 0 seconds, got {self.watchdog_timeout}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"--reasoning-parser {self.reasoning_parser}: not supported here; "
+                             f"available: {', '.join(REASONING_PARSERS)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"--tool-call-parser {self.tool_call_parser}: not supported here; "
+                             f"available: {', '.join(TOOL_CALL_PARSERS)}")
 
     @property
     def model_name(self) -> str:
+        """The model's id in the OpenAI API, /server_info and the metrics' model_name label."""
         return self.served_model_name or Path(self.engine.model_path).name
 
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    d = ServerConfig(EngineConfig())
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default=d.host)
-    g.add_argument("--port", type=int, default=d.port)
-    g.add_argument("--served-model-name", default=None)
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    g.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer <key>' on every route but /health (or set {API_KEY_ENV}, "
-                        "or give --api-key-file: a command line is visible to every user of the machine)")
-    g.add_argument("--api-key-file", default=None, help="a file holding the API key")
-    g.add_argument("--log-level", default=d.log_level)
+    @property
+    def engine_type(self) -> str:
+        """SGLang's engine_type metric label: prefill, decode, or unified (a server that pairs with none)."""
+        mode = self.engine.disaggregation_mode
+        return mode if mode in ("prefill", "decode") else "unified"
 
 
-def resolve_api_key(flag: str | None, path: str | None) -> str | None:
-    """The API key from --api-key, else --api-key-file, else the environment (None: no key)."""
-    if flag is not None and path is not None:
-        raise ValueError("give --api-key or --api-key-file, not both")
-    if path is not None:
-        try:
-            return Path(path).read_text().strip() or None
-        except OSError as e:
-            raise ValueError(f"--api-key-file: {e}") from None
-    return flag or os.environ.get(API_KEY_ENV) or None
-
-
-def server_config_from_cli(args: argparse.Namespace) -> ServerConfig:
-    """The server's config; its disaggregation secret is the flag's, else the environment's, else the API key."""
-    names = {f.name for f in dataclasses.fields(ServerConfig)} - {"engine", "api_key"}
-    api_key = resolve_api_key(args.api_key, args.api_key_file)
-    engine = EngineConfig.from_cli(args)
-    if engine.disaggregation_secret is None:
-        secret = os.environ.get(DISAGGREGATION_SECRET_ENV, api_key)
-        engine = dataclasses.replace(engine, disaggregation_secret=secret)
-    return ServerConfig(engine=engine, api_key=api_key, **{k: v for k, v in vars(args).items() if k in names})

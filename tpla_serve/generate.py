@@ -8,11 +8,11 @@ import json
 import logging
 import sys
 
-from tpla_serve.config import EngineConfig, add_engine_args
+from tpla_serve.flags import HelpFormatter, add_engine_args, engine_config_from_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: a sample)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from tpla_serve.entrypoints.engine import Engine
 
-    engine = Engine(**dataclasses.asdict(EngineConfig.from_cli(args)))
+    engine = Engine(**dataclasses.asdict(engine_config_from_cli(args)))
     prompts = args.prompt or ["def fibonacci(n):"]
     params = {
         "max_new_tokens": args.max_new_tokens,

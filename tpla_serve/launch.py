@@ -18,28 +18,41 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ROLES = ("prefill", "decode", "router", "all")
 
 
-def _role_parser(*roles: str) -> argparse.ArgumentParser:
+def _role_parser(*roles: str, formatter: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter
+                 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tpla_serve.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=roles or _ROLES, required=True)
+                                     formatter_class=formatter, allow_abbrev=False)
+    parser.add_argument("--role", choices=roles or _ROLES, required=True,
+                        help="what this process serves: a prefill or decode server, the router, or all three")
     return parser
 
 
 def _serve(role: str, argv: Sequence[str]) -> int:
-    from tpla_serve.config import add_engine_args, add_server_args, server_config_from_cli
+    from tpla_serve.flags import (
+        HelpFormatter,
+        add_engine_args,
+        add_server_args,
+        inapplicable_flags,
+        server_config_from_cli,
+    )
 
-    parser = _role_parser("prefill", "decode")
+    parser = _role_parser("prefill", "decode", formatter=HelpFormatter)
     add_engine_args(parser)
     add_server_args(parser)
     args = parser.parse_args(argv)
-    if not any(a.startswith("--disaggregation-mode") for a in argv):
+    if not any(a == "--disaggregation-mode" or a.startswith("--disaggregation-mode=") for a in argv):
         args.disaggregation_mode = role  # a prefill or decode server pairs unless told otherwise
     try:
         config = server_config_from_cli(args)
+        from tpla_serve.entrypoints.checkpoint import check_checkpoint
+
+        check_checkpoint(config.engine)
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: "
                                                                 "%(message)s")
+    for note in inapplicable_flags(args, config.engine):
+        logging.getLogger("tpla_serve.launch").warning("%s", note)
     from tpla_serve.server.http_server import run_server
 
     return run_server(config)
@@ -68,7 +81,7 @@ def _route(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     peek.add_argument("--role")
     role = peek.parse_known_args(argv)[0].role
     if role not in _ROLES:

@@ -188,7 +188,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tpla_router",
-                                     description="PD-aware router for prefill/decode LLM servers")
+                                     description="PD-aware router for prefill/decode LLM servers",
+                                     allow_abbrev=False)
     add_router_args(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

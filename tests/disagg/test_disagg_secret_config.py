@@ -9,14 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from tpla_serve.config import (
-    DISAGGREGATION_SECRET_ENV,
-    EngineConfig,
-    ServerConfig,
-    add_engine_args,
-    add_server_args,
-    server_config_from_cli,
-)
+from tpla_serve.config import DISAGGREGATION_SECRET_ENV, EngineConfig, ServerConfig
+from tpla_serve.flags import add_engine_args, add_server_args, server_config_from_cli
 from tpla_serve.server import local_cluster
 
 

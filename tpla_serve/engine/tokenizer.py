@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """trust_remote_code: let transformers run tokenizer code shipped in the directory (--trust-remote-code)."""
     from transformers import AutoTokenizer
 
     directory = Path(path)
@@ -16,7 +17,7 @@ def load_tokenizer(path: str) -> Any:
             f"no tokenizer in {path} (tokenizer.json / tokenizer_config.json); pass --tokenizer-path, "
             "or --skip-tokenizer-init to serve token ids only"
         )
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def eos_token_ids(model_path: str, tokenizer: Any | None) -> set[int]:

@@ -198,7 +198,7 @@ def run_server(config: ServerConfig) -> int:
         if not config.engine.skip_tokenizer_init:
             from tpla_serve.engine.tokenizer import load_tokenizer
 
-            tokenizer = load_tokenizer(config.engine.resolved_tokenizer_path)
+            tokenizer = load_tokenizer(config.engine.resolved_tokenizer_path, config.engine.trust_remote_code)
         app = build_app(config, client, tokenizer)
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level.lower(),

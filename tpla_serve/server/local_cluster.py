@@ -55,7 +55,7 @@ class Child:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tpla_serve.launch --role all", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--role", choices=["all"], required=True)
     p.add_argument("--model-path", default=None, help="default: the servers' default, the bundled model")
     p.add_argument("--host", default="127.0.0.1", help="address every process listens on")

@@ -62,7 +62,9 @@ class SchedulerProcess:
         self.parts = launch_rank0(engine)
         self.runner = self.parts.runner
         try:
-            self.tokenizer = None if engine.skip_tokenizer_init else load_tokenizer(engine.resolved_tokenizer_path)
+            self.tokenizer = None if engine.skip_tokenizer_init else load_tokenizer(
+                engine.resolved_tokenizer_path, engine.trust_remote_code
+            )
             self.scheduler, self.pd = _build_scheduler_and_role(
                 config, self.parts, self.tokenizer, eos_token_ids(engine.model_path, self.tokenizer)
             )

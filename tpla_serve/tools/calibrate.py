@@ -141,7 +141,8 @@ def calibrate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--data", required=True, help="a text file or a directory of text files")
     parser.add_argument("--out", required=True)
