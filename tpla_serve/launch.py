@@ -45,8 +45,14 @@ def _serve(role: str, argv: Sequence[str]) -> int:
     try:
         config = server_config_from_cli(args)
         from tpla_serve.entrypoints.checkpoint import check_checkpoint
+        from tpla_serve.server.chat_template import resolve_chat_template
 
         check_checkpoint(config.engine)
+        if config.chat_template is not None:
+            if config.engine.skip_tokenizer_init:
+                raise ValueError("--chat-template: a server started with --skip-tokenizer-init has no tokenizer "
+                                 "to apply it with")
+            resolve_chat_template(config.chat_template)
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: "

@@ -189,8 +189,11 @@ class DecodeRole:
         endpoints: list[str],
         tp: TPGroup | None,
         speculative: bool,
+        on_transfer: Callable[[str, int, float], None] | None = None,
     ) -> None:
+        """on_transfer(rid, bytes, seconds): told of each request's completed KV transfer (metrics)."""
         self.scheduler = scheduler
+        self.on_transfer = on_transfer
         self.port = port
         self.endpoints = endpoints
         self.tp = tp
@@ -286,6 +289,8 @@ class DecodeRole:
                 self.kv_bytes += event.nbytes
                 self.kv_draft_bytes += event.draft_nbytes
                 self.kv_seconds += event.seconds
+                if self.on_transfer is not None:
+                    self.on_transfer(p.req.rid, event.nbytes, event.seconds)
                 assert p.pages is not None
                 self.scheduler.add_prefilled(
                     p.req, p.pages, event.first_token_id, event.first_token_logprob, draft_kv=draft_kv
@@ -336,6 +341,8 @@ class DecodeRole:
             "kv_transfer_draft_bytes": self.kv_draft_bytes,
             "kv_transfer_seconds": self.kv_seconds,
             "kv_rooms_waiting": len(self.pending),
+            "kv_rooms_prealloc": sum(p.pages is None for p in self.pending.values()),  # waiting for pages
+            "kv_rooms_transfer": sum(p.pages is not None for p in self.pending.values()),  # registered
             **{"kv_receiver_" + k: v for k, v in dataclasses.asdict(s).items()},
         }
 

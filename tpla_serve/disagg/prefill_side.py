@@ -138,6 +138,7 @@ class PrefillRole:
             "kv_rooms_sent": s.rooms_sent,
             "kv_rooms_failed": s.rooms_failed,
             "kv_rooms_live": s.rooms_live,
+            "kv_rooms_registered": s.rooms_registered,
             "kv_messages_rejected": s.messages_rejected,
             "kv_messages_unauthenticated": s.messages_unauthenticated,
         }

@@ -33,6 +33,7 @@ def request_output(
         decoder = tokenizer if return_text_in_logprobs else None
         meta["input_token_logprobs"] = req.input_logprobs.formatted(decoder)
         meta["output_token_logprobs"] = req.output_logprobs.formatted(decoder)
+        meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
         if req.top_logprobs_num:
             meta["input_top_logprobs"] = req.input_logprobs.formatted_top(decoder)
             meta["output_top_logprobs"] = req.output_logprobs.formatted_top(decoder)

@@ -63,9 +63,13 @@ async def _next(group: RequestGroup, disconnect: asyncio.Future[None]) -> tuple[
 
 
 @asynccontextmanager
-async def _watching(group: RequestGroup, request: Request) -> AsyncIterator[asyncio.Future[None]]:
-    """A future that completes when the client disconnects; leaving early aborts the unfinished items."""
-    disconnect = asyncio.ensure_future(_wait_disconnect(request))
+async def _watching(group: RequestGroup, request: Request | None) -> AsyncIterator[asyncio.Future[None]]:
+    """A future that completes when the client disconnects (never, for the server's own requests, which
+    have no client); leaving early aborts the unfinished items."""
+    if request is None:
+        disconnect: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    else:
+        disconnect = asyncio.ensure_future(_wait_disconnect(request))
     try:
         yield disconnect
     except ClientDisconnected:
@@ -81,8 +85,8 @@ async def _watching(group: RequestGroup, request: Request) -> AsyncIterator[asyn
         disconnect.cancel()
 
 
-async def collect(group: RequestGroup, request: Request) -> list[dict[str, Any]]:
-    """The final output of every item, in order."""
+async def collect(group: RequestGroup, request: Request | None) -> list[dict[str, Any]]:
+    """The final output of every item, in order (request: the HTTP request to watch, None for none)."""
     results: list[dict[str, Any] | None] = [None] * len(group)
     async with _watching(group, request) as disconnect:
         while any(r is None for r in results):

@@ -21,12 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tpla_serve.config import ServerConfig
-from tpla_serve.server import native_api, openai_api
+from tpla_serve.server import native_api, openai_api, openai_chat, openai_completions
 from tpla_serve.server.body_check import lone_surrogate
-from tpla_serve.server.errors import APIError, error_response, format_validation_errors
+from tpla_serve.server.chat_template import resolve_chat_template
+from tpla_serve.server.errors import APIError, error_response, format_validation_errors, validation_param
 from tpla_serve.server.metrics import ServerMetrics
 from tpla_serve.server.scheduler_client import SchedulerClient
 from tpla_serve.server.state import FrontState
+from tpla_serve.server.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +136,12 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Any:
-        return error_response(exc.status, exc.message, err_type=exc.err_type)
+        return error_response(exc.status, exc.message, err_type=exc.err_type, param=exc.param, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Any:
-        return error_response(400, format_validation_errors(list(exc.errors())))
+        errors = list(exc.errors())
+        return error_response(400, format_validation_errors(errors), param=validation_param(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Any:
@@ -150,10 +153,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-async def _announce_ready(config: ServerConfig, client: SchedulerClient) -> None:
+async def _start_serving(config: ServerConfig, client: SchedulerClient, tokenizer: Any | None) -> None:
+    """Once the model is loaded, serve the warm-up request (unless skipped), then report ready."""
     logger.info("%s server on http://%s:%d: loading %s", config.role, config.host, config.port,
                 config.engine.model_path)
     await client.ready.wait()
+    if not config.skip_server_warmup:
+        try:
+            await warm_up(client, tokenizer)
+        except RuntimeError as e:
+            client.fail(str(e))
+            return
+    client.serving.set()
     logger.info("%s server ready on http://%s:%d (model %s)", config.role, config.host, config.port,
                 config.model_name)
 
@@ -164,27 +175,27 @@ def _signal_seen(signum: int, frame: object) -> None:
 
 def build_app(config: ServerConfig, client: SchedulerClient, tokenizer: Any | None) -> FastAPI:
     """The app of one server; `client` has been started, and is run and closed by the app's lifespan."""
-    metrics = ServerMetrics(lambda: client.last_stats)
+    metrics = ServerMetrics(config, lambda: client.last_stats)
     client.metrics = metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         receiver = asyncio.ensure_future(client.run())
-        announcer = asyncio.ensure_future(_announce_ready(config, client))
+        starter = asyncio.ensure_future(_start_serving(config, client, tokenizer))
         try:
             yield
         finally:
-            announcer.cancel()
+            starter.cancel()
             receiver.cancel()
             client.close()
 
     app = FastAPI(title=f"tpla-serve {config.role} server", lifespan=lifespan)
     app.state.front = FrontState(config=config, client=client, tokenizer=tokenizer, metrics=metrics)
-    app.include_router(native_api.router)
-    app.include_router(openai_api.router)
+    routers = (native_api.router, openai_api.router, openai_completions.router, openai_chat.router)
+    for api in routers:
+        app.include_router(api)
     _install_error_handlers(app)
-    routes = {route.path for router in (native_api.router, openai_api.router)
-              for route in router.routes}  # type: ignore[attr-defined]
+    routes = {route.path for api in routers for route in api.routes}  # type: ignore[attr-defined]
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics, routes=routes)
     return app
 
@@ -199,6 +210,8 @@ def run_server(config: ServerConfig) -> int:
             from tpla_serve.engine.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(config.engine.resolved_tokenizer_path, config.engine.trust_remote_code)
+            if config.chat_template is not None:
+                tokenizer.chat_template = resolve_chat_template(config.chat_template)
         app = build_app(config, client, tokenizer)
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level.lower(),

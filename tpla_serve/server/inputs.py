@@ -22,9 +22,9 @@ def per_item(value: Any, n: int, name: str, batched: bool) -> list[Any]:
     """Broadcast a scalar field over a batch, or check a list has one entry per prompt."""
     if isinstance(value, list):
         if not batched:
-            raise APIError(400, f"{name}: a list is given for a single prompt")
+            raise APIError(400, f"{name}: a list is given for a single prompt", param=name)
         if len(value) != n:
-            raise APIError(400, f"{name}: {len(value)} entries for {n} prompts")
+            raise APIError(400, f"{name}: {len(value)} entries for {n} prompts", param=name)
         return value
     return [value] * n
 
@@ -56,21 +56,22 @@ class InputProcessor:
     def require_tokenizer(self, field: str) -> Any:
         if self.tokenizer is None:
             raise APIError(400, f"{field}: this server runs without a tokenizer (--skip-tokenizer-init); "
-                                "send input_ids")
+                                "send input_ids", param=field)
         return self.tokenizer
 
     def check_ids(self, ids: Sequence[int], field: str) -> None:
         if not ids:
-            raise APIError(400, f"{field}: the prompt is empty; give at least one token")
+            raise APIError(400, f"{field}: the prompt is empty; give at least one token", param=field)
         for t in ids:
             if t < 0 or (self.vocab_size is not None and t >= self.vocab_size):
                 bound = f"[0, {self.vocab_size})" if self.vocab_size is not None else ">= 0"
-                raise APIError(400, f"{field}: token id {t} is outside the vocabulary {bound}")
+                raise APIError(400, f"{field}: token id {t} is outside the vocabulary {bound}", param=field)
         if self.context_length is not None and len(ids) >= self.context_length:
             raise APIError(
                 400,
                 f"{field}: the prompt has {len(ids)} tokens; this model's context length is "
                 f"{self.context_length}, so at most {self.context_length - 1} prompt tokens fit",
+                param=field,
             )
 
     def build(

@@ -51,11 +51,18 @@ class GetStats:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """The request's state as /generate returns it (cumulative text, output_ids, meta_info)."""
+    """The request's state as /generate returns it (cumulative text, output_ids, meta_info), and the times
+    the front's latency metrics need. Times are CLOCK_MONOTONIC readings, which the front and its scheduler
+    (always on one host) share: first_token_time once a token exists; queue_time (seconds waiting to be
+    scheduled) and the KV transfer (PD decode) on the finished output only."""
 
     rid: str
     output: dict[str, Any]
     finished: bool
+    first_token_time: float | None = None
+    queue_time: float | None = None
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,27 @@
 """Prometheus metrics of one server, in a registry of its own (never the process-global one).
 
-Latencies are measured in the front, on its own clock: end-to-end for every request; time to first
-token and time per output token for streamed requests, the ones whose tokens the front sees arrive.
-Scheduler state (queue, running requests, KV pages, token and KV-transfer counters) is read from the
-scheduler's latest Stats at scrape time.
+Latencies are measured in the front for every request, streamed or not: end-to-end on the front's
+clock; time to first token from the scheduler's first-token time (CLOCK_MONOTONIC, which both processes
+read on one host); inter-token latency from the arrival of each streamed chunk, or for a request answered
+once, over its decode (first token to finish). A PD prefill server's one token is the decode server's
+first, so it observes neither (as SGLang). Scheduler state (queue, running requests, KV pages, token and
+KV-transfer counters) is read from the scheduler's latest Stats at scrape time. With --enable-metrics the
+same observations also feed SGLang's names (sglang_metrics.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from tpla_serve.config import ServerConfig
+from tpla_serve.server.messages import RequestOutput
+from tpla_serve.server.sglang_metrics import SGLangMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "tpla_serve_"
@@ -32,6 +40,7 @@ STATS_METRICS: tuple[tuple[tuple[str, ...], str, str, str], ...] = (
     (("pages_free",), "kv_pages_free", "gauge", "KV cache pages free"),
     (("generated_tokens",), "generation_tokens", "counter", "Tokens generated"),
     (("prompt_tokens",), "prompt_tokens", "counter", "Prompt tokens received"),
+    (("gen_throughput",), "gen_throughput", "gauge", "Tokens generated per second over the last seconds"),
     (("kv_transfer_bytes", "kv_transfer_bytes_sent"), "kv_transfer_bytes", "counter",
      "Bytes of KV cache received (decode) or sent (prefill) for PD requests"),
     (("kv_transfer_seconds",), "kv_transfer_seconds", "counter", "Seconds spent receiving KV cache (PD)"),
@@ -65,26 +74,67 @@ class _StatsCollector(Collector):
             yield family(PREFIX + name, help_text, value=value)
 
 
+@dataclass
+class RequestTrack:
+    """What the metrics remember of one scheduler request between its answers (front clock, monotonic)."""
+
+    arrival: float
+    stream: bool
+    first_token: float | None = None  # when its first token was sampled
+    last_time: float = 0.0  # when the tokens counted so far arrived
+    last_tokens: int = 0
+
+
 class ServerMetrics:
-    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, config: ServerConfig, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter(PREFIX + "http_requests", "HTTP requests answered, by route and status code",
                                 ["route", "code"], registry=self.registry)
         self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds", "Streamed requests: arrival to first output token",
+            PREFIX + "time_to_first_token_seconds", "Arrival to the first output token",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.time_per_output_token = Histogram(
             PREFIX + "time_per_output_token_seconds",
-            "Streamed requests: (last token - first token) / (output tokens - 1)",
+            "(last token - first token) / (output tokens - 1), per request",
             buckets=_TPOT_BUCKETS, registry=self.registry)
         self.e2e_latency = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to the last output",
                                      buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_StatsCollector(stats))
+        self.sglang = (SGLangMetrics(self.registry, config.model_name, config.engine_type, stats)
+                       if config.enable_metrics else None)
+        self._latencies = config.engine_type != "prefill"
 
-    def observe_finished(self, arrival: float, first_token: float | None, now: float, tokens: int) -> None:
-        self.e2e_latency.observe(now - arrival)
-        if first_token is not None and tokens > 1:
-            self.time_per_output_token.observe((now - first_token) / (tokens - 1))
+    def on_output(self, track: RequestTrack, msg: RequestOutput, now: float) -> None:
+        """Observe one answer of a request: its first token, the tokens since the last answer, its end."""
+        meta = msg.output.get("meta_info", {})
+        tokens = int(meta.get("completion_tokens", 0) or 0)
+        aborted = (meta.get("finish_reason") or {}).get("type") == "abort"
+        if self._latencies and tokens and not aborted:
+            self._observe_tokens(track, msg, tokens, now)
+        if not msg.finished:
+            return
+        e2e = now - track.arrival
+        self.e2e_latency.observe(e2e)
+        tpot = None
+        if self._latencies and track.first_token is not None and tokens > 1 and not aborted:
+            tpot = (now - track.first_token) / (tokens - 1)
+            self.time_per_output_token.observe(tpot)
+        if self.sglang is not None:
+            self.sglang.finished(meta, track.stream, e2e, tpot, msg.queue_time, msg.kv_transfer_bytes,
+                                 msg.kv_transfer_seconds)
+
+    def _observe_tokens(self, track: RequestTrack, msg: RequestOutput, tokens: int, now: float) -> None:
+        if track.first_token is None:
+            first = msg.first_token_time if msg.first_token_time is not None else now
+            track.first_token, track.last_time, track.last_tokens = first, first, 1
+            self.time_to_first_token.observe(first - track.arrival)
+            if self.sglang is not None:
+                self.sglang.first_token(first - track.arrival, track.stream)
+        new = tokens - track.last_tokens
+        if new > 0:
+            if self.sglang is not None:
+                self.sglang.tokens(now - track.last_time, new)
+            track.last_time, track.last_tokens = now, tokens
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tpla_serve.config import public_fields
+from tpla_serve.entrypoints.streaming import LogprobIncrements
 from tpla_serve.sampling.params import SamplingParams
-from tpla_serve.server.errors import APIError, error_body
+from tpla_serve.server.errors import APIError, api_error_body
 from tpla_serve.server.generation import (
     DONE,
     SSE_HEADERS,
@@ -25,7 +26,7 @@ from tpla_serve.server.generation import (
 from tpla_serve.server.inputs import ItemOptions, per_item
 from tpla_serve.server.messages import GenerateRequest
 from tpla_serve.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from tpla_serve.server.protocol import AbortReqInput, GenerateReqInput
+from tpla_serve.server.protocol import AbortReqInput, ConcateAndAppendReqInput, GenerateReqInput
 from tpla_serve.server.scheduler_client import RequestGroup
 from tpla_serve.server.state import FrontState, front_state
 
@@ -43,7 +44,7 @@ def _version() -> str:
 
 def _prompts(front: FrontState, body: GenerateReqInput) -> tuple[list[list[int]], bool]:
     if (body.text is None) == (body.input_ids is None):
-        raise APIError(400, "give exactly one of text and input_ids")
+        raise APIError(400, "give exactly one of text and input_ids", param="text")
     inputs = front.inputs
     if body.text is not None:
         batched = isinstance(body.text, list)
@@ -64,12 +65,15 @@ def _prompts(front: FrontState, body: GenerateReqInput) -> tuple[list[list[int]]
 async def stream_response(group: RequestGroup, request: Request, batched: bool) -> Response:
     first = await first_answer(group, request)
 
+    increments = [LogprobIncrements() for _ in range(len(group))]
+
     async def events() -> Any:
         try:
             async for index, output, _ in stream_answers(group, first):
-                yield sse({**output, "index": index} if batched else output)
+                chunk = increments[index].chunk(output)
+                yield sse({**chunk, "index": index} if batched else chunk)
         except APIError as e:
-            yield sse(error_body(e.status, e.message, e.err_type))
+            yield sse(api_error_body(e))
         yield DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -80,7 +84,7 @@ async def generate(body: GenerateReqInput, request: Request) -> Response:
     front = front_state(request)
     unsupported = body.unsupported_fields()
     if unsupported:
-        raise APIError(400, f"{unsupported[0]}: not supported by this server")
+        raise APIError(400, f"{unsupported[0]}: not supported by this server", param=unsupported[0])
     front.client.check_available()
     prompts, batched = _prompts(front, body)
     n = len(prompts)
@@ -120,7 +124,7 @@ async def health_generate(request: Request) -> Response:
         input_ids=[int(token)],
         sampling_params=SamplingParams(max_new_tokens=1, temperature=0.0).to_dict(),
     )
-    group = front.client.submit([req])
+    group = front.client.submit([req], log_metrics=False)
     try:
         outputs = await asyncio.wait_for(collect(group, request), HEALTH_GENERATE_TIMEOUT)
     except asyncio.TimeoutError:
@@ -158,7 +162,7 @@ async def get_server_info(request: Request) -> dict[str, Any]:
     front = front_state(request)
     stats = await front.client.stats()
     config = front.config
-    args = {**public_fields(config.engine), **public_fields(config)}
+    args = {**public_fields(config.engine), **public_fields(config), "served_model_name": front.model_name}
     del args["engine"]
     return {**args, "model_info": model_info(front), "internal_states": [stats], "version": _version()}
 
@@ -167,6 +171,20 @@ async def get_server_info(request: Request) -> dict[str, Any]:
 async def flush_cache(request: Request) -> dict[str, Any]:
     answer = await front_state(request).client.flush_cache()
     return {"success": True, "message": "Cache flushed.", **answer}
+
+
+@router.post("/concate_and_append_request")
+async def concate_and_append_request(body: ConcateAndAppendReqInput, request: Request) -> dict[str, Any]:
+    """SGLang's frontend calls this to join forked states (`fork` then `join(mode="concate_and_append")`).
+
+    By then the frontend has joined the forks' text itself, and its next request carries that text. A
+    server that kept each state's KV between requests would splice the forks' KV into the destination's
+    (SGLang's "parallel encoding", approximate attention across the forks); this one keeps no KV between
+    requests, so there is nothing to splice: the next request computes the joined text's KV exactly.
+    """
+    front_state(request).client.check_available()
+    return {"success": True, "message": f"nothing to splice for {body.dst_rid}: this server keeps no KV between "
+                                        "requests, so the next request computes the joined text exactly"}
 
 
 @router.post("/abort_request")

@@ -151,17 +151,61 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
-    model_config = ConfigDict(strict=True, extra="allow")  # name, tool_call_id, ... reach the template
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
 
-    role: str
+
+class AssistantToolCall(_Body):
+    """A tool call of an earlier assistant turn, as the client sends the conversation back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(_Body):
+    model_config = ConfigDict(strict=True, extra="allow")  # name, ... reach the template
+
+    role: ChatRole
     content: str | list[TextPart] | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
 
     def template_dict(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
-        return {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+        message: dict[str, Any] = {**(self.model_extra or {}), "role": self.role, "content": content or ""}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ResponseFormat(_Body):
@@ -169,7 +213,7 @@ class ResponseFormat(_Body):
 
 
 class ChatCompletionRequest(OpenAISampling):
-    """`/v1/chat/completions`; the prompt is the tokenizer's chat template applied to `messages`."""
+    """`/v1/chat/completions`; the prompt is the chat template applied to `messages` (and `tools`)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegative | None = None
@@ -177,6 +221,17 @@ class ChatCompletionRequest(OpenAISampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # SGLang's extensions, with --reasoning-parser: reasoning apart from the answer, streamed as it comes.
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+
+
+class ConcateAndAppendReqInput(_Body):
+    """SGLang frontend's join of forked program states: the forks' state ids and the destination's."""
+
+    src_rids: list[str] = Field(min_length=1)
+    dst_rid: str

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -43,9 +43,7 @@ from tpla_serve.server.messages import (
     decode,
     encode,
 )
-
-if TYPE_CHECKING:
-    from tpla_serve.server.metrics import ServerMetrics
+from tpla_serve.server.metrics import RequestTrack, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +54,18 @@ class RequestGroup:
     """The scheduler requests of one HTTP request: one item, or one per prompt of a batch.
 
     Answers arrive on `queue` as (item index, message); an item is done after its finished output or
-    its error. Times are the front's own clock, for the TTFT / TPOT histograms.
+    its error. Each item's answers feed the latency metrics unless the group is the server's own
+    (warm-up, /health_generate), which SGLang leaves out of its metrics too.
     """
 
-    def __init__(self, client: SchedulerClient, requests: list[GenerateRequest]) -> None:
+    def __init__(self, client: SchedulerClient, requests: list[GenerateRequest], log_metrics: bool = True) -> None:
         self._client = client
         self.requests = requests
         self.rids = [r.rid for r in requests]
         self.queue: asyncio.Queue[tuple[int, Answer]] = asyncio.Queue()
         self.done = [False] * len(requests)
-        self.arrival = time.perf_counter()
-        self.first_token: list[float | None] = [None] * len(requests)
+        arrival = time.monotonic()
+        self.tracks = [RequestTrack(arrival, r.stream) for r in requests] if log_metrics else None
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -81,19 +80,10 @@ class RequestGroup:
                 self._client.abort(rid, message)
 
     def deliver(self, index: int, msg: Answer, metrics: ServerMetrics | None) -> None:
-        now = time.perf_counter()
-        if isinstance(msg, RequestError):
+        if isinstance(msg, RequestError) or msg.finished:
             self.done[index] = True
-        else:
-            tokens = int(msg.output.get("meta_info", {}).get("completion_tokens", 0) or 0)
-            if tokens and self.first_token[index] is None and self.requests[index].stream:
-                self.first_token[index] = now
-                if metrics is not None:
-                    metrics.time_to_first_token.observe(now - self.arrival)
-            if msg.finished:
-                self.done[index] = True
-                if metrics is not None:
-                    metrics.observe_finished(self.arrival, self.first_token[index], now, tokens)
+        if isinstance(msg, RequestOutput) and metrics is not None and self.tracks is not None:
+            metrics.on_output(self.tracks[index], msg, time.monotonic())
         self.queue.put_nowait((index, msg))
 
 
@@ -104,7 +94,8 @@ class SchedulerClient:
         self.config = config
         self.metrics = metrics
         self.model_info: dict[str, Any] = {}
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # the scheduler loaded the model
+        self.serving = asyncio.Event()  # and the warm-up request was served (or skipped): /health is 200
         self.failure: str | None = None
         self.on_fatal: Callable[[str], None] | None = None
         self.last_stats: dict[str, Any] = {}
@@ -151,7 +142,7 @@ class SchedulerClient:
             await asyncio.wait({receiving, exited}, return_when=asyncio.FIRST_COMPLETED)
             if exited.done() and not self._closed:
                 await asyncio.sleep(0.1)  # answers sent just before the exit still arrive first
-                self._fail(f"the scheduler process exited unexpectedly (exit code {self._proc.exitcode})")
+                self.fail(f"the scheduler process exited unexpectedly (exit code {self._proc.exitcode})")
         finally:
             loop.remove_reader(self._proc.sentinel)
             receiving.cancel()
@@ -179,7 +170,7 @@ class SchedulerClient:
                 del self._routes[msg.rid]
             group.deliver(index, msg, self.metrics)
         elif isinstance(msg, RequestError):
-            self._fail(msg.message)
+            self.fail(msg.message)
         else:
             logger.error("unexpected message from the scheduler: %s", type(msg).__name__)
 
@@ -200,8 +191,9 @@ class SchedulerClient:
         if not waiter.done():
             waiter.set_result(data)
 
-    def _fail(self, message: str) -> None:
-        """The scheduler is gone or broken: fail every waiting request and tell the server to stop."""
+    def fail(self, message: str) -> None:
+        """The server cannot serve (the scheduler is gone or broken, or the warm-up failed): fail every
+        waiting request and tell the server to stop."""
         if self.failure is not None:
             return
         self.failure = message
@@ -224,12 +216,18 @@ class SchedulerClient:
         except zmq.Again:
             raise APIError(503, "the scheduler is not connected") from None
 
-    def check_available(self) -> None:
-        """Raise the 503 that says why requests cannot be served now (loading, or the scheduler died)."""
+    def check_loaded(self) -> None:
+        """Raise the 503 that says why nothing can run yet (loading, or the scheduler died)."""
         if self.failure is not None:
             raise APIError(503, self.failure)
         if not self.ready.is_set():
             raise APIError(503, "the server is starting: the model is still loading")
+
+    def check_available(self) -> None:
+        """Raise the 503 that says why requests cannot be served now (starting, or the scheduler died)."""
+        self.check_loaded()
+        if not self.serving.is_set():
+            raise APIError(503, "the server is starting: the model is loaded, its warm-up request is running")
 
     def in_flight(self, rid: str) -> bool:
         return rid in self._routes
@@ -237,13 +235,21 @@ class SchedulerClient:
     def in_flight_rids(self) -> list[str]:
         return list(self._routes)
 
-    def submit(self, requests: list[GenerateRequest]) -> RequestGroup:
-        """Queue one HTTP request's scheduler requests; rids must not be in flight already."""
-        self.check_available()
+    def submit(self, requests: list[GenerateRequest], log_metrics: bool = True, starting: bool = False
+               ) -> RequestGroup:
+        """Queue one HTTP request's scheduler requests; rids must not be in flight already.
+
+        log_metrics: False for the server's own requests (warm-up, /health_generate). starting: the
+        warm-up, which runs once the model is loaded, before the server reports ready.
+        """
+        if starting:
+            self.check_loaded()
+        else:
+            self.check_available()
         for r in requests:
             if r.rid in self._routes:
-                raise APIError(400, f"rid {r.rid!r} is already in use by a running request")
-        group = RequestGroup(self, requests)
+                raise APIError(400, f"rid {r.rid!r} is already in use by a running request", param="rid")
+        group = RequestGroup(self, requests, log_metrics)
         for i, r in enumerate(requests):
             self._routes[r.rid] = (group, i)
         try:
@@ -265,7 +271,7 @@ class SchedulerClient:
             logger.warning("could not send the abort of %s: the scheduler is not connected", rid)
 
     async def _ask(self, msg: GetStats | FlushCache, timeout: float) -> dict[str, Any]:
-        self.check_available()
+        self.check_loaded()
         waiter = asyncio.get_running_loop().create_future()
         self._send(msg)
         self._stats_waiters.append((isinstance(msg, GetStats), waiter))

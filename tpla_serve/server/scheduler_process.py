@@ -12,7 +12,9 @@ import dataclasses
 import logging
 import os
 import signal
+import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -40,6 +42,8 @@ from tpla_serve.server.messages import (
     decode,
     encode,
 )
+from tpla_serve.server.scheduler_timing import QueueTimes, Throughput
+from tpla_serve.server.watchdog import StepWatchdog
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000  # how often an idle scheduler checks that its front is still alive
@@ -57,7 +61,11 @@ class SchedulerProcess:
         self.inbox.connect(to_scheduler)
         self.outbox = self.ctx.socket(zmq.PUSH)
         self.outbox.connect(from_scheduler)
+        self.from_scheduler = from_scheduler
         self.front_pid = os.getppid()
+        self.queue_times = QueueTimes()
+        self.throughput = Throughput()
+        self.transfers: dict[str, tuple[int, float]] = {}  # rid -> its KV transfer (bytes, seconds), PD decode
         engine = config.engine
         self.parts = launch_rank0(engine)
         self.runner = self.parts.runner
@@ -66,12 +74,14 @@ class SchedulerProcess:
                 engine.resolved_tokenizer_path, engine.trust_remote_code
             )
             self.scheduler, self.pd = _build_scheduler_and_role(
-                config, self.parts, self.tokenizer, eos_token_ids(engine.model_path, self.tokenizer)
+                config, self.parts, self.tokenizer, eos_token_ids(engine.model_path, self.tokenizer),
+                self._record_transfer,
             )
         except BaseException:
             self.parts.close()
             raise
         self.text_in_logprobs: dict[str, bool] = {}
+        self.watchdog = StepWatchdog(config.watchdog_timeout, self._stuck)
 
     # ------------------------------------------------------------------ messages
 
@@ -91,10 +101,25 @@ class SchedulerProcess:
             "fingerprint": self.runner.model.fingerprint,
         }
 
+    def _record_transfer(self, rid: str, nbytes: int, seconds: float) -> None:
+        self.transfers[rid] = (nbytes, seconds)
+
+    def _stuck(self, message: str) -> None:
+        """The watchdog's verdict (on its thread): tell the front why, then end this process group."""
+        logger.error("%s", message)
+        sock = self.ctx.socket(zmq.PUSH)  # the outbox belongs to the loop's thread
+        sock.connect(self.from_scheduler)
+        sock.send(encode(RequestError("", 503, message)))
+        sock.close(linger=2000)
+        if os.getpgrp() == os.getpid():  # a server's scheduler leads its TP ranks' process group
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def stats(self) -> dict[str, Any]:
         data: dict[str, Any] = dataclasses.asdict(self.scheduler.stats())
         data["max_total_tokens"] = self.runner.max_total_tokens
         data["context_length"] = self.runner.context_length
+        data["gen_throughput"] = self.throughput.rate(time.monotonic(), self.scheduler.generated_tokens)
         if self.pd is not None:
             data.update(self.pd.stats())
         return data
@@ -142,6 +167,9 @@ class SchedulerProcess:
         except ServerBusy as e:
             self.send(RequestError(msg.rid, 503, str(e)))
             return
+        queued = self.scheduler.requests.get(msg.rid)
+        if queued is not None:
+            self.queue_times.track(queued)
         self.text_in_logprobs[msg.rid] = msg.return_text_in_logprobs
         self.publish(ready)
 
@@ -151,10 +179,14 @@ class SchedulerProcess:
                 continue
             text = self.text_in_logprobs.get(req.rid, False)
             out = request_output(req, self.tokenizer, text, streaming=not req.finished)
-            self.send(RequestOutput(req.rid, out, req.finished))
-            if req.finished:
-                self.text_in_logprobs.pop(req.rid, None)
-                self.scheduler.pop_finished(req.rid)
+            if not req.finished:
+                self.send(RequestOutput(req.rid, out, False, req.first_token_time))
+                continue
+            kv_bytes, kv_seconds = self.transfers.pop(req.rid, (0, 0.0))
+            self.send(RequestOutput(req.rid, out, True, req.first_token_time, self.queue_times.pop(req.rid),
+                                    kv_bytes, kv_seconds))
+            self.text_in_logprobs.pop(req.rid, None)
+            self.scheduler.pop_finished(req.rid)
 
     # ------------------------------------------------------------------ loop
 
@@ -178,15 +210,24 @@ class SchedulerProcess:
             elif not busy and os.getppid() != self.front_pid:
                 logger.info("the HTTP front is gone; the scheduler exits")
                 return
+            with self.watchdog.step():
+                self._run_once()
+
+    def _run_once(self) -> None:
+        """What one loop iteration computes: the PD side's events, then one scheduler step."""
+        if self.pd is not None:
+            self.publish(self.pd.poll())
+        if self.scheduler.has_work:
+            start = time.monotonic()
+            updated = self.scheduler.step()
+            self.queue_times.scheduled(start)
+            self.throughput.sample(time.monotonic(), self.scheduler.generated_tokens)
             if self.pd is not None:
-                self.publish(self.pd.poll())
-            if self.scheduler.has_work:
-                updated = self.scheduler.step()
-                if self.pd is not None:
-                    self.pd.after_step(updated)
-                self.publish(updated)
+                self.pd.after_step(updated)
+            self.publish(updated)
 
     def close(self) -> None:
+        self.watchdog.stop()
         if self.pd is not None:
             self.pd.close()
         self.parts.close()
@@ -196,7 +237,8 @@ class SchedulerProcess:
 
 
 def _build_scheduler_and_role(
-    config: ServerConfig, parts: RankParts, tokenizer: object | None, eos: set[int]
+    config: ServerConfig, parts: RankParts, tokenizer: object | None, eos: set[int],
+    on_transfer: Callable[[str, int, float], None],
 ) -> tuple[Scheduler, PDRole | None]:
     """The scheduler over rank 0's parts and, for one side of a PD pair, that side's role."""
     engine = config.engine
@@ -214,7 +256,8 @@ def _build_scheduler_and_role(
     scheduler = build_scheduler(parts, tokenizer, eos)
     if engine.disaggregation_mode == "decode":
         assert parts.kv_port is not None
-        return scheduler, DecodeRole(scheduler, parts.kv_port, parts.kv_endpoints, parts.tp, engine.speculative)
+        return scheduler, DecodeRole(scheduler, parts.kv_port, parts.kv_endpoints, parts.tp, engine.speculative,
+                                     on_transfer=on_transfer)
     return scheduler, None
 
 
