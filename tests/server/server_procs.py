@@ -61,6 +61,17 @@ def scheduler_pid(front_pid: int) -> int:
     raise LookupError(f"no scheduler process under pid {front_pid}")
 
 
+def tp_rank_pids(scheduler: int) -> list[int]:
+    """The scheduler's TP ranks > 0: its spawned children other than multiprocessing's resource tracker."""
+    ranks = []
+    for pid, ppid in _ppids().items():
+        if ppid == scheduler:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                ranks.append(pid)
+    return ranks
+
+
 def descendants(pid: int) -> set[int]:
     ppids = _ppids()
     found: set[int] = set()

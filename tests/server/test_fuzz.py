@@ -23,11 +23,14 @@ MAX_TOKENS = 4
 
 
 def _cap_lengths(body: Any) -> Any:
-    """Keep any generation short: the pass is about parsing and validation, not about long outputs."""
+    """Keep any generation short: the pass is about parsing and validation, not about long outputs. A chat
+    body without a length would run to the context's end, so it gets one."""
     if isinstance(body, dict):
         for key in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
             if isinstance(body.get(key), int) and body[key] > MAX_TOKENS:
                 body[key] = MAX_TOKENS
+        if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            body["max_tokens"] = MAX_TOKENS
         params = body.get("sampling_params")
         for p in params if isinstance(params, list) else [params]:
             _cap_lengths(p)

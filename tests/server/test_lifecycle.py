@@ -1,4 +1,5 @@
-"""Start-up and shutdown of a TP=2 server: /health only when ready, and no process left behind."""
+"""Start-up and shutdown of a TP=2 server: /health only once loaded and warmed up, a watchdog for stuck steps,
+and no process left behind."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from server_procs import ServerProcess, alive, descendants, scheduler_pid
+from server_procs import ServerProcess, alive, descendants, scheduler_pid, tp_rank_pids
 
 TPLA = ("--tp-size", "2", "--tpla-groups", "2")
+WATCHDOG_S = 10  # far above a step of the tiny model on a loaded CI machine
 
 
 def wait_gone(pids: set[int], timeout: float) -> set[int]:
@@ -35,11 +37,12 @@ def test_health_waits_for_the_model_and_sigterm_leaves_no_orphans(chat_model_dir
         answers.append(r.status_code)
         if r.status_code == 200:
             break
-        assert "loading" in r.json()["error"]["message"]
+        assert "starting" in r.json()["error"]["message"]
         assert server.client.post("/generate", json={"input_ids": [1]}).status_code == 503
         time.sleep(0.1)
     assert answers and answers[-1] == 200, answers
     assert set(answers[:-1]) <= {503}
+    assert server.stats()["generated_tokens"] >= 1  # the warm-up request ran before /health said 200
     body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4}}
     r = server.client.post("/generate", json=body)
     assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 4
@@ -52,8 +55,10 @@ def test_health_waits_for_the_model_and_sigterm_leaves_no_orphans(chat_model_dir
 
 @pytest.fixture(scope="module")
 def doomed(chat_model_dir) -> Iterator[list[ServerProcess]]:
-    """Servers for the tests that kill a process (TP=2, TP=1), started together to share the start-up time."""
-    servers = [ServerProcess(chat_model_dir, *args, api_key=None) for args in (TPLA, ())]
+    """Servers for the tests that kill or stop a process (TP=2; TP=1 without warm-up; TP=2 with a short
+    watchdog), started together to share the start-up time."""
+    flags = (TPLA, ("--skip-server-warmup",), (*TPLA, "--watchdog-timeout", str(WATCHDOG_S)))
+    servers = [ServerProcess(chat_model_dir, *args, api_key=None) for args in flags]
     try:
         for s in servers:
             s.wait_healthy()
@@ -69,6 +74,10 @@ def test_scheduler_and_ranks_exit_when_the_front_dies(doomed: list[ServerProcess
     assert len(tree) >= 2
     server.stop(signal.SIGKILL)
     assert not wait_gone(tree, 60), "processes left after the front was killed"
+
+
+def test_skip_server_warmup_reports_ready_without_generating(doomed: list[ServerProcess]) -> None:
+    assert doomed[1].stats()["generated_tokens"] == 0
 
 
 def test_a_dead_scheduler_fails_requests_and_stops_the_server(doomed: list[ServerProcess]) -> None:
@@ -89,3 +98,28 @@ def test_a_dead_scheduler_fails_requests_and_stops_the_server(doomed: list[Serve
     assert "scheduler" in result["r"].json()["error"]["message"]
     assert server.proc.wait(60) == 1
     assert not wait_gone(tree, 30), "processes left after the scheduler died"
+
+
+def test_a_stuck_step_trips_the_watchdog_and_stops_the_server(doomed: list[ServerProcess]) -> None:
+    """TP rank 1 stopped mid-decode: rank 0's step waits in a collective that never completes."""
+    server = doomed[2]
+    tree = descendants(server.proc.pid)
+    (rank,) = tp_rank_pids(scheduler_pid(server.proc.pid))
+    result: dict = {}
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+    worker = threading.Thread(target=lambda: result.update(r=server.client.post("/generate", json=body)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while server.stats()["num_running"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(rank, signal.SIGSTOP)
+        worker.join(120)
+        assert result["r"].status_code == 503, result["r"].text
+        assert "--watchdog-timeout" in result["r"].json()["error"]["message"]
+        assert server.proc.wait(60) == 1
+        assert not wait_gone(tree, 30), "processes left after the watchdog stopped the server"
+    finally:
+        if alive({rank}):
+            os.kill(rank, signal.SIGKILL)

@@ -107,10 +107,7 @@ class SchedulerProcess:
     def _stuck(self, message: str) -> None:
         """The watchdog's verdict (on its thread): tell the front why, then end this process group."""
         logger.error("%s", message)
-        sock = self.ctx.socket(zmq.PUSH)  # the outbox belongs to the loop's thread
-        sock.connect(self.from_scheduler)
-        sock.send(encode(RequestError("", 503, message)))
-        sock.close(linger=2000)
+        _tell_front(self.from_scheduler, RequestError("", 503, message))  # the outbox is the loop thread's
         if os.getpgrp() == os.getpid():  # a server's scheduler leads its TP ranks' process group
             os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -261,6 +258,16 @@ def _build_scheduler_and_role(
     return scheduler, None
 
 
+def _tell_front(from_scheduler: str, error: RequestError) -> None:
+    """Deliver one last message on a socket of its own, waiting (up to 2 s) until it has left."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(from_scheduler)
+    sock.send(encode(error))
+    sock.close(linger=2000)
+    ctx.term()
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)  # unwinds into close(): TP ranks are told to stop, nothing is orphaned
 
@@ -274,12 +281,7 @@ def run_scheduler_process(config: ServerConfig, to_scheduler: str, from_schedule
     try:
         proc = SchedulerProcess(config, to_scheduler, from_scheduler)
     except BaseException:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
-        sock.connect(from_scheduler)
-        sock.send(encode(RequestError("", 500, f"the scheduler failed to start:\n{traceback.format_exc()}")))
-        sock.close(linger=2000)
-        ctx.term()
+        _tell_front(from_scheduler, RequestError("", 500, f"the scheduler failed to start:\n{traceback.format_exc()}"))
         raise
     try:
         proc.run()
