@@ -30,6 +30,7 @@ from .routes import Access, RouteSpec
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN_GRACE_SECS = 5.0
+MODEL_CARD = "/v1/models/{model}"
 
 
 class RouterApp:
@@ -39,7 +40,10 @@ class RouterApp:
         self.config = config
         self.router = Router(config)
         self.routes = self._routes()
-        self._table = {(spec.method.encode(), spec.path): spec for spec in self.routes}
+        self._table = {(spec.method.encode(), spec.path): spec for spec in self.routes if not spec.path_params}
+        # Paths with a parameter in their last segment, matched by the prefix before it.
+        self._templates = [(spec.method.encode(), spec.path.rsplit("{", 1)[0], spec)
+                           for spec in self.routes if spec.path_params]
         self._methods: dict[str, list[str]] = {}
         for spec in self.routes:
             self._methods.setdefault(spec.path, []).append(spec.method)
@@ -64,6 +68,11 @@ class RouterApp:
                       "Every available worker's own /health_generate"),
             *(RouteSpec("GET", path, info.from_one_worker, "Model information from one available worker")
               for path in ("/v1/models", "/model_info", "/get_model_info")),
+            RouteSpec("GET", MODEL_CARD, info.from_one_worker, "One model's card, from one available worker",
+                      path_params=("model",)),
+            RouteSpec("POST", "/concate_and_append_request", info.concate_and_append,
+                      "Join forked states of an SGLang frontend program, on every worker",
+                      body_schema="ConcateAndAppendRequest"),
             *(RouteSpec("GET", path, info.server_info, "Each worker's server info, with the router's settings")
               for path in ("/server_info", "/get_server_info")),
             *(RouteSpec(method, "/flush_cache", info.flush_cache, "Flush every worker's prefix cache")
@@ -83,8 +92,17 @@ class RouterApp:
     async def _openapi_json(self, request: Request, out: ResponseWriter) -> Response:
         return Response(200, self._openapi)
 
-    async def handle(self, request: Request, out: ResponseWriter) -> Response | None:
+    def _route(self, request: Request) -> RouteSpec | None:
         spec = self._table.get((request.method, request.path))
+        if spec is not None:
+            return spec
+        for method, prefix, template in self._templates:
+            if request.method == method and request.path.startswith(prefix) and len(request.path) > len(prefix):
+                return template
+        return None
+
+    async def handle(self, request: Request, out: ResponseWriter) -> Response | None:
+        spec = self._route(request)
         if spec is None:
             return self._unrouted(request)
         refusal = self._refusal(request, spec)

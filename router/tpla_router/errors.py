@@ -1,4 +1,8 @@
-"""The router's one error shape, {"error": {"message", "code"[, "type"]}}, as SGLang servers answer."""
+"""The router's one error shape, {"error": {"message", "type", "param", "code"}}, as the servers answer.
+
+`type` is OpenAI's class of error unless a more specific one is known (kv_transfer_failed); `code` is the
+HTTP status, as SGLang answers it.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +22,16 @@ class RouterError(Exception):
         self.error_type = error_type
 
 
+def _default_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
 def error_body(status: int, message: str, error_type: str | None = None) -> bytes:
-    error: dict[str, object] = {"message": message, "code": status}
-    if error_type is not None:
-        error["type"] = error_type
+    error = {"message": message, "type": error_type or _default_type(status), "param": None, "code": status}
     # ASCII-escaped: a message quoting client input must never fail to encode.
     return json.dumps({"error": error}).encode()
 

@@ -36,13 +36,19 @@ def _outcome(worker: Worker, reply: Reply, key: str) -> dict[str, Any]:
     return entry
 
 
+def _client_error(reply: Reply) -> bool:
+    """A definitive 4xx about the request (not 408 or 429, which say to try again)."""
+    return reply.status is not None and 400 <= reply.status < 500 and reply.status not in (408, 429)
+
+
 class InfoHandlers:
     def __init__(self, router: Router) -> None:
         self._router = router
 
     async def _fan_out(self, workers: list[Worker], method: str, path: str,
-                       timeout_secs: float | None = None) -> list[Reply]:
-        return list(await asyncio.gather(*(self._router.fetch(w, method, path, timeout_secs) for w in workers)))
+                       timeout_secs: float | None = None, body: bytes = b"") -> list[Reply]:
+        return list(await asyncio.gather(*(self._router.fetch(w, method, path, timeout_secs, body)
+                                           for w in workers)))
 
     async def health(self, request: Request, out: ResponseWriter) -> Response:
         """Ready when at least one prefill and one decode worker can take traffic."""
@@ -63,15 +69,30 @@ class InfoHandlers:
         return _json(body, 200 if ok else 503)
 
     async def from_one_worker(self, request: Request, out: ResponseWriter) -> Response:
-        """Model-level facts are the same on every worker: ask decode workers first, then prefill."""
+        """Model-level facts are the same on every worker: ask decode workers first, then prefill. A worker's
+        answer that the request itself is wrong (a 4xx such as an unknown model's 404) is the answer."""
         candidates = [w for role in (Role.DECODE, Role.PREFILL) for w in self._router.pools[role] if w.available]
         last = "no available worker"
         for worker in candidates:
             reply = await self._router.fetch(worker, "GET", request.path)
-            if reply.ok:
-                return Response(200, reply.body, reply.content_type or b"application/json")
+            if reply.ok or _client_error(reply):
+                return Response(reply.status or 200, reply.body, reply.content_type or b"application/json")
             last = f"{worker.url}: {reply.error or f'HTTP {reply.status}'}"
         return error_response(503, f"no worker answered {request.path} ({last})")
+
+    async def concate_and_append(self, request: Request, out: ResponseWriter) -> Response:
+        """SGLang's frontend joins forked states here; every worker is told, as for /flush_cache."""
+        workers = list(self._router.workers())
+        replies = await self._fan_out(workers, "POST", request.path, body=request.body)
+        refused = next((r for r in replies if _client_error(r)), None)
+        if refused is not None:
+            return Response(refused.status or 400, refused.body, refused.content_type or b"application/json")
+        failed = [(w, r) for w, r in zip(workers, replies) if not r.ok]
+        if failed:
+            worker, reply = failed[0]
+            return error_response(502, f"worker {worker.url} failed {request.path}: "
+                                       f"{reply.error or f'HTTP {reply.status}'}")
+        return _json({"success": True, "workers": [_outcome(w, r, "response") for w, r in zip(workers, replies)]})
 
     async def server_info(self, request: Request, out: ResponseWriter) -> Response:
         """Each worker's own server info, grouped by role, beside the router's settings."""

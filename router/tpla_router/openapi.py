@@ -124,14 +124,20 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {"url": {"type": "string"}},
         "required": ["url"],
     },
+    "ConcateAndAppendRequest": {
+        "type": "object",
+        "properties": {"src_rids": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                       "dst_rid": {"type": "string"}},
+        "required": ["src_rids", "dst_rid"],
+    },
     "Error": {
         "type": "object",
         "properties": {
             "error": {
                 "type": "object",
-                "properties": {"message": {"type": "string"}, "code": {"type": "integer"},
-                               "type": {"type": "string"}},
-                "required": ["message"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"]}, "code": {"type": ["integer", "string"]}},
+                "required": ["message", "type", "code"],
             },
         },
         "required": ["error"],
@@ -159,12 +165,16 @@ def _version() -> str:
 
 
 def _operation(spec: RouteSpec) -> Schema:
-    op: Schema = {"summary": spec.summary, "operationId": f"{spec.method.lower()}{spec.path.replace('/', '_')}"}
+    op_id = spec.path.replace("/", "_").replace("{", "").replace("}", "")
+    op: Schema = {"summary": spec.summary, "operationId": f"{spec.method.lower()}{op_id}"}
     if spec.access is not Access.OPEN:
         op["security"] = [{"bearer": []}]
-    if spec.query:
-        op["parameters"] = [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                            for name in spec.query]
+    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in spec.path_params]
+    parameters += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                   for name in spec.query]
+    if parameters:
+        op["parameters"] = parameters
     responses: Schema = {"200": {"description": "success"}}
     if spec.body_schema is not None:
         op["requestBody"] = {"required": spec.access is not Access.ADMIN,

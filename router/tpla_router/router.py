@@ -102,11 +102,12 @@ class Router:
                 return worker
         raise RouterError(404, f"no worker {url}", "admin")
 
-    async def fetch(self, worker: Worker, method: str, path: str, timeout_secs: float | None = None) -> Reply:
+    async def fetch(self, worker: Worker, method: str, path: str, timeout_secs: float | None = None,
+                    body: bytes = b"") -> Reply:
         """One small request to a worker (info, admin fan-out), never raising."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout_secs or self.config.health_check_timeout_secs)
-        exchange = worker.upstream.send(method.encode(), path.encode(), (), deadline)
+        exchange = worker.upstream.send(method.encode(), path.encode(), (body,) if body else (), deadline)
         try:
             await exchange.ready
         except UpstreamError as e:

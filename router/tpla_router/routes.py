@@ -26,3 +26,4 @@ class RouteSpec:
     access: Access = Access.KEY
     body_schema: str | None = None  # name of the request-body schema in the OpenAPI document
     query: tuple[str, ...] = ()  # query parameters it reads
+    path_params: tuple[str, ...] = ()  # a parameter in the last path segment, as `/v1/models/{model}`

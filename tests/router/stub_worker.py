@@ -244,6 +244,15 @@ class Stub:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
 
+    async def model_card(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != "stub-model":
+            return web.json_response({"error": {"message": "no such model", "type": "invalid_request_error",
+                                                "param": "model", "code": "model_not_found"}}, status=404)
+        return web.json_response({"id": "stub-model", "object": "model"})
+
+    async def concate_and_append(self, request: web.Request) -> web.Response:
+        return web.json_response({"success": True})
+
     async def flush_cache(self, request: web.Request) -> web.Response:
         self.flushes += 1
         return web.Response(text="Cache flushed.")
@@ -304,6 +313,8 @@ class Stub:
         for path in ("/server_info", "/get_server_info"):
             r.add_get(path, self.server_info)
         r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model}", self.model_card)
+        r.add_post("/concate_and_append_request", self.concate_and_append)
         r.add_route("*", "/flush_cache", self.flush_cache)
         r.add_post("/abort_request", self.abort_request)
         r.add_get("/get_load", self.get_load)

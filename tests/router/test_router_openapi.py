@@ -61,13 +61,17 @@ def test_openapi_document_describes_every_route(http: httpx.Client, router: Rout
         schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert resolve(schema, components)["type"] == "object"
     # Every documented route is really served: none answers 404 or 405.
+    bodies = {"/generate": {"text": "hi"}, "/v1/completions": {"prompt": "hi"},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
+              "/concate_and_append_request": {"src_rids": ["a"], "dst_rid": "b"}}
     for method, path in sorted(served):
         if path in ADMIN:
             continue
-        body = {"text": "hi"} if path == "/generate" else {"prompt": "hi"} if path == "/v1/completions" else \
-            {"messages": [{"role": "user", "content": "hi"}]} if path in GENERATION else None
-        answer = http.request(method, router.url + path, json=body)
+        answer = http.request(method, router.url + path.replace("{model}", "stub-model"), json=bodies.get(path))
         assert answer.status_code < 400, (method, path, answer.status_code, answer.text[:200])
+    # A worker's 4xx about the request itself is the answer, not a failure to route around.
+    r = http.get(router.url + "/v1/models/no-such-model")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
 @dataclass(frozen=True)
