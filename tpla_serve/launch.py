@@ -11,6 +11,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tpla_serve.config import ServerConfig
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Spelled out here rather than taken from tpla_serve.config, which imports torch: the router and the
@@ -27,32 +31,41 @@ def _role_parser(*roles: str, formatter: type[argparse.HelpFormatter] = argparse
     return parser
 
 
-def _serve(role: str, argv: Sequence[str]) -> int:
-    from tpla_serve.flags import (
-        HelpFormatter,
-        add_engine_args,
-        add_server_args,
-        inapplicable_flags,
-        server_config_from_cli,
-    )
+def server_parser() -> argparse.ArgumentParser:
+    """The parser of `--role prefill|decode`: SGLang's launch_server flags."""
+    from tpla_serve.flags import HelpFormatter, add_engine_args, add_server_args
 
     parser = _role_parser("prefill", "decode", formatter=HelpFormatter)
     add_engine_args(parser)
     add_server_args(parser)
+    return parser
+
+
+def _checked_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's config, once everything a launch line can get wrong without starting has been checked."""
+    from tpla_serve.entrypoints.checkpoint import check_checkpoint
+    from tpla_serve.flags import server_config_from_cli
+    from tpla_serve.server.chat_template import resolve_chat_template
+
+    config = server_config_from_cli(args)
+    check_checkpoint(config.engine)
+    if config.chat_template is not None:
+        if config.engine.skip_tokenizer_init:
+            raise ValueError("--chat-template: a server started with --skip-tokenizer-init has no tokenizer to "
+                             "apply it with")
+        resolve_chat_template(config.chat_template)
+    return config
+
+
+def _serve(role: str, argv: Sequence[str]) -> int:
+    from tpla_serve.flags import inapplicable_flags
+
+    parser = server_parser()
     args = parser.parse_args(argv)
     if not any(a == "--disaggregation-mode" or a.startswith("--disaggregation-mode=") for a in argv):
         args.disaggregation_mode = role  # a prefill or decode server pairs unless told otherwise
     try:
-        config = server_config_from_cli(args)
-        from tpla_serve.entrypoints.checkpoint import check_checkpoint
-        from tpla_serve.server.chat_template import resolve_chat_template
-
-        check_checkpoint(config.engine)
-        if config.chat_template is not None:
-            if config.engine.skip_tokenizer_init:
-                raise ValueError("--chat-template: a server started with --skip-tokenizer-init has no tokenizer "
-                                 "to apply it with")
-            resolve_chat_template(config.chat_template)
+        config = _checked_config(args)
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=config.log_level.upper(), format=f"%(asctime)s {role} %(levelname)s %(name)s: "

@@ -14,8 +14,8 @@ def chat_model_dir(tiny_v3_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def server(chat_model_dir: Path) -> Iterator[ServerProcess]:
-    """One standalone server for the session, with an API key and a small body limit."""
-    proc = ServerProcess(chat_model_dir, "--max-body-bytes", str(MAX_BODY_BYTES))
+    """One standalone server for the session, with an API key, a small body limit and SGLang's metrics."""
+    proc = ServerProcess(chat_model_dir, "--max-body-bytes", str(MAX_BODY_BYTES), "--enable-metrics")
     try:
         proc.wait_healthy()
         yield proc

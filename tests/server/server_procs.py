@@ -92,6 +92,7 @@ class ServerProcess:
 
     def __init__(self, model_dir: Path, *extra: str, api_key: str | None = API_KEY) -> None:
         self.port = free_port()
+        self.model_dir = model_dir
         self.api_key = api_key
         args = [sys.executable, "-m", "tpla_serve.launch", "--role", "decode", "--disaggregation-mode", "null",
                 "--host", HOST,

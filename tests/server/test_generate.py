@@ -119,3 +119,23 @@ def test_integer_bootstrap_room_is_served_by_a_plain_server(server: ServerProces
                                               "bootstrap_room": room})
     assert r.status_code == 200, r.text
     same_output(r.json(), engine.generate(PROMPTS[0], GREEDY))
+
+
+def test_streamed_logprobs_come_as_increments_with_cumulative_lengths(server: ServerProcess, engine) -> None:
+    """SGLang's streamed meta_info: output logprobs new since the previous event, counts so far; together the
+    events carry exactly the logprobs of the answer."""
+    options = {"return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    ref = engine.generate(PROMPTS[0], GREEDY, **options)["meta_info"]
+    body = {"text": PROMPTS[0], "sampling_params": GREEDY, "stream": True, **options}
+    with server.client.stream("POST", "/generate", json=body) as r:
+        events = sse_events(r)[:-1]
+    assert len(events) > 1
+    seen = 0
+    for e in events:
+        meta = e["meta_info"]
+        assert meta["output_token_logprobs_length"] == meta["completion_tokens"] == len(e["output_ids"])
+        assert len(meta["output_token_logprobs"]) == len(meta["output_top_logprobs"]) == meta["completion_tokens"] - seen
+        seen = meta["completion_tokens"]
+    joined = [entry for e in events for entry in e["meta_info"]["output_token_logprobs"]]
+    assert [x[1:] for x in joined] == [x[1:] for x in ref["output_token_logprobs"]]
+    assert [x[0] for x in joined] == pytest.approx([x[0] for x in ref["output_token_logprobs"]], abs=1e-4)
