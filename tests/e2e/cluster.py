@@ -39,8 +39,8 @@ class Cluster:
             sys.executable, "-m", "tpla_serve.launch", "--role", "all", "--model-path", model_path,
             "--host", HOST, "--port", str(self.port), "--prefill-port", str(self.prefill_port),
             "--decode-port", str(self.decode_port), "--disaggregation-bootstrap-port", str(self.bootstrap_port),
-            "--prefill-args", "--kv-cache-bytes 67108864 --disaggregation-timeout 20",
-            "--decode-args", f"--kv-cache-bytes 67108864 --disaggregation-timeout 20 {decode_args}",
+            "--prefill-args", "--kv-cache-bytes 67108864 --disaggregation-timeout 20 --enable-metrics",
+            "--decode-args", f"--kv-cache-bytes 67108864 --disaggregation-timeout 20 --enable-metrics {decode_args}",
             "--log-level", "warning",
         ]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)

@@ -94,6 +94,8 @@ def test_sglang_router_binary_in_front_of_our_servers(cluster, tpla_engine):
     try:
         url = f"http://{HOST}:{port}"
         wait_healthy(url, proc, timeout=60)
+        # It names the model after our servers' served_model_name (from /get_server_info), not their path.
+        assert [m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]] == ["mla-tiny"]
         out = httpx.post(url + "/generate", json={"text": PROMPTS[0], "sampling_params": PARAMS}, timeout=120)
         assert out.status_code == 200, out.text
         assert out.json()["text"] == want
@@ -110,6 +112,9 @@ def test_sglang_router_binary_in_front_of_our_servers(cluster, tpla_engine):
         })
         assert chat.status_code == 200, chat.text
         assert chat.json()["usage"]["completion_tokens"] >= 1
+        wrong = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "gpt-4", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert wrong.status_code == 404 and "gpt-4" in wrong.json()["error"]["message"]
     finally:
         proc.terminate()
         proc.wait(30)

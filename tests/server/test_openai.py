@@ -1,4 +1,5 @@
-"""The official `openai` client against /v1: completions and chat, streamed or not, usage, logprobs, seed."""
+"""The official `openai` client against /v1: completions and chat, streamed or not, usage, logprobs, seed, echo;
+OpenAI's errors for unknown models, invalid roles and tools the server cannot parse."""
 
 from __future__ import annotations
 
@@ -122,3 +123,65 @@ def test_stop_string_ends_the_completion(client: openai.OpenAI, model: str, engi
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].text == ref["text"] == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
+
+
+def test_an_unknown_model_is_404_model_not_found(client: openai.OpenAI, model: str) -> None:
+    for call in (lambda: client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2),
+                 lambda: client.chat.completions.create(model="gpt-4", messages=MESSAGES, max_tokens=2),
+                 lambda: client.models.retrieve("gpt-4")):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.code == "model_not_found" and e.value.param == "model"
+        assert e.value.type == "invalid_request_error" and model in e.value.message
+    card = client.models.retrieve(model)
+    assert card.id == model and card.object == "model"
+
+
+def test_errors_have_openais_shape(server: ServerProcess) -> None:
+    r = server.client.post("/v1/completions", json={"model": "nope", "prompt": "a"})
+    assert r.status_code == 404
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = server.client.post("/v1/completions", json={"prompt": "a", "max_tokens": "many"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["code"] == 400
+
+
+@pytest.mark.parametrize("role", ["wizard", "", "USER"])
+def test_an_invalid_chat_role_is_400(client: openai.OpenAI, model: str, role: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[{"role": role, "content": "hi"}], max_tokens=2)
+    assert e.value.param == "messages[0].role" and "'user'" in e.value.message
+
+
+def test_tools_without_a_parser_are_refused(client: openai.OpenAI, model: str) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=MESSAGES, tools=tools, max_tokens=2)
+    assert e.value.param == "tools" and "--tool-call-parser" in e.value.message
+
+
+def test_echo_returns_the_prompt_and_its_logprobs(client: openai.OpenAI, model: str, engine) -> None:
+    ref = engine.generate(PROMPT, {"max_new_tokens": 4, "temperature": 0.0}, return_logprob=True,
+                          logprob_start_len=0, top_logprobs_num=1, return_text_in_logprobs=True)
+    meta = ref["meta_info"]
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text == PROMPT + ref["text"]
+    prompt_entries, output_entries = meta["input_token_logprobs"], meta["output_token_logprobs"]
+    assert choice.logprobs.tokens == [e[2] for e in prompt_entries + output_entries]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [e[0] for e in (prompt_entries + output_entries)[1:]], abs=1e-4)
+    offsets = choice.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[len(prompt_entries)] == len(PROMPT)
+    for token, offset in zip(choice.logprobs.tokens, offsets):  # each shown token sits where its text is
+        assert choice.text.startswith(token, offset) or token not in choice.text
+    assert r.usage.prompt_tokens == meta["prompt_tokens"]
+
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True)
+    assert plain.choices[0].text == PROMPT + ref["text"] and plain.choices[0].logprobs is None
+    streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == PROMPT + ref["text"]
+    scored = client.completions.create(model=model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=0)
+    assert scored.choices[0].text == PROMPT and len(scored.choices[0].logprobs.tokens) == meta["prompt_tokens"]

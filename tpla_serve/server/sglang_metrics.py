@@ -122,6 +122,14 @@ class SGLangMetrics:
                                              _KV_LATENCY_BUCKETS)
         self._prompt_total = 0
         self._cached_total = 0
+        # Every series exists from the start, at zero, so dashboards and rate() see them before traffic.
+        for metric in (self.aborted_requests, self.spec_verify_calls, self.inter_token_latency, self.queue_time,
+                       self.kv_transfer_speed, self.kv_transfer_latency):
+            metric.labels(**self.labels)
+        for metric in (self.prompt_tokens, self.generation_tokens, self.num_requests, self.time_to_first_token,
+                       self.time_per_output_token, self.e2e_latency):
+            for stream in (False, True):
+                metric.labels(**self._streaming(stream))
         registry.register(_StateCollector(self.labels, stats, self._cache_hit_rate))
 
     def _cache_hit_rate(self) -> float:
