@@ -33,26 +33,32 @@ class SGLangOption:
 
 
 SGLANG_OPTIONS: tuple[SGLangOption, ...] = (
-    SGLangOption("dp_size", 1, int, "data-parallel replicas of the model (only 1 here)", lambda v: v == 1,
-                 "data parallelism is not implemented: run one server per replica behind the router "
-                 "(--role router), which balances between them"),
-    SGLangOption("enable_dp_attention", False, bool, "data-parallel attention (not implemented here)",
-                 lambda v: not v,
-                 "DP attention is not implemented: TPLA splits the latent KV cache across the TP ranks instead "
-                 "(--tp-size with --tpla-groups)"),
-    SGLangOption("nnodes", 1, int, "number of nodes one server spans (only 1 here)", lambda v: v == 1, _MULTI_NODE),
-    SGLangOption("node_rank", 0, int, "this node's rank among --nnodes (only 0 here)", lambda v: v == 0, _MULTI_NODE),
-    SGLangOption("dist_init_addr", None, str, "host:port the nodes of a multi-node server meet at (not used here)",
-                 lambda v: v is None, _MULTI_NODE),
-    SGLangOption("disaggregation_transfer_backend", "zmq", str,
-                 "how KV moves from prefill to decode servers: zmq, this project's authenticated transport",
-                 lambda v: v == "zmq",
-                 "the KV transport here is tpla-serve's authenticated ZMQ transport (--disaggregation-transfer-"
-                 "backend zmq); mooncake, nixl and the others are not implemented"),
-    SGLangOption("speculative_eagle_topk", None, int, "drafts per step of a draft tree (only 1: one chain here)",
-                 lambda v: v in (None, 1),
-                 "tree drafting is not implemented: drafts form one chain (--speculative-eagle-topk 1), "
-                 "--speculative-num-steps of them per verification"),
+    SGLangOption(
+        "dp_size", 1, int, "data-parallel replicas of the model (only 1 here)", lambda v: v == 1,
+        "data parallelism is not implemented: run one server per replica behind the router (--role router), "
+        "which balances between them"),
+    SGLangOption(
+        "enable_dp_attention", False, bool, "data-parallel attention (not implemented here)", lambda v: not v,
+        "DP attention is not implemented: TPLA splits the latent KV cache across the TP ranks instead "
+        "(--tp-size with --tpla-groups)"),
+    SGLangOption(
+        "nnodes", 1, int, "number of nodes one server spans (only 1 here)", lambda v: v == 1, _MULTI_NODE),
+    SGLangOption(
+        "node_rank", 0, int, "this node's rank among --nnodes (only 0 here)", lambda v: v == 0, _MULTI_NODE),
+    SGLangOption(
+        "dist_init_addr", None, str, "host:port the nodes of a multi-node server meet at (not used here)",
+        lambda v: v is None, _MULTI_NODE),
+    SGLangOption(
+        "disaggregation_transfer_backend", "zmq", str,
+        "how KV moves from prefill to decode servers: zmq, this project's authenticated transport",
+        lambda v: v == "zmq",
+        "the KV transport here is tpla-serve's authenticated ZMQ transport "
+        "(--disaggregation-transfer-backend zmq); mooncake, nixl and the others are not implemented"),
+    SGLangOption(
+        "speculative_eagle_topk", None, int, "drafts per step of a draft tree (only 1: one chain here)",
+        lambda v: v in (None, 1),
+        "tree drafting is not implemented: drafts form one chain (--speculative-eagle-topk 1), "
+        "--speculative-num-steps of them per verification"),
 )
 SGLANG_OPTION_NAMES = frozenset(o.name for o in SGLANG_OPTIONS)
 
