@@ -22,6 +22,7 @@ TPLA_NORMS = ("exact", "local")
 TPLA_TRANSFORMS = ("none", "hadamard", "pca")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 SPECULATIVE_ALGORITHMS = ("none", "standard", "easyspec")
+GRAMMAR_BACKENDS = ("xgrammar", "none")
 # Where a server reads its disaggregation secret when --disaggregation-secret is not given.
 DISAGGREGATION_SECRET_ENV = "TPLA_DISAGGREGATION_SECRET"
 
@@ -83,6 +84,7 @@ class EngineConfig:
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4  # k: draft tokens proposed per verification step
     easyspec_group_size: int | None = None  # N: draft layers run at once across ranks (default min(T, 4))
+    grammar_backend: str = "xgrammar"  # compiles regex / json_schema / ebnf constraints; none refuses them
 
     def __post_init__(self) -> None:
         try:
@@ -113,6 +115,7 @@ class EngineConfig:
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         _check_choice("speculative_algorithm", self.speculative_algorithm, SPECULATIVE_ALGORITHMS)
+        _check_choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
         if self.speculative_algorithm != "none":
             if self.speculative_draft_model_path is None:
                 raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} needs --speculative-draft-model-path")
@@ -225,6 +228,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-num-draft-tokens", type=int, default=d.speculative_num_draft_tokens)
     g.add_argument("--easyspec-group-size", type=int, default=None,
                    help="draft layers run at once across TP ranks (default min(tp_size, 4))")
+    g.add_argument("--grammar-backend", default=d.grammar_backend, choices=GRAMMAR_BACKENDS,
+                   help="constrained decoding (regex, json_schema, ebnf, response_format); none refuses them")
 
 
 ROLES = ("prefill", "decode", "router", "all")

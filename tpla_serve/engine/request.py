@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tpla_serve.engine.detokenizer import StopChecker
+from tpla_serve.grammar.matcher import RequestGrammar
 from tpla_serve.sampling.logprobs import TokenLogprobs, token_logprobs
 from tpla_serve.sampling.params import SamplingParams
 
@@ -105,6 +106,11 @@ class Request:
     spec_verify_ct: int = 0
     spec_num_proposed_drafts: int = 0
     spec_num_correct_drafts: int = 0
+
+    @property
+    def grammar(self) -> RequestGrammar | None:
+        """A constrained request's matcher (its stop checker advances it); None when unconstrained."""
+        return self.checker.grammar
 
     @property
     def all_ids(self) -> list[int]:

@@ -29,6 +29,7 @@ from tpla_serve.engine.request import Request, RequestLimits, RequestSpec, Reque
 from tpla_serve.engine.request_memory import RequestMemory
 from tpla_serve.engine.stats import SchedulerStats
 from tpla_serve.engine.step_launch import Launched, PromptKVForward, StepLauncher
+from tpla_serve.grammar.backend import GrammarBackend, request_grammar
 from tpla_serve.sampling.sampler import resolve_seed
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Scheduler:
     """Rank 0's continuous batching over one model runner.
 
     spec: decodes verified blocks instead of single tokens (speculative decoding). prompt_kv: runs the
-    prompt chunks of a PD prefill server, streaming their KV.
+    prompt chunks of a PD prefill server, streaming their KV. grammar: compiles requests' constraints.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class Scheduler:
         eos_token_ids: set[int] | None = None,
         spec: BlockDecoder | None = None,
         prompt_kv: PromptKVForward | None = None,
+        grammar: GrammarBackend | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -68,6 +70,7 @@ class Scheduler:
         self.vocab_size = runner.model_config.vocab_size
         self.eos_token_ids = set(eos_token_ids or ())
         self.spec = spec
+        self.grammar = grammar
         self.launcher = StepLauncher(runner, self.vocab_size, self.eos_token_ids, spec, prompt_kv)
         self.table = runner.table
         self.memory = RequestMemory(self.allocator, self.table, self.page_size)
@@ -118,7 +121,7 @@ class Scheduler:
             rid=rid,
             prompt_ids=list(spec.input_ids),
             params=params,
-            checker=StopChecker(params, detok, self.eos_token_ids),
+            checker=StopChecker(params, detok, self.eos_token_ids, request_grammar(self.grammar, params)),
             return_logprob=spec.return_logprob,
             logprob_start_len=spec.logprob_start_len,
             top_logprobs_num=spec.top_logprobs_num,
@@ -237,7 +240,7 @@ class Scheduler:
                 if self.pending is not None and any(r.params.has_penalties for r in decode):
                     self._read_pending()  # penalties count a request's tokens on the host
                     decode = [r for r in decode if not r.finished]
-                launched = self.launcher.decode(decode)
+                launched = self.launcher.decode(decode, read_pending=self._read_pending)
                 self._read_pending()
                 if self.overlap:
                     self.pending = launched
