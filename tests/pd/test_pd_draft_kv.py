@@ -107,7 +107,7 @@ def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None
     # Started from the streamed KV, the request speculates exactly as one the decode prefilled itself.
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     req = sched.new_request(RequestSpec(PROMPT, params, rid="pd"))
-    sched.add_prefilled(req, pages, first, None, draft_kv=True)
+    sched.add_prefilled(req, pages, first, draft_kv=True)
     assert req.draft_computed == n
     local = sched.add_request(RequestSpec(PROMPT, params, rid="local"))
     while sched.has_work:
@@ -126,7 +126,7 @@ def test_without_draft_kv_the_request_prefills_its_draft_on_the_decode(runners) 
     sched = build_scheduler(decode, None, None)
     pages = sched.allocator.alloc(-(-len(PROMPT) // PAGE))
     req = sched.new_request(RequestSpec(PROMPT, SamplingParams(temperature=0, max_new_tokens=2), rid="x"))
-    sched.add_prefilled(req, pages, 7, None, draft_kv=False)
+    sched.add_prefilled(req, pages, 7, draft_kv=False)
     assert req.draft_computed == 0
     sched.abort("x")
     assert sched.allocator.num_used == 0

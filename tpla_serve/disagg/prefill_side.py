@@ -3,7 +3,7 @@
 A request with a bootstrap room runs its prompt as usual; every layer's new KV rows go to the room right
 after the layer writes them (LayerKVStreamer), so bytes move while the next layers compute; when the
 prefill was given a draft model, the draft's layers follow. Once the first token is sampled, DONE closes
-the room, and the request ends on the prefill (its answer carries the prompt logprobs the router merges).
+the room with the logprobs the decode's answer reports (pd_logprobs.py), and the request ends here.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpla_serve.disagg.pd_logprobs import check_top_logprobs, prompt_to_wire, top_to_wire
 from tpla_serve.disagg.role import Bootstrap
 from tpla_serve.disagg.sender import KVSender
 from tpla_serve.engine.model_runner import NO_SLOTS, ModelRunner
 from tpla_serve.engine.request import Request, RequestSpec
+from tpla_serve.sampling.logprobs import TokenLogprobs
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.speculative.draft import DraftModel
@@ -87,6 +89,8 @@ class PrefillRole:
         if params.max_new_tokens == 0:
             room = None
         else:
+            if spec.return_logprob:  # DONE carries them
+                check_top_logprobs(spec.top_logprobs_num, len(spec.input_ids), spec.logprob_start_len)
             params = dataclasses.replace(params, max_new_tokens=1, min_new_tokens=min(params.min_new_tokens, 1))
         req = self.scheduler.add_request(dataclasses.replace(spec, params=params), bootstrap_room=room)
         if room is not None:
@@ -100,12 +104,24 @@ class PrefillRole:
             if room is None:
                 continue
             if req.output_ids:
-                lp = req.output_logprobs.values[0] if req.output_logprobs else None
-                self.sender.send_done(room, req.output_ids[0], lp)
+                self._send_done(room, req)
                 del self.rooms[req.rid]
             elif req.finished:
                 self.sender.abort(room, f"the prefill request ended: {req.finish_reason}")
                 del self.rooms[req.rid]
+
+    def _send_done(self, room: int, req: Request) -> None:
+        """DONE with the first token and, when asked for, its logprobs and the prompt's; those now travel
+        with the decode's answer, so this request's own answer reports none of the prompt's."""
+        if not req.return_logprob:
+            self.sender.send_done(room, req.output_ids[0])
+            return
+        out = req.output_logprobs
+        prompt = None
+        if req.logprob_start_len >= 0:
+            prompt = prompt_to_wire(req.input_logprobs, req.logprob_start_len)
+            req.input_logprobs = TokenLogprobs()
+        self.sender.send_done(room, req.output_ids[0], out.values[0], prompt, top_to_wire(out, 0))
 
     def poll(self) -> list[Request]:
         """A room that failed while its prompt still runs (decode gone, layout mismatch) ends it."""

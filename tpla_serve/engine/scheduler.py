@@ -135,10 +135,10 @@ class Scheduler:
         req: Request,
         pages: list[int],
         first_token: int,
-        first_logprob: float | None,
         draft_kv: bool = False,
     ) -> None:
-        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode).
+        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode). The
+        caller has recorded the first token's logprobs, when the request asked for logprobs.
 
         draft_kv: the prompt's draft KV arrived too (every rank that keeps a draft has it), so the first
         speculative step calibrates from the first token instead of prefilling the draft over the prompt.
@@ -157,8 +157,6 @@ class Scheduler:
         self.prompt_tokens += len(req.prompt_ids)
         self.running.append(req)
         self.table.set_token(req.slot, first_token)
-        if req.return_logprob:
-            req.output_logprobs.append(first_token, first_logprob)
         self._append_token(req, first_token, time.monotonic())
 
     def reserve(self, req: Request, num_tokens: int) -> list[int] | None:

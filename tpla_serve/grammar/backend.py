@@ -46,7 +46,6 @@ class GrammarBackend:
         vocab_size: int,
         eos_token_ids: Collection[int],
         cache_size: int = DEFAULT_CACHE_SIZE,
-        any_whitespace: bool = True,
     ) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
@@ -57,7 +56,6 @@ class GrammarBackend:
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._cache: OrderedDict[GrammarKey, xgr.CompiledGrammar] = OrderedDict()
         self.cache_size = cache_size
-        self.any_whitespace = any_whitespace  # JSON may have any whitespace between tokens (SGLang's default)
         self.vocab_size = vocab_size
         self.hits = 0
         self.misses = 0
@@ -94,7 +92,7 @@ class GrammarBackend:
                 json.loads(source)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"json_schema: not valid JSON: {e}") from None
-            return compiler.compile_json_schema(source, any_whitespace=self.any_whitespace)
+            return compiler.compile_json_schema(source, any_whitespace=True)  # SGLang's default
         except RuntimeError as e:  # how xgrammar reports a grammar it cannot parse or convert
             raise GrammarError(f"{field}: {_reason(e)}") from None
 

@@ -233,8 +233,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     front.client.check_available()
     if body.tools:
         raise APIError(400, "tools: tool calling is not supported by this server")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format: {body.response_format.type} is not supported by this server")
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true")
     prompt = _chat_prompt(front, body)
