@@ -350,9 +350,8 @@ _KINDS = MappingProxyType(
         ),
         Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens"}), 2, _layer_kv),
         Tag.DONE: _Kind(
-            frozenset(
-                {"room", "first_token_id", "first_token_logprob", "first_token_top_k", "prompt_logprobs", "draft_kv"}
-            ),
+            frozenset({"room", "first_token_id", "first_token_logprob", "first_token_top_k", "prompt_logprobs"}
+                      | {"draft_kv"}),
             None,
             _done,
         ),

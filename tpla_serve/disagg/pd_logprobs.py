@@ -27,8 +27,8 @@ def check_top_logprobs(
     frame = prompt_positions * top_logprobs_num * 4
     if max_frame_bytes is not None and frame > max_frame_bytes:
         raise ValueError(
-            f"top_logprobs_num: {top_logprobs_num} over {prompt_positions} prompt positions is a {frame}-byte "
-            f"frame, past this decode server's {max_frame_bytes}: ask for fewer or a later logprob_start_len"
+            f"top_logprobs_num: {top_logprobs_num} over {prompt_positions} prompt positions is a {frame}-byte"
+            f" frame, past this decode server's {max_frame_bytes}: ask for fewer or a later logprob_start_len"
         )
 
 

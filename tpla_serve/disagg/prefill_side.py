@@ -20,9 +20,9 @@ from tpla_serve.disagg.role import Bootstrap
 from tpla_serve.disagg.sender import KVSender
 from tpla_serve.engine.model_runner import NO_SLOTS, ModelRunner
 from tpla_serve.engine.request import Request, RequestSpec
-from tpla_serve.sampling.logprobs import TokenLogprobs
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.sampling.logprobs import TokenLogprobs
 from tpla_serve.speculative.draft import DraftModel
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ A grammar matcher (tpla_serve.grammar) says which tokens may come next as a bitm
 int32 words, bit b of word w allowing token 32·w + b. Only the constrained rows of a batch carry one, so
 a batch where few requests have a grammar pays only for those; a forbidden token's logit becomes -inf
 before temperature, truncation and logprobs, as SGLang applies its vocab mask. Unpacking is plain torch
-(shifts and a masked fill), so it runs on any device without a host sync.
+(byte-wise shifts and a masked fill, one byte per token in between), so it runs on any device without a
+host sync.
 """
 
 from __future__ import annotations
@@ -40,14 +41,19 @@ class TokenBitmask:
         bits = host_bits.to(device, non_blocking=device.type == "cuda" and host_bits.is_pinned())
         return cls(host_to_device(rows, torch.int64, device), bits)
 
+    def _bits_per_token(self, vocab_size: int) -> torch.Tensor:
+        """[R, V] uint8, 1 where the row's grammar allows the token. Bytes of an int32 word are read in
+        little-endian order (every platform torch runs on): byte k of word w holds tokens 32·w + 8·k ..."""
+        shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
+        unpacked = (self.bits.view(torch.uint8).unsqueeze(-1) >> shifts) & 1
+        return unpacked.view(self.bits.shape[0], -1)[:, :vocab_size]
+
     def allowed(self, vocab_size: int) -> torch.Tensor:
         """[R, V] bool: True where the row's grammar allows the token."""
-        shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=self.bits.device)
-        unpacked = (self.bits.unsqueeze(-1) >> shifts) & 1
-        return unpacked.view(self.bits.shape[0], -1)[:, :vocab_size].bool()
+        return self._bits_per_token(vocab_size).bool()
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set the forbidden tokens' logits of the masked rows of `logits` [B, V] to -inf, in place."""
         sub = logits.index_select(0, self.rows)
-        sub.masked_fill_(~self.allowed(logits.shape[1]), float("-inf"))
+        sub.masked_fill_(self._bits_per_token(logits.shape[1]) == 0, float("-inf"))
         logits.index_copy_(0, self.rows, sub)
