@@ -1,6 +1,6 @@
 """What constrained decoding costs: offline tokens/s with and without a grammar, and its host work per token.
 
-    python benchmarks/bench_grammar.py [--model-path DIR] [--new-tokens 64] [--num-prompts 16]
+    python benchmarks/bench_grammar.py [--model-path DIR] [--new-tokens 64] [--num-prompts 16] [--device cuda]
 
 Throughput: the bundled model, greedy, every request producing exactly --new-tokens tokens (a regex that
 never ends, EOS held back by min_new_tokens), at batch 1 and 16, overlap scheduling on and off; runs
@@ -98,18 +98,22 @@ def host_costs(info: xgr.TokenizerInfo, label: str, rows: list[str], steps: int 
         print(rows[-1], flush=True)
 
 
-def apply_cost(vocab: int, batch: int) -> float:
-    """ms to mask [batch, vocab] fp32 logits with a bitmask over every row, on the CPU."""
-    logits = torch.randn(batch, vocab)
-    bits = torch.randint(-(2**31), 2**31 - 1, (batch, -(-vocab // 32)), dtype=torch.int32)
+def apply_cost(vocab: int, batch: int, device: torch.device) -> float:
+    """ms to mask [batch, vocab] fp32 logits with a bitmask over every row (best of 10)."""
     from tpla_serve.sampling.bitmask import TokenBitmask
 
-    mask = TokenBitmask.to_device(list(range(batch)), bits, torch.device("cpu"))
+    logits = torch.randn(batch, vocab, device=device)
+    bits = torch.randint(-(2**31), 2**31 - 1, (batch, -(-vocab // 32)), dtype=torch.int32)
+    mask = TokenBitmask.to_device(list(range(batch)), bits, device)
     best = float("inf")
     for _ in range(10):
         target = logits.clone()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         mask.apply(target)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best * 1e3
 
@@ -121,7 +125,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     from tpla_serve import Engine
 
     config = json.loads((Path(args.model_path) / "config.json").read_text())
@@ -135,9 +141,8 @@ def main() -> None:
     ]
     tput = ["| batch | overlap | unconstrained tok/s | regex tok/s | ratio |", "|---|---|---|---|---|"]
     for overlap in (True, False):
-        with Engine(
-            model_path=args.model_path, dtype="float32", device="cpu", disable_overlap_schedule=not overlap
-        ) as engine:
+        plain = {"disable_overlap_schedule": not overlap}
+        with Engine(model_path=args.model_path, dtype="float32", device=args.device, **plain) as engine:
             for batch in (1, 16):
                 runs = [
                     (
@@ -168,7 +173,7 @@ def main() -> None:
     host_costs(synthetic_info(129280), "synthetic", host)
     apply = ["| batch | vocabulary | apply ms |", "|---|---|---|"]
     for batch, vocab in ((16, 4096), (16, 129280), (256, 129280)):
-        apply.append(f"| {batch} | {vocab} | {apply_cost(vocab, batch):.2f} |")
+        apply.append(f"| {batch} | {vocab} | {apply_cost(vocab, batch, device):.3f} |")
         print(apply[-1], flush=True)
 
     body = (
@@ -180,10 +185,11 @@ def main() -> None:
         + "\n\nHost work per constrained request and token (a matcher walking random allowed tokens, 200 "
         "steps at most), and grammar compilation without the cache (a cached grammar is a dict lookup):\n\n"
         + "\n".join(host)
-        + "\n\nThe bitmask applied to fp32 logits on the CPU (torch: unpack the bits, masked_fill), every "
-        "row constrained:\n\n" + "\n".join(apply)
+        + f"\n\nThe bitmask applied to fp32 logits on {args.device} (torch: unpack the bits, masked_fill), "
+        "every row constrained:\n\n" + "\n".join(apply)
     )
-    print(write_result("grammar", "Constrained decoding: throughput and host cost", body))
+    name = "grammar" if device.type == "cpu" else f"grammar_{device.type}"
+    print(write_result(name, "Constrained decoding: throughput and host cost", body))
 
 
 if __name__ == "__main__":

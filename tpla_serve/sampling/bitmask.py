@@ -42,8 +42,8 @@ class TokenBitmask:
         return cls(host_to_device(rows, torch.int64, device), bits)
 
     def _bits_per_token(self, vocab_size: int) -> torch.Tensor:
-        """[R, V] uint8, 1 where the row's grammar allows the token. Bytes of an int32 word are read in
-        little-endian order (every platform torch runs on): byte k of word w holds tokens 32·w + 8·k ..."""
+        """[R, V] uint8, 1 where the row's grammar allows the token. The int32 words are read as bytes in
+        little-endian order, as x86-64, Arm and GPUs store them: byte k of word w holds tokens 32·w + 8·k ..."""
         shifts = torch.arange(8, dtype=torch.uint8, device=self.bits.device)
         unpacked = (self.bits.view(torch.uint8).unsqueeze(-1) >> shifts) & 1
         return unpacked.view(self.bits.shape[0], -1)[:, :vocab_size]
