@@ -151,6 +151,7 @@ def test_abort_of_a_request_reading_a_cached_prefix_keeps_the_prefix(engine_v3):
     engine_v3.abort(reqs[0].rid)
     while sched.has_work:
         sched.step()
+    sched.pop_finished(reqs[0].rid)
     assert sched.cache.num_pages >= cached and sched.cache.evictable_pages == sched.cache.num_pages
     assert sched.stats().pages_used == 0
 
@@ -172,3 +173,16 @@ def test_speculative_engine_reads_the_drafts_cached_prefix_too():
             cached = [o["meta_info"]["cached_tokens"] for o in outs]
             assert all(c > 0 for c in cached) != disable
     assert runs[False] == runs[True]
+
+
+def test_requests_arriving_together_compute_their_shared_prefix_once(engine_v3):
+    """The first computes the shared 64 tokens; the others wait for them instead of computing them too."""
+    engine_v3.flush_cache()
+    shared = [(5 * i) % 200 + 2 for i in range(64)]
+    prompts = [shared + [i + 2, i + 3, i + 4] for i in range(4)]
+    params = {"max_new_tokens": 3, "temperature": 0}
+    outs = engine_v3.generate(input_ids=prompts, sampling_params=params)
+    assert [o["meta_info"]["cached_tokens"] for o in outs] == [0, 64, 64, 64]
+    engine_v3.flush_cache()
+    alone = [engine_v3.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts[1:]]
+    assert [o["output_ids"] for o in outs[1:]] == alone

@@ -48,11 +48,12 @@ class RequestMemory:
         req.tree_pages = set(match.pages)
         req.num_computed = req.cached_tokens = match.num_pages * self.page_size
 
-    def cache_prompt(self, req: Request) -> None:
-        """The request's prompt is computed: its full prompt pages join the tree (and it locks their node)."""
+    def cache_prompt(self, req: Request, num_tokens: int) -> None:
+        """The first num_tokens of the request's prompt are computed: their whole pages join the tree (and
+        the request locks their node)."""
         if self.cache is None:
             return
-        node, adopted = self.cache.insert(req.prompt_ids, req.pages)
+        node, adopted = self.cache.insert(req.prompt_ids[:num_tokens], req.pages)
         self.cache.lock(node)
         if req.prefix_node is not None:
             self.cache.unlock(req.prefix_node)

@@ -32,6 +32,9 @@ from tpla_serve.engine.step_launch import Launched, PromptKVForward, StepLaunche
 
 logger = logging.getLogger(__name__)
 
+# A queued request waits for a prefilling one that computes at least this many of its next prompt tokens.
+MIN_SHARED_TOKENS = 32
+
 
 class ServerFull(RuntimeError):
     """Every request slot is taken: the caller keeps the request until one frees."""
@@ -220,9 +223,9 @@ class Scheduler:
         extend = self._schedule_extend()
         if extend:
             done, launched = self.launcher.extend(extend)
-            for req, n in extend:
-                if req.num_computed - n < len(req.prompt_ids) <= req.num_computed:
-                    self.memory.cache_prompt(req)  # its prompt's pages are computed: later prompts share them
+            for req, n in extend:  # computed prompt pages join the prefix cache, chunk by chunk
+                if req.num_computed - n < len(req.prompt_ids):
+                    self.memory.cache_prompt(req, min(req.num_computed, len(req.prompt_ids)))
             for req in done:
                 self._finish(req, req.checker.finish_reason)
             self._updated.extend(done)
@@ -262,13 +265,17 @@ class Scheduler:
                 return chosen  # finish what is started before admitting more
             chosen.append((req, n))
             budget -= n
+        deferred: list[Request] = []
         while self.waiting and budget > 0 and self.table.num_free > 0:
             req = self.waiting[0]
             self.memory.match_prefix(req)
+            if self._prefix_being_computed(req):
+                self._unadmit(req)  # waits for the shared prefix instead of computing it a second time
+                deferred.append(self.waiting.popleft())
+                continue
             n = min(req.total_len - req.num_computed, budget)
             if not self.memory.grow(req, req.num_computed + n):
-                self.memory.release(req)  # stays queued until pages return, its cached prefix unlocked
-                req.num_computed = 0
+                self._unadmit(req)  # stays queued until pages return
                 break
             self.memory.take_slot(req)
             if req.num_retractions == 0:  # a retracted request's prompt was counted when it first ran
@@ -279,7 +286,28 @@ class Scheduler:
             self.prefilling.append(req)
             chosen.append((req, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return chosen
+
+    def _prefix_being_computed(self, req: Request) -> bool:
+        """Whether a request now prefilling is computing at least MIN_SHARED_TOKENS of req's prompt just past
+        what the cache holds: req then waits, and takes those tokens from the cache a step or two later (as
+        SGLang's in-batch prefix check does)."""
+        if self.cache is None:
+            return False
+        start, tokens = req.num_computed, req.prompt_ids
+        for other in self.prefilling:
+            theirs = other.prompt_ids
+            end = min(len(tokens) - 1, len(theirs), start + MIN_SHARED_TOKENS)
+            computing = end - start == MIN_SHARED_TOKENS and other.num_computed < end
+            if computing and tokens[start:end] == theirs[start:end]:
+                return True
+        return False
+
+    def _unadmit(self, req: Request) -> None:
+        """Undo match_prefix and any pages taken for a request that stays queued."""
+        self.memory.release(req)
+        req.num_computed = 0
 
     @staticmethod
     def _is_decoding(req: Request) -> bool:
