@@ -22,7 +22,6 @@ policy, with fresh prefill caches; hit rate = cached / all prompt tokens on the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal

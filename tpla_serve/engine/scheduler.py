@@ -99,7 +99,9 @@ class Scheduler:
         req.bootstrap_room = bootstrap_room
         self.requests[req.rid] = req
         self.prompt_tokens += len(req.prompt_ids)
-        if req.checker.finished and not req.wants_prompt_logprobs:  # max_new_tokens == 0: nothing to run
+        # max_new_tokens == 0: nothing to sample; with the prefix cache, the prompt is still computed so that
+        # later prompts find it (the SGLang frontend caches a fork's or select's prefix this way)
+        if req.checker.finished and not req.wants_prompt_logprobs and self.cache is None:
             self._finish(req, req.checker.finish_reason)
         else:
             self.waiting.append(req)
