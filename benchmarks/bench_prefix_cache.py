@@ -22,6 +22,7 @@ policy, with fresh prefill caches; hit rate = cached / all prompt tokens on the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -128,6 +129,7 @@ def engine_part(args: argparse.Namespace) -> str:
               "dtype": args.dtype, "skip_tokenizer_init": True}
     if args.device == "cpu":
         common["kv_cache_bytes"] = 1 << 30
+    common.update(json.loads(args.engine_args))
     results: dict[tuple[str, bool], Measured] = {}
     for repeat in range(args.repeats):
         for cache in (False, True) if repeat % 2 == 0 else (True, False):
@@ -274,6 +276,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine-args", default="{}", help="more Engine keyword arguments, as JSON")
     parser.add_argument("--tag", default="cpu", help="names the result file: prefix_cache_<tag>_<date>.md")
     parser.add_argument("--router", action="store_true", help="also measure the router's hit rates")
     parser.add_argument("--router-only", action="store_true")
