@@ -168,6 +168,11 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids) + self.inflight
 
     @property
+    def is_decoding(self) -> bool:
+        """A request decodes once the KV of everything but its newest sampled token is cached."""
+        return bool(self.output_ids or self.inflight) and self.num_computed == self.total_len - 1
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 

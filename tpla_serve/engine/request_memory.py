@@ -14,6 +14,9 @@ from tpla_serve.cache.radix_cache import RadixCache
 from tpla_serve.engine.request import Request
 from tpla_serve.engine.request_table import RequestTable
 
+# A queued request waits for a prefilling one that computes at least this many of its next prompt tokens.
+MIN_SHARED_TOKENS = 32
+
 
 class RequestMemory:
     def __init__(
@@ -48,6 +51,21 @@ class RequestMemory:
         req.tree_pages = set(match.pages)
         req.num_computed = req.cached_tokens = match.num_pages * self.page_size
 
+    def prefix_being_computed(self, req: Request, prefilling: list[Request]) -> bool:
+        """Whether a request now prefilling computes at least MIN_SHARED_TOKENS of req's prompt just past what
+        the cache holds: req then waits, and takes those tokens from the cache a step or two later (as
+        SGLang's in-batch prefix check does)."""
+        if self.cache is None:
+            return False
+        start, tokens = req.num_computed, req.prompt_ids
+        for other in prefilling:
+            theirs = other.prompt_ids
+            end = min(len(tokens) - 1, len(theirs), start + MIN_SHARED_TOKENS)
+            computing = end - start == MIN_SHARED_TOKENS and other.num_computed < end
+            if computing and tokens[start:end] == theirs[start:end]:
+                return True
+        return False
+
     def cache_prompt(self, req: Request, num_tokens: int) -> None:
         """The first num_tokens of the request's prompt are computed: their whole pages join the tree (and
         the request locks their node)."""
@@ -72,6 +90,13 @@ class RequestMemory:
             self.table.set_pages(req.slot, len(req.pages), pages)
         req.pages.extend(pages)
         return True
+
+    def trim(self, req: Request, num_tokens: int) -> None:
+        """Free the request's whole pages past num_tokens (a verified block's rejected positions)."""
+        keep = -(-num_tokens // self.page_size)
+        if len(req.pages) > keep:
+            self.allocator.free(req.pages[keep:])
+            del req.pages[keep:]
 
     def take_slot(self, req: Request) -> bool:
         """A table row for a request that starts running, holding its pages so far and its newest token (a
@@ -102,3 +127,10 @@ class RequestMemory:
         if req.slot is not None:
             self.table.release(req.slot)
             req.slot = None
+
+    def unadmit(self, req: Request) -> None:
+        """Release a request that goes back to the queue (deferred, short of pages, or retracted): it
+        recomputes from nothing, or from the cached prefix, when it is admitted again."""
+        self.release(req)
+        req.num_computed = 0
+        req.draft_computed = 0

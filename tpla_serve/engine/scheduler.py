@@ -32,9 +32,6 @@ from tpla_serve.engine.step_launch import Launched, PromptKVForward, StepLaunche
 
 logger = logging.getLogger(__name__)
 
-# A queued request waits for a prefilling one that computes at least this many of its next prompt tokens.
-MIN_SHARED_TOKENS = 32
-
 
 class ServerFull(RuntimeError):
     """Every request slot is taken: the caller keeps the request until one frees."""
@@ -259,7 +256,7 @@ class Scheduler:
         chosen: list[tuple[Request, int]] = []
         self.prefilling = [
             r for r in self.prefilling
-            if r.status is RequestStatus.RUNNING and r.num_computed < r.total_len and not self._is_decoding(r)
+            if r.status is RequestStatus.RUNNING and r.num_computed < r.total_len and not r.is_decoding
         ]
         for req in self.prefilling:
             n = min(req.total_len - req.num_computed, budget)
@@ -271,13 +268,13 @@ class Scheduler:
         while self.waiting and budget > 0 and self.table.num_free > 0:
             req = self.waiting[0]
             self.memory.match_prefix(req)
-            if self._prefix_being_computed(req):
-                self._unadmit(req)  # waits for the shared prefix instead of computing it a second time
+            if self.memory.prefix_being_computed(req, self.prefilling):
+                self.memory.unadmit(req)  # waits for the shared prefix instead of computing it a second time
                 deferred.append(self.waiting.popleft())
                 continue
             n = min(req.total_len - req.num_computed, budget)
             if not self.memory.grow(req, req.num_computed + n):
-                self._unadmit(req)  # stays queued until pages return
+                self.memory.unadmit(req)  # stays queued until pages return
                 break
             self.memory.take_slot(req)
             if req.num_retractions == 0:  # a retracted request's prompt was counted when it first ran
@@ -290,31 +287,6 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         return chosen
-
-    def _prefix_being_computed(self, req: Request) -> bool:
-        """Whether a request now prefilling is computing at least MIN_SHARED_TOKENS of req's prompt just past
-        what the cache holds: req then waits, and takes those tokens from the cache a step or two later (as
-        SGLang's in-batch prefix check does)."""
-        if self.cache is None:
-            return False
-        start, tokens = req.num_computed, req.prompt_ids
-        for other in self.prefilling:
-            theirs = other.prompt_ids
-            end = min(len(tokens) - 1, len(theirs), start + MIN_SHARED_TOKENS)
-            computing = end - start == MIN_SHARED_TOKENS and other.num_computed < end
-            if computing and tokens[start:end] == theirs[start:end]:
-                return True
-        return False
-
-    def _unadmit(self, req: Request) -> None:
-        """Undo match_prefix and any pages taken for a request that stays queued."""
-        self.memory.release(req)
-        req.num_computed = 0
-
-    @staticmethod
-    def _is_decoding(req: Request) -> bool:
-        """A request decodes once the KV of everything but its newest sampled token is cached."""
-        return bool(req.output_ids or req.inflight) and req.num_computed == req.total_len - 1
 
     def _num_drafts(self, req: Request) -> int:
         """Draft tokens a request proposes this step: k, fewer near its max_new_tokens (a block emits at
@@ -353,9 +325,7 @@ class Scheduler:
 
     def _retract(self, req: Request) -> None:
         logger.info("KV pool full: retracting request %s (%d tokens) to recompute later", req.rid, req.seq_len)
-        self.memory.release(req)
-        req.num_computed = 0
-        req.draft_computed = 0
+        self.memory.unadmit(req)
         req.status = RequestStatus.WAITING
         req.num_retractions += 1
         self.num_retractions += 1
@@ -397,10 +367,7 @@ class Scheduler:
             req.num_computed += 1 + res.num_accepted  # the last token and the accepted drafts
             self._append_block(req, res, now)
             if not req.finished:
-                keep = -(-req.seq_len // self.page_size)
-                if len(req.pages) > keep:
-                    self.allocator.free(req.pages[keep:])
-                    del req.pages[keep:]
+                self.memory.trim(req, req.seq_len)
 
     def _append_block(self, req: Request, res: BlockResult, now: float) -> None:
         """Emit a block's tokens in order until the request finishes; nothing past a stop is emitted."""
