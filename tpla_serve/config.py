@@ -79,6 +79,7 @@ class EngineConfig:
     disaggregation_secret: str | None = field(default=None, repr=False)  # authenticates KV peers; never logged
     disable_cuda_graph: bool = False  # GPU: run decode steps eagerly instead of replaying captured graphs
     disable_overlap_schedule: bool = False  # read each decode step's tokens before building the next
+    disable_radix_cache: bool = False  # recompute every prompt instead of reusing cached prefixes
     cuda_graph_max_bs: int = 256  # GPU: the largest decode batch captured in a CUDA graph
     speculative_algorithm: str = "none"  # none | standard | easyspec
     speculative_draft_model_path: str | None = None
@@ -215,6 +216,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="run prompt tokens through TPLA too instead of exact MLA (for accuracy comparisons)",
     )
     g.add_argument("--disable-cuda-graph", action="store_true", help="GPU: run decode steps eagerly")
+    g.add_argument("--disable-radix-cache", action="store_true",
+                   help="recompute every prompt instead of reusing the KV of cached prefixes")
     g.add_argument("--disable-overlap-schedule", action="store_true",
                    help="read each decode step's tokens before building the next, instead of while it runs")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)

@@ -174,7 +174,7 @@ def test_meta_info_and_stats_count_blocks(spec):
 
 def test_pages_return_to_baseline_after_aborts(spec):
     sched = spec.scheduler
-    base = sched.allocator.num_used
+    base = sched.stats().pages_used
     params = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 48, "ignore_eos": True}
     reqs, _ = spec.add_requests(PROMPTS * 3, [dict(params, sampling_seed=i) for i in range(24)])
     for step in range(12):
@@ -186,7 +186,7 @@ def test_pages_return_to_baseline_after_aborts(spec):
         sched.step()
     for req in reqs:
         sched.pop_finished(req.rid)
-    assert sched.allocator.num_used == base
+    assert sched.stats().pages_used == base
     assert any(r.finish_reason["type"] == "abort" for r in reqs)
     assert any(r.finish_reason["type"] == "length" for r in reqs)
 
@@ -201,5 +201,5 @@ def test_retraction_keeps_outputs_and_pages():
     with Engine(**args, speculative_algorithm="standard", speculative_draft_model_path=DRAFT) as engine:
         got = engine.generate(PROMPTS, params)
         assert engine.scheduler.num_retractions > 0
-        assert engine.scheduler.allocator.num_used == 0
+        assert engine.scheduler.stats().pages_used == 0
     assert _ids(got) == _ids(want)

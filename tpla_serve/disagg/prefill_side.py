@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.disagg.pd_logprobs import check_top_logprobs, prompt_to_wire, top_to_wire
 from tpla_serve.disagg.role import Bootstrap
 from tpla_serve.disagg.sender import KVSender
@@ -30,19 +31,32 @@ logger = logging.getLogger(__name__)
 
 class LayerKVStreamer:
     """A LayerKVSink that sends each room's rows of every layer as it is written (draft: the layers are
-    the draft model's)."""
+    the draft model's, in `pool`). A room whose prompt starts with a cached prefix gets that prefix's rows,
+    read from the pool, before the layer's new rows (each layer's tokens go out in order)."""
 
-    def __init__(self, sender: KVSender, entries: list[BatchEntry], draft: bool = False) -> None:
+    def __init__(
+        self, sender: KVSender, entries: list[BatchEntry], pool: LatentKVPool, draft: bool = False
+    ) -> None:
         self.sender = sender
+        self.pool = pool
         self.draft = draft
         self.rows: list[tuple[int, int, int, int]] = []  # (room, first row, end row, token_start)
+        self.cached: list[tuple[int, torch.Tensor, int]] = []  # (room, prefix slots, token_start)
+        page = pool.page_size
         row = 0
         for e in entries:
             if e.kv_room is not None:
                 self.rows.append((e.kv_room, row, row + len(e.new_token_ids), e.prefix_len))
+                if e.kv_start is not None and e.kv_start < e.prefix_len:
+                    slots = [e.pages[t // page] * page + t % page for t in range(e.kv_start, e.prefix_len)]
+                    slots_t = torch.tensor(slots, dtype=torch.int64, device=pool.ckv[0].device)
+                    self.cached.append((e.kv_room, slots_t, e.kv_start))
             row += len(e.new_token_ids)
 
     def on_layer(self, layer: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        for room, slots, start in self.cached:
+            prefix_ckv, prefix_kpe = self.pool.read(layer, slots)
+            self.sender.send_layer(room, layer, prefix_ckv, prefix_kpe, start, draft=self.draft)
         for room, r0, r1, start in self.rows:
             self.sender.send_layer(
                 room, layer, ckv[r0:r1].contiguous(), kpe[r0:r1].contiguous(), start, draft=self.draft
@@ -51,8 +65,8 @@ class LayerKVStreamer:
 
 class PromptKVStream:
     """The scheduler's PromptKVForward on a prefill server: runs prompt chunks, streaming the KV of those
-    with a room; with a draft model, then the draft's exact forward over the same chunks (a decode's draft
-    starts at the prompt's end)."""
+    with a room; with a draft model, then the draft's exact forward over every chunk, streamed for those
+    with a room (a decode's draft starts at the prompt's end; a cached prefix needs the draft's KV too)."""
 
     def __init__(self, runner: ModelRunner, sender: KVSender, draft: DraftModel | None) -> None:
         self.runner = runner
@@ -61,13 +75,12 @@ class PromptKVStream:
 
     def forward(self, entries: list[BatchEntry], sample_slots: np.ndarray = NO_SLOTS) -> torch.Tensor:
         rooms = [e for e in entries if e.kv_room is not None]
-        sink = LayerKVStreamer(self.sender, entries) if rooms else None
+        sink = LayerKVStreamer(self.sender, entries, self.runner.kv_pool) if rooms else None
         logits = self.runner.forward(ForwardMode.EXTEND, entries, kv_sink=sink, sample_slots=sample_slots)
-        if not rooms:
-            return logits
-        if self.draft is not None:
-            rooms = [dataclasses.replace(e, logits_for_all=False) for e in rooms]
-            self.draft.forward_local(ForwardMode.EXTEND, rooms, kv_sink=LayerKVStreamer(self.sender, rooms, draft=True))
+        if self.draft is not None:  # every chunk: a cached prefix must hold the draft's KV as well
+            chunks = [dataclasses.replace(e, logits_for_all=False) for e in entries]
+            sink = LayerKVStreamer(self.sender, chunks, self.draft.kv_pool, draft=True) if rooms else None
+            self.draft.forward_local(ForwardMode.EXTEND, chunks, kv_sink=sink)
         return logits
 
 

@@ -66,7 +66,11 @@ class StepLauncher:
         for req, n in chosen:
             ids = req.tokens_from(req.num_computed)[:n]
             entries.append(
-                BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
+                BatchEntry(
+                    ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room,
+                    # a room's first chunk after a cache hit streams the cached prefix too
+                    0 if req.cached_tokens and req.num_computed == req.cached_tokens else None,
+                )
             )
         completes = [req.num_computed + n == req.total_len and not req.checker.finished for req, n in chosen]
         sample_slots = np.array([req.slot for (req, _), c in zip(chosen, completes) if c], dtype=np.int64)
@@ -118,7 +122,9 @@ class StepLauncher:
             req.inflight += 1
         return Launched(reqs, SampledTokens(out))
 
-    def _sampling_batch(self, reqs: list[Request], device: torch.device) -> tuple[SamplingBatch, list[int] | None]:
+    def _sampling_batch(
+        self, reqs: list[Request], device: torch.device
+    ) -> tuple[SamplingBatch, list[int] | None]:
         """The step's SamplingBatch, and each row's top-logprobs count when any row wants logprobs.
 
         A decode batch of the same requests as the last one (the steady state) reuses the last batch with

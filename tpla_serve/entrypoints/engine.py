@@ -165,6 +165,10 @@ class Engine:
         """Abort a queued or running request; its pages return to the pool."""
         return self.scheduler.abort(rid) is not None
 
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache (as SGLang's Engine.flush_cache); False while requests run or wait."""
+        return self.scheduler.flush_cache()[0]
+
     def shutdown(self) -> None:
         """Stop the TP ranks and free the engine's memory."""
         self.parts.close()
