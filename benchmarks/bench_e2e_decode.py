@@ -41,7 +41,7 @@ def measure(engine: Engine, context: int, batch: int, steps: int) -> tuple[float
         req = sched.new_request(RequestSpec([1] * context, params, rid=f"bench-{context}-{i}"))
         pages = sched.allocator.alloc(-(-(context + steps + 4) // page))
         assert pages is not None, "the batch does not fit the KV pool"
-        sched.add_prefilled(req, pages, first_token=1, first_logprob=None)
+        sched.add_prefilled(req, pages, first_token=1)
         reqs.append(req)
     for _ in range(2):  # warm-up: kernel compilation, allocator
         sched.step()

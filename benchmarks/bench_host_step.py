@@ -128,7 +128,7 @@ def measure(engine, context: int, batch: int, steps: int) -> dict[str, float]:  
         req = _new_request(sched, [1] * context, params, f"h-{context}-{i}")
         pages = sched.allocator.alloc(-(-(context + steps + 8) // page))
         assert pages is not None, "the batch does not fit the KV pool"
-        sched.add_prefilled(req, pages, first_token=1, first_logprob=None)
+        sched.add_prefilled(req, pages, first_token=1)
         reqs.append(req)
     model = engine.runner.model
     owner = _sampler_owner(sched)

@@ -17,7 +17,7 @@ MAX_LINES = 400
 
 # docs/DESIGN.md §6, bottom to top: a package imports only from its own floor or below.
 FLOORS = [
-    {"config", "flags", "sglang_options", "forward_batch", "net", "cache", "sampling", "tpla"},
+    {"config", "flags", "sglang_options", "forward_batch", "net", "cache", "sampling", "grammar", "tpla"},
     {"layers", "models"},
     {"distributed", "disagg"},
     {"engine"},

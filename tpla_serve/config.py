@@ -26,6 +26,7 @@ QUANTIZATIONS = ("fp8",)  # block-FP8 checkpoints (DeepSeek-V3, Kimi-K2), dequan
 REASONING_PARSERS = ("deepseek-r1",)
 TOOL_CALL_PARSERS = ("deepseekv3",)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+GRAMMAR_BACKENDS = ("xgrammar", "none")
 # Where a server reads its disaggregation secret when --disaggregation-secret is not given.
 DISAGGREGATION_SECRET_ENV = "TPLA_DISAGGREGATION_SECRET"
 
@@ -85,11 +86,13 @@ class EngineConfig:
     disaggregation_secret: str | None = field(default=None, repr=False)  # authenticates KV peers; never logged
     disable_cuda_graph: bool = False  # GPU: run decode steps eagerly instead of replaying captured graphs
     disable_overlap_schedule: bool = False  # read each decode step's tokens before building the next
+    disable_radix_cache: bool = False  # recompute every prompt instead of reusing cached prefixes
     cuda_graph_max_bs: int = 256  # GPU: the largest decode batch captured in a CUDA graph
     speculative_algorithm: str = "none"  # none | standard | easyspec
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4  # k: draft tokens proposed per verification step
     easyspec_group_size: int | None = None  # N: draft layers run at once across ranks (default min(T, 4))
+    grammar_backend: str = "xgrammar"  # compiles regex / json_schema / ebnf constraints; none refuses them
 
     def __post_init__(self) -> None:
         try:
@@ -126,6 +129,7 @@ class EngineConfig:
         if self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         _check_choice("speculative_algorithm", self.speculative_algorithm, SPECULATIVE_ALGORITHMS)
+        _check_choice("grammar_backend", self.grammar_backend, GRAMMAR_BACKENDS)
         if self.speculative_algorithm != "none":
             if self.speculative_draft_model_path is None:
                 raise ValueError(f"--speculative-algorithm {self.speculative_algorithm} needs --speculative-draft-model-path")

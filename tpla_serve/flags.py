@@ -17,6 +17,7 @@ from tpla_serve.config import (
     ATTENTION_BACKENDS,
     DISAGGREGATION_MODES,
     DISAGGREGATION_SECRET_ENV,
+    GRAMMAR_BACKENDS,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     LOG_LEVELS,
@@ -117,6 +118,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     a("--disable-cuda-graph", action="store_true", help="GPU: run decode steps eagerly")
     a("--disable-overlap-schedule", action="store_true",
       help="read each decode step's tokens before building the next, instead of while it runs")
+    a("--disable-radix-cache", action="store_true",
+      help="recompute every prompt instead of reusing the KV of cached prefixes")
     a("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs,
       help="GPU: the largest decode batch captured in a CUDA graph")
     a("--speculative-algorithm", default=d.speculative_algorithm, choices=SPECULATIVE_ALGORITHMS,
@@ -133,6 +136,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
       help="SGLang's name of the drafts proposed per verification step (default: unset)")
     a("--easyspec-group-size", type=int, default=None,
       help="draft layers run at once across TP ranks (default: min(tp_size, 4))")
+    a("--grammar-backend", default=d.grammar_backend, choices=GRAMMAR_BACKENDS,
+      help="constrained decoding (regex, json_schema, ebnf, response_format); none refuses them")
     _add_sglang_options(g)
 
 

@@ -120,6 +120,7 @@ class BatchEntry:
     pages: list[int]
     logits_for_all: bool = False  # True: logits of every new token (prompt logprobs, verification)
     kv_room: int | None = None  # PD prefill: stream these tokens' KV to this bootstrap room
+    kv_start: int | None = None  # PD prefill: stream from this token (< prefix_len: a cached prefix first)
 
 
 def build_forward_batch(

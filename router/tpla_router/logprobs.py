@@ -1,8 +1,11 @@
-"""Prompt logprobs come from the prefill server; the router prepends them to the decode server's.
+"""Prompt logprobs come from the prefill server; the router prepends them to the decode server's, as
+SGLang's router does.
 
-The decode server never sees the prompt's logits, so its `meta_info.input_token_logprobs` holds only
-what it computed itself (usually nothing). Batch responses are lists, and streamed batch events carry
-an `index`; items are matched by position / index.
+A decode server never sees the prompt's logits, so an SGLang decode's `meta_info.input_token_logprobs`
+holds only what it computed itself (usually nothing). A tpla-serve prefill sends them to its decode with
+the KV instead (DESIGN §4) and answers with none: the merge then adds nothing, and SGLang's router, which
+merges the same way, gives the same answer. Batch responses are lists, and streamed batch events carry an
+`index`; items are matched by position / index.
 """
 
 from __future__ import annotations

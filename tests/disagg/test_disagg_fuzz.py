@@ -23,6 +23,7 @@ from tpla_serve.disagg import (
     PromptLogprobs,
     ProtocolError,
     Register,
+    TopLogprobs,
     decode,
     encode,
 )
@@ -113,8 +114,9 @@ def messages(draw: st.DrawFn) -> Register | LayerKV | Done | Abort:
         m, k = draw(st.integers(0, 3)), draw(st.integers(0, 2))
         lp = PromptLogprobs(draw(st.integers(0, 100)), torch.zeros(m), torch.zeros(m, k) if k else None,
                             torch.zeros(m, k, dtype=torch.int32) if k else None)
+        top = TopLogprobs(torch.zeros(k + 1), torch.zeros(k + 1, dtype=torch.int32))
         return Done(room, draw(st.integers(0, 2**31 - 1)), draw(st.none() | st.floats(-100, 0)),
-                    draw(st.none() | st.just(lp)), draw(st.booleans()))
+                    draw(st.none() | st.just(lp)), draw(st.booleans()), draw(st.none() | st.just(top)))
     return Abort(room, draw(st.text(max_size=64)))
 
 
@@ -130,9 +132,14 @@ def test_valid_messages_round_trip(msg: Register | LayerKV | Done | Abort) -> No
         assert isinstance(got, LayerKV) and bytes(got.ckv) == bytes(memoryview(msg.ckv))
         assert (got.room, got.layer, got.token_start, got.n_tokens) == (msg.room, msg.layer, msg.token_start,
                                                                         msg.n_tokens)
-    elif isinstance(msg, Done) and msg.prompt_logprobs is not None:
-        assert isinstance(got, Done) and got.prompt_logprobs is not None
-        assert torch.equal(got.prompt_logprobs.logprobs, msg.prompt_logprobs.logprobs)
+    elif isinstance(msg, Done) and (msg.prompt_logprobs is not None or msg.first_token_top is not None):
+        assert isinstance(got, Done) and (got.room, got.first_token_id) == (msg.room, msg.first_token_id)
+        if msg.prompt_logprobs is not None:
+            assert got.prompt_logprobs is not None
+            assert torch.equal(got.prompt_logprobs.logprobs, msg.prompt_logprobs.logprobs)
+        if msg.first_token_top is not None:
+            assert got.first_token_top is not None
+            assert torch.equal(got.first_token_top.ids, msg.first_token_top.ids)
     else:
         assert got == msg
 

@@ -16,6 +16,7 @@ from tpla_serve.disagg import (
     PromptLogprobs,
     ProtocolError,
     Register,
+    TopLogprobs,
     bootstrap_endpoint,
     check_endpoint,
     decode,
@@ -119,6 +120,14 @@ def test_done_and_abort_round_trip() -> None:
     plain = decode(_bytes(encode(Done(room=9, first_token_id=0), KEY)))
     assert plain == Done(room=9, first_token_id=0, first_token_logprob=None, prompt_logprobs=None, draft_kv=False)
     assert decode(_bytes(encode(Done(room=9, first_token_id=0, draft_kv=True), KEY))).draft_kv is True
+    top = TopLogprobs(torch.tensor([-0.1, -2.5]), torch.tensor([42, 7], dtype=torch.int32))
+    for prompt in (None, lp):  # the first token's top-k frames follow the prompt's, if any
+        done = Done(room=9, first_token_id=42, prompt_logprobs=prompt, first_token_top=top)
+        got = decode(_bytes(encode(done, KEY)))
+        assert isinstance(got, Done) and got.first_token_top is not None
+        assert torch.equal(got.first_token_top.logprobs, top.logprobs)
+        assert torch.equal(got.first_token_top.ids, top.ids)
+        assert (got.prompt_logprobs is None) == (prompt is None)
     assert decode(_bytes(encode(Abort(room=0, message="why"), KEY))) == Abort(room=0, message="why")
 
 

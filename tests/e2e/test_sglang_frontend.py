@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import httpx
 import pytest
 import sglang as sgl
 
@@ -87,3 +90,30 @@ def test_multi_turn_chat(backend):
     state = chat.run(question="How do I reverse a list?", backend=backend)
     assert isinstance(state["answer"], str) and isinstance(state["answer2"], str)
     assert len(state.messages()) == 5
+
+
+def _prefill_cached_tokens(cluster, at_least: int = 0) -> int:
+    """The prefill server's cached prompt tokens, once they reach at_least (within 30 s): the router answers
+    a request for no new tokens without waiting for the prefill to have run it."""
+    deadline = time.monotonic() + 30
+    while True:
+        cached = httpx.get(cluster.prefill_url + "/server_info").json()["internal_states"][0]["cached_prompt_tokens"]
+        if cached >= at_least or time.monotonic() > deadline:
+            return cached
+        time.sleep(0.05)
+
+
+def test_fork_and_select_take_the_shared_prefix_from_the_prefill_cache(cluster, backend, tpla_engine):
+    """fork's branches and select's choices all start with the program's text so far: the prefill server
+    computes it once (branches arriving together wait for the first) and the others read it from the cache."""
+    prompt = ('def parse_config(path):\n    """Read a file of key = value lines into a dict, skipping blank lines '
+              'and comments that start with a hash sign."""\n    result = {}\n')
+    pages = len(tpla_engine.tokenizer.encode(prompt)) // 16  # whole 16-token pages (the CPU page size)
+    assert pages >= 2
+    before = _prefill_cached_tokens(cluster)
+    branches.run(prompt=prompt, backend=backend)
+    forked = _prefill_cached_tokens(cluster, before + pages * 16)
+    assert forked - before >= pages * 16  # the second branch
+    choose.run(prompt=prompt + "    for line in open(path):\n        ", backend=backend)
+    # every choice and the prefix select caches first
+    assert _prefill_cached_tokens(cluster, forked + 4 * pages * 16) - forked >= 4 * pages * 16

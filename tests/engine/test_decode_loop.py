@@ -31,9 +31,25 @@ def _check_table(sched: Scheduler) -> None:
         assert table.pages[req.slot, : len(req.pages)].tolist() == req.pages, req.rid
         if req.inflight == 0 and (req.output_ids or req.num_computed == req.total_len - 1):
             assert int(table.tokens[req.slot]) == req.last_token, req.rid
-    used = {p for r in sched.running for p in r.pages}
-    assert len(used) == sum(len(r.pages) for r in sched.running)  # no page in two requests
-    assert sched.allocator.num_used == len(used)
+    owned = [set(r.pages) - r.tree_pages for r in sched.running]
+    used = set().union(*owned)
+    assert len(used) == sum(map(len, owned))  # no page owned by two requests
+    tree = _tree_pages(sched)
+    assert not used & tree and all(r.tree_pages <= tree for r in sched.running)
+    assert sched.allocator.num_used == len(used | tree)
+
+
+def _tree_pages(sched: Scheduler) -> set[int]:
+    """Every page the prefix cache holds, walked from its root."""
+    if sched.cache is None:
+        return set()
+    pages, todo = [], [sched.cache.root]
+    while todo:
+        node = todo.pop()
+        pages.extend(node.pages)
+        todo.extend(node.children.values())
+    assert len(pages) == len(set(pages)) == sched.cache.num_pages
+    return set(pages)
 
 
 def _reserved(sched: Scheduler) -> int:
@@ -64,7 +80,8 @@ def test_device_table_equals_the_allocators_pages_through_growth_retraction_and_
                 engine.abort(rid)
         _check_table(sched)
     assert sched.num_retractions > 0, "the pool was meant to run short"
-    assert sched.allocator.num_free == sched.allocator.num_usable
+    assert sched.allocator.num_used == sched.cache.num_pages  # only the prefix cache holds pages
+    assert sched.flush_cache()[0] and sched.allocator.num_free == sched.allocator.num_usable
     assert sched.runner.table.num_free == sched.runner.table.max_slots
     assert all(r.finished for r in reqs)
 
@@ -106,7 +123,7 @@ def test_overlap_produces_exactly_the_tokens_of_the_plain_loop(tiny_v3_dir, samp
         logprobs = [o["meta_info"]["output_token_logprobs"] for o in results]
         outs[overlap, "logprobs"] = [[lp[0] for lp in x] for x in logprobs]
         assert all(len(x) == len(o["output_ids"]) for x, o in zip(logprobs, results))
-        assert engine.scheduler.allocator.num_used == 0 and engine.scheduler.pending is None
+        assert engine.scheduler.stats().pages_used == 0 and engine.scheduler.pending is None
     assert outs[True] == outs[False]
     torch.testing.assert_close(torch.tensor(sum(outs[True, "logprobs"], [])),
                                torch.tensor(sum(outs[False, "logprobs"], [])))

@@ -107,7 +107,7 @@ def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None
     # Started from the streamed KV, the request speculates exactly as one the decode prefilled itself.
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     req = sched.new_request(RequestSpec(PROMPT, params, rid="pd"))
-    sched.add_prefilled(req, pages, first, None, draft_kv=True)
+    sched.add_prefilled(req, pages, first, draft_kv=True)
     assert req.draft_computed == n
     local = sched.add_request(RequestSpec(PROMPT, params, rid="local"))
     while sched.has_work:
@@ -118,7 +118,7 @@ def test_streamed_draft_kv_equals_the_decodes_own_draft_prefill(runners) -> None
         local.spec_num_proposed_drafts,
         local.spec_num_correct_drafts,
     )
-    assert sched.allocator.num_used == 0
+    assert sched.stats().pages_used == 0
 
 
 def test_without_draft_kv_the_request_prefills_its_draft_on_the_decode(runners) -> None:
@@ -126,7 +126,60 @@ def test_without_draft_kv_the_request_prefills_its_draft_on_the_decode(runners) 
     sched = build_scheduler(decode, None, None)
     pages = sched.allocator.alloc(-(-len(PROMPT) // PAGE))
     req = sched.new_request(RequestSpec(PROMPT, SamplingParams(temperature=0, max_new_tokens=2), rid="x"))
-    sched.add_prefilled(req, pages, 7, None, draft_kv=False)
+    sched.add_prefilled(req, pages, 7, draft_kv=False)
     assert req.draft_computed == 0
     sched.abort("x")
-    assert sched.allocator.num_used == 0
+    assert sched.stats().pages_used == 0
+
+
+def test_a_cached_prefix_streams_bit_for_bit_as_a_computed_one(runners) -> None:
+    """A prefill whose prompt starts with cached pages streams those pages' rows (read from its pools)
+    and then the rows it computes over them: the decode holds, target and draft, exactly what a prefill of
+    the whole prompt over the same chunks sends."""
+    prefill, sender, stream, decode = runners
+    assert decode.kv_port is not None and decode.draft is not None
+    sched = build_scheduler(decode, None, None)
+    shared = 16  # four pages of PROMPT
+    other = PROMPT[:shared] + [(11 * i) % 3000 + 5 for i in range(9)]
+    n = len(other)
+    allocator = prefill.runner.allocator
+    earlier = allocator.alloc(-(-len(PROMPT) // PAGE))  # an earlier request computed PROMPT's pages
+    stream.forward([BatchEntry(PROMPT[:shared], 0, earlier)])
+    stream.forward([BatchEntry(PROMPT[shared:], shared, earlier)])
+
+    rooms = {"cached": 2001, "computed": 2002}
+    decode_pages = {}
+    for name, room in rooms.items():
+        decode_pages[name] = sched.allocator.alloc(-(-n // PAGE))
+        decode.kv_port.expect(room, n, decode_pages[name], "127.0.0.1", None)
+        decode.kv_port.receiver.send_register(room, decode.kv_endpoints)
+    deadline = time.monotonic() + 10
+    while sender.stats().rooms_registered < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sender.stats().rooms_registered == 2
+
+    hit = earlier[: shared // PAGE] + allocator.alloc(-(-n // PAGE) - shared // PAGE)
+    stream.forward([BatchEntry(other[shared:], shared, hit, False, rooms["cached"], kv_start=0)])
+    computed = allocator.alloc(-(-n // PAGE))
+    stream.forward([BatchEntry(other[:shared], 0, computed, False, rooms["computed"])])
+    stream.forward([BatchEntry(other[shared:], shared, computed, False, rooms["computed"])])
+    for room in rooms.values():
+        sender.send_done(room, 7)
+    done: set[int] = set()
+    deadline = time.monotonic() + 10
+    while len(done) < 2 and time.monotonic() < deadline:
+        for event in decode.kv_port.poll():
+            assert isinstance(event, RoomCompleted) and event.draft_kv, event
+            done.add(event.room)
+        time.sleep(0.005)
+    assert done == set(rooms.values())
+    for pool in (decode.runner.kv_pool, decode.draft.kv_pool):
+        for layer in range(pool.num_layers):
+            got = pool.read(layer, _slots(decode_pages["cached"], n))
+            want = pool.read(layer, _slots(decode_pages["computed"], n))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), layer
+            assert got[0][:shared].abs().sum() > 0 and got[0][shared:].abs().sum() > 0
+    allocator.free(earlier + hit[shared // PAGE :] + computed)
+    for pages in decode_pages.values():
+        sched.allocator.free(pages)
+    assert sched.stats().pages_used == 0

@@ -37,11 +37,21 @@ def pair(tiny_v3_dir):
     prefill.stop()
 
 
+# Shares PROMPT's first 24 tokens (six pages): on the prefill server, a prefix cache hit.
+SHARED_PROMPT = PROMPT[:24] + [(11 * i) % 300 + 2 for i in range(13)]
+
+
 @pytest.fixture(scope="module")
-def expected(tiny_v3_dir) -> list[int]:
+def expected_both(tiny_v3_dir) -> tuple[list[int], list[int]]:
     with Engine(model_path=str(tiny_v3_dir), dtype="float32", device="cpu", page_size=4, tp_size=2,
-                tpla_groups=2, max_total_tokens=1024) as engine:
-        return engine.generate(input_ids=PROMPT, sampling_params=PARAMS)["output_ids"]
+                tpla_groups=2, max_total_tokens=1024, disable_radix_cache=True) as engine:
+        outs = engine.generate(input_ids=[PROMPT, SHARED_PROMPT], sampling_params=PARAMS)
+        return outs[0]["output_ids"], outs[1]["output_ids"]
+
+
+@pytest.fixture(scope="module")
+def expected(expected_both) -> list[int]:
+    return expected_both[0]
 
 
 @pytest.mark.parametrize("decode_first", [False, True])
@@ -124,3 +134,23 @@ def test_prefill_keeps_serving_when_its_decode_is_gone(tiny_v3_dir, pair, expect
         assert time.monotonic() < deadline, "the orphaned room never ended"
         time.sleep(0.5)
     test_pd_pair_equals_in_process_tpla(pair, expected, decode_first=True)
+
+
+def test_prefill_cache_hit_streams_the_whole_prompt(pair, expected_both):
+    """The prefill computes only what its cache lacks, yet the decode receives every row of the prompt and
+    decodes exactly as from a prefill that computed it all."""
+    prefill, decode_ = pair
+    baseline = decode_.stats()["pages_free"]
+    for rid, prompt, want in (("warm", PROMPT, expected_both[0]), ("hit", SHARED_PROMPT, expected_both[1])):
+        body = GenerateRequest(rid, prompt, PARAMS, bootstrap_host="127.0.0.1", bootstrap_port=None,
+                               bootstrap_room=random.getrandbits(63))
+        prefill.send(body)
+        decode_.send(body)
+        first = prefill.final()
+        out = decode_.final()
+        assert out.output["output_ids"] == want
+        if rid == "hit":
+            assert first.output["meta_info"]["cached_tokens"] == 24
+            assert out.output["meta_info"]["cached_tokens"] == 0  # the decode server computed nothing itself
+    assert decode_.stats()["pages_free"] == baseline
+    assert prefill.stats()["cached_prompt_tokens"] >= 24

@@ -93,9 +93,10 @@ BAD = [
     ({"n": 0}, "n"),
     ({"temprature": 0.5}, "temprature"),
     ({"seed": 3}, "seed"),
-    ({"regex": "a+"}, "regex"),
-    ({"json_schema": "{}"}, "json_schema"),
-    ({"ebnf": "root ::= x"}, "ebnf"),
+    ({"regex": 5}, "regex"),
+    ({"json_schema": {"type": "object"}}, "json_schema"),
+    ({"regex": "a+", "ebnf": "root ::= x"}, "ebnf"),
+    ({"regex": "", "json_schema": "{}"}, "json_schema"),
     ({"structural_tag": "{}"}, "structural_tag"),
     ({"stop_regex": ["x+"]}, "stop_regex"),
     ({"logit_bias": {"1": 2.0}}, "logit_bias"),
@@ -111,9 +112,18 @@ def test_bad_input_names_the_field(body, field):
 
 
 def test_unsupported_fields_say_not_supported():
-    for name, value in [("regex", "a"), ("json_schema", "{}"), ("ebnf", "x"), ("structural_tag", "{}")]:
+    for name, value in [("structural_tag", "{}"), ("stop_regex", "x+"), ("logit_bias", {"1": 1.0})]:
         with pytest.raises(ValueError, match="not supported"):
             SamplingParams.from_dict({name: value})
+
+
+def test_grammar_fields():
+    """SGLang's constrained-decoding fields: one at most, kept as text (compiled by the server)."""
+    assert SamplingParams().grammar is None
+    for name in ("regex", "json_schema", "ebnf"):
+        p = SamplingParams.from_dict({name: "source", "max_new_tokens": 4})
+        assert p.grammar == (name, "source")
+        assert SamplingParams.from_dict(p.to_dict()) == p
 
 
 def test_not_a_mapping():

@@ -40,11 +40,33 @@ def test_server_info_shows_flags_and_scheduler_state_without_secrets(server: Ser
     assert state["page_size"] == engine.scheduler.page_size
 
 
-def test_flush_cache(server: ServerProcess) -> None:
+def test_prefix_cache_hits_and_flush(server: ServerProcess) -> None:
+    body = {"text": "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)",
+            "sampling_params": {"max_new_tokens": 2, "temperature": 0.0}}
+    first = server.client.post("/generate", json=body).json()
+    again = server.client.post("/generate", json=body).json()
+    assert again["output_ids"] == first["output_ids"]
+    assert again["meta_info"]["cached_tokens"] > 0
+    assert again["meta_info"]["cached_tokens"] < again["meta_info"]["prompt_tokens"]
+    assert server.stats()["radix_cache_pages"] > 0
     for method in ("GET", "POST"):
         r = server.client.request(method, "/flush_cache")
         assert r.status_code == 200, r.text
         assert r.json()["success"] is True
+    assert server.stats()["radix_cache_pages"] == 0
+    assert server.client.post("/generate", json=body).json()["meta_info"]["cached_tokens"] == 0
+
+
+def test_flush_cache_is_refused_while_a_request_runs(server: ServerProcess) -> None:
+    body = {"text": "def f(x):", "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True},
+            "stream": True}
+    with server.client.stream("POST", "/generate", json=body) as r:
+        next(r.iter_lines())
+        refused = server.client.post("/flush_cache")
+        assert refused.status_code == 400
+        assert "running" in refused.json()["error"]["message"]
+    server.wait_idle(server.stats()["pages_free"] + server.stats()["pages_used"])
+    assert server.client.post("/flush_cache").status_code == 200
 
 
 def scrape(server: ServerProcess) -> dict[str, dict[tuple, float]]:
@@ -73,7 +95,8 @@ def test_metrics_ours_and_sglangs(server: ServerProcess) -> None:
     for name in ("num_queue_reqs", "num_running_reqs", "kv_pages_used", "kv_pages_free", "generation_tokens_total",
                  "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
                  "e2e_request_latency_seconds_count", "kv_transfer_bytes_total", "kv_transfer_seconds_total",
-                 "http_requests_total", "gen_throughput"):
+                 "http_requests_total", "gen_throughput", "cached_tokens_total", "cache_hit_rate",
+                 "radix_cache_pages"):
         assert "tpla_serve_" + name in samples, name
     stats = server.stats()
     assert one(samples, "tpla_serve_kv_pages_free") == stats["pages_free"]

@@ -1,6 +1,7 @@
 """Speculative decoding through the engine (T = 2 over gloo): greedy outputs equal plain decoding of the
-target token for token, with k, stops and max_new_tokens landing inside draft blocks; logprobs, metrics,
-KV pages back to baseline after aborts and retraction.
+target token for token, with k, stops and max_new_tokens landing inside draft blocks, and under grammars
+(drafts drawn and verified under the same bitmasks); logprobs, metrics, KV pages back to baseline after
+aborts and retraction.
 
 The target and draft are the project's trained models (models/mla-tiny, models/mla-tiny-draft), so drafts
 are accepted often and blocks really end early, mid-block and at the bonus token.
@@ -8,8 +9,11 @@ are accepted often and blocks really end early, mid-block and at the bonus token
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from tpla_serve import Engine
@@ -35,6 +39,19 @@ TARGET_ARGS = {"model_path": TARGET, "tp_size": 2, "tpla_groups": 2, "dtype": "f
 BATCHED = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in (1, 2, 5, 7, 13, 24, 31, 40)]
 ALONE = {"temperature": 0, "max_new_tokens": 33, "ignore_eos": True}
 PENALIZED = {"temperature": 0, "max_new_tokens": 20, "repetition_penalty": 1.3, "frequency_penalty": 0.5}
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+CONSTRAINED = [  # (prompt, sampling params): grammars that end within the budget, and one free request
+    ("def fibonacci(n):", {"regex": r"[0-9]{3}-[a-z]{2,5}"}),
+    ("def fibonacci(n):", {"json_schema": json.dumps(SCHEMA)}),
+    ("# numbers\n", {"regex": r"-?(0|[1-9][0-9]{0,5})(\.[0-9]{1,3})?"}),
+    ("def ", {"ebnf": 'root ::= [a-z_]+ "(" [a-z_]* "):"'}),
+    ("for i in range(10):", {"ignore_eos": True}),
+]
+CONSTRAINED_PARAMS = [{**p, "temperature": 0, "max_new_tokens": 48} for _, p in CONSTRAINED]
 
 
 def _stop_params(base: list[dict]) -> list[dict]:
@@ -63,6 +80,7 @@ def plain() -> dict:
             "stop_params": stops,
             "stops": engine.generate(PROMPTS, stops),
             "penalized": engine.generate(PROMPTS[:4], PENALIZED, return_logprob=True, top_logprobs_num=3),
+            "constrained": engine.generate([p for p, _ in CONSTRAINED], CONSTRAINED_PARAMS),
         }
 
 
@@ -120,6 +138,25 @@ def test_penalties_and_logprobs_equal_plain(plain, spec):
         assert [[t for _, t, _ in pos] for pos in g_top] == [[t for _, t, _ in pos] for pos in w_top]
 
 
+def test_constrained_equals_plain_constrained_decoding(plain, spec):
+    want = plain["constrained"]
+    got = spec.generate([p for p, _ in CONSTRAINED], CONSTRAINED_PARAMS)
+    assert _ids(got) == _ids(want)
+    assert [o["meta_info"]["finish_reason"] for o in got] == [o["meta_info"]["finish_reason"] for o in want]
+    for (_, params), out in zip(CONSTRAINED, got):
+        if "regex" in params:
+            assert re.fullmatch(params["regex"], out["text"]), out["text"]
+        elif "json_schema" in params:
+            jsonschema.validate(json.loads(out["text"]), SCHEMA)
+    accepted = sum(o["meta_info"]["spec_num_correct_drafts"] for o in got[:-1])
+    assert accepted > 0, "no constrained draft was accepted: the test would not exercise blocks"
+    # Sampled: drafts and verification under the grammar keep every output inside it.
+    sampled = [{**p, "temperature": 0.9, "sampling_seed": 5} for p in CONSTRAINED_PARAMS[:3]]
+    for (_, params), out in zip(CONSTRAINED, spec.generate([p for p, _ in CONSTRAINED[:3]], sampled)):
+        if out["meta_info"]["finish_reason"]["type"] == "stop" and "regex" in params:
+            assert re.fullmatch(params["regex"], out["text"]), out["text"]
+
+
 def test_meta_info_and_stats_count_blocks(spec):
     out = spec.generate(PROMPTS[0], {"temperature": 0, "max_new_tokens": 30, "ignore_eos": True})
     meta = out["meta_info"]
@@ -137,7 +174,7 @@ def test_meta_info_and_stats_count_blocks(spec):
 
 def test_pages_return_to_baseline_after_aborts(spec):
     sched = spec.scheduler
-    base = sched.allocator.num_used
+    base = sched.stats().pages_used
     params = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 48, "ignore_eos": True}
     reqs, _ = spec.add_requests(PROMPTS * 3, [dict(params, sampling_seed=i) for i in range(24)])
     for step in range(12):
@@ -149,7 +186,7 @@ def test_pages_return_to_baseline_after_aborts(spec):
         sched.step()
     for req in reqs:
         sched.pop_finished(req.rid)
-    assert sched.allocator.num_used == base
+    assert sched.stats().pages_used == base
     assert any(r.finish_reason["type"] == "abort" for r in reqs)
     assert any(r.finish_reason["type"] == "length" for r in reqs)
 
@@ -164,5 +201,5 @@ def test_retraction_keeps_outputs_and_pages():
     with Engine(**args, speculative_algorithm="standard", speculative_draft_model_path=DRAFT) as engine:
         got = engine.generate(PROMPTS, params)
         assert engine.scheduler.num_retractions > 0
-        assert engine.scheduler.allocator.num_used == 0
+        assert engine.scheduler.stats().pages_used == 0
     assert _ids(got) == _ids(want)

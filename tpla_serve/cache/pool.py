@@ -11,7 +11,8 @@ import torch
 
 
 class PageAllocator:
-    """Free list of KV pages. Invariant: every page in 1..num_pages-1 is either free or owned by one request."""
+    """Free list of KV pages. Invariant: every page in 1..num_pages-1 is free, owned by one request, or
+    owned by the prefix cache."""
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 2:

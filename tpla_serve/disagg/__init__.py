@@ -13,6 +13,7 @@ from tpla_serve.disagg.messages import (
     PromptLogprobs,
     ProtocolError,
     Register,
+    TopLogprobs,
     decode,
     encode,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "RoomEvent",
     "RoomFailed",
     "SenderStats",
+    "TopLogprobs",
     "bootstrap_endpoint",
     "check_endpoint",
     "check_room",

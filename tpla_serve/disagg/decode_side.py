@@ -25,6 +25,7 @@ from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg.events import RoomCompleted, RoomFailed
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
+from tpla_serve.disagg.pd_logprobs import check_top_logprobs, first_token_logprobs, prompt_from_wire
 from tpla_serve.disagg.receiver import KVReceiver, KVWriter
 from tpla_serve.disagg.role import KV_TRANSFER_FAILED, Bootstrap, ServerBusy
 from tpla_serve.distributed import AwaitRoom, CancelRoom, ExpectRoom, TPGroup
@@ -173,6 +174,7 @@ class _Pending:
     req: Request
     host: str
     port: int | None
+    logprob_start_len: int  # as asked for: the prefill computes the prompt's logprobs, DONE brings them
     pages: list[int] | None = None
 
 
@@ -219,12 +221,16 @@ class DecodeRole:
             )
         if room in self.pending or (spec.rid is not None and (spec.rid in sched.requests or spec.rid in self.rooms)):
             raise ValueError(f"bootstrap_room {room} or rid {spec.rid!r} is already in use")
-        # Prompt logprobs come from the prefill's answer (the router merges them): none computed here.
-        spec = dataclasses.replace(spec, logprob_start_len=-1)
+        # Prompt logprobs are the prefill's: DONE brings them (or, with nothing to decode, the prefill's
+        # answer, which the router merges); none are computed here.
+        start, spec = spec.logprob_start_len, dataclasses.replace(spec, logprob_start_len=-1)
         if spec.params.max_new_tokens == 0:  # nothing to decode: answer at once, no room needed
             return [sched.add_request(spec)]
+        if spec.return_logprob:
+            limit = self.port.receiver.max_frame_bytes
+            check_top_logprobs(spec.top_logprobs_num, len(spec.input_ids), start, limit)
         req = sched.new_request(spec)
-        self.pending[room] = _Pending(req, bootstrap.host, bootstrap.port)
+        self.pending[room] = _Pending(req, bootstrap.host, bootstrap.port, start)
         self.rooms[req.rid] = room
         return self._start_waiting()
 
@@ -292,15 +298,34 @@ class DecodeRole:
                 if self.on_transfer is not None:
                     self.on_transfer(p.req.rid, event.nbytes, event.seconds)
                 assert p.pages is not None
-                self.scheduler.add_prefilled(
-                    p.req, p.pages, event.first_token_id, event.first_token_logprob, draft_kv=draft_kv
-                )
+                try:
+                    self._record_logprobs(p, event)
+                except ValueError as e:  # the prefill's logprobs contradict the request (another version?)
+                    self.scheduler.unreserve(p.req)
+                    self.scheduler.add_aborted(p.req, f"KV transfer failed: {e}", 503, KV_TRANSFER_FAILED)
+                    ended.append(p.req)
+                    continue
+                self.scheduler.add_prefilled(p.req, p.pages, event.first_token_id, draft_kv=draft_kv)
                 if p.req.finished or p.req.stream:
                     ended.append(p.req)
             else:
                 ended.append(self._fail(event.room, p, f"KV transfer failed: {event.message}", transfer=True))
         ended.extend(self._start_waiting())
         return ended
+
+    @staticmethod
+    def _record_logprobs(p: _Pending, event: RoomCompleted) -> None:
+        """The prompt's logprobs and the first token's, as the prefill computed them, when asked for."""
+        req = p.req
+        if not req.return_logprob:
+            return
+        if p.logprob_start_len >= 0:
+            if event.prompt_logprobs is None:
+                raise ValueError("the prefill sent no prompt logprobs, which the request asked for")
+            req.input_logprobs = prompt_from_wire(event.prompt_logprobs, req.prompt_ids, p.logprob_start_len)
+        req.output_logprobs.extend(
+            first_token_logprobs(event.first_token_id, event.first_token_logprob, event.first_token_top)
+        )
 
     def _note_no_draft(self, p: _Pending) -> None:
         peer = f"{p.host}:{p.port if p.port is not None else 'default'}"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpla_serve.disagg.io_loop import IOLoop
-from tpla_serve.disagg.messages import PromptLogprobs
+from tpla_serve.disagg.messages import PromptLogprobs, TopLogprobs
 from tpla_serve.disagg.waker import Waker
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class RoomCompleted:
     seconds: float  # from the first KV message to DONE
     draft_kv: bool = False  # this rank received the draft model's KV too
     draft_nbytes: int = 0  # of nbytes, the draft's
+    first_token_top: TopLogprobs | None = None  # rank 0 only, when the request asked for top logprobs
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from tpla_serve.disagg.bootstrap import check_endpoint
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
 from tpla_serve.disagg.wire import Frame, HeaderFields, ProtocolError, frame_tensor, tensor_frame
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 64 * 1024
 MAX_MESSAGE_LEN = 4096
 MAX_TOKENS = 1 << 24
@@ -121,16 +121,32 @@ class PromptLogprobs:
 
 
 @dataclass(frozen=True)
+class TopLogprobs:
+    """The k most likely tokens at one position: logprobs (float32 [k], descending) and ids (int32 [k])."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.logprobs.dim() != 1 or self.logprobs.dtype != torch.float32 or self.ids.dtype != torch.int32:
+            raise ValueError("TopLogprobs must be a float32 [k] tensor of logprobs and an int32 one of ids")
+        if self.ids.shape != self.logprobs.shape:
+            raise ValueError("TopLogprobs.ids must have the shape of its logprobs")
+
+
+@dataclass(frozen=True)
 class Done:
     """Prefill → every decode rank, after all of the room's layers: the first sampled token.
-    Prompt logprobs go to rank 0 only. draft_kv: every draft layer was sent to this rank (False when the
-    rank keeps no draft, or the prefill cannot provide the draft KV the decode asked for)."""
+    Logprobs (the prompt's, the first token's top-k) go to rank 0 only. draft_kv: every draft layer was
+    sent to this rank (False when the rank keeps no draft, or the prefill cannot provide the draft KV the
+    decode asked for)."""
 
     room: int
     first_token_id: int
     first_token_logprob: float | None = None
     prompt_logprobs: PromptLogprobs | None = None
     draft_kv: bool = False
+    first_token_top: TopLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -174,12 +190,13 @@ def encode(msg: Message, key: bytes) -> list[Frame]:
         }
         return _signed(Tag.LAYER_KV, fields, key, [msg.ckv, msg.kpe])
     if isinstance(msg, Done):
-        lp = msg.prompt_logprobs
+        lp, top = msg.prompt_logprobs, msg.first_token_top
         lp_fields = None if lp is None else {"start": lp.start, "n": lp.logprobs.shape[0], "k": lp.top_k}
         fields = {
             "room": msg.room,
             "first_token_id": msg.first_token_id,
             "first_token_logprob": msg.first_token_logprob,
+            "first_token_top_k": 0 if top is None else top.logprobs.shape[0],
             "prompt_logprobs": lp_fields,
             "draft_kv": msg.draft_kv,
         }
@@ -188,6 +205,8 @@ def encode(msg: Message, key: bytes) -> list[Frame]:
             payload.append(tensor_frame(lp.logprobs.contiguous()))
             if lp.top_logprobs is not None and lp.top_ids is not None:
                 payload += [tensor_frame(lp.top_logprobs.contiguous()), tensor_frame(lp.top_ids.contiguous())]
+        if top is not None:
+            payload += [tensor_frame(top.logprobs.contiguous()), tensor_frame(top.ids.contiguous())]
         return _signed(Tag.DONE, fields, key, payload)
     if isinstance(msg, Register):
         layout = msg.layout
@@ -267,6 +286,17 @@ def _layer_kv(f: HeaderFields, frames: Sequence[memoryview]) -> LayerKV:
 
 
 def _done(f: HeaderFields, frames: Sequence[memoryview]) -> Done:
+    """Frames: the prompt logprobs' (1, or 3 with top-k), then the first token's top-k (2) when k > 0."""
+    top_k = f.int("first_token_top_k", 0, MAX_TOP_LOGPROBS)
+    first_token_top = None
+    if top_k:
+        if len(frames) < 2:
+            raise ProtocolError(f"done with the first token's top-{top_k} carries {len(frames)} frames")
+        first_token_top = TopLogprobs(
+            frame_tensor(frames[-2], torch.float32, (top_k,), "first token top logprobs"),
+            frame_tensor(frames[-1], torch.int32, (top_k,), "first token top ids"),
+        )
+        frames = frames[:-2]
     lp_obj = f.get("prompt_logprobs")
     prompt_logprobs = None
     if lp_obj is None:
@@ -293,6 +323,7 @@ def _done(f: HeaderFields, frames: Sequence[memoryview]) -> Done:
         first_token_logprob=f.opt_float("first_token_logprob"),
         prompt_logprobs=prompt_logprobs,
         draft_kv=f.bool("draft_kv"),
+        first_token_top=first_token_top,
     )
 
 
@@ -319,7 +350,8 @@ _KINDS = MappingProxyType(
         ),
         Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens"}), 2, _layer_kv),
         Tag.DONE: _Kind(
-            frozenset({"room", "first_token_id", "first_token_logprob", "prompt_logprobs", "draft_kv"}),
+            frozenset({"room", "first_token_id", "first_token_logprob", "first_token_top_k", "prompt_logprobs"}
+                      | {"draft_kv"}),
             None,
             _done,
         ),

@@ -3,7 +3,7 @@
 A request with a bootstrap room runs its prompt as usual; every layer's new KV rows go to the room right
 after the layer writes them (LayerKVStreamer), so bytes move while the next layers compute; when the
 prefill was given a draft model, the draft's layers follow. Once the first token is sampled, DONE closes
-the room, and the request ends on the prefill (its answer carries the prompt logprobs the router merges).
+the room with the logprobs the decode's answer reports (pd_logprobs.py), and the request ends here.
 """
 
 from __future__ import annotations
@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from tpla_serve.cache.pool import LatentKVPool
+from tpla_serve.disagg.pd_logprobs import check_top_logprobs, prompt_to_wire, top_to_wire
 from tpla_serve.disagg.role import Bootstrap
 from tpla_serve.disagg.sender import KVSender
 from tpla_serve.engine.model_runner import NO_SLOTS, ModelRunner
 from tpla_serve.engine.request import Request, RequestSpec
 from tpla_serve.engine.scheduler import Scheduler
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.sampling.logprobs import TokenLogprobs
 from tpla_serve.speculative.draft import DraftModel
 
 logger = logging.getLogger(__name__)
@@ -28,19 +31,32 @@ logger = logging.getLogger(__name__)
 
 class LayerKVStreamer:
     """A LayerKVSink that sends each room's rows of every layer as it is written (draft: the layers are
-    the draft model's)."""
+    the draft model's, in `pool`). A room whose prompt starts with a cached prefix gets that prefix's rows,
+    read from the pool, before the layer's new rows (each layer's tokens go out in order)."""
 
-    def __init__(self, sender: KVSender, entries: list[BatchEntry], draft: bool = False) -> None:
+    def __init__(
+        self, sender: KVSender, entries: list[BatchEntry], pool: LatentKVPool, draft: bool = False
+    ) -> None:
         self.sender = sender
+        self.pool = pool
         self.draft = draft
         self.rows: list[tuple[int, int, int, int]] = []  # (room, first row, end row, token_start)
+        self.cached: list[tuple[int, torch.Tensor, int]] = []  # (room, prefix slots, token_start)
+        page = pool.page_size
         row = 0
         for e in entries:
             if e.kv_room is not None:
                 self.rows.append((e.kv_room, row, row + len(e.new_token_ids), e.prefix_len))
+                if e.kv_start is not None and e.kv_start < e.prefix_len:
+                    slots = [e.pages[t // page] * page + t % page for t in range(e.kv_start, e.prefix_len)]
+                    slots_t = torch.tensor(slots, dtype=torch.int64, device=pool.ckv[0].device)
+                    self.cached.append((e.kv_room, slots_t, e.kv_start))
             row += len(e.new_token_ids)
 
     def on_layer(self, layer: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        for room, slots, start in self.cached:
+            prefix_ckv, prefix_kpe = self.pool.read(layer, slots)
+            self.sender.send_layer(room, layer, prefix_ckv, prefix_kpe, start, draft=self.draft)
         for room, r0, r1, start in self.rows:
             self.sender.send_layer(
                 room, layer, ckv[r0:r1].contiguous(), kpe[r0:r1].contiguous(), start, draft=self.draft
@@ -49,8 +65,8 @@ class LayerKVStreamer:
 
 class PromptKVStream:
     """The scheduler's PromptKVForward on a prefill server: runs prompt chunks, streaming the KV of those
-    with a room; with a draft model, then the draft's exact forward over the same chunks (a decode's draft
-    starts at the prompt's end)."""
+    with a room; with a draft model, then the draft's exact forward over every chunk, streamed for those
+    with a room (a decode's draft starts at the prompt's end; a cached prefix needs the draft's KV too)."""
 
     def __init__(self, runner: ModelRunner, sender: KVSender, draft: DraftModel | None) -> None:
         self.runner = runner
@@ -59,13 +75,12 @@ class PromptKVStream:
 
     def forward(self, entries: list[BatchEntry], sample_slots: np.ndarray = NO_SLOTS) -> torch.Tensor:
         rooms = [e for e in entries if e.kv_room is not None]
-        sink = LayerKVStreamer(self.sender, entries) if rooms else None
+        sink = LayerKVStreamer(self.sender, entries, self.runner.kv_pool) if rooms else None
         logits = self.runner.forward(ForwardMode.EXTEND, entries, kv_sink=sink, sample_slots=sample_slots)
-        if not rooms:
-            return logits
-        if self.draft is not None:
-            rooms = [dataclasses.replace(e, logits_for_all=False) for e in rooms]
-            self.draft.forward_local(ForwardMode.EXTEND, rooms, kv_sink=LayerKVStreamer(self.sender, rooms, draft=True))
+        if self.draft is not None:  # every chunk: a cached prefix must hold the draft's KV as well
+            chunks = [dataclasses.replace(e, logits_for_all=False) for e in entries]
+            sink = LayerKVStreamer(self.sender, chunks, self.draft.kv_pool, draft=True) if rooms else None
+            self.draft.forward_local(ForwardMode.EXTEND, chunks, kv_sink=sink)
         return logits
 
 
@@ -87,6 +102,8 @@ class PrefillRole:
         if params.max_new_tokens == 0:
             room = None
         else:
+            if spec.return_logprob:  # DONE carries them
+                check_top_logprobs(spec.top_logprobs_num, len(spec.input_ids), spec.logprob_start_len)
             params = dataclasses.replace(params, max_new_tokens=1, min_new_tokens=min(params.min_new_tokens, 1))
         req = self.scheduler.add_request(dataclasses.replace(spec, params=params), bootstrap_room=room)
         if room is not None:
@@ -100,12 +117,24 @@ class PrefillRole:
             if room is None:
                 continue
             if req.output_ids:
-                lp = req.output_logprobs.values[0] if req.output_logprobs else None
-                self.sender.send_done(room, req.output_ids[0], lp)
+                self._send_done(room, req)
                 del self.rooms[req.rid]
             elif req.finished:
                 self.sender.abort(room, f"the prefill request ended: {req.finish_reason}")
                 del self.rooms[req.rid]
+
+    def _send_done(self, room: int, req: Request) -> None:
+        """DONE with the first token and, when asked for, its logprobs and the prompt's; those now travel
+        with the decode's answer, so this request's own answer reports none of the prompt's."""
+        if not req.return_logprob:
+            self.sender.send_done(room, req.output_ids[0])
+            return
+        out = req.output_logprobs
+        prompt = None
+        if req.logprob_start_len >= 0:
+            prompt = prompt_to_wire(req.input_logprobs, req.logprob_start_len)
+            req.input_logprobs = TokenLogprobs()
+        self.sender.send_done(room, req.output_ids[0], out.values[0], prompt, top_to_wire(out, 0))
 
     def poll(self) -> list[Request]:
         """A room that failed while its prompt still runs (decode gone, layout mismatch) ends it."""

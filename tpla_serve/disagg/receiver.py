@@ -337,6 +337,7 @@ class KVReceiver(TransportLoop):
                 seconds=seconds,
                 draft_kv=msg.draft_kv,
                 draft_nbytes=state.draft_nbytes,
+                first_token_top=msg.first_token_top,
             )
         )
         return None

@@ -31,7 +31,7 @@ from tpla_serve.disagg.events import RoomEvent, RoomFailed, TransportLoop
 from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
 from tpla_serve.disagg.io_loop import SEND_ERRORS, Outbound
 from tpla_serve.disagg.log_limit import RateLimitedLog
-from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, encode
+from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, TopLogprobs, encode
 from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
 from tpla_serve.disagg.sender_rooms import AbortCmd, Command, DoneCmd, EndedRoom, LayerCmd, SenderRoom
 
@@ -145,13 +145,15 @@ class KVSender(TransportLoop):
         first_token_id: int,
         first_token_logprob: float | None = None,
         prompt_logprobs: PromptLogprobs | None = None,
+        first_token_top: TopLogprobs | None = None,
     ) -> None:
-        """Finish the room: every layer has been sent; the decode may start from first_token_id."""
+        """Finish the room: every layer has been sent; the decode may start from first_token_id. The
+        logprobs (the prompt's, the first token's top-k: what the decode's answer reports) go to rank 0."""
         check_room(room)
         if type(first_token_id) is not int or not 0 <= first_token_id < 1 << 31:
             raise ValueError(f"first_token_id must be a non-negative int32, got {first_token_id!r}")
         logprob = None if first_token_logprob is None else float(first_token_logprob)
-        self._submit(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs)))
+        self._submit(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs, False, first_token_top)))
 
     def abort(self, room: int, message: str) -> None:
         """End the room from the prefill side; the decode ranks get ABORT with `message`."""
@@ -344,6 +346,7 @@ class KVSender(TransportLoop):
             msg = dataclasses.replace(
                 done,
                 prompt_logprobs=done.prompt_logprobs if rank == 0 else None,
+                first_token_top=done.first_token_top if rank == 0 else None,
                 draft_kv=send_draft and reg.layout.wants_draft(rank),
             )
             self._out.send(endpoint, state.room, encode(msg, routes.key), now)

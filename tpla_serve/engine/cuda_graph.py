@@ -133,8 +133,9 @@ class StaticDecodeBatch:
         n = len(slots)
         self._copy_rows(table.gather(slots, positions, self.kv_pool.page_size, width), 0, n, width)
         if n < bs:  # padding: one token at position 0, written to and reading only slot 0 of page 0
-            for buf, value in ((self.input_ids, 0), (self.positions, 0), (self.out_cache_loc, 0), (self.seq_lens, 1)):
-                buf[n:bs].fill_(value)
+            for buf in (self.input_ids, self.positions, self.out_cache_loc):
+                buf[n:bs].zero_()
+            self.seq_lens[n:bs].fill_(1)
             self.page_table[n:bs, :width].zero_()
         return self.planned_batch(bs, width, (positions + 1).tolist() + [1] * (bs - n))
 
@@ -219,7 +220,8 @@ class CudaGraphRunner:
 
     def can_replay(self, batch_size: int, max_seq_len: int) -> bool:
         """A decode step of `batch_size` requests whose longest holds max_seq_len tokens after it."""
-        return bool(self.graphs) and batch_size <= self.batch_sizes[-1] and max_seq_len <= self.max_pages * self.page_size
+        fits = batch_size <= self.batch_sizes[-1] and max_seq_len <= self.max_pages * self.page_size
+        return bool(self.graphs) and fits
 
     @torch.inference_mode()  # planning writes buffers that capture (in inference mode) created
     def replay(self, entries: list[BatchEntry]) -> torch.Tensor:
@@ -230,7 +232,9 @@ class CudaGraphRunner:
         return self._run(bs, width, len(entries))
 
     @torch.inference_mode()
-    def replay_from_table(self, table: RequestTable, slots: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    def replay_from_table(
+        self, table: RequestTable, slots: np.ndarray, positions: np.ndarray
+    ) -> torch.Tensor:
         """The same for a step described by slots and positions (its inputs gathered from the table)."""
         bs, width = self._bucket(len(slots), -(-int(positions.max() + 1) // self.page_size))
         self.static.load_from_table(table, slots, positions, bs, width)

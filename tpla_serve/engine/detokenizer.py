@@ -6,7 +6,8 @@ U+FFFD, so a UTF-8 character split across byte-level tokens is never shown half-
 committed text always equals `tokenizer.decode(ids)` of the ids seen so far, up to that point.
 
 `StopChecker` applies SGLang's finish rules in SGLang's order — length first, then EOS /
-stop_token_ids (unless ignore_eos), then stop strings — and its trimming: a matched stop string
+stop_token_ids (unless ignore_eos), then stop strings, then the grammar of a constrained request (it
+ends once the grammar accepts a stop token) — and SGLang's trimming: a matched stop string
 and everything after it are cut from the text (kept, with nothing after it, under no_stop_trim);
 a matched stop token is left out of the text unless no_stop_trim. It also tells a streamer how
 much of the text is final: a tail that could still grow into a stop string is held back.
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from tpla_serve.grammar.matcher import RequestGrammar
 from tpla_serve.sampling.params import SamplingParams
 
 _REPLACEMENT = "\ufffd"
@@ -113,11 +115,16 @@ class StopChecker:
 
     `eos_token_ids` are the model's EOS ids (generation config / tokenizer); the request's own
     stop_token_ids are added. `output_ids` keeps the matched stop token (SGLang reports it in
-    output_ids and completion_tokens); only the text leaves it out.
+    output_ids and completion_tokens); only the text leaves it out. `grammar`: a constrained request's
+    matcher, which accepts every output token the checker takes, in order.
     """
 
     def __init__(
-        self, params: SamplingParams, detokenizer: IncrementalDetokenizer, eos_token_ids: Iterable[int] = ()
+        self,
+        params: SamplingParams,
+        detokenizer: IncrementalDetokenizer,
+        eos_token_ids: Iterable[int] = (),
+        grammar: RequestGrammar | None = None,
     ) -> None:
         if params.max_new_tokens is None:
             raise ValueError(
@@ -131,6 +138,7 @@ class StopChecker:
         self._undecoded: list[int] = []  # tokens for the text, not fed to the detokenizer yet
         self.output_ids: list[int] = []
         self.finish_reason: FinishReason | None = None
+        self.grammar = grammar
         if params.max_new_tokens == 0:
             self.finish_reason = {"type": "length", "length": 0}
 
@@ -164,7 +172,19 @@ class StopChecker:
                 self._undecoded.append(t)
                 if params.stop:
                     self._check_stop_strings()
+            if self.grammar is not None and self.finish_reason is None:
+                self._advance_grammar(self.grammar, t)
         return taken
+
+    def _advance_grammar(self, grammar: RequestGrammar, token: int) -> None:
+        """A stop token the grammar accepts ends the request (SGLang reports it as matched). The sampler masks
+        every token the grammar refuses, so a refused one comes from a row that allowed none (min_new_tokens
+        past the grammar's end) or from a PD prefill that sampled without the grammar: the request aborts."""
+        if not grammar.accept(token):
+            index = len(self.output_ids) - 1
+            self.abort(f"{grammar.field}: output token {index} ({token}) breaks the grammar")
+        elif grammar.terminated:
+            self.finish_reason = {"type": "stop", "matched": token}
 
     def _decoded(self) -> IncrementalDetokenizer:
         """The detokenizer, fed every token so far."""

@@ -17,7 +17,7 @@ def request_output(
         "finish_reason": req.finish_reason,
         "prompt_tokens": len(req.prompt_ids),
         "completion_tokens": len(req.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": req.cached_tokens,
     }
     if req.finish_time is not None:
         meta["e2e_latency"] = req.finish_time - req.arrival_time

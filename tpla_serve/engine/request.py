@@ -9,9 +9,13 @@ from typing import Any
 
 import torch
 
-from tpla_serve.engine.detokenizer import StopChecker
+from tpla_serve.cache.radix_cache import RadixNode
+from tpla_serve.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from tpla_serve.grammar.backend import GrammarBackend, request_grammar
+from tpla_serve.grammar.matcher import RequestGrammar
 from tpla_serve.sampling.logprobs import TokenLogprobs, token_logprobs
 from tpla_serve.sampling.params import SamplingParams
+from tpla_serve.sampling.sampler import resolve_seed
 
 
 class RequestStatus(enum.Enum):
@@ -69,6 +73,40 @@ def validate_request(spec: RequestSpec, limits: RequestLimits) -> SamplingParams
     return params
 
 
+class _NoText:
+    """Stands in for a tokenizer when the engine runs on token ids alone (--skip-tokenizer-init)."""
+
+    def decode(self, token_ids: list[int], **kwargs: object) -> str:
+        return ""
+
+
+def build_request(
+    spec: RequestSpec,
+    rid: str,
+    limits: RequestLimits,
+    tokenizer: Any | None,
+    eos_token_ids: set[int],
+    speculative: bool,
+    grammar: GrammarBackend | None = None,
+) -> Request:
+    """A validated request: its params resolved against the limits, its stop checks, grammar matcher and
+    seed set up."""
+    params = validate_request(spec, limits)
+    detok = IncrementalDetokenizer.for_request(tokenizer or _NoText(), params)
+    return Request(
+        rid=rid,
+        prompt_ids=list(spec.input_ids),
+        params=params,
+        checker=StopChecker(params, detok, eos_token_ids, request_grammar(grammar, params)),
+        return_logprob=spec.return_logprob,
+        logprob_start_len=spec.logprob_start_len,
+        top_logprobs_num=spec.top_logprobs_num,
+        stream=spec.stream,
+        seed=resolve_seed(params),
+        speculative=speculative,
+    )
+
+
 @dataclass(eq=False)  # an entity: `req in batch` compares identities, never token lists
 class Request:
     """Invariant: the KV of the first num_computed of its tokens is in the cache, in `pages`; a decode step
@@ -98,6 +136,11 @@ class Request:
     finish_time: float | None = None
     num_retractions: int = 0
     bootstrap_room: int | None = None  # PD prefill: the room this prompt's KV streams to
+    # Prefix caching: prompt tokens whose KV came from the cache, the tree node whose path this request
+    # reads (locked), and which of its pages the tree owns (never freed by the request).
+    cached_tokens: int = 0
+    prefix_node: RadixNode | None = None
+    tree_pages: set[int] = field(default_factory=set)
     # Speculative decoding: the draft model's KV is exact for all_ids[:draft_computed]; counters as SGLang
     # reports them (verification steps, drafts proposed, drafts accepted).
     speculative: bool = False
@@ -105,6 +148,11 @@ class Request:
     spec_verify_ct: int = 0
     spec_num_proposed_drafts: int = 0
     spec_num_correct_drafts: int = 0
+
+    @property
+    def grammar(self) -> RequestGrammar | None:
+        """A constrained request's matcher (its stop checker advances it); None when unconstrained."""
+        return self.checker.grammar
 
     @property
     def all_ids(self) -> list[int]:
@@ -129,6 +177,11 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids) + self.inflight
 
     @property
+    def is_decoding(self) -> bool:
+        """A request decodes once the KV of everything but its newest sampled token is cached."""
+        return bool(self.output_ids or self.inflight) and self.num_computed == self.total_len - 1
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
@@ -137,7 +190,8 @@ class Request:
         return self.return_logprob and self.logprob_start_len >= 0 and not self.prompt_logprobs_done
 
     def record_prompt_logprobs(self, logits: torch.Tensor, start: int, n: int) -> None:
-        """A prompt chunk's logits: row i is position start + i, whose logits score prompt token start + i + 1."""
+        """A prompt chunk's logits: row i is position start + i, whose logits score prompt token
+        start + i + 1."""
         prompt = self.prompt_ids
         first = self.logprob_start_len
         if start == 0 and first == 0:

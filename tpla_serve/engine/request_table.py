@@ -126,7 +126,9 @@ class RequestTable:
             attn_backend=attn_backend,
         )
 
-    def gather(self, slots: np.ndarray, positions: np.ndarray, page_size: int, width: int | None = None) -> DecodeInputs:
+    def gather(
+        self, slots: np.ndarray, positions: np.ndarray, page_size: int, width: int | None = None
+    ) -> DecodeInputs:
         """The device inputs of a decode step (page-table columns [0, width): by default those the longest
         request needs)."""
         if width is None:

@@ -22,14 +22,14 @@ import time
 import uuid
 from collections import deque
 
+from tpla_serve.cache.radix_cache import RadixCache
 from tpla_serve.engine.blocks import BlockDecoder, BlockResult, SpecCounters
-from tpla_serve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from tpla_serve.engine.model_runner import ModelRunner
-from tpla_serve.engine.request import Request, RequestLimits, RequestSpec, RequestStatus, validate_request
+from tpla_serve.engine.request import Request, RequestLimits, RequestSpec, RequestStatus, build_request
 from tpla_serve.engine.request_memory import RequestMemory
 from tpla_serve.engine.stats import SchedulerStats
 from tpla_serve.engine.step_launch import Launched, PromptKVForward, StepLauncher
-from tpla_serve.sampling.sampler import resolve_seed
+from tpla_serve.grammar.backend import GrammarBackend
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +38,11 @@ class ServerFull(RuntimeError):
     """Every request slot is taken: the caller keeps the request until one frees."""
 
 
-class _NoText:
-    """Stands in for a tokenizer when the engine runs on token ids alone (--skip-tokenizer-init)."""
-
-    def decode(self, token_ids: list[int], **kwargs: object) -> str:
-        return ""
-
-
 class Scheduler:
     """Rank 0's continuous batching over one model runner.
 
     spec: decodes verified blocks instead of single tokens (speculative decoding). prompt_kv: runs the
-    prompt chunks of a PD prefill server, streaming their KV.
+    prompt chunks of a PD prefill server, streaming their KV. grammar: compiles requests' constraints.
     """
 
     def __init__(
@@ -59,6 +52,7 @@ class Scheduler:
         eos_token_ids: set[int] | None = None,
         spec: BlockDecoder | None = None,
         prompt_kv: PromptKVForward | None = None,
+        grammar: GrammarBackend | None = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
@@ -68,13 +62,23 @@ class Scheduler:
         self.vocab_size = runner.model_config.vocab_size
         self.eos_token_ids = set(eos_token_ids or ())
         self.spec = spec
+        self.grammar = grammar
+        self.limits = RequestLimits(
+            self.vocab_size, runner.context_length, runner.max_total_tokens, tokenizer is not None
+        )
         self.launcher = StepLauncher(runner, self.vocab_size, self.eos_token_ids, spec, prompt_kv)
         self.table = runner.table
-        self.memory = RequestMemory(self.allocator, self.table, self.page_size)
+        # Prefix caching on servers that prefill (a PD decode server's prompts arrive as KV).
+        self.cache: RadixCache | None = None
+        if not self.config.disable_radix_cache and self.config.disaggregation_mode != "decode":
+            self.cache = RadixCache(self.allocator, self.page_size)
+        self.memory = RequestMemory(self.allocator, self.table, self.page_size, self.cache)
+        self.cached_prompt_tokens = 0
         # PD prefill servers sample one token per request and must send it at once; speculative blocks
         # need their tokens before the next block.
+        config = self.config
         self.overlap = not (
-            self.config.disable_overlap_schedule or spec is not None or self.config.disaggregation_mode == "prefill"
+            config.disable_overlap_schedule or spec is not None or config.disaggregation_mode == "prefill"
         )
         self.pending: Launched | None = None  # the decode step whose tokens the host has not read yet
         self._updated: list[Request] = []  # requests the current step() changed
@@ -98,7 +102,9 @@ class Scheduler:
         req.bootstrap_room = bootstrap_room
         self.requests[req.rid] = req
         self.prompt_tokens += len(req.prompt_ids)
-        if req.checker.finished and not req.wants_prompt_logprobs:  # max_new_tokens == 0: nothing to run
+        # max_new_tokens == 0: nothing to sample; with the prefix cache, the prompt is still computed so that
+        # later prompts find it (the SGLang frontend caches a fork's or select's prefix this way)
+        if req.checker.finished and not req.wants_prompt_logprobs and self.cache is None:
             self._finish(req, req.checker.finish_reason)
         else:
             self.waiting.append(req)
@@ -109,22 +115,8 @@ class Scheduler:
         rid = spec.rid or uuid.uuid4().hex
         if rid in self.requests:
             raise ValueError(f"rid {rid!r} is already in use")
-        limits = RequestLimits(
-            self.vocab_size, self.runner.context_length, self.runner.max_total_tokens, self.tokenizer is not None
-        )
-        params = validate_request(spec, limits)
-        detok = IncrementalDetokenizer.for_request(self.tokenizer or _NoText(), params)
-        return Request(
-            rid=rid,
-            prompt_ids=list(spec.input_ids),
-            params=params,
-            checker=StopChecker(params, detok, self.eos_token_ids),
-            return_logprob=spec.return_logprob,
-            logprob_start_len=spec.logprob_start_len,
-            top_logprobs_num=spec.top_logprobs_num,
-            stream=spec.stream,
-            seed=resolve_seed(params),
-            speculative=self.spec is not None,
+        return build_request(
+            spec, rid, self.limits, self.tokenizer, self.eos_token_ids, self.spec is not None, self.grammar
         )
 
     def add_prefilled(
@@ -132,10 +124,10 @@ class Scheduler:
         req: Request,
         pages: list[int],
         first_token: int,
-        first_logprob: float | None,
         draft_kv: bool = False,
     ) -> None:
-        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode).
+        """Start decoding a request whose prompt KV another server computed into `pages` (PD decode). The
+        caller has recorded the first token's logprobs, when the request asked for logprobs.
 
         draft_kv: the prompt's draft KV arrived too (every rank that keeps a draft has it), so the first
         speculative step calibrates from the first token instead of prefilling the draft over the prompt.
@@ -154,8 +146,6 @@ class Scheduler:
         self.prompt_tokens += len(req.prompt_ids)
         self.running.append(req)
         self.table.set_token(req.slot, first_token)
-        if req.return_logprob:
-            req.output_logprobs.append(first_token, first_logprob)
         self._append_token(req, first_token, time.monotonic())
 
     def reserve(self, req: Request, num_tokens: int) -> list[int] | None:
@@ -188,6 +178,13 @@ class Scheduler:
         self._finish(req, req.checker.finish_reason)
         return req
 
+    def flush_cache(self) -> tuple[bool, str]:
+        """Empty the prefix cache; refused while requests run or wait (SGLang's rule)."""
+        if self.has_work:
+            return False, "Cache not flushed: requests are running or waiting; retry when the server is idle"
+        freed = self.cache.reset() if self.cache is not None else 0
+        return True, f"Cache flushed ({freed} pages freed)."
+
     def pop_finished(self, rid: str) -> Request:
         """Forget a finished request (its outputs have been delivered)."""
         req = self.requests.pop(rid)
@@ -199,17 +196,22 @@ class Scheduler:
         return bool(self.waiting or self.running or self.pending)
 
     def stats(self) -> SchedulerStats:
+        evictable = self.cache.evictable_pages if self.cache is not None else 0
         return SchedulerStats(
             num_waiting=len(self.waiting),
             num_running=len(self.running),
-            pages_used=self.allocator.num_used,
-            pages_free=self.allocator.num_free,
+            # the prefix cache's unlocked pages count as free: they are evicted when a request needs them
+            pages_used=self.allocator.num_used - evictable,
+            pages_free=self.allocator.num_free + evictable,
             page_size=self.page_size,
             kv_bytes_per_token=self.runner.kv_bytes_per_token,
             max_total_tokens=self.runner.max_total_tokens,
             generated_tokens=self.generated_tokens,
             prompt_tokens=self.prompt_tokens,
             num_retractions=self.num_retractions,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            cache_hit_rate=self.cached_prompt_tokens / max(self.prompt_tokens, 1),
+            radix_cache_pages=self.cache.num_pages if self.cache is not None else 0,
             **(self.spec.counters if self.spec is not None else SpecCounters()).stats_fields(),
         )
 
@@ -222,6 +224,9 @@ class Scheduler:
         extend = self._schedule_extend()
         if extend:
             done, launched = self.launcher.extend(extend)
+            for req, n in extend:  # computed prompt pages join the prefix cache, chunk by chunk
+                if req.num_computed - n < len(req.prompt_ids):
+                    self.memory.cache_prompt(req, min(req.num_computed, len(req.prompt_ids)))
             for req in done:
                 self._finish(req, req.checker.finish_reason)
             self._updated.extend(done)
@@ -237,7 +242,7 @@ class Scheduler:
                 if self.pending is not None and any(r.params.has_penalties for r in decode):
                     self._read_pending()  # penalties count a request's tokens on the host
                     decode = [r for r in decode if not r.finished]
-                launched = self.launcher.decode(decode)
+                launched = self.launcher.decode(decode, read_pending=self._read_pending)
                 self._read_pending()
                 if self.overlap:
                     self.pending = launched
@@ -253,7 +258,7 @@ class Scheduler:
         chosen: list[tuple[Request, int]] = []
         self.prefilling = [
             r for r in self.prefilling
-            if r.status is RequestStatus.RUNNING and r.num_computed < r.total_len and not self._is_decoding(r)
+            if r.status is RequestStatus.RUNNING and r.num_computed < r.total_len and not r.is_decoding
         ]
         for req in self.prefilling:
             n = min(req.total_len - req.num_computed, budget)
@@ -261,24 +266,29 @@ class Scheduler:
                 return chosen  # finish what is started before admitting more
             chosen.append((req, n))
             budget -= n
+        deferred: list[Request] = []
         while self.waiting and budget > 0 and self.table.num_free > 0:
             req = self.waiting[0]
-            n = min(req.total_len, budget)
-            if not self.memory.grow(req, n):
-                break  # stays queued until pages return
+            self.memory.match_prefix(req)
+            if self.memory.prefix_being_computed(req, self.prefilling):
+                self.memory.unadmit(req)  # waits for the shared prefix instead of computing it a second time
+                deferred.append(self.waiting.popleft())
+                continue
+            n = min(req.total_len - req.num_computed, budget)
+            if not self.memory.grow(req, req.num_computed + n):
+                self.memory.unadmit(req)  # stays queued until pages return
+                break
             self.memory.take_slot(req)
+            if req.num_retractions == 0:  # a retracted request's prompt was counted when it first ran
+                self.cached_prompt_tokens += req.cached_tokens
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self.prefilling.append(req)
             chosen.append((req, n))
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return chosen
-
-    @staticmethod
-    def _is_decoding(req: Request) -> bool:
-        """A request decodes once the KV of everything but its newest sampled token is cached."""
-        return bool(req.output_ids or req.inflight) and req.num_computed == req.total_len - 1
 
     def _num_drafts(self, req: Request) -> int:
         """Draft tokens a request proposes this step: k, fewer near its max_new_tokens (a block emits at
@@ -317,9 +327,7 @@ class Scheduler:
 
     def _retract(self, req: Request) -> None:
         logger.info("KV pool full: retracting request %s (%d tokens) to recompute later", req.rid, req.seq_len)
-        self.memory.release(req)
-        req.num_computed = 0
-        req.draft_computed = 0
+        self.memory.unadmit(req)
         req.status = RequestStatus.WAITING
         req.num_retractions += 1
         self.num_retractions += 1
@@ -361,10 +369,7 @@ class Scheduler:
             req.num_computed += 1 + res.num_accepted  # the last token and the accepted drafts
             self._append_block(req, res, now)
             if not req.finished:
-                keep = -(-req.seq_len // self.page_size)
-                if len(req.pages) > keep:
-                    self.allocator.free(req.pages[keep:])
-                    del req.pages[keep:]
+                self.memory.trim(req, req.seq_len)
 
     def _append_block(self, req: Request, res: BlockResult, now: float) -> None:
         """Emit a block's tokens in order until the request finishes; nothing past a stop is emitted."""

@@ -17,6 +17,9 @@ class SchedulerStats:
     generated_tokens: int
     prompt_tokens: int
     num_retractions: int
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    cache_hit_rate: float = 0.0  # of all prompt tokens
+    radix_cache_pages: int = 0  # pages the prefix cache holds
     spec_verify_steps: int = 0  # batched verification steps
     spec_verified_blocks: int = 0  # requests' blocks verified (a step verifies one per running request)
     spec_proposed_drafts: int = 0

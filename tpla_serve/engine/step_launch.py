@@ -2,12 +2,15 @@
 
 The sampled tokens become the requests' next inputs in the request table on every rank (no host round
 trip), and their copy to the host starts at once; the scheduler reads them when it is ready (Launched).
+Constrained requests are the exception: their next bitmask depends on the token in flight, so a decode
+batch with one reads the pending step between its forward and its sampling (the forward still overlaps
+the host's work, as in SGLang's delayed sampling).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +22,7 @@ from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.request import Request
 from tpla_serve.engine.sampled import SampledTokens
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
+from tpla_serve.grammar.matcher import grammar_bitmask
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch
 
 
@@ -62,7 +66,11 @@ class StepLauncher:
         for req, n in chosen:
             ids = req.tokens_from(req.num_computed)[:n]
             entries.append(
-                BatchEntry(ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room)
+                BatchEntry(
+                    ids, req.num_computed, list(req.pages), req.wants_prompt_logprobs, req.bootstrap_room,
+                    # a room's first chunk after a cache hit streams the cached prefix too
+                    0 if req.cached_tokens and req.num_computed == req.cached_tokens else None,
+                )
             )
         completes = [req.num_computed + n == req.total_len and not req.checker.finished for req, n in chosen]
         sample_slots = np.array([req.slot for (req, _), c in zip(chosen, completes) if c], dtype=np.int64)
@@ -93,13 +101,16 @@ class StepLauncher:
             return done, None
         return done, self._sample(sample_reqs, logits[sample_rows], sample_slots)
 
-    def decode(self, batch: list[Request]) -> Launched:
-        """One token per request, its inputs gathered from the request table on the device."""
+    def decode(self, batch: list[Request], read_pending: Callable[[], None] | None = None) -> Launched:
+        """One token per request, its inputs gathered from the request table on the device. read_pending
+        brings the tokens still in flight to the host; a batch with a grammar calls it before sampling."""
         slots = np.array([r.slot for r in batch], dtype=np.int64)
         positions = np.array([r.num_computed for r in batch], dtype=np.int64)
         logits = self.runner.decode(slots, positions)
         for req in batch:
             req.num_computed += 1
+        if read_pending is not None and any(r.grammar is not None for r in batch):
+            read_pending()
         return self._sample(batch, logits, slots)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, slots: np.ndarray) -> Launched:
@@ -111,12 +122,15 @@ class StepLauncher:
             req.inflight += 1
         return Launched(reqs, SampledTokens(out))
 
-    def _sampling_batch(self, reqs: list[Request], device: torch.device) -> tuple[SamplingBatch, list[int] | None]:
+    def _sampling_batch(
+        self, reqs: list[Request], device: torch.device
+    ) -> tuple[SamplingBatch, list[int] | None]:
         """The step's SamplingBatch, and each row's top-logprobs count when any row wants logprobs.
 
         A decode batch of the same requests as the last one (the steady state) reuses the last batch with
         every step counter one further: each request has one more token. Penalties and min_new_tokens
-        masks depend on the tokens themselves, so batches with them are built anew.
+        masks depend on the tokens themselves, so batches with them are built anew. Grammar bitmasks are
+        filled every step, by matchers that have accepted every token of their request.
         """
         key = tuple(reqs)  # compared by identity (requests are entities); held, so no id is reused
         cached = self._cached
@@ -136,6 +150,12 @@ class StepLauncher:
             len(r.output_ids) + r.inflight + 1 < r.params.min_new_tokens for r in reqs
         )
         self._cached = (key, batch) if reusable and batch.stop_mask is None else None
+        grammars = [None if r.finished else r.grammar for r in reqs]
+        if any(g is not None for g in grammars):
+            if any(r.inflight for r, g in zip(reqs, grammars) if g is not None):
+                raise RuntimeError("a grammar's next bitmask was asked for while its last token is in flight")
+            mask = grammar_bitmask(grammars, self.vocab_size, device)
+            batch = dataclasses.replace(batch, grammar_mask=mask)
         top_nums = None
         if any(r.return_logprob for r in reqs):
             top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]

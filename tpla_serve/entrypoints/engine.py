@@ -256,9 +256,11 @@ class Engine:
         return self.scheduler.abort(rid) is not None
 
     def flush_cache(self) -> dict[str, Any]:
-        """SGLang's flush_cache; this engine keeps no prefix cache, so there is nothing to drop."""
+        """Empty the prefix cache (SGLang's Engine.flush_cache); success False, with the reason, while
+        requests run or wait."""
         self._check_open()
-        return {"success": True, "message": "no prefix cache to flush"}
+        success, message = self.scheduler.flush_cache()
+        return {"success": success, "message": message}
 
     def _check_open(self) -> None:
         if self._shut_down:

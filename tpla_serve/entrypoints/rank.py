@@ -18,6 +18,7 @@ from tpla_serve.distributed import RandomizeKV, RunDecode, RunDraftStep, RunStep
 from tpla_serve.distributed.worker import RankHandlers
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.scheduler import PromptKVForward, Scheduler
+from tpla_serve.grammar.backend import GrammarBackend
 from tpla_serve.sampling.sampler import Sampler
 from tpla_serve.speculative.decoder import SpeculativeDecoder
 from tpla_serve.speculative.draft import (
@@ -163,10 +164,13 @@ def build_scheduler(
     prompt_kv: PromptKVForward | None = None,
 ) -> Scheduler:
     """Rank 0's scheduler over the rank's runner; with speculative decoding, over verified blocks drafted
-    by the rank's draft model."""
+    by the rank's draft model. Constrained decoding needs the tokenizer (its vocabulary as text)."""
     spec = None
+    vocab = parts.runner.model_config.vocab_size
     if parts.config.speculative:
         assert parts.draft is not None
-        vocab = parts.runner.model_config.vocab_size
         spec = SpeculativeDecoder(parts.runner, parts.draft, Sampler(), vocab, set(eos_token_ids or ()))
-    return Scheduler(parts.runner, tokenizer, eos_token_ids, spec=spec, prompt_kv=prompt_kv)
+    grammar = None
+    if parts.config.grammar_backend == "xgrammar" and tokenizer is not None:
+        grammar = GrammarBackend(tokenizer, vocab, eos_token_ids or ())
+    return Scheduler(parts.runner, tokenizer, eos_token_ids, spec=spec, prompt_kv=prompt_kv, grammar=grammar)

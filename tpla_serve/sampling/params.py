@@ -18,19 +18,19 @@ GREEDY_TEMPERATURE_EPS = 1e-6
 MAX_NEW_TOKENS_LIMIT = (1 << 31) - 1
 
 # SGLang fields this engine does not implement. A request may carry them with their "off" value
-# (SGLang's own frontend sends `"regex": null`, the OpenAI adapter sends `"logit_bias": null`);
+# (SGLang's own frontend sends `"stop_regex": null`, the OpenAI adapter sends `"logit_bias": null`);
 # any other value is refused instead of silently ignored.
 _UNSUPPORTED_FIELDS: dict[str, str] = {
-    "regex": "constrained decoding",
-    "json_schema": "constrained decoding",
-    "ebnf": "constrained decoding",
-    "structural_tag": "constrained decoding",
+    "structural_tag": "structural tags",
     "stop_regex": "regex stop conditions",
     "logit_bias": "logit bias",
     "custom_params": "custom logit processors",
     "stream_interval": "per-request stream intervals",
 }
 
+
+# The constrained-decoding fields (SGLang's): at most one per request, its grammar source as text.
+GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
 
 _FLOAT_FIELDS = (
     "temperature",
@@ -115,6 +115,9 @@ class SamplingParams:
     no_stop_trim: bool = False
     sampling_seed: int | None = None
     n: int = 1
+    regex: str | None = None
+    json_schema: str | None = None  # a JSON schema as JSON text, or "$$ANY$$" for any JSON value
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
         # Accept the JSON shapes (a bare string, a list) and store the canonical tuples.
@@ -187,6 +190,12 @@ class SamplingParams:
             _as_int("sampling_seed", self.sampling_seed, lo=-(1 << 63), hi=(1 << 64) - 1)
         if _as_int("n", self.n) != 1:
             raise ValueError(f"n: only n=1 is supported, got {self.n}")
+        given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
+        for name in given:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give one of regex, json_schema and ebnf, not {given[0]} too")
 
     def validate_against(self, vocab_size: int, max_new_tokens_cap: int | None) -> SamplingParams:
         """Checks that need the model: token ids in range, length within the context.
@@ -220,6 +229,15 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(field, source) of the request's constraint, or None when its output is unconstrained."""
+        for name in GRAMMAR_FIELDS:
+            source = getattr(self, name)
+            if source is not None:
+                return name, source
+        return None
 
     @property
     def has_penalties(self) -> bool:

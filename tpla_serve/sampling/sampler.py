@@ -1,7 +1,7 @@
 """Batched next-token sampling on fp32 logits [B, V], without host syncs on the device path.
 
-Pipeline per step (SGLang's order): penalties -> min_new_tokens stop-token mask -> temperature ->
-top-k / top-p / min-p truncation (joint, all measured on the untruncated softmax) -> draw.
+Pipeline per step (SGLang's order): penalties -> min_new_tokens stop-token mask -> grammar bitmask ->
+temperature -> top-k / top-p / min-p truncation (joint, all measured on the untruncated softmax) -> draw.
 Greedy rows (temperature 0) take the exact argmax of the penalized logits.
 
 Randomness is counter-based, as in SGLang's seeded sampler: the noise for token v of a row is a hash
@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from tpla_serve.sampling.bitmask import TokenBitmask
 from tpla_serve.sampling.logprobs import TokenLogprobs
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.sampling.penalties import PenaltyInputs, StopTokenMask, apply_penalties, host_to_device
@@ -128,6 +129,7 @@ class SamplingBatch:
     max_top_k: int  # largest enabled top_k (0 when none)
     top_p_within_top_k: bool  # every sampling row with top_p < 1 also has a top_k
     vocab_size: int
+    grammar_mask: TokenBitmask | None = None  # the tokens constrained rows may take this step
 
     @property
     def batch_size(self) -> int:
@@ -231,15 +233,17 @@ class SamplerOutput(NamedTuple):
 
 
 def adjusted_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """fp32 logits after the batch's penalties and its stop-token mask (min_new_tokens); the input is
-    not modified. The sampler and speculative verification both start from these."""
+    """fp32 logits after the batch's penalties, its stop-token mask (min_new_tokens) and its grammar
+    bitmask; the input is not modified. The sampler and speculative verification both start from these."""
     logits = logits.float()
-    if batch.penalties is not None or batch.stop_mask is not None:
+    if batch.penalties is not None or batch.stop_mask is not None or batch.grammar_mask is not None:
         logits = logits.clone()
         if batch.penalties is not None:
             apply_penalties(logits, batch.penalties)
         if batch.stop_mask is not None:
             batch.stop_mask.apply(logits)
+        if batch.grammar_mask is not None:
+            batch.grammar_mask.apply(logits)
     return logits
 
 

@@ -169,8 +169,11 @@ async def get_server_info(request: Request) -> dict[str, Any]:
 
 @router.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(request: Request) -> dict[str, Any]:
+    """Empty the prefix cache; a 400 while requests run or wait (SGLang's rule)."""
     answer = await front_state(request).client.flush_cache()
-    return {"success": True, "message": "Cache flushed.", **answer}
+    if not answer.get("flushed"):
+        raise APIError(400, str(answer.get("message", "the cache was not flushed")))
+    return {"success": True, **answer}
 
 
 @router.post("/concate_and_append_request")

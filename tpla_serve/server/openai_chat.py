@@ -91,9 +91,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     front = front_state(request)
     front.client.check_available()
     check_model(front, body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format: {body.response_format.type} is not supported by this server",
-                       param="response_format")
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     parsing = _parsing(front, body)

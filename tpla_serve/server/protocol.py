@@ -9,9 +9,10 @@ their validation.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # SGLang's router draws rooms as random non-negative 63-bit integers.
 Room = Annotated[int, Field(ge=0, lt=1 << 63)]
@@ -74,6 +75,34 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format; json_object and json_schema constrain the output (SGLang's mapping)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return self
+
+    def json_schema_param(self) -> str | None:
+        """The json_schema sampling parameter this format means: any object for json_object."""
+        if self.type == "json_object":
+            return '{"type": "object"}'
+        if self.type == "json_schema" and self.json_schema is not None:
+            return json.dumps(self.json_schema.schema_)
+        return None
+
+
 class OpenAISampling(PDFields):
     """OpenAI sampling fields plus SGLang's extensions to them (sglang.srt.entrypoints.openai)."""
 
@@ -101,10 +130,20 @@ class OpenAISampling(PDFields):
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    response_format: ResponseFormat | None = None
     rid: str | list[str] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _one_constraint(cls, value: ResponseFormat | None, info: ValidationInfo) -> ResponseFormat | None:
+        constrained = any(info.data.get(k) is not None for k in ("regex", "json_schema", "ebnf"))
+        if value is not None and value.json_schema_param() is not None and constrained:
+            raise ValueError("give response_format or one of regex, json_schema and ebnf, not both")
+        return value
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         """The SGLang `sampling_params` these fields mean; None values keep SGLang's defaults."""
+        fmt = self.response_format.json_schema_param() if self.response_format is not None else None
         d: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
             "temperature": self.temperature,
@@ -125,7 +164,7 @@ class OpenAISampling(PDFields):
             "no_stop_trim": self.no_stop_trim,
             "stop_token_ids": self.stop_token_ids,
             "regex": self.regex,
-            "json_schema": self.json_schema,
+            "json_schema": fmt if fmt is not None else self.json_schema,
             "ebnf": self.ebnf,
         }
         return {k: v for k, v in d.items() if v is not None or k == "max_new_tokens"}
@@ -208,10 +247,6 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(OpenAISampling):
     """`/v1/chat/completions`; the prompt is the chat template applied to `messages` (and `tools`)."""
 
@@ -220,7 +255,6 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: NonNegative | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

@@ -138,8 +138,9 @@ class SchedulerProcess:
             ended = self.pd.abort(msg.rid, msg.message) if self.pd is not None else []
             req = self.scheduler.abort(msg.rid, msg.message)
             self.publish(ended + ([req] if req is not None else []))
-        elif isinstance(msg, FlushCache):  # no prefix cache to flush: report success
-            self.send(Stats({"flushed": True}))
+        elif isinstance(msg, FlushCache):
+            flushed, message = self.scheduler.flush_cache()
+            self.send(Stats({"flushed": flushed, "message": message}))
         elif isinstance(msg, GetStats):
             self.send(Stats(self.stats()))
         else:

@@ -11,11 +11,16 @@ positions < draft_computed) and a block of k_b draft tokens:
 3. Verification: one target DECODE step over [x, d_1..d_k] (q_len = k_b + 1, causal within the block),
    then greedy or lossless speculative verification against the processed target distribution p.
 
+A constrained request's drafts are drawn under its grammar's bitmasks and its verification rows masked
+alike (grammar_block.py); a draft the grammar refuses, or one after the grammar completed, is never
+proposed, so a block may hold fewer drafts than asked for.
+
 The scheduler owns what follows (appending tokens with stop checks, the KV rollback).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Collection
 
@@ -27,6 +32,7 @@ from tpla_serve.engine.request import Request
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, adjusted_logits
 from tpla_serve.speculative.draft import DraftModel
+from tpla_serve.speculative.grammar_block import BlockGrammars
 from tpla_serve.speculative.verify import (
     VerifyUniforms,
     build_verify_batch,
@@ -75,9 +81,14 @@ class SpeculativeDecoder:
         The caller has grown each request's pages to cover seq_len + num_drafts[b] tokens.
         """
         t0 = time.perf_counter()
-        drafts, draft_probs = self._draft(reqs, num_drafts)
-        t1 = time.perf_counter()
-        results = self._verify(reqs, num_drafts, drafts, draft_probs)
+        grammars = BlockGrammars(reqs, num_drafts, self.vocab_size, self.runner.device)
+        try:
+            drafts, draft_probs = self._draft(reqs, num_drafts, grammars)
+            num_drafts = [len(d) for d in drafts]
+            t1 = time.perf_counter()
+            results = self._verify(reqs, num_drafts, drafts, draft_probs, grammars)
+        finally:
+            grammars.rollback()  # the scheduler advances the matchers through the emitted tokens
         c = self.counters
         c.verify_steps += 1
         c.blocks += len(reqs)
@@ -91,10 +102,10 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ drafting
 
     def _draft(
-        self, reqs: list[Request], num_drafts: list[int]
+        self, reqs: list[Request], num_drafts: list[int], grammars: BlockGrammars
     ) -> tuple[list[list[int]], list[list[torch.Tensor]] | None]:
-        """Draft tokens per request and, unless every request is greedy, the distributions q they were
-        drawn from (one [V] row per token)."""
+        """Draft tokens per request (at most num_drafts[b]; fewer where the grammar ends them) and, unless
+        every request is greedy, the distributions q they were drawn from (one [V] row per token)."""
         drafts: list[list[int]] = [[] for _ in reqs]
         active = [b for b, k in enumerate(num_drafts) if k > 0]
         if not active:
@@ -107,16 +118,23 @@ class SpeculativeDecoder:
             entries.append(BatchEntry(req.tokens_from(req.draft_computed), req.draft_computed, list(req.pages)))
             req.draft_computed = req.seq_len
         logits = self.draft.forward(ForwardMode.EXTEND, entries)
+        limit = list(num_drafts)
         for j in range(max(num_drafts)):
             batch = self._draft_batch([reqs[b] for b in active], [drafts[b] for b in active], logits.device)
+            if grammars.any:
+                batch = dataclasses.replace(batch, grammar_mask=grammars.bitmask([(b, j) for b in active]))
             tokens = self.sampler(logits, batch).next_token_ids
-            if need_probs:
-                q = processed_probs(logits, batch)
-                for i, b in enumerate(active):
-                    probs[b].append(q[i])
-            for b, tok in zip(active, tokens.tolist()):
+            q = processed_probs(logits, batch) if need_probs else None
+            for i, (b, tok) in enumerate(zip(active, tokens.tolist())):
+                if not grammars.accept(b, tok):
+                    limit[b] = j  # a refused draft is dropped, and the block ends before it
+                    continue
                 drafts[b].append(tok)
-            active = [b for b in active if num_drafts[b] > j + 1]
+                if q is not None:
+                    probs[b].append(q[i])
+                if not grammars.may_draft(b):
+                    limit[b] = j + 1
+            active = [b for b in active if limit[b] > j + 1]
             if not active:
                 break
             entries = [
@@ -133,6 +151,7 @@ class SpeculativeDecoder:
         num_drafts: list[int],
         drafts: list[list[int]],
         draft_probs: list[list[torch.Tensor]] | None,
+        grammars: BlockGrammars,
     ) -> list[BlockResult]:
         entries = [
             BatchEntry([r.last_token, *d], r.num_computed, list(r.pages), logits_for_all=True)
@@ -151,6 +170,9 @@ class SpeculativeDecoder:
             device,
             eos_token_ids=self.eos_token_ids,
         )
+        if grammars.any:
+            rows = [(b, j) for b, k in enumerate(num_drafts) for j in range(k + 1)]  # as the logits rows
+            batch = dataclasses.replace(batch, grammar_mask=grammars.bitmask(rows))
 
         k_max = max(num_drafts)
         starts = torch.tensor(_row_starts(num_drafts), device=device)

@@ -1,0 +1,296 @@
+"""Prefix caching: time to first token and prefill throughput with the radix cache on and off, and the
+prefix-cache hit rate the router's cache_aware policy reaches against round_robin.
+
+    python benchmarks/bench_prefix_cache.py                       # CPU, the shipped model
+    python benchmarks/bench_prefix_cache.py --model-path deepseek-v2-lite --load-format dummy \
+        --device cuda --dtype bfloat16 --tag h200                  # one GPU, V2-Lite shapes
+    python benchmarks/bench_prefix_cache.py --router-only          # the routing part alone
+
+Engine part (in-process Engine, greedy, one engine per setting, the same workloads in one run):
+  shared     64 requests arriving together, a 768-token system prompt + 64 unique tokens each, 1 new token
+  multi-turn 16 conversations x 4 turns: a turn is the last turn's prompt + its 32-token answer + a 64-token
+             message; each turn's 16 requests arrive together when the last turn has ended
+  unshared   64 requests of 832 random tokens arriving together (the cache's overhead alone)
+TTFT is arrival to first token, per request; prefill tokens/s is every prompt token (cached or not) over
+the time from a wave's arrival to its last first token, summed over waves.
+
+Router part (--router / --router-only, real processes on this machine): two prefill servers and one decode
+server behind tpla_router; the multi-turn replay (conversations in parallel, turns in order) once per
+policy, with fresh prefill caches; hit rate = cached / all prompt tokens on the prefill servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from tpla_serve import Engine  # noqa: E402
+from tpla_serve.models.registry import builtin_config  # noqa: E402
+from tpla_serve.net import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models" / "mla-tiny"
+HOST = "127.0.0.1"
+
+Wave = list[tuple[list[int], int]]  # (prompt ids, max_new_tokens), arriving together
+
+
+@dataclass
+class Measured:
+    ttft_s: list[float]
+    prompt_tokens: int
+    cached_tokens: int
+    prefill_s: float
+
+    @property
+    def median_ttft_ms(self) -> float:
+        return statistics.median(self.ttft_s) * 1e3
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s
+
+
+def _random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def shared_waves(vocab: int, seed: int) -> list[Wave]:
+    rng = random.Random(seed)
+    system = _random_ids(rng, 768, vocab)
+    return [[(system + _random_ids(rng, 64, vocab), 1) for _ in range(64)]]
+
+
+def unshared_waves(vocab: int, seed: int) -> list[Wave]:
+    rng = random.Random(seed)
+    return [[(_random_ids(rng, 832, vocab), 1) for _ in range(64)]]
+
+
+def run_waves(engine: Engine, waves: list[Wave]) -> Measured:
+    sched = engine.scheduler
+    ttft, prompt_tokens, cached, prefill_s = [], 0, 0, 0.0
+    for wave in waves:
+        reqs, _ = engine.add_requests(
+            input_ids=[p for p, _ in wave],
+            sampling_params=[{"max_new_tokens": m, "temperature": 0, "ignore_eos": True} for _, m in wave],
+        )
+        while sched.has_work:
+            sched.step()
+        start = min(r.arrival_time for r in reqs)
+        prefill_s += max(r.first_token_time for r in reqs) - start
+        for r in reqs:
+            ttft.append(r.first_token_time - r.arrival_time)
+            prompt_tokens += len(r.prompt_ids)
+            cached += r.cached_tokens
+            sched.pop_finished(r.rid)
+    return Measured(ttft, prompt_tokens, cached, prefill_s)
+
+
+def run_turns(engine: Engine, vocab: int, seed: int, convs: int = 16, turns: int = 4) -> Measured:
+    """The multi-turn replay: a turn's prompt carries the model's own answer to the last one."""
+    rng = random.Random(seed)
+    history = [_random_ids(rng, 200, vocab) for _ in range(convs)]
+    total = Measured([], 0, 0, 0.0)
+    for _ in range(turns):
+        sched = engine.scheduler
+        reqs, _ = engine.add_requests(
+            input_ids=history, sampling_params={"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}
+        )
+        while sched.has_work:
+            sched.step()
+        total.prefill_s += max(r.first_token_time for r in reqs) - min(r.arrival_time for r in reqs)
+        for i, r in enumerate(reqs):
+            total.ttft_s.append(r.first_token_time - r.arrival_time)
+            total.prompt_tokens += len(r.prompt_ids)
+            total.cached_tokens += r.cached_tokens
+            history[i] = r.prompt_ids + r.output_ids + _random_ids(rng, 64, vocab)
+            sched.pop_finished(r.rid)
+    return total
+
+
+def engine_part(args: argparse.Namespace) -> str:
+    model_path = str(builtin_config(args.model_path)) if not Path(args.model_path).exists() else args.model_path
+    common = {"model_path": model_path, "load_format": args.load_format, "device": args.device,
+              "dtype": args.dtype, "skip_tokenizer_init": True}
+    if args.device == "cpu":
+        common["kv_cache_bytes"] = 1 << 30
+    common.update(json.loads(args.engine_args))
+    results: dict[tuple[str, bool], Measured] = {}
+    for repeat in range(args.repeats):
+        for cache in (False, True) if repeat % 2 == 0 else (True, False):
+            with Engine(**common, disable_radix_cache=not cache) as engine:
+                vocab = engine.runner.model_config.vocab_size
+                run_waves(engine, unshared_waves(vocab, seed=99))  # warm-up: kernels, allocator, caches
+                engine.flush_cache()
+                for name, run in (
+                    ("shared", lambda: run_waves(engine, shared_waves(vocab, seed=repeat))),
+                    ("multi-turn", lambda: run_turns(engine, vocab, seed=repeat)),
+                    ("unshared", lambda: run_waves(engine, unshared_waves(vocab, seed=repeat))),
+                ):
+                    engine.flush_cache()
+                    m = run()
+                    key = (name, cache)
+                    print(f"repeat {repeat} {name:>10} cache {'on ' if cache else 'off'}: median TTFT "
+                          f"{m.median_ttft_ms:9.1f} ms, prefill {m.prefill_tok_s:10.0f} tok/s, cached "
+                          f"{m.cached_tokens}/{m.prompt_tokens}", flush=True)
+                    if key not in results or m.prefill_tok_s > results[key].prefill_tok_s:
+                        results[key] = m  # the best of the repeats: the least disturbed run
+    rows = ["| workload | cache | median TTFT (ms) | prefill tok/s | cached / prompt tokens | TTFT gain | "
+            "throughput gain |", "|---|---|---|---|---|---|---|"]
+    for name in ("shared", "multi-turn", "unshared"):
+        off, on = results[(name, False)], results[(name, True)]
+        for cache, m in (("off", off), ("on", on)):
+            gains = (f"{off.median_ttft_ms / on.median_ttft_ms:.2f}x | {on.prefill_tok_s / off.prefill_tok_s:.3f}x"
+                     if cache == "on" else " | ")
+            rows.append(f"| {name} | {cache} | {m.median_ttft_ms:.1f} | {m.prefill_tok_s:.0f} | "
+                        f"{m.cached_tokens} / {m.prompt_tokens} | {gains} |")
+    return (f"Engine: `{args.model_path}` ({args.load_format} weights), {args.dtype}, {args.device}; default "
+            f"chunked prefill (4096 tokens) and page size; best of {args.repeats} runs per setting, cache off and "
+            "on alternating.\n\n" + "\n".join(rows))
+
+
+# ------------------------------------------------------------------ router part
+
+
+def _launch(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "tpla_serve.launch", *args, "--host", HOST, "--port", str(port),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.5)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(60)
+
+
+def _cache_counters(urls: list[str]) -> tuple[int, int]:
+    cached = prompt = 0
+    for url in urls:
+        state = httpx.get(url + "/server_info", timeout=10).json()["internal_states"][0]
+        cached += state["cached_prompt_tokens"]
+        prompt += state["prompt_tokens"]
+    return cached, prompt
+
+
+def _replay(router_url: str, vocab: int, convs: int, turns: int, seed: int) -> None:
+    errors: list[str] = []
+
+    def conversation(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        history = _random_ids(rng, 200, vocab)
+        with httpx.Client(timeout=600) as client:
+            for _ in range(turns):
+                body = {"input_ids": history, "sampling_params": {"max_new_tokens": 32, "temperature": 0,
+                                                                  "ignore_eos": True}}
+                r = client.post(router_url + "/generate", json=body)
+                if r.status_code != 200:
+                    errors.append(r.text[:200])
+                    return
+                history = history + r.json()["output_ids"] + _random_ids(rng, 64, vocab)
+
+    threads = [threading.Thread(target=conversation, args=(i,)) for i in range(convs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} conversations failed: {errors[0]}")
+
+
+def router_part(args: argparse.Namespace) -> str:
+    model = ["--model-path", str(SHIPPED), "--dtype", "float32", "--kv-cache-bytes", str(1 << 28)]
+    procs: list[subprocess.Popen] = []
+    rows = ["| policy | cached / prompt tokens (prefill servers) | hit rate |", "|---|---|---|"]
+    rates = {}
+    try:
+        prefills = []
+        for _ in range(2):
+            bootstrap = str(free_port())
+            proc, url = _launch("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
+            procs.append(proc)
+            prefills.append((url, bootstrap))
+        proc, decode_url = _launch("--role", "decode", *model, "--disaggregation-bootstrap-port", prefills[0][1])
+        procs.append(proc)
+        vocab = httpx.get(decode_url + "/model_info", timeout=10).json()["vocab_size"]
+        for policy in ("round_robin", "cache_aware"):
+            for url, _ in prefills:
+                assert httpx.post(url + "/flush_cache", timeout=30).status_code == 200
+            before = _cache_counters([u for u, _ in prefills])
+            router_args = ["--role", "router", "--policy", policy, "--decode", decode_url]
+            for url, bootstrap in prefills:
+                router_args += ["--prefill", url, bootstrap]
+            router, router_url = _launch(*router_args)
+            try:
+                _replay(router_url, vocab, args.router_conversations, 4, seed=7)
+            finally:
+                _stop([router])
+            after = _cache_counters([u for u, _ in prefills])
+            cached, prompt = after[0] - before[0], after[1] - before[1]
+            rates[policy] = cached / prompt
+            rows.append(f"| {policy} | {cached} / {prompt} | {rates[policy]:.3f} |")
+            print(f"router {policy}: hit rate {rates[policy]:.3f} ({cached}/{prompt})", flush=True)
+    finally:
+        _stop(procs)
+    ratio = rates["cache_aware"] / max(rates["round_robin"], 1e-9)
+    return (f"Router: two prefill servers (the shipped `mla-tiny`, fp32, CPU) and one decode server behind "
+            f"tpla_router; {args.router_conversations} conversations x 4 turns in parallel (turn 1: 200 tokens; "
+            "each turn adds the 32-token answer and a 64-token message), prefill caches flushed before each "
+            f"policy.\n\n" + "\n".join(rows) + f"\n\ncache_aware / round_robin hit rate: {ratio:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", default=str(SHIPPED), help="a model directory or a built-in config name")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine-args", default="{}", help="more Engine keyword arguments, as JSON")
+    parser.add_argument("--tag", default="cpu", help="names the result file: prefix_cache_<tag>_<date>.md")
+    parser.add_argument("--router", action="store_true", help="also measure the router's hit rates")
+    parser.add_argument("--router-only", action="store_true")
+    parser.add_argument("--router-conversations", type=int, default=16)
+    args = parser.parse_args()
+    parts = []
+    if not args.router_only:
+        parts.append(engine_part(args))
+    if args.router or args.router_only:
+        parts.append(router_part(args))
+    body = "\n\n".join(parts) + "\n\nCommand: `python benchmarks/bench_prefix_cache.py " + " ".join(sys.argv[1:]) + "`"
+    print(write_result(f"prefix_cache_{args.tag}", "Prefix caching: TTFT, prefill throughput, routing hit rate",
+                       body))
+
+
+if __name__ == "__main__":
+    main()
