@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import queue
+import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -10,6 +13,8 @@ import zmq
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, RoomEvent
+from tpla_serve.disagg.auth import TAG_BYTES
+from tpla_serve.disagg.tcp_stream import PREFIX, SIZE, envelope
 
 NUM_LAYERS = 4
 KV_LORA_RANK = 16
@@ -158,3 +163,75 @@ def owned_socket(closing: list, kind: int, linger_ms: int) -> zmq.Socket:
 
     closing.append(_Closer())
     return sock
+
+
+class StreamPeer:
+    """A raw peer on a decode rank's data endpoint: writes messages in the stream's own format (a
+    misbehaving prefill), closed with the test's `closing` list."""
+
+    def __init__(self, closing: list, endpoint: str) -> None:
+        host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+        self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+        closing.append(self)
+
+    def send_multipart(self, frames: list) -> None:
+        """One message; a header without its tag frame gets a zero tag."""
+        frames = list(frames) if len(frames) >= 2 else [*frames, b"\0" * TAG_BYTES]
+        self.sock.sendall(b"".join(bytes(b) for b in envelope(frames)))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def closed_by_peer(self, timeout_s: float = 5.0) -> bool:
+        """Whether the decode rank closed this connection (reads until EOF or the timeout)."""
+        self.sock.settimeout(timeout_s)
+        try:
+            while self.sock.recv(4096):
+                pass
+        except (TimeoutError, socket.timeout):
+            return False
+        except OSError:
+            return True
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StreamTap:
+    """A fake decode rank's data endpoint: records every message a prefill sends it, as frames."""
+
+    def __init__(self, closing: list) -> None:
+        self.messages: queue.Queue[list[bytes]] = queue.Queue()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+        closing.append(self)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as f:
+            while head := f.read(PREFIX.size):
+                header_len, n = PREFIX.unpack(head)
+                sizes = [SIZE.unpack(f.read(SIZE.size))[0] for _ in range(n)]
+                frames = [f.read(header_len), f.read(TAG_BYTES), *(f.read(s) for s in sizes)]
+                self.messages.put(frames)
+
+    def recv_multipart(self, timeout_s: float = 5.0) -> list[bytes]:
+        return self.messages.get(timeout=timeout_s)
+
+    def poll(self, timeout_s: float) -> bool:
+        """Whether a message has arrived (waiting up to timeout_s)."""
+        return wait_until(lambda: not self.messages.empty(), timeout_s)
+
+    def close(self) -> None:
+        self.server.close()

@@ -13,7 +13,17 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 import zmq
-from kv_stream_helpers import PAGE_SIZE, Decode, owned_socket, prompt_kv, small_spec, wait_events, wait_until
+from kv_stream_helpers import (
+    PAGE_SIZE,
+    Decode,
+    StreamPeer,
+    StreamTap,
+    owned_socket,
+    prompt_kv,
+    small_spec,
+    wait_events,
+    wait_until,
+)
 
 from tpla_serve.disagg import (
     Abort,
@@ -120,7 +130,8 @@ def _forged_registers() -> dict[str, object]:
 @pytest.mark.parametrize("case", list(_forged_registers()))
 def test_a_forged_register_takes_no_room_and_opens_no_socket(closing: list, case: str) -> None:
     sender = _sender(closing, max_rooms=1)
-    thief, thief_endpoint = _pull(closing)
+    thief = StreamTap(closing)
+    thief_endpoint = thief.endpoint
     room = 101
     _push(closing, sender.bootstrap_endpoint).send_multipart(_forged_registers()[case](room, [thief_endpoint] * 2))
     assert wait_until(lambda: sender.stats().messages_unauthenticated == 1, 5.0)
@@ -132,7 +143,7 @@ def test_a_forged_register_takes_no_room_and_opens_no_socket(closing: list, case
 
 def test_a_register_without_a_tag_is_malformed_and_dropped(closing: list) -> None:
     sender = _sender(closing)
-    _, thief_endpoint = _pull(closing)
+    thief_endpoint = StreamTap(closing).endpoint
     _push(closing, sender.bootstrap_endpoint).send_multipart(_register(102, [thief_endpoint] * 2)[:1])
     assert wait_until(lambda: sender.stats().messages_rejected == 1, 5.0)
     assert (sender.stats().rooms_live, sender.stats().sockets_open) == (0, 0)
@@ -140,7 +151,8 @@ def test_a_register_without_a_tag_is_malformed_and_dropped(closing: list) -> Non
 
 def test_a_fake_decode_cannot_take_a_room_the_prefill_is_computing(closing: list) -> None:
     sender, decode_ = _sender(closing), _decode(closing)
-    thief, thief_endpoint = _pull(closing)
+    thief = StreamTap(closing)
+    thief_endpoint = thief.endpoint
     room, n = 103, 8
     kv = prompt_kv(room, n, SPEC)
     _send_all(sender, room, kv)  # buffered on the prefill until its decode registers
@@ -197,7 +209,8 @@ def test_a_flood_of_forged_registers_does_not_stop_a_genuine_room(
 
 def test_a_register_naming_1000_endpoints_is_refused_without_connecting_to_them(closing: list) -> None:
     sender = _sender(closing)
-    notify, notify_endpoint = _pull(closing)
+    notify = StreamTap(closing)
+    notify_endpoint = notify.endpoint
     endpoints = [notify_endpoint] + [f"tcp://10.9.{i // 250}.{i % 250}:9" for i in range(999)]
     layout = DecodeLayout(kv=SPEC, tp_size=1000, latent_groups=1, page_size=PAGE_SIZE)
     room = 105
@@ -207,8 +220,7 @@ def test_a_register_naming_1000_endpoints_is_refused_without_connecting_to_them(
     assert sender.stats().sockets_open == 0  # forged: not even its notify endpoint hears of it
     # From a decode server that holds the secret, only the notify endpoint hears why.
     push.send_multipart(_register(room, endpoints, layout=layout))
-    assert notify.poll(5000)
-    frames = notify.recv_multipart()
+    frames = notify.recv_multipart(5.0)
     abort = decode(frames)
     assert isinstance(abort, Abort) and abort.room == room and signed_by(AUTH.room_keys(room).to_decode, frames)
     assert "names 1000 endpoints, more than the 64" in abort.message
@@ -258,7 +270,7 @@ def test_forged_kv_done_and_abort_for_an_expected_room_are_dropped(closing: list
     assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
     forged = _forged_room_messages(room)
     for endpoint in decode_.endpoints:
-        push = _push(closing, endpoint)
+        push = StreamPeer(closing, endpoint)
         for frames in forged:
             push.send_multipart(frames)
     decode_abort = encode(Abort(room, "forged"), ClusterAuth("another secret").room_keys(room).to_prefill)

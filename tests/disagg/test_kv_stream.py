@@ -13,6 +13,7 @@ import zmq
 from kv_stream_helpers import (
     PAGE_SIZE,
     Decode,
+    StreamPeer,
     owned_socket,
     poll_until,
     prompt_kv,
@@ -34,6 +35,7 @@ from tpla_serve.disagg import (
 )
 from tpla_serve.disagg.auth import ClusterAuth, make_tag
 from tpla_serve.disagg.messages import decode as decode_message
+from tpla_serve.disagg.tcp_stream import PREFIX
 
 
 class Transports(list):
@@ -292,7 +294,7 @@ def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: T
     rx = decode.rx[0]
     victim = 21
     decode.expect(victim, 4, sender.bootstrap_port, register=False)
-    raw = _raw_push(closing, rx.endpoint)
+    raw = StreamPeer(closing, rx.endpoint)
     width, rope = 16, 8
     bad = [
         [b"\xc1not msgpack"],
@@ -312,9 +314,16 @@ def test_malformed_frames_are_rejected_and_the_receiver_keeps_working(closing: T
     raw.send_multipart([*_layer_header(closing, victim2, 0, 0, 4), b"\0" * (4 * width * 2 + 2), b"\0" * 4 * rope * 2])
     ((event,),) = decode.events()
     assert event.room == victim2 and "bad KV frame" in event.message
-    # A frame over max_frame_bytes makes ZMQ drop that connection before anything is allocated for it.
+    # A frame over max_frame_bytes closes that connection before anything is allocated for it.
+    rejected = rx.stats().messages_rejected
     raw.send_multipart([*_layer_header(closing, victim2, 0, 0, 4), b"\0" * 10_000, b""])
-    time.sleep(0.2)
+    assert raw.closed_by_peer()
+    assert rx.stats().messages_rejected == rejected + 1
+    # So does an envelope that declares a header past its limit, or too many frames.
+    for envelope in (PREFIX.pack(1 << 30, 2), PREFIX.pack(8, 200)):
+        peer = StreamPeer(closing, rx.endpoint)
+        peer.send_raw(envelope)
+        assert peer.closed_by_peer()
     # A good room still streams end to end.
     room, n = 23, 9
     kv = prompt_kv(room, n, sender.kv)
@@ -418,4 +427,6 @@ def test_sender_outlives_a_decode_server_that_dies_mid_stream(closing: Transport
     _send_all(sender, room2, kv2)
     assert all(isinstance(e[0], RoomCompleted) for e in decode.events())
     decode.assert_holds(room2, kv2)
-    assert sender.stats().rooms_live == 0 and sender.poll() == []
+    assert sender.stats().rooms_live == 0 and sender.stats().staging_bytes == 0
+    # The dead server's room ended either as sent or, if a write failed first, as failed saying why.
+    assert all(e.room == 51 and "cannot send" in e.message for e in sender.poll())

@@ -15,6 +15,7 @@ import torch
 import zmq
 from kv_stream_helpers import (
     PAGE_SIZE,
+    StreamPeer,
     expected_ckv_slice,
     owned_socket,
     prompt_kv,
@@ -37,7 +38,7 @@ from tpla_serve.disagg import (
     encode,
 )
 from tpla_serve.disagg.auth import ClusterAuth, register_stamp
-from tpla_serve.disagg.decode_side import pages_writer
+from tpla_serve.disagg.pages import KVPages
 from tpla_serve.disagg.messages import Done, LayerKV, tensor_frame
 
 TARGET = small_spec()
@@ -48,7 +49,7 @@ AUTH = ClusterAuth(SECRET)
 
 class Rank:
     """One decode rank: a target pool slice and, when the layout sends it draft KV, a whole draft pool
-    addressed by the same pages (the engine's pages_writer places the rows)."""
+    addressed by the same pages (the engine's RoomPages places the rows, here through its copying path)."""
 
     def __init__(self, layout: DecodeLayout, rank: int, num_pages: int = 32) -> None:
         kv = layout.kv
@@ -69,7 +70,7 @@ class Rank:
     def expect(self, room: int, n: int, port: int) -> torch.Tensor:
         pages = self.alloc.alloc(-(-n // PAGE_SIZE))
         assert pages is not None
-        write = pages_writer(self.pool, pages, self.draft_pool)
+        write = KVPages(self.pool, self.draft_pool).room(pages)
 
         def record(layer: int, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
             self.layers_written.append(layer)
@@ -238,11 +239,9 @@ def _signed(msg: LayerKV | Done) -> list:
     return encode(msg, AUTH.room_keys(msg.room).to_decode)
 
 
-def _raw_prefill(closing: list, endpoint: str) -> zmq.Socket:
+def _raw_prefill(closing: list, endpoint: str) -> StreamPeer:
     """Sends hand-made messages to one decode rank, as a misbehaving prefill could."""
-    sock = owned_socket(closing, zmq.PUSH, 1000)
-    sock.connect(endpoint)
-    return sock
+    return StreamPeer(closing, endpoint)
 
 
 def _bootstrap_sink(closing: list) -> int:

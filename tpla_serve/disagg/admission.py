@@ -19,7 +19,8 @@ import zmq
 
 from tpla_serve.disagg.auth import ClusterAuth, ReplayGuard, signed_by, wall_clock_ms
 from tpla_serve.disagg.bootstrap import tcp_endpoint
-from tpla_serve.disagg.io_loop import Outbound, bind_tcp, peer_address
+from tpla_serve.disagg.io_loop import bind_tcp, peer_address
+from tpla_serve.disagg.transport import DataSender
 from tpla_serve.disagg.log_limit import RateLimitedLog
 from tpla_serve.disagg.messages import MAX_HEADER_BYTES, Abort, ProtocolError, Register, decode
 
@@ -55,7 +56,7 @@ class PeerTable:
         self.limits = limits
         self._peers: dict[str, _Peer] = {}
 
-    def endpoint_refusal(self, reg: Register, out: Outbound) -> str | None:
+    def endpoint_refusal(self, reg: Register, out: DataSender) -> str | None:
         """Why the prefill may not send to the endpoints `reg` names, or None."""
         names = _endpoints(reg)
         peer = self._peers.get(reg.notify_endpoint)
@@ -65,11 +66,11 @@ class PeerTable:
                 f"decode server {reg.notify_endpoint} names {named} endpoints, more than the "
                 f"{self.limits.max_endpoints} one decode server may use"
             )
-        new = sum(not out.is_open(e) for e in names)
-        if len(out) + new > out.max_sockets:
+        new = sum(not out.is_open(e) for e in names) * reg.lanes
+        if out.connections() + new > out.max_connections:
             return (
-                f"prefill has {len(out)} of its {out.max_sockets} connections to decode servers open; "
-                f"the room needs {new} more"
+                f"prefill has {out.connections()} of its {out.max_connections} connections to decode servers "
+                f"open; the room needs {new} more"
             )
         return None
 

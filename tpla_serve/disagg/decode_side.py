@@ -1,8 +1,8 @@
 """The decode side of a PD pair (DESIGN §4): reserve pages, have every rank expect the room, register,
 and start decoding when the KV and DONE have arrived.
 
-Every decode rank receives its own slice of the latent straight into its KV pages (DecodeKVPort), and the
-ranks that keep a draft the draft's whole latent into the draft pool's same pages. Rank 0 (DecodeRole)
+Every decode rank receives its own slice of the latent straight into its KV pages (DecodeKVPort, pages.py),
+and the ranks that keep a draft the draft's whole latent into the draft pool's same pages. Rank 0 (DecodeRole)
 owns the rooms: it announces ExpectRoom / AwaitRoom / CancelRoom to the other ranks, whose handlers
 (`rank_handlers`) run the same port operations. A room that fails or times out ends its request with an
 abort and frees its pages. With speculative decoding the decode asks for the draft's KV too; a prefill that
@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg.events import RoomCompleted, RoomFailed
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
 from tpla_serve.disagg.pd_logprobs import check_top_logprobs, first_token_logprobs, prompt_from_wire
-from tpla_serve.disagg.receiver import KVReceiver, KVWriter
+from tpla_serve.disagg.pages import KVPages
+from tpla_serve.disagg.receiver import KVReceiver
 from tpla_serve.disagg.role import KV_TRANSFER_FAILED, Bootstrap, ServerBusy
 from tpla_serve.distributed import AwaitRoom, CancelRoom, ExpectRoom, TPGroup
 from tpla_serve.engine.request import Request, RequestSpec
@@ -49,29 +49,6 @@ def decode_layout(config: EngineConfig, kv: KVSpec, draft: KVSpec | None, draft_
     )
 
 
-def pages_writer(pool: LatentKVPool, pages: list[int], draft_pool: LatentKVPool | None = None) -> KVWriter:
-    """The KVWriter for one room: received token rows go to the room's own pages and nowhere else.
-
-    Wire layers past the target's are the draft's, written into the same pages of draft_pool (one page
-    table indexes both pools); the receiver never passes them to a rank without a draft pool.
-    """
-    page_size = pool.page_size
-    slots = torch.tensor(
-        [p * page_size + o for p in pages for o in range(page_size)], dtype=torch.int64, device=pool.ckv[0].device
-    )
-    num_layers = pool.num_layers
-
-    def write(layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
-        loc = slots[token_start : token_start + ckv.shape[0]]
-        target = pool
-        if layer >= num_layers:
-            assert draft_pool is not None
-            target, layer = draft_pool, layer - num_layers
-        target.write(layer, loc, ckv.to(loc.device), kpe.to(loc.device))
-
-    return write
-
-
 class DecodeKVPort:
     """One decode rank's KV receiver and the rooms it has seen finish."""
 
@@ -91,9 +68,10 @@ class DecodeKVPort:
         self.pool = pool
         self.draft_pool = draft_pool
         self.timeout_s = timeout_s
+        self.pages = KVPages(pool, draft_pool)
         self.receiver = KVReceiver(
             layout, rank, host=host, timeout_s=timeout_s, default_bootstrap_port=default_bootstrap_port,
-            secret=secret,
+            secret=secret, pin_staging=not self.pages.on_host,
         )
         self.completed: dict[int, RoomCompleted] = {}
         self.failed: dict[int, str] = {}
@@ -103,7 +81,7 @@ class DecodeKVPort:
         return self.receiver.endpoint
 
     def expect(self, room: int, n_tokens: int, pages: list[int], host: str, port: int | None) -> None:
-        self.receiver.expect(room, n_tokens, pages_writer(self.pool, pages, self.draft_pool), host, port)
+        self.receiver.expect(room, n_tokens, self.pages.room(pages), host, port)
 
     def poll(self, timeout_s: float = 0.0) -> list[RoomCompleted | RoomFailed]:
         events = self.receiver.poll(timeout_s)

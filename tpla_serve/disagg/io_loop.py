@@ -18,6 +18,7 @@ from typing import Any
 import zmq
 
 from tpla_serve.disagg.messages import Frame
+from tpla_serve.disagg.transport import ConnectionLimit
 from tpla_serve.disagg.waker import Waker
 
 logger = logging.getLogger(__name__)
@@ -123,10 +124,6 @@ def peer_address(frames: Sequence[Any]) -> str:
         except zmq.ZMQError:  # ipc:// connections carry no peer address
             pass
     return "?"
-
-
-class ConnectionLimit(Exception):
-    """Sending would open one outbound socket more than the transport allows."""
 
 
 SEND_ERRORS = (zmq.ZMQError, ConnectionLimit)

@@ -20,16 +20,18 @@ import msgpack
 import torch
 
 from tpla_serve.disagg.auth import NONCE_BYTES, TAG_BYTES, make_tag
-from tpla_serve.disagg.bootstrap import check_endpoint
+from tpla_serve.disagg.bootstrap import MAX_ROOM, check_endpoint
 from tpla_serve.disagg.handshake import DecodeLayout, KVSpec
+from tpla_serve.disagg.logprob_frames import PromptLogprobs, TopLogprobs
 from tpla_serve.disagg.wire import Frame, HeaderFields, ProtocolError, frame_tensor, tensor_frame
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: rank endpoints speak the data plane's stream (DESIGN §8); REGISTER names lanes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_MESSAGE_LEN = 4096
 MAX_TOKENS = 1 << 24
 MAX_TOP_LOGPROBS = 1024
 MAX_RANKS = 1024
+MAX_LANES = 8
 MAX_LAYERS = 1 << 16  # per model: a layer index on the wire is below 2 * MAX_LAYERS (target + draft)
 _UNPACK_LIMITS = {
     "max_str_len": MAX_MESSAGE_LEN,
@@ -58,6 +60,7 @@ class Register:
     max_frame_bytes: int  # largest frame the decode ranks accept; the prefill chunks tokens to fit
     issued_ms: int  # the decode's wall clock when it sent the REGISTER (ms since the epoch)
     nonce: bytes  # random, once per REGISTER: the prefill refuses a REGISTER it has seen
+    lanes: int = 1  # connections per decode rank the prefill spreads layers over (layer l on lane l % lanes)
 
     def __post_init__(self) -> None:
         if len(self.rank_endpoints) != self.layout.tp_size:
@@ -90,48 +93,6 @@ class LayerKV:
             frame_tensor(memoryview(self.ckv), dtype, shape + (ckv_width,), "ckv"),
             frame_tensor(memoryview(self.kpe), dtype, shape + (rope_dim,), "kpe"),
         )
-
-
-@dataclass(frozen=True)
-class PromptLogprobs:
-    """Logprobs of prompt tokens start.. (float32 [m]) and optionally their top-k (values and ids [m, k])."""
-
-    start: int
-    logprobs: torch.Tensor
-    top_logprobs: torch.Tensor | None = None
-    top_ids: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.logprobs.dim() != 1 or self.logprobs.dtype != torch.float32:
-            raise ValueError("PromptLogprobs.logprobs must be a float32 [m] tensor")
-        if (self.top_logprobs is None) != (self.top_ids is None):
-            raise ValueError("PromptLogprobs.top_logprobs and top_ids must be given together")
-        if self.top_logprobs is not None and self.top_ids is not None:
-            m = self.logprobs.shape[0]
-            if self.top_logprobs.dtype != torch.float32 or self.top_ids.dtype != torch.int32:
-                raise ValueError("PromptLogprobs top values must be float32 and top ids int32")
-            if self.top_logprobs.dim() != 2 or self.top_logprobs.shape[0] != m:
-                raise ValueError(f"PromptLogprobs.top_logprobs must be [{m}, k]")
-            if self.top_ids.shape != self.top_logprobs.shape:
-                raise ValueError("PromptLogprobs.top_ids must have the shape of top_logprobs")
-
-    @property
-    def top_k(self) -> int:
-        return 0 if self.top_logprobs is None else self.top_logprobs.shape[1]
-
-
-@dataclass(frozen=True)
-class TopLogprobs:
-    """The k most likely tokens at one position: logprobs (float32 [k], descending) and ids (int32 [k])."""
-
-    logprobs: torch.Tensor
-    ids: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.logprobs.dim() != 1 or self.logprobs.dtype != torch.float32 or self.ids.dtype != torch.int32:
-            raise ValueError("TopLogprobs must be a float32 [k] tensor of logprobs and an int32 one of ids")
-        if self.ids.shape != self.logprobs.shape:
-            raise ValueError("TopLogprobs.ids must have the shape of its logprobs")
 
 
 @dataclass(frozen=True)
@@ -226,6 +187,7 @@ def encode(msg: Message, key: bytes) -> list[Frame]:
             "max_frame_bytes": msg.max_frame_bytes,
             "issued_ms": msg.issued_ms,
             "nonce": msg.nonce,
+            "lanes": msg.lanes,
         }
         return _signed(Tag.REGISTER, fields, key)
     if isinstance(msg, Abort):
@@ -271,6 +233,7 @@ def _register(f: HeaderFields, frames: Sequence[memoryview]) -> Register:
         max_frame_bytes=f.int("max_frame_bytes", 1, 1 << 40),
         issued_ms=f.int("issued_ms"),
         nonce=f.bytes("nonce", NONCE_BYTES),
+        lanes=f.int("lanes", 1, MAX_LANES),
     )
 
 
@@ -343,7 +306,7 @@ _KINDS = MappingProxyType(
         Tag.REGISTER: _Kind(
             frozenset(
                 {"room", "layout", "rank_endpoints", "notify_endpoint", "n_tokens", "max_frame_bytes"}
-                | {"issued_ms", "nonce"}
+                | {"issued_ms", "nonce", "lanes"}
             ),
             0,
             _register,
@@ -360,16 +323,11 @@ _KINDS = MappingProxyType(
 )
 
 
-def decode(frames: Sequence[Any]) -> Message:
-    """The message in `frames` (bytes or zmq.Frame); ProtocolError for anything malformed. The tag (frame 1)
-    is checked for its size only: see auth.signed_by."""
-    if not frames:
-        raise ProtocolError("empty message")
-    views = [memoryview(f) for f in frames]
-    if views[0].nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {views[0].nbytes} bytes exceeds {MAX_HEADER_BYTES}")
+def _header(view: memoryview) -> dict:
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {view.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(views[0], raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+        header = msgpack.unpackb(view, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack signals bad input with many exception types
         raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
     if not isinstance(header, dict):
@@ -379,6 +337,27 @@ def decode(frames: Sequence[Any]) -> Message:
     tag = header.get("t")
     if type(tag) is not int or tag not in _KINDS:
         raise ProtocolError(f"unknown message tag {tag!r:.40}")
+    return header
+
+
+def peek(header: Any) -> tuple[Tag, int]:
+    """The kind and room of a message from its header alone, so a receiver can check its tag and decide
+    where the payload goes before reading it (ProtocolError when the header is not one of ours)."""
+    fields = _header(memoryview(header))
+    room = fields.get("room")
+    if type(room) is not int or not 0 <= room <= MAX_ROOM:
+        raise ProtocolError(f"room must be an int in [0, {MAX_ROOM}], got {room!r:.40}")
+    return Tag(fields["t"]), room
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """The message in `frames` (bytes or zmq.Frame); ProtocolError for anything malformed. The tag (frame 1)
+    is checked for its size only: see auth.signed_by."""
+    if not frames:
+        raise ProtocolError("empty message")
+    views = [memoryview(f) for f in frames]
+    header = _header(views[0])
+    tag = header["t"]
     kind = _KINDS[Tag(tag)]
     if len(views) < 2 or views[1].nbytes != TAG_BYTES:
         raise ProtocolError(f"{Tag(tag).name} has no {TAG_BYTES}-byte tag in frame 1")

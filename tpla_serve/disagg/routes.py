@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tpla_serve.disagg.handshake import KVSpec, draft_mismatch
 from tpla_serve.disagg.messages import Frame, LayerKV, Register, encode, tensor_frame
+from tpla_serve.disagg.staging import Holds, StagingPool
+
+if TYPE_CHECKING:
+    from tpla_serve.disagg.sender_rooms import LayerCmd
 
 logger = logging.getLogger(__name__)
 _MAX_WARNED = 1024
@@ -28,6 +30,7 @@ class Routes:
     ckv_width: int
     kv_itemsize: int
     chunk_tokens: int  # tokens per message
+    lanes: int = 1  # connections per decode rank: layer l goes on lane l % lanes
     send_draft: bool = False  # the decode wants this prefill's draft KV
     draft_targets: list[str] = field(default_factory=list)  # endpoints of the ranks that keep a draft
     draft_chunk_tokens: int = 0
@@ -49,6 +52,7 @@ def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None, key: bytes) -> 
         kv_itemsize=kv.itemsize,
         chunk_tokens=_chunk_tokens(reg.max_frame_bytes, max(layout.ckv_width, kv.rope_dim) * kv.itemsize,
                                    layout.page_size),
+        lanes=reg.lanes,
     )
     problem = draft_mismatch(draft, layout)
     if problem is None and draft is not None and layout.draft is not None:
@@ -60,36 +64,46 @@ def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None, key: bytes) -> 
     return routes, problem
 
 
-def target_layer_messages(
-    routes: Routes, room: int, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor
-) -> Iterator[tuple[str, list[Frame], int]]:
-    """(endpoint, frames, payload bytes) of one target layer's rows, every decode rank its slice."""
-    n = ckv.shape[0]
-    kpe = kpe.contiguous()
+Message = tuple[str, list[Frame], int, tuple[Holds, ...]]  # endpoint, frames, payload bytes, buffers read
+
+
+def target_layer_messages(routes: Routes, room: int, cmd: LayerCmd, staging: StagingPool) -> Iterator[Message]:
+    """One target layer's rows, every decode rank its slice: a rank of g > 1 gets its latent dims copied
+    into staging (shared by the ranks of its group), the rest is sent from the layer's own tensors."""
+    ckv, kpe = cmd.ckv, cmd.kpe
+    n, width = ckv.shape
     ckv_bytes = routes.ckv_width * routes.kv_itemsize
+    base = () if cmd.holds is None else (cmd.holds,)
     for s in range(0, n, routes.chunk_tokens):
         e = min(n, s + routes.chunk_tokens)
         kpe_frame = tensor_frame(kpe[s:e])
-        slices: dict[int, Any] = {}  # ranks of one latent group share their slice's bytes
+        slices: dict[int, tuple[Any, tuple[Holds, ...]]] = {}  # ranks of one latent group share their slice
         for endpoint, a, b in routes.targets:
             if a not in slices:
-                slices[a] = tensor_frame(ckv[s:e, a:b].contiguous())
-            frames = encode(LayerKV(room, layer, token_start + s, e - s, slices[a], kpe_frame), routes.key)
-            yield endpoint, frames, (e - s) * ckv_bytes + kpe_frame.nbytes
+                if b - a == width:
+                    slices[a] = (tensor_frame(ckv[s:e]), base)
+                else:
+                    buf = staging.acquire((e - s) * (b - a) * ckv.element_size())
+                    buf.view(ckv.dtype).view(e - s, b - a).copy_(ckv[s:e, a:b])
+                    slices[a] = (buf.numpy(), (Holds(staging, [buf]), *base))
+            frame, holds = slices[a]
+            frames = encode(LayerKV(room, cmd.layer, cmd.token_start + s, e - s, frame, kpe_frame), routes.key)
+            yield endpoint, frames, (e - s) * ckv_bytes + kpe_frame.nbytes, tuple(h.hold() for h in holds)
+        for frame, holds in slices.values():
+            if len(holds) > len(base):
+                holds[0].drop()  # the slice's own hold: its messages hold it now
 
 
-def draft_layer_messages(
-    routes: Routes, room: int, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor
-) -> Iterator[tuple[str, list[Frame], int]]:
-    """(endpoint, frames, payload bytes) of one draft layer's rows, whole, to every rank with a draft."""
-    n = ckv.shape[0]
-    ckv, kpe = ckv.contiguous(), kpe.contiguous()
-    for s in range(0, n, routes.draft_chunk_tokens):
-        e = min(n, s + routes.draft_chunk_tokens)
+def draft_layer_messages(routes: Routes, room: int, cmd: LayerCmd, staging: StagingPool) -> Iterator[Message]:
+    """One draft layer's rows, whole, to every rank with a draft."""
+    ckv, kpe = cmd.ckv, cmd.kpe
+    base = () if cmd.holds is None else (cmd.holds,)
+    for s in range(0, ckv.shape[0], routes.draft_chunk_tokens):
+        e = min(ckv.shape[0], s + routes.draft_chunk_tokens)
         ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
-        frames = encode(LayerKV(room, layer, token_start + s, e - s, ckv_frame, kpe_frame), routes.key)
+        frames = encode(LayerKV(room, cmd.layer, cmd.token_start + s, e - s, ckv_frame, kpe_frame), routes.key)
         for endpoint in routes.draft_targets:
-            yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes
+            yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes, tuple(h.hold() for h in base)
 
 
 class OncePerPeer:

@@ -1,9 +1,12 @@
 """Prefill side of the KV stream: one KVSender per prefill scheduler.
 
 The engine calls send_layer() after each layer and send_done() after sampling the first token; both
-return at once. The IO thread slices each layer per decode rank (its r/g latent dims + the full k_pe) and
-sends it zero-copy while the engine computes the next layer. Decode servers REGISTER on the bootstrap
-socket; layers that are ready before their room registers wait in a bounded buffer.
+return at once (a layer on a GPU is copied into pinned staging without waiting). The IO thread slices each
+layer per decode rank (its r/g latent dims, into reusable staging, + the full k_pe) and hands the messages
+to the data plane (transport.py), whose lanes write them zero-copy while the engine computes the next
+layer; DONE follows the last layer on its lane, in the same write when that layer is still queued.
+Decode servers REGISTER on the bootstrap socket; layers that are ready before their room registers wait in
+a bounded buffer.
 
 With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
 stream, whole, to the decode ranks that keep a draft pool. A decode whose draft the prefill cannot serve
@@ -29,11 +32,22 @@ from tpla_serve.disagg.auth import UNAUTHENTICATED_WARNING, ClusterAuth
 from tpla_serve.disagg.bootstrap import check_room
 from tpla_serve.disagg.events import RoomEvent, RoomFailed, TransportLoop
 from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
-from tpla_serve.disagg.io_loop import SEND_ERRORS, Outbound
+from tpla_serve.disagg.io_loop import SEND_ERRORS
 from tpla_serve.disagg.log_limit import RateLimitedLog
 from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, TopLogprobs, encode
 from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
-from tpla_serve.disagg.sender_rooms import AbortCmd, Command, DoneCmd, EndedRoom, LayerCmd, SenderRoom
+from tpla_serve.disagg.sender_rooms import (
+    AbortCmd,
+    Command,
+    DoneCmd,
+    EndedRoom,
+    LayerCmd,
+    SendFailedCmd,
+    SenderRoom,
+)
+from tpla_serve.disagg.staging import Holds, StagingPool
+from tpla_serve.disagg.tcp_listen import TcpPlane
+from tpla_serve.disagg.transport import DataPlane, SendDone
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +67,7 @@ class SenderStats:
     messages_rejected: int  # malformed
     messages_unauthenticated: int  # a wrong tag, a stale or replayed REGISTER: dropped unread
     sockets_open: int  # outbound connections to decode servers
+    staging_bytes: int = 0  # staging buffers held by layers not yet sent (0 once every room ended)
 
 
 class KVSender(TransportLoop):
@@ -64,6 +79,7 @@ class KVSender(TransportLoop):
     secret: what every peer must prove (None: any peer is accepted, with a warning). max_peer_rooms,
     max_peer_endpoints: what one decode server may hold at once; max_sockets: outbound connections in all;
     max_register_skew_s: how far a REGISTER's issue time may be from this host's clock.
+    data_plane: how bytes reach the decode ranks (TCP by default).
     """
 
     def __init__(
@@ -83,6 +99,7 @@ class KVSender(TransportLoop):
         max_peer_endpoints: int = 64,
         max_sockets: int = 512,
         max_register_skew_s: float = 60.0,
+        data_plane: DataPlane | None = None,
     ) -> None:
         super().__init__("kv-sender", on_event)
         auth = ClusterAuth(secret)
@@ -97,7 +114,8 @@ class KVSender(TransportLoop):
         self.max_rooms = max_rooms
         self.max_buffered_bytes_per_room = max_buffered_bytes_per_room
         self.max_buffered_bytes = max_buffered_bytes
-        self._out = Outbound(self.ctx, self.poller, max_sockets)
+        self._data = (data_plane if data_plane is not None else TcpPlane()).sender(timeout_s, max_sockets)
+        self._staging = StagingPool(pin=torch.cuda.is_available())
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
         # IO-thread state
@@ -126,8 +144,8 @@ class KVSender(TransportLoop):
         """Stream tokens [token_start, token_start + n) of `layer`: ĉ [n, r] and k_pe [n, d_r].
 
         draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
-        come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied to
-        the host here, synchronously.
+        come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied
+        into pinned staging on the current stream, without waiting; the IO thread waits for the copy.
         """
         check_room(room)
         spec = self.kv
@@ -137,7 +155,14 @@ class KVSender(TransportLoop):
             spec = self.draft
         spec.check_layer_rows(layer, token_start, ckv, kpe)
         wire_layer = layer + self.kv.num_layers if draft else layer
-        self._submit(LayerCmd(room, wire_layer, token_start, ckv.cpu(), kpe.cpu()))
+        if ckv.device.type == "cpu" and kpe.device.type == "cpu":
+            self._submit(LayerCmd(room, wire_layer, token_start, ckv, kpe))
+            return
+        bufs = [self._staging.acquire(t.nbytes) for t in (ckv, kpe)]
+        host = [b.view(t.dtype).view(t.shape).copy_(t, non_blocking=True) for b, t in zip(bufs, (ckv, kpe))]
+        ready = torch.cuda.Event()
+        ready.record()
+        self._submit(LayerCmd(room, wire_layer, token_start, host[0], host[1], ready, Holds(self._staging, bufs)))
 
     def send_done(
         self,
@@ -164,14 +189,22 @@ class KVSender(TransportLoop):
         gate = self._gate
         return SenderStats(
             self._bytes_sent, self._draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
-            self._rooms_registered, gate.rejected, gate.unauthenticated, len(self._out),
+            self._rooms_registered, gate.rejected, gate.unauthenticated, self._data.connections(),
+            self._staging.in_use,
         )
 
     # ------------------------------------------------------------ IO thread
 
     def _on_command(self, cmd: Command) -> None:
         now = time.monotonic()
+        if isinstance(cmd, SendFailedCmd):
+            state = self._rooms.get(cmd.room)
+            if state is not None:
+                self._fail(state, f"cannot send to the decode server: {cmd.message}")
+            return
         ended = self._ended.get(cmd.room)
+        if ended is not None and isinstance(cmd, LayerCmd):
+            cmd.release()
         if ended is not None:
             if isinstance(cmd, AbortCmd):
                 ended.reported = True
@@ -186,6 +219,8 @@ class KVSender(TransportLoop):
                 return
             if len(self._rooms) >= self.max_rooms:
                 message = f"prefill has too many rooms in flight ({self.max_rooms})"
+                if isinstance(cmd, LayerCmd):
+                    cmd.release()
                 self._rooms_failed += 1
                 self._end(cmd.room, message, reported=True)
                 self._events.emit([RoomFailed(cmd.room, message)])
@@ -208,7 +243,6 @@ class KVSender(TransportLoop):
                     self._on_decode_abort(msg)
                 else:
                     self._on_register(msg, now)
-        self._out.on_writable(ready, now)
 
     def _on_tick(self, now: float) -> None:
         for state in [s for s in self._rooms.values() if s.deadline < now]:
@@ -218,17 +252,13 @@ class KVSender(TransportLoop):
                 )
             else:
                 self._fail(state, f"timed out after {self.timeout_s:g}s waiting for the prefill to finish")
-        for room in self._out.expire(now, self.timeout_s):
-            state = self._rooms.get(room)
-            if state is not None:
-                self._fail(state, f"decode server did not take KV for {self.timeout_s:g}s", tell_decode=False)
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_EVERY_S
             live = {e for s in self._rooms.values() if s.registration for e in s.registration.rank_endpoints}
-            self._out.sweep(now, self.timeout_s, live)
+            self._data.sweep(self.timeout_s, live)
 
     def _on_close(self) -> None:
-        self._out.close()
+        self._data.close()
         self._gate.socket.close()
 
     def _on_decode_abort(self, msg: Abort) -> None:
@@ -244,7 +274,7 @@ class KVSender(TransportLoop):
         """An authenticated REGISTER: bind its room to the decode's endpoints, unless the room cannot be
         served or the decode server holds all it may (then only its notify endpoint hears why)."""
         state = self._rooms.get(reg.room)
-        problem = self._gate.peers.endpoint_refusal(reg, self._out)
+        problem = self._gate.peers.endpoint_refusal(reg, self._data)
         if problem is not None:
             self._refuse(reg, state, problem, now, notify_only=True)
             return
@@ -277,8 +307,10 @@ class KVSender(TransportLoop):
         self._buffered_bytes -= state.buffered_bytes
         state.buffered_bytes = 0
         for cmd in buffered:
-            if self._rooms.get(reg.room) is not state:
-                break  # a buffered command ended the room
+            if self._rooms.get(reg.room) is not state:  # a buffered command ended the room
+                if isinstance(cmd, LayerCmd):
+                    cmd.release()
+                continue
             self._stream(state, cmd, now)
 
     def _refuse(
@@ -301,6 +333,8 @@ class KVSender(TransportLoop):
     def _buffer(self, state: SenderRoom, cmd: Command) -> None:
         problem = state.buffer(cmd, self._buffered_bytes, self.max_buffered_bytes_per_room, self.max_buffered_bytes)
         if problem is not None:
+            if isinstance(cmd, LayerCmd):
+                cmd.release()
             self._fail(state, problem)
         elif isinstance(cmd, LayerCmd):
             self._buffered_bytes += cmd.nbytes
@@ -310,13 +344,30 @@ class KVSender(TransportLoop):
         assert reg is not None
         try:
             if isinstance(cmd, LayerCmd):
-                self._stream_layer(state, reg, cmd, now)
+                self._stream_layer(state, reg, cmd)
             elif isinstance(cmd, DoneCmd):
-                self._stream_done(state, reg, cmd.done, now)
+                self._stream_done(state, reg, cmd.done)
         except SEND_ERRORS as exc:
             self._fail(state, f"cannot send to the decode server: {exc}")
+        finally:
+            if isinstance(cmd, LayerCmd):
+                cmd.release()
 
-    def _stream_layer(self, state: SenderRoom, reg: Register, cmd: LayerCmd, now: float) -> None:
+    def _sent(self, room: int, holds: tuple[Holds, ...] = ()) -> SendDone:
+        """A message's on_done: give back its staging buffers; a failed send fails the room."""
+
+        def done(error: str | None) -> None:
+            for h in holds:
+                h.drop()
+            if error is not None and not self._closed:
+                try:
+                    self._submit(SendFailedCmd(room, error))
+                except RuntimeError:  # closed meanwhile
+                    pass
+
+        return done
+
+    def _stream_layer(self, state: SenderRoom, reg: Register, cmd: LayerCmd) -> None:
         routes = state.routes
         assert routes is not None
         draft = cmd.layer >= self.kv.num_layers
@@ -326,14 +377,17 @@ class KVSender(TransportLoop):
         if problem is not None:
             self._fail(state, problem)
             return
+        if cmd.ready is not None:
+            cmd.ready.synchronize()  # the engine's copy into pinned staging
         messages = draft_layer_messages if draft else target_layer_messages
-        for endpoint, frames, nbytes in messages(routes, state.room, cmd.layer, cmd.token_start, cmd.ckv, cmd.kpe):
-            self._out.send(endpoint, state.room, frames, now)
+        lane = cmd.layer % routes.lanes
+        for endpoint, frames, nbytes, holds in messages(routes, state.room, cmd, self._staging):
+            self._data.send(endpoint, lane, state.room, frames, self._sent(state.room, holds))
             self._bytes_sent += nbytes
             if draft:
                 self._draft_bytes_sent += nbytes
 
-    def _stream_done(self, state: SenderRoom, reg: Register, done: Done, now: float) -> None:
+    def _stream_done(self, state: SenderRoom, reg: Register, done: Done) -> None:
         routes = state.routes
         assert routes is not None
         send_draft = routes.send_draft
@@ -349,7 +403,8 @@ class KVSender(TransportLoop):
                 first_token_top=done.first_token_top if rank == 0 else None,
                 draft_kv=send_draft and reg.layout.wants_draft(rank),
             )
-            self._out.send(endpoint, state.room, encode(msg, routes.key), now)
+            lane = (wire_layers - 1) % routes.lanes  # behind the last layer: one write when it still waits
+            self._data.send(endpoint, lane, state.room, encode(msg, routes.key), self._sent(state.room))
         self._rooms_sent += 1
         self._remove(state)
         self._end(state.room, None, reported=True)
@@ -358,7 +413,7 @@ class KVSender(TransportLoop):
         """End a live room: drop what is still queued, tell the decode ranks and, once the engine has
         sent anything for the room (and did not end it itself), the engine."""
         self._remove(state)
-        self._out.drop_room(state.room)
+        self._data.drop_room(state.room)
         if tell_decode and state.registration is not None:
             self._send_abort(state.registration, message, time.monotonic())
         self._rooms_failed += 1
@@ -372,7 +427,7 @@ class KVSender(TransportLoop):
         endpoints = (reg.notify_endpoint,) if notify_only else (*reg.rank_endpoints, reg.notify_endpoint)
         for endpoint in dict.fromkeys(endpoints):
             try:
-                self._out.send(endpoint, reg.room, frames, now)
+                self._data.send(endpoint, 0, reg.room, frames, lambda error: None)
             except SEND_ERRORS as exc:
                 self._log.warning("abort", "room %d: cannot send ABORT to %s: %s", reg.room, endpoint, exc)
 
@@ -382,6 +437,9 @@ class KVSender(TransportLoop):
             self._rooms_registered -= 1
             self._gate.peers.remove(state.registration)
         self._buffered_bytes -= state.buffered_bytes
+        for cmd in state.buffered:
+            if isinstance(cmd, LayerCmd):
+                cmd.release()
         state.buffered, state.buffered_bytes = [], 0
 
     def _end(self, room: int, message: str | None, reported: bool) -> None:

@@ -4,11 +4,13 @@ decode server registers, then streamed along the room's routes; and what is reme
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from tpla_serve.disagg.messages import Done, Register
 from tpla_serve.disagg.routes import Routes
+from tpla_serve.disagg.staging import Holds
 
 
 @dataclass(frozen=True)
@@ -16,12 +18,19 @@ class LayerCmd:
     room: int
     layer: int  # wire numbering: the draft's layers follow the target's
     token_start: int
-    ckv: torch.Tensor
+    ckv: torch.Tensor  # host memory: the engine's own tensors, or pinned staging (`holds`) for a GPU's
     kpe: torch.Tensor
+    ready: Any = None  # a CUDA event: the copy into staging is complete
+    holds: Holds | None = None
 
     @property
     def nbytes(self) -> int:
         return self.ckv.nbytes + self.kpe.nbytes
+
+    def release(self) -> None:
+        """The command is done with (its messages hold what they still read)."""
+        if self.holds is not None:
+            self.holds.drop()
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,13 @@ class AbortCmd:
     message: str
 
 
-Command = LayerCmd | DoneCmd | AbortCmd
+@dataclass(frozen=True)
+class SendFailedCmd:
+    room: int
+    message: str
+
+
+Command = LayerCmd | DoneCmd | AbortCmd | SendFailedCmd
 
 
 @dataclass

@@ -1,0 +1,88 @@
+"""Reusable host buffers for the KV stream: what the sender slices layers into and what a decode rank
+lands chunks in before one device copy (pinned when the KV lives on a GPU, so copies run at full speed).
+
+Fresh multi-megabyte host allocations cost page faults on every use; a stream that moves gigabytes per
+prompt keeps its buffers instead. Buffers come in power-of-two size classes; what is returned is kept up to
+`max_cached_bytes`, the rest is freed. `in_use` counts bytes handed out and not yet returned, so a room
+that ends mid-stream can be checked to have given back every buffer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_MIN_CLASS = 1 << 12
+
+
+class StagingPool:
+    """Thread-safe free lists of uint8 host tensors (pinned when `pin`)."""
+
+    def __init__(self, pin: bool = False, max_cached_bytes: int = 256 << 20) -> None:
+        self.pin = pin
+        self.max_cached_bytes = max_cached_bytes
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._cached = 0
+        self._in_use = 0
+        self._lock = threading.Lock()
+
+    @property
+    def in_use(self) -> int:
+        """Bytes of buffers handed out and not yet released."""
+        return self._in_use
+
+    @property
+    def cached(self) -> int:
+        return self._cached
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of exactly `nbytes` (a view of a buffer of its size class)."""
+        size = max(_MIN_CLASS, 1 << max(0, nbytes - 1).bit_length())
+        with self._lock:
+            free = self._free.get(size)
+            buf = free.pop() if free else None
+            if buf is not None:
+                self._cached -= size
+            self._in_use += size
+        if buf is None:
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        return buf[:nbytes]
+
+    def release(self, buf: torch.Tensor) -> None:
+        """Give back a buffer from acquire(); it must not be used afterwards."""
+        base = buf._base if buf._base is not None else buf
+        size = base.numel()
+        with self._lock:
+            self._in_use -= size
+            if self._cached + size <= self.max_cached_bytes:
+                self._free.setdefault(size, []).append(base)
+                self._cached += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._cached = 0
+
+
+class Holds:
+    """Staging buffers shared by the messages that read them: back to the pool when the last lets go.
+    Whoever makes it holds it once; hold() for each message queued, drop() when each is done."""
+
+    def __init__(self, pool: StagingPool, buffers: list[torch.Tensor]) -> None:
+        self._pool, self._buffers, self._count = pool, buffers, 1
+        self._lock = threading.Lock()
+
+    def hold(self) -> Holds:
+        with self._lock:
+            self._count += 1
+        return self
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+            last = self._count == 0
+        if last:
+            for buf in self._buffers:
+                self._pool.release(buf)
+            self._buffers = []
