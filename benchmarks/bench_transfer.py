@@ -1,12 +1,12 @@
 """KV stream throughput over loopback TCP: KVSender → T KVReceivers against plain sockets, same run.
 
-    python benchmarks/bench_transfer.py [--prompt-lens 256,1024,4096,8192] [--repeats 5]
+    python benchmarks/bench_transfer.py [--prompt-lens 256,1024,4096,8192] [--repeats 5] [--lanes 1]
 
 A prefill process streams one prompt's latent KV (DeepSeek-V2-Lite sizes: 27 layers, r = 512, d_r = 64,
 bf16) to the decode ranks of this process, each of which keeps its r/g latent dims + k_pe; ours writes
-every chunk into the rank's paged KV pool (as the engine will). The baseline sends the same per-rank bytes,
-pre-sliced, with socket.sendall over one TCP connection per rank and recv_into a preallocated buffer: the
-price of the wire alone. Ours runs authenticated, as a cluster with a secret does (every message's header
+every chunk into the rank's paged KV pool as the engine does (received in place into the room's pages). The
+baseline sends the same per-rank bytes, pre-sliced, with socket.sendall over one TCP connection per rank and
+recv_into a preallocated buffer: the price of the wire alone. Ours runs authenticated, as a cluster with a secret does (every message's header
 tagged and checked; tensor bytes are not hashed). Time runs from the prefill's first send to the last
 rank's completion (both processes read the same monotonic clock). Raw and ours alternate run by run, so both see the same machine;
 the table gives the median of the repeats and the load average, since a busy host moves both.
@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from tpla_serve.cache.pool import LatentKVPool  # noqa: E402
+from tpla_serve.disagg.pages import KVPages  # noqa: E402
 from tpla_serve.disagg import (  # noqa: E402
     DecodeLayout,
     KVReceiver,
     KVSender,
     KVSpec,
-    KVWriter,
     RoomEvent,
     RoomFailed,
 )
@@ -78,14 +78,17 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
         req = conn.recv()
         if req[0] == "exit":
             break
+        if req[0] == "cpu":
+            conn.send(time.process_time())
+            continue
         if req[0] == "zmq":
             _, room, n = req
             _wait_registered(sender, 30.0)
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             for layer, (ckv, kpe) in enumerate(kv):
                 sender.send_layer(room, layer, ckv[:n], kpe[:n])
             sender.send_done(room, 0)
-            conn.send(t0)
+            conn.send((t0, cpu0))
         else:
             _, n, tp, groups, ports = req
             width = SPEC.kv_lora_rank // groups
@@ -104,12 +107,12 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.send("connected")
             conn.recv()
-            t0 = time.monotonic()
+            t0, cpu0 = time.monotonic(), time.process_time()
             for layer in range(SPEC.num_layers):
                 for s, frames in zip(socks, per_rank):
                     s.sendall(frames[layer][0])
                     s.sendall(frames[layer][1])
-            conn.send(t0)
+            conn.send((t0, cpu0))
             for s in socks:
                 s.close()
     sender.close()
@@ -120,9 +123,9 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
 
 class _Decode:
     """The decode ranks of one layout: per rank a paged pool with room for the longest prompt and a
-    KVReceiver. A room owns pages 1.. in order, so the writer places each chunk with one copy per tensor."""
+    KVReceiver. Every room owns pages 1.. in order, received in place as the engine's are."""
 
-    def __init__(self, layout: DecodeLayout, max_len: int) -> None:
+    def __init__(self, layout: DecodeLayout, max_len: int, lanes: int) -> None:
         self.layout = layout
         num_pages = -(-max_len // PAGE_SIZE) + 1
         self.pools = [
@@ -131,20 +134,14 @@ class _Decode:
             )
             for _ in range(layout.tp_size)
         ]
+        self.pages = [KVPages(pool) for pool in self.pools]
+        self.room_pages = list(range(1, num_pages))
         self._done: list[float] = []
         self._all_done = threading.Event()
         self.rx = [
-            KVReceiver(layout, r, on_event=self._on_event, timeout_s=120.0, secret=SECRET)
+            KVReceiver(layout, r, on_event=self._on_event, timeout_s=120.0, secret=SECRET, lanes=lanes)
             for r in range(layout.tp_size)
         ]
-
-    def _writer(self, pool: LatentKVPool) -> KVWriter:
-        def write(layer: int, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
-            s, e = PAGE_SIZE + start, PAGE_SIZE + start + ckv.shape[0]
-            pool.ckv[layer].view(-1, pool.ckv_dim)[s:e].copy_(ckv)
-            pool.kpe[layer].view(-1, pool.rope_dim)[s:e].copy_(kpe)
-
-        return write
 
     def _on_event(self, event: RoomEvent) -> None:
         if isinstance(event, RoomFailed):
@@ -153,26 +150,33 @@ class _Decode:
         if len(self._done) == self.layout.tp_size:
             self._all_done.set()
 
-    def run(self, conn: Connection, port: int, room: int, n: int) -> float:
-        """Seconds from the prefill's first send_layer to the last rank's RoomCompleted."""
+    def run(self, conn: Connection, port: int, room: int, n: int) -> tuple[float, float]:
+        """Seconds from the prefill's first send_layer to the last rank's RoomCompleted, and the CPU
+        seconds both processes spent meanwhile."""
         self._done.clear()
         self._all_done.clear()
-        for rx, pool in zip(self.rx, self.pools):
-            rx.expect(room, n, self._writer(pool), "127.0.0.1", port)
+        for rx, pages in zip(self.rx, self.pages):
+            rx.expect(room, n, pages.room(self.room_pages), "127.0.0.1", port)
         self.rx[0].send_register(room, [rx.endpoint for rx in self.rx])
+        cpu = time.process_time()
         conn.send(("zmq", room, n))
-        t0 = conn.recv()
+        t0, prefill_cpu = conn.recv()
         if not self._all_done.wait(120.0):
             raise RuntimeError(f"room {room} did not complete")
-        return max(self._done) - t0
+        return max(self._done) - t0, _cpu_since(conn, cpu, prefill_cpu)
 
     def close(self) -> None:
         for rx in self.rx:
             rx.close()
 
 
-def _run_raw(conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Tensor]) -> float:
-    """Seconds from the prefill's first sendall to the last rank's last byte."""
+def _cpu_since(conn: Connection, cpu: float, prefill_cpu: float) -> float:
+    conn.send(("cpu",))
+    return time.process_time() - cpu + conn.recv() - prefill_cpu
+
+
+def _run_raw(conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Tensor]) -> tuple[float, float]:
+    """Seconds from the prefill's first sendall to the last rank's last byte, and the CPU seconds."""
     nbytes = SPEC.num_layers * n * layout.token_bytes()
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(layout.tp_size)]
     ends = [0.0] * layout.tp_size
@@ -194,21 +198,23 @@ def _run_raw(conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Te
     conn.send(("raw", n, layout.tp_size, layout.latent_groups, [s.getsockname()[1] for s in listeners]))
     if conn.recv() != "connected":
         raise RuntimeError("the raw sender did not connect")
+    cpu = time.process_time()
     conn.send("go")
-    t0 = conn.recv()
+    t0, prefill_cpu = conn.recv()
     for t in threads:
         t.join()
     for s in listeners:
         s.close()
-    return max(ends) - t0
+    return max(ends) - t0, _cpu_since(conn, cpu, prefill_cpu)
 
 
 def _measure(
-    conn: Connection, port: int, layout: DecodeLayout, lens: list[int], repeats: int, rooms: Iterator[int]
-) -> list[tuple[int, float, float]]:
+    conn: Connection, port: int, layout: DecodeLayout, lens: list[int], repeats: int, rooms: Iterator[int],
+    lanes: int,
+) -> list[tuple[int, float, float, float, float]]:
     """(prompt tokens, raw seconds, our seconds) per prompt length: medians, raw and ours alternating run by
     run so that both see the same machine, after one warm-up run of each."""
-    decode = _Decode(layout, max(lens))
+    decode = _Decode(layout, max(lens), lanes)
     bufs = [
         torch.empty(SPEC.num_layers * max(lens) * layout.token_bytes(), dtype=torch.uint8)
         for _ in range(layout.tp_size)
@@ -220,12 +226,14 @@ def _measure(
                 (_run_raw(conn, layout, n, bufs), decode.run(conn, port, next(rooms), n))
                 for _ in range(repeats + 1)
             ]
-            t_raw, t_ours = (statistics.median(ts) for ts in zip(*runs[1:]))
-            results.append((n, t_raw, t_ours))
+            (t_raw, c_raw), (t_ours, c_ours) = (
+                tuple(statistics.median(x) for x in zip(*side)) for side in zip(*runs[1:])
+            )
+            results.append((n, t_raw, t_ours, c_raw, c_ours))
             nbytes = layout.tp_size * SPEC.num_layers * n * layout.token_bytes()
             print(
                 f"T={layout.tp_size} g={layout.latent_groups} n={n}: raw {nbytes / t_raw / 1e9:.2f} GB/s, "
-                f"ours {nbytes / t_ours / 1e9:.2f} GB/s",
+                f"ours {nbytes / t_ours / 1e9:.2f} GB/s; CPU ms raw {c_raw * 1e3:.1f}, ours {c_ours * 1e3:.1f}",
                 flush=True,
             )
     finally:
@@ -238,8 +246,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--prompt-lens", default="256,512,1024,2048,4096,8192")
-    parser.add_argument("--layouts", default="2:2,2:1", help="decode T:g pairs")
+    parser.add_argument("--layouts", default="1:1,2:2,2:1,4:2,4:1", help="decode T:g pairs")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lanes", type=int, default=1, help="connections per decode rank for ours")
     args = parser.parse_args()
     lens = [int(x) for x in args.prompt_lens.split(",")]
     layouts = [
@@ -256,7 +265,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     rooms = itertools.count(1)  # a room id is never reused: the prefill remembers ended rooms
     try:
-        results = [(layout, _measure(conn, port, layout, lens, args.repeats, rooms)) for layout in layouts]
+        results = [(layout, _measure(conn, port, layout, lens, args.repeats, rooms, args.lanes)) for layout in layouts]
     finally:
         conn.send(("exit",))
         prefill.join(30)
@@ -271,20 +280,22 @@ def main() -> None:
         (
             "Bytes: what all decode ranks receive (each its r/g latent slice + k_pe). *raw*: pre-sliced bytes, "
             "socket.sendall / recv_into, one connection per rank. *ours*: KVSender.send_layer per layer "
-            "(slicing on the sender's IO thread) → ZMQ → KVReceiver, writer copying each chunk into the "
-            "rank's paged pool; authenticated (each message's header tagged and checked)."
+            "(slicing into reusable staging on the sender's IO thread for g > 1) → TCP data plane "
+            f"({args.lanes} connection(s) per rank, sendmsg) → KVReceiver reading each chunk into the rank's "
+            "paged pool in place; authenticated (each message's header tagged and checked)."
         ),
         "",
-        "| decode T | g | prompt tokens | MB received | raw ms | raw GB/s | ours ms | ours GB/s | ours / raw |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| decode T | g | prompt tokens | MB received | raw ms | raw GB/s | ours ms | ours GB/s | ours / raw "
+        "| CPU ms raw | CPU ms ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layout, rows in results:
-        for n, t_raw, t_ours in rows:
+        for n, t_raw, t_ours, c_raw, c_ours in rows:
             nbytes = layout.tp_size * SPEC.num_layers * n * layout.token_bytes()
             lines.append(
                 f"| {layout.tp_size} | {layout.latent_groups} | {n} | {nbytes / 1e6:.1f} | {t_raw * 1e3:.2f} | "
                 f"{nbytes / t_raw / 1e9:.2f} | {t_ours * 1e3:.2f} | {nbytes / t_ours / 1e9:.2f} | "
-                f"{t_raw / t_ours:.2f} |"
+                f"{t_raw / t_ours:.2f} | {c_raw * 1e3:.1f} | {c_ours * 1e3:.1f} |"
             )
     lines.append(
         f"\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "

@@ -5,7 +5,7 @@ limits a real plane enforces. Its endpoints are names in the plane, not sockets.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tpla_serve.disagg.transport import ConnectionLimit, SendDone, StreamSink
 from tpla_serve.disagg.wire import Frame
@@ -56,7 +56,10 @@ class LoopbackSender:
         self.max_connections = max_connections
         self.lanes: set[tuple[str, int]] = set()
 
-    def send(self, endpoint: str, lane: int, room: int, frames: Sequence[Frame], on_done: SendDone) -> None:
+    def send(
+        self, endpoint: str, lane: int, room: int, frames: Sequence[Frame], on_done: SendDone,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
         if (endpoint, lane) not in self.lanes:
             if len(self.lanes) >= self.max_connections:
                 raise ConnectionLimit(f"already has the {self.max_connections} connections it may open")
@@ -65,6 +68,8 @@ class LoopbackSender:
         if listener is None:
             on_done(f"cannot send to {endpoint}: nothing listens there")
             return
+        if prepare is not None:
+            prepare()
         listener.deliver(frames)
         on_done(None)
 

@@ -8,9 +8,12 @@ Messages are cut so that no frame exceeds the decode's max_frame_bytes, in whole
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from tpla_serve.disagg.handshake import KVSpec, draft_mismatch
 from tpla_serve.disagg.messages import Frame, LayerKV, Register, encode, tensor_frame
@@ -64,32 +67,56 @@ def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None, key: bytes) -> 
     return routes, problem
 
 
-Message = tuple[str, list[Frame], int, tuple[Holds, ...]]  # endpoint, frames, payload bytes, buffers read
+# endpoint, frames, payload bytes, the buffers it reads, what fills them before it goes out (or None)
+Message = tuple[str, list[Frame], int, tuple[Holds, ...], Callable[[], None] | None]
+
+
+class _Fill:
+    """Fills a message's frames once, on whichever lane thread sends the first message that reads them:
+    waits for the engine's copy to pinned staging (`ready`, a CUDA event) and copies a latent slice."""
+
+    def __init__(self, ready: Any, dst: torch.Tensor | None = None, src: torch.Tensor | None = None) -> None:
+        self._ready, self._dst, self._src = ready, dst, src
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            if self._ready is not None:
+                self._ready.synchronize()
+            if self._dst is not None and self._src is not None:
+                self._dst.copy_(self._src)
+            self._done, self._src = True, None
 
 
 def target_layer_messages(routes: Routes, room: int, cmd: LayerCmd, staging: StagingPool) -> Iterator[Message]:
     """One target layer's rows, every decode rank its slice: a rank of g > 1 gets its latent dims copied
-    into staging (shared by the ranks of its group), the rest is sent from the layer's own tensors."""
+    into staging (shared by the ranks of its group) by the lane that sends it, the rest is sent from the
+    layer's own tensors."""
     ckv, kpe = cmd.ckv, cmd.kpe
     n, width = ckv.shape
     ckv_bytes = routes.ckv_width * routes.kv_itemsize
     base = () if cmd.holds is None else (cmd.holds,)
+    ready = None if cmd.ready is None else _Fill(cmd.ready)
     for s in range(0, n, routes.chunk_tokens):
         e = min(n, s + routes.chunk_tokens)
         kpe_frame = tensor_frame(kpe[s:e])
-        slices: dict[int, tuple[Any, tuple[Holds, ...]]] = {}  # ranks of one latent group share their slice
+        slices: dict[int, tuple[Any, tuple[Holds, ...], Any]] = {}  # ranks of a latent group share a slice
         for endpoint, a, b in routes.targets:
             if a not in slices:
                 if b - a == width:
-                    slices[a] = (tensor_frame(ckv[s:e]), base)
+                    slices[a] = (tensor_frame(ckv[s:e]), base, ready)
                 else:
                     buf = staging.acquire((e - s) * (b - a) * ckv.element_size())
-                    buf.view(ckv.dtype).view(e - s, b - a).copy_(ckv[s:e, a:b])
-                    slices[a] = (buf.numpy(), (Holds(staging, [buf]), *base))
-            frame, holds = slices[a]
+                    fill = _Fill(cmd.ready, buf.view(ckv.dtype).view(e - s, b - a), ckv[s:e, a:b])
+                    slices[a] = (buf.numpy(), (Holds(staging, [buf]), *base), fill)
+            frame, holds, fill = slices[a]
             frames = encode(LayerKV(room, cmd.layer, cmd.token_start + s, e - s, frame, kpe_frame), routes.key)
-            yield endpoint, frames, (e - s) * ckv_bytes + kpe_frame.nbytes, tuple(h.hold() for h in holds)
-        for frame, holds in slices.values():
+            nbytes = (e - s) * ckv_bytes + kpe_frame.nbytes
+            yield endpoint, frames, nbytes, tuple(h.hold() for h in holds), fill
+        for _, holds, _ in slices.values():
             if len(holds) > len(base):
                 holds[0].drop()  # the slice's own hold: its messages hold it now
 
@@ -98,12 +125,13 @@ def draft_layer_messages(routes: Routes, room: int, cmd: LayerCmd, staging: Stag
     """One draft layer's rows, whole, to every rank with a draft."""
     ckv, kpe = cmd.ckv, cmd.kpe
     base = () if cmd.holds is None else (cmd.holds,)
+    ready = None if cmd.ready is None else _Fill(cmd.ready)
     for s in range(0, ckv.shape[0], routes.draft_chunk_tokens):
         e = min(ckv.shape[0], s + routes.draft_chunk_tokens)
         ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
         frames = encode(LayerKV(room, cmd.layer, cmd.token_start + s, e - s, ckv_frame, kpe_frame), routes.key)
         for endpoint in routes.draft_targets:
-            yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes, tuple(h.hold() for h in base)
+            yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes, tuple(h.hold() for h in base), ready
 
 
 class OncePerPeer:

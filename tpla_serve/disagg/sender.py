@@ -377,12 +377,10 @@ class KVSender(TransportLoop):
         if problem is not None:
             self._fail(state, problem)
             return
-        if cmd.ready is not None:
-            cmd.ready.synchronize()  # the engine's copy into pinned staging
         messages = draft_layer_messages if draft else target_layer_messages
         lane = cmd.layer % routes.lanes
-        for endpoint, frames, nbytes, holds in messages(routes, state.room, cmd, self._staging):
-            self._data.send(endpoint, lane, state.room, frames, self._sent(state.room, holds))
+        for endpoint, frames, nbytes, holds, fill in messages(routes, state.room, cmd, self._staging):
+            self._data.send(endpoint, lane, state.room, frames, self._sent(state.room, holds), fill)
             self._bytes_sent += nbytes
             if draft:
                 self._draft_bytes_sent += nbytes

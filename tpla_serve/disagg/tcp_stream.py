@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tpla_serve.disagg.transport import ConnectionLimit, SendDone
@@ -56,6 +56,7 @@ class _Message:
     room: int
     buffers: list[memoryview]
     on_done: SendDone
+    prepare: Callable[[], None] | None = None
 
 
 class _Lane:
@@ -129,6 +130,9 @@ class _Lane:
                     self._drop_socket()  # the decode closed it while idle: what we wrote now would be lost
                 if self._sock is None:
                     self._sock = self._connect()
+                for msg in batch:
+                    if msg.prepare is not None:
+                        msg.prepare()
                 _send_all(self._sock, [b for m in batch for b in m.buffers])
             except OSError as exc:
                 error = f"cannot send to {self.endpoint}: {exc}"
@@ -201,7 +205,10 @@ class TcpSender:
         self.max_connections = max_connections
         self._lanes: dict[tuple[str, int], _Lane] = {}
 
-    def send(self, endpoint: str, lane: int, room: int, frames: Sequence[Frame], on_done: SendDone) -> None:
+    def send(
+        self, endpoint: str, lane: int, room: int, frames: Sequence[Frame], on_done: SendDone,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
         key = (endpoint, lane)
         conn = self._lanes.get(key)
         if conn is None:
@@ -211,7 +218,7 @@ class TcpSender:
                     f"{endpoint}"
                 )
             conn = self._lanes[key] = _Lane(endpoint, self.timeout_s)
-        conn.put(_Message(room, envelope(frames), on_done))
+        conn.put(_Message(room, envelope(frames), on_done, prepare))
 
     def drop_room(self, room: int) -> None:
         for conn in self._lanes.values():

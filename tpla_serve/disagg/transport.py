@@ -57,9 +57,13 @@ class DataSender(Protocol):
 
     max_connections: int
 
-    def send(self, endpoint: str, lane: int, room: int, frames: Sequence[Frame], on_done: SendDone) -> None:
+    def send(
+        self, endpoint: str, lane: int, room: int, frames: Sequence[Frame], on_done: SendDone,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
         """Queue one message for `endpoint` behind those queued on the same lane; returns at once.
-        Raises ConnectionLimit when opening it would pass the plane's connection limit."""
+        prepare() fills its frames (a slice copied into staging) on the plane's thread, just before they
+        go out. Raises ConnectionLimit when opening it would pass the plane's connection limit."""
         ...
 
     def drop_room(self, room: int) -> None:
