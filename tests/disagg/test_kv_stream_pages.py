@@ -1,0 +1,231 @@
+"""The KV stream into real paged pools, as the engine receives it: chunks read in place into a room's pages
+(scattered pages, page sizes 16 and 64, ragged prompts, chunks that cross pages, several lanes per rank,
+draft KV along), over TCP and over the loopback plane; and rooms that end mid-stream giving back every
+staging buffer on both sides while nothing more is written into their pages."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+from kv_stream_helpers import StreamPeer, expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
+
+from tpla_serve.cache.pool import LatentKVPool
+from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, LayerKV, RoomCompleted, RoomFailed, encode
+from tpla_serve.disagg.auth import ClusterAuth
+from tpla_serve.disagg.loopback import LoopbackPlane
+from tpla_serve.disagg.pages import KVPages
+from tpla_serve.disagg.tcp_stream import envelope
+from tpla_serve.disagg.wire import tensor_frame
+
+SECRET = "the paged stream tests' secret"
+TARGET = small_spec(num_layers=3, kv_lora_rank=32, rope_dim=8)
+DRAFT = small_spec(num_layers=2, kv_lora_rank=16, rope_dim=8, fingerprint="draft-1")
+
+
+@pytest.fixture
+def closing() -> Iterator[list]:
+    objs: list = []
+    yield objs
+    for obj in reversed(objs):
+        obj.close()
+
+
+class PagedRank:
+    """A decode rank with a target pool (and a draft pool when the layout sends it draft KV), receiving
+    into pages handed out in a shuffled order, as a long-running server's allocator would."""
+
+    def __init__(self, layout: DecodeLayout, rank: int, rng: random.Random, **kwargs: object) -> None:
+        kv, ps, num_pages = layout.kv, layout.page_size, 48
+        self.layout, self.rank = layout, rank
+        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype, "cpu")
+        self.draft_pool = None
+        if layout.wants_draft(rank):
+            d = layout.draft
+            assert d is not None
+            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim, d.torch_dtype, "cpu")
+        self.pages = KVPages(self.pool, self.draft_pool)
+        self.free = list(range(1, num_pages))
+        rng.shuffle(self.free)
+        self.rx = KVReceiver(layout, rank, secret=SECRET, **kwargs)
+        self.slots: dict[int, torch.Tensor] = {}
+
+    def expect(self, room: int, n: int, port: int) -> None:
+        ps = self.layout.page_size
+        pages = [self.free.pop() for _ in range(-(-n // ps))]
+        self.slots[room] = torch.tensor([p * ps + o for p in pages for o in range(ps)])[:n]
+        self.rx.expect(room, n, self.pages.room(pages), "127.0.0.1", port)
+
+    def assert_holds(self, room: int, kv: list, draft_kv: list | None) -> None:
+        T, g = self.layout.tp_size, self.layout.latent_groups
+        for layer, (ckv, kpe) in enumerate(kv):
+            got_ckv, got_kpe = self.pool.read(layer, self.slots[room])
+            assert torch.equal(got_ckv, expected_ckv_slice(ckv, T, g, self.rank)), (self.rank, layer)
+            assert torch.equal(got_kpe, kpe), (self.rank, layer)
+        if self.draft_pool is not None and draft_kv is not None:
+            for layer, (ckv, kpe) in enumerate(draft_kv):
+                got_ckv, got_kpe = self.draft_pool.read(layer, self.slots[room])
+                assert torch.equal(got_ckv, ckv) and torch.equal(got_kpe, kpe), (self.rank, "draft", layer)
+
+    def close(self) -> None:
+        self.rx.close()
+
+
+def _ranks(closing: list, layout: DecodeLayout, seed: int, **kwargs: object) -> list[PagedRank]:
+    rng = random.Random(seed)
+    ranks = [PagedRank(layout, r, rng, **kwargs) for r in range(layout.tp_size)]
+    closing.extend(ranks)
+    return ranks
+
+
+def _stream(sender: KVSender, room: int, n: int, chunk: int, draft: bool) -> tuple[list, list | None]:
+    """The prompt's KV in chunks of `chunk` tokens (chunked prefill), target then draft layers, then DONE."""
+    kv = prompt_kv(room, n, TARGET)
+    draft_kv = prompt_kv(room + 1, n, DRAFT) if draft else None
+    for start in range(0, n, chunk):
+        for layer, (ckv, kpe) in enumerate(kv):
+            sender.send_layer(room, layer, ckv[start : start + chunk], kpe[start : start + chunk], start)
+        for layer, (ckv, kpe) in enumerate(draft_kv or []):
+            sender.send_layer(room, layer, ckv[start : start + chunk], kpe[start : start + chunk], start, draft=True)
+    sender.send_done(room, 3)
+    return kv, draft_kv
+
+
+@pytest.mark.parametrize("plane", ["tcp", "loopback"])
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize(
+    "tp, groups, lanes, draft_ranks",
+    [(1, 1, 1, ()), (2, 2, 1, (0,)), (2, 1, 2, (0, 1)), (4, 2, 3, ())],
+    ids=["T1", "T2g2-draft", "T2g1-2lanes-draft", "T4g2-3lanes"],
+)
+def test_ragged_prompts_land_byte_exact_in_every_ranks_pages(
+    closing: list, plane: str, page_size: int, tp: int, groups: int, lanes: int, draft_ranks: tuple[int, ...]
+) -> None:
+    net = LoopbackPlane() if plane == "loopback" else None
+    draft = DRAFT if draft_ranks else None
+    layout = DecodeLayout(TARGET, tp, groups, page_size, draft=draft, draft_ranks=draft_ranks)
+    # Frames of at most ~1.5 pages: chunks start and end inside pages and cross page boundaries.
+    ranks = _ranks(closing, layout, seed=page_size + tp, lanes=lanes, data_plane=net,
+                   max_frame_bytes=(3 * page_size // 2) * DRAFT.kv_lora_rank * DRAFT.itemsize)
+    sender = KVSender(TARGET, draft=DRAFT, secret=SECRET, data_plane=net)
+    closing.append(sender)
+    rooms = {}
+    for i, n in enumerate([1, page_size - 1, page_size + 1, 3 * page_size + 5]):
+        room = 1000 * page_size + i
+        for r in ranks:
+            r.expect(room, n, sender.bootstrap_port)
+        ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+        rooms[room] = _stream(sender, room, n, chunk=max(1, n // 2 + 1), draft=draft is not None)
+    for rank, events in zip(ranks, wait_events([r.rx for r in ranks], per_rank=len(rooms))):
+        assert sorted(e.room for e in events if isinstance(e, RoomCompleted)) == sorted(rooms), events
+        for room, (kv, draft_kv) in rooms.items():
+            rank.assert_holds(room, kv, draft_kv)
+        assert rank.rx.stats().staging_bytes == 0  # in place: no staging on the way
+        assert all(e.draft_kv == layout.wants_draft(rank.rank) for e in events)
+    assert sender.stats().staging_bytes == 0
+    if net is None:
+        assert sender.stats().sockets_open == tp * lanes
+
+
+class _Stalled:
+    """A decode rank's endpoint that accepts a connection and never reads it: the prefill's writes fill
+    the socket buffers and block."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self.server.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_room_aborted_while_its_slices_wait_for_a_stalled_decode_frees_every_staging_buffer(
+    closing: list,
+) -> None:
+    spec = KVSpec(num_layers=8, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="big")
+    sender = KVSender(spec, secret=SECRET, timeout_s=1.0)
+    stalled, fine = _Stalled(), _Stalled()
+    closing += [sender, stalled, fine]
+    layout = DecodeLayout(spec, 2, 2, 64)  # g = 2: every layer is sliced into staging per rank
+    # A REGISTER as a decode server holding the secret sends it, naming the stalled endpoints.
+    rx = KVReceiver(layout, 0, secret=SECRET, default_bootstrap_port=sender.bootstrap_port)
+    closing.append(rx)
+    room, n = 77, 4096
+    rx.expect(room, n, lambda *a: None, "127.0.0.1", None)
+    rx.send_register(room, [stalled.endpoint, fine.endpoint])
+    assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
+    kv = prompt_kv(room, n, spec)
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv, kpe)
+    assert wait_until(lambda: sender.stats().staging_bytes > 0, 5.0)
+    sender.abort(room, "client went away")
+    # Queued slices are dropped at once; the write blocked in the kernel ends with the send timeout.
+    assert wait_until(lambda: sender.stats().staging_bytes == 0, 10.0)
+    assert sender.stats().rooms_live == 0
+
+
+def test_a_room_cancelled_mid_stream_gets_no_byte_more_and_frees_the_receivers_staging(closing: list) -> None:
+    layout = DecodeLayout(TARGET, 1, 1, 16)
+    written: list[int] = []
+    gate, release = threading.Event(), threading.Event()
+
+    def writer(layer: int, start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
+        written.append(layer)
+        if layer == 0:
+            gate.set()
+            release.wait(5.0)
+
+    rx = KVReceiver(layout, 0, secret=SECRET, max_frame_bytes=1 << 20)
+    sender = KVSender(TARGET, secret=SECRET)
+    closing += [sender, rx]
+    room, n = 5, 40
+    rx.expect(room, n, writer, "127.0.0.1", sender.bootstrap_port)  # a plain writer: chunks come staged
+    rx.send_register(room, [rx.endpoint])
+    kv = prompt_kv(room, n, TARGET)
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv, kpe)
+    assert gate.wait(5.0)
+    assert rx.stats().staging_bytes > 0  # layer 0's chunk, in the writer now
+    cancelled = threading.Thread(target=rx.cancel, args=(room, "client went away"))
+    cancelled.start()  # waits for the writer call in progress, then no byte more goes to the room
+    release.set()
+    cancelled.join(5.0)
+    sender.send_done(room, 1)
+    assert wait_until(lambda: rx.stats().messages_dropped >= len(kv), 5.0)  # the rest drained unread
+    assert written == [0] and rx.stats().staging_bytes == 0 and rx.poll() == []
+    assert wait_until(lambda: sender.stats().rooms_live == 0, 5.0)
+
+
+def test_a_connection_that_breaks_mid_payload_fails_the_room_and_frees_its_staging(closing: list) -> None:
+    layout = DecodeLayout(TARGET, 1, 1, 16)
+    rx = KVReceiver(layout, 0, secret=SECRET, default_bootstrap_port=9)
+    closing.append(rx)
+    room, n = 9, 16
+    rx.expect(room, n, lambda *a: None, "127.0.0.1", None)
+    ckv, kpe = prompt_kv(room, n, TARGET)[0]
+    key = ClusterAuth(SECRET).room_keys(room).to_decode
+    frames = encode(LayerKV(room, 0, 0, n, tensor_frame(ckv), tensor_frame(kpe)), key)
+    peer = StreamPeer(closing, rx.endpoint)
+    data = b"".join(bytes(b) for b in envelope(frames))
+    peer.send_raw(data[: len(data) - 100])
+    peer.close()
+    ((event,),) = wait_events([rx])
+    assert isinstance(event, RoomFailed) and "broke off" in event.message
+    assert rx.stats().staging_bytes == 0
