@@ -18,7 +18,8 @@ from tpla_serve.disagg.messages import (
     encode,
 )
 from tpla_serve.disagg.receiver import KVReceiver, KVWriter, ReceiverStats
-from tpla_serve.disagg.sender import KVSender, SenderStats
+from tpla_serve.disagg.sender import KVSender
+from tpla_serve.disagg.sender_rooms import SenderStats
 from tpla_serve.disagg.handshake import (
     KV_DTYPES,
     DecodeLayout,

@@ -16,12 +16,10 @@ Only authenticated REGISTERs and ABORTs act on rooms (admission.py); messages to
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +33,7 @@ from tpla_serve.disagg.handshake import KVSpec, layout_mismatch
 from tpla_serve.disagg.io_loop import SEND_ERRORS
 from tpla_serve.disagg.log_limit import RateLimitedLog
 from tpla_serve.disagg.messages import Abort, Done, PromptLogprobs, Register, TopLogprobs, encode
-from tpla_serve.disagg.routes import OncePerPeer, draft_layer_messages, plan_routes, target_layer_messages
+from tpla_serve.disagg.routes import OncePerPeer, plan_routes
 from tpla_serve.disagg.sender_rooms import (
     AbortCmd,
     Command,
@@ -44,30 +42,18 @@ from tpla_serve.disagg.sender_rooms import (
     LayerCmd,
     SendFailedCmd,
     SenderRoom,
+    SenderStats,
 )
+from tpla_serve.disagg.sender_stream import RoomStreamer
 from tpla_serve.disagg.staging import Holds, StagingPool
 from tpla_serve.disagg.tcp_listen import TcpPlane
-from tpla_serve.disagg.transport import DataPlane, SendDone
+from tpla_serve.disagg.transport import DataPlane
 
 logger = logging.getLogger(__name__)
 
 _RECV_BATCH = 256
 _SWEEP_EVERY_S = 5.0
 _NONCES_PER_ROOM = 16  # REGISTERs remembered against replay, per room slot, within the allowed clock skew
-
-
-@dataclass(frozen=True)
-class SenderStats:
-    bytes_sent: int  # draft included
-    draft_bytes_sent: int
-    rooms_sent: int
-    rooms_failed: int
-    rooms_live: int
-    rooms_registered: int  # live rooms whose decode server has registered
-    messages_rejected: int  # malformed
-    messages_unauthenticated: int  # a wrong tag, a stale or replayed REGISTER: dropped unread
-    sockets_open: int  # outbound connections to decode servers
-    staging_bytes: int = 0  # staging buffers held by layers not yet sent (0 once every room ended)
 
 
 class KVSender(TransportLoop):
@@ -116,13 +102,14 @@ class KVSender(TransportLoop):
         self.max_buffered_bytes = max_buffered_bytes
         self._data = (data_plane if data_plane is not None else TcpPlane()).sender(timeout_s, max_sockets)
         self._staging = StagingPool(pin=torch.cuda.is_available())
+        self._streamer = RoomStreamer(kv, self._data, self._staging, self._send_failed)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
         # IO-thread state
         self._rooms: dict[int, SenderRoom] = {}
         self._buffered_bytes = 0
         self._next_sweep = 0.0
-        self._bytes_sent = self._draft_bytes_sent = self._rooms_sent = self._rooms_failed = 0
+        self._rooms_sent = self._rooms_failed = 0
         self._rooms_registered = 0
         self._draft_warnings = OncePerPeer()
         self._log = RateLimitedLog(logger)
@@ -145,7 +132,7 @@ class KVSender(TransportLoop):
 
         draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
         come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied
-        into pinned staging on the current stream, without waiting; the IO thread waits for the copy.
+        into pinned staging on the current stream, without waiting; the lane that sends them waits for it.
         """
         check_room(room)
         spec = self.kv
@@ -161,7 +148,7 @@ class KVSender(TransportLoop):
         bufs = [self._staging.acquire(t.nbytes) for t in (ckv, kpe)]
         host = [b.view(t.dtype).view(t.shape).copy_(t, non_blocking=True) for b, t in zip(bufs, (ckv, kpe))]
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(ckv.device))
         self._submit(LayerCmd(room, wire_layer, token_start, host[0], host[1], ready, Holds(self._staging, bufs)))
 
     def send_done(
@@ -188,12 +175,20 @@ class KVSender(TransportLoop):
     def stats(self) -> SenderStats:
         gate = self._gate
         return SenderStats(
-            self._bytes_sent, self._draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
+            self._streamer.bytes_sent, self._streamer.draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
             self._rooms_registered, gate.rejected, gate.unauthenticated, self._data.connections(),
             self._staging.in_use,
         )
 
     # ------------------------------------------------------------ IO thread
+
+    def _send_failed(self, room: int, error: str) -> None:
+        """A lane could not send the room's message (called on the lane's thread)."""
+        if not self._closed:
+            try:
+                self._submit(SendFailedCmd(room, error))
+            except RuntimeError:  # closed meanwhile
+                pass
 
     def _on_command(self, cmd: Command) -> None:
         now = time.monotonic()
@@ -340,72 +335,23 @@ class KVSender(TransportLoop):
             self._buffered_bytes += cmd.nbytes
 
     def _stream(self, state: SenderRoom, cmd: Command, now: float) -> None:
-        reg = state.registration
-        assert reg is not None
+        problem = None
         try:
             if isinstance(cmd, LayerCmd):
-                self._stream_layer(state, reg, cmd)
+                problem = self._streamer.layer(state, cmd)
             elif isinstance(cmd, DoneCmd):
-                self._stream_done(state, reg, cmd.done)
+                problem = self._streamer.done(state, cmd.done)
         except SEND_ERRORS as exc:
-            self._fail(state, f"cannot send to the decode server: {exc}")
+            problem = f"cannot send to the decode server: {exc}"
         finally:
             if isinstance(cmd, LayerCmd):
                 cmd.release()
-
-    def _sent(self, room: int, holds: tuple[Holds, ...] = ()) -> SendDone:
-        """A message's on_done: give back its staging buffers; a failed send fails the room."""
-
-        def done(error: str | None) -> None:
-            for h in holds:
-                h.drop()
-            if error is not None and not self._closed:
-                try:
-                    self._submit(SendFailedCmd(room, error))
-                except RuntimeError:  # closed meanwhile
-                    pass
-
-        return done
-
-    def _stream_layer(self, state: SenderRoom, reg: Register, cmd: LayerCmd) -> None:
-        routes = state.routes
-        assert routes is not None
-        draft = cmd.layer >= self.kv.num_layers
-        if draft and not routes.send_draft:
-            return  # the decode does not want this draft's KV
-        problem = state.take_layer(cmd, reg.n_tokens)
         if problem is not None:
             self._fail(state, problem)
-            return
-        messages = draft_layer_messages if draft else target_layer_messages
-        lane = cmd.layer % routes.lanes
-        for endpoint, frames, nbytes, holds, fill in messages(routes, state.room, cmd, self._staging):
-            self._data.send(endpoint, lane, state.room, frames, self._sent(state.room, holds), fill)
-            self._bytes_sent += nbytes
-            if draft:
-                self._draft_bytes_sent += nbytes
-
-    def _stream_done(self, state: SenderRoom, reg: Register, done: Done) -> None:
-        routes = state.routes
-        assert routes is not None
-        send_draft = routes.send_draft
-        wire_layers = len(state.next_start) if send_draft else self.kv.num_layers
-        problem = state.unfinished_layer(wire_layers, reg.n_tokens)
-        if problem is not None:
-            self._fail(state, problem)
-            return
-        for rank, endpoint in enumerate(reg.rank_endpoints):
-            msg = dataclasses.replace(
-                done,
-                prompt_logprobs=done.prompt_logprobs if rank == 0 else None,
-                first_token_top=done.first_token_top if rank == 0 else None,
-                draft_kv=send_draft and reg.layout.wants_draft(rank),
-            )
-            lane = (wire_layers - 1) % routes.lanes  # behind the last layer: one write when it still waits
-            self._data.send(endpoint, lane, state.room, encode(msg, routes.key), self._sent(state.room))
-        self._rooms_sent += 1
-        self._remove(state)
-        self._end(state.room, None, reported=True)
+        elif isinstance(cmd, DoneCmd):
+            self._rooms_sent += 1
+            self._remove(state)
+            self._end(state.room, None, reported=True)
 
     def _fail(self, state: SenderRoom, message: str, tell_decode: bool = True, report: bool = True) -> None:
         """End a live room: drop what is still queued, tell the decode ranks and, once the engine has

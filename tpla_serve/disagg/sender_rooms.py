@@ -108,3 +108,17 @@ class SenderRoom:
 class EndedRoom:
     message: str | None  # None: completed
     reported: bool  # a RoomFailed went (or need not go) to the engine
+
+
+@dataclass(frozen=True)
+class SenderStats:
+    bytes_sent: int  # draft included
+    draft_bytes_sent: int
+    rooms_sent: int
+    rooms_failed: int
+    rooms_live: int
+    rooms_registered: int  # live rooms whose decode server has registered
+    messages_rejected: int  # malformed
+    messages_unauthenticated: int  # a wrong tag, a stale or replayed REGISTER: dropped unread
+    sockets_open: int  # outbound connections to decode servers
+    staging_bytes: int = 0  # staging buffers held by layers not yet sent (0 once every room ended)
