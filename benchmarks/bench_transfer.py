@@ -61,7 +61,24 @@ def _wait_registered(sender: KVSender, timeout_s: float) -> None:
         time.sleep(0.0005)
 
 
-def _prefill_main(conn: Connection, max_len: int) -> None:
+def _raw_frames(kv: list, n: int, width: int, group: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One rank's pre-sliced bytes per layer; on a GPU, device tensors (the raw sender copies each to a
+    pinned buffer before sending it)."""
+    return [
+        (ckv[:n, group * width : (group + 1) * width].contiguous(), kpe[:n].contiguous()) for ckv, kpe in kv
+    ]
+
+
+def _send_raw(sock: socket.socket, t: torch.Tensor, pinned: torch.Tensor | None) -> None:
+    if pinned is not None:
+        host = pinned[: t.nbytes]
+        host.copy_(t.reshape(-1).view(torch.uint8))
+        sock.sendall(host.numpy())
+    else:
+        sock.sendall(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _prefill_main(conn: Connection, max_len: int, device: str) -> None:
     """Serves ("zmq", room, n) and ("raw", n, T, g, ports) requests; answers with its start time."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -72,6 +89,8 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
         )
         for _ in range(SPEC.num_layers)
     ]
+    kv = [(ckv.to(device), kpe.to(device)) for ckv, kpe in kv]
+    pinned = torch.empty(max_len * SPEC.kv_lora_rank * 2, dtype=torch.uint8, pin_memory=True) if device != "cpu" else None
     sender = KVSender(SPEC, timeout_s=120.0, secret=SECRET)
     conn.send(sender.bootstrap_port)
     while True:
@@ -92,16 +111,7 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
         else:
             _, n, tp, groups, ports = req
             width = SPEC.kv_lora_rank // groups
-            per_rank = [
-                [
-                    (
-                        ckv[:n, g * width : (g + 1) * width].contiguous().view(torch.uint8).numpy(),
-                        kpe[:n].view(torch.uint8).numpy(),
-                    )
-                    for ckv, kpe in kv
-                ]
-                for g in (r // (tp // groups) for r in range(tp))
-            ]
+            per_rank = [_raw_frames(kv, n, width, r // (tp // groups)) for r in range(tp)]
             socks = [socket.create_connection(("127.0.0.1", p)) for p in ports]
             for s in socks:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -110,8 +120,8 @@ def _prefill_main(conn: Connection, max_len: int) -> None:
             t0, cpu0 = time.monotonic(), time.process_time()
             for layer in range(SPEC.num_layers):
                 for s, frames in zip(socks, per_rank):
-                    s.sendall(frames[layer][0])
-                    s.sendall(frames[layer][1])
+                    _send_raw(s, frames[layer][0], pinned)
+                    _send_raw(s, frames[layer][1], pinned)
             conn.send((t0, cpu0))
             for s in socks:
                 s.close()
@@ -125,12 +135,12 @@ class _Decode:
     """The decode ranks of one layout: per rank a paged pool with room for the longest prompt and a
     KVReceiver. Every room owns pages 1.. in order, received in place as the engine's are."""
 
-    def __init__(self, layout: DecodeLayout, max_len: int, lanes: int) -> None:
+    def __init__(self, layout: DecodeLayout, max_len: int, lanes: int, device: str) -> None:
         self.layout = layout
         num_pages = -(-max_len // PAGE_SIZE) + 1
         self.pools = [
             LatentKVPool(
-                SPEC.num_layers, num_pages, PAGE_SIZE, layout.ckv_width, SPEC.rope_dim, torch.bfloat16, "cpu"
+                SPEC.num_layers, num_pages, PAGE_SIZE, layout.ckv_width, SPEC.rope_dim, torch.bfloat16, device
             )
             for _ in range(layout.tp_size)
         ]
@@ -139,7 +149,8 @@ class _Decode:
         self._done: list[float] = []
         self._all_done = threading.Event()
         self.rx = [
-            KVReceiver(layout, r, on_event=self._on_event, timeout_s=120.0, secret=SECRET, lanes=lanes)
+            KVReceiver(layout, r, on_event=self._on_event, timeout_s=120.0, secret=SECRET, lanes=lanes,
+                       pin_staging=device != "cpu")
             for r in range(layout.tp_size)
         ]
 
@@ -175,8 +186,11 @@ def _cpu_since(conn: Connection, cpu: float, prefill_cpu: float) -> float:
     return time.process_time() - cpu + conn.recv() - prefill_cpu
 
 
-def _run_raw(conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Tensor]) -> tuple[float, float]:
-    """Seconds from the prefill's first sendall to the last rank's last byte, and the CPU seconds."""
+def _run_raw(
+    conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Tensor], device_bufs: list[torch.Tensor]
+) -> tuple[float, float]:
+    """Seconds from the prefill's first sendall to the last rank's last byte (on a GPU: in device memory,
+    one copy per rank once every byte arrived), and the CPU seconds."""
     nbytes = SPEC.num_layers * n * layout.token_bytes()
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(layout.tp_size)]
     ends = [0.0] * layout.tp_size
@@ -189,6 +203,8 @@ def _run_raw(conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Te
             if k == 0:
                 raise RuntimeError("raw sender closed early")
             got += k
+        if device_bufs:
+            device_bufs[i][:nbytes].copy_(bufs[i][:nbytes])
         ends[i] = time.monotonic()
         s.close()
 
@@ -210,20 +226,19 @@ def _run_raw(conn: Connection, layout: DecodeLayout, n: int, bufs: list[torch.Te
 
 def _measure(
     conn: Connection, port: int, layout: DecodeLayout, lens: list[int], repeats: int, rooms: Iterator[int],
-    lanes: int,
+    lanes: int, device: str,
 ) -> list[tuple[int, float, float, float, float]]:
     """(prompt tokens, raw seconds, our seconds) per prompt length: medians, raw and ours alternating run by
     run so that both see the same machine, after one warm-up run of each."""
-    decode = _Decode(layout, max(lens), lanes)
-    bufs = [
-        torch.empty(SPEC.num_layers * max(lens) * layout.token_bytes(), dtype=torch.uint8)
-        for _ in range(layout.tp_size)
-    ]
+    decode = _Decode(layout, max(lens), lanes, device)
+    size = SPEC.num_layers * max(lens) * layout.token_bytes()
+    bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=device != "cpu") for _ in range(layout.tp_size)]
+    device_bufs = [] if device == "cpu" else [torch.empty(size, dtype=torch.uint8, device=device) for _ in bufs]
     results = []
     try:
         for n in lens:
             runs = [
-                (_run_raw(conn, layout, n, bufs), decode.run(conn, port, next(rooms), n))
+                (_run_raw(conn, layout, n, bufs, device_bufs), decode.run(conn, port, next(rooms), n))
                 for _ in range(repeats + 1)
             ]
             (t_raw, c_raw), (t_ours, c_ours) = (
@@ -249,6 +264,8 @@ def main() -> None:
     parser.add_argument("--layouts", default="1:1,2:2,2:1,4:2,4:1", help="decode T:g pairs")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--lanes", type=int, default=1, help="connections per decode rank for ours")
+    parser.add_argument("--device", default="cpu", help="where the KV lives at both ends (cpu or cuda)")
+    parser.add_argument("--name", default="transfer", help="results/<name>_<date>.md")
     args = parser.parse_args()
     lens = [int(x) for x in args.prompt_lens.split(",")]
     layouts = [
@@ -259,13 +276,14 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    prefill = ctx.Process(target=_prefill_main, args=(child_conn, max(lens)), daemon=True)
+    prefill = ctx.Process(target=_prefill_main, args=(child_conn, max(lens), args.device), daemon=True)
     prefill.start()
     port = conn.recv()
     load_before = os.getloadavg()[0]
     rooms = itertools.count(1)  # a room id is never reused: the prefill remembers ended rooms
     try:
-        results = [(layout, _measure(conn, port, layout, lens, args.repeats, rooms, args.lanes)) for layout in layouts]
+        results = [(layout, _measure(conn, port, layout, lens, args.repeats, rooms, args.lanes, args.device))
+                   for layout in layouts]
     finally:
         conn.send(("exit",))
         prefill.join(30)
@@ -280,9 +298,17 @@ def main() -> None:
         (
             "Bytes: what all decode ranks receive (each its r/g latent slice + k_pe). *raw*: pre-sliced bytes, "
             "socket.sendall / recv_into, one connection per rank. *ours*: KVSender.send_layer per layer "
-            "(slicing into reusable staging on the sender's IO thread for g > 1) → TCP data plane "
+            "(slicing into reusable staging on the sending lane's thread for g > 1) → TCP data plane "
             f"({args.lanes} connection(s) per rank, sendmsg) → KVReceiver reading each chunk into the rank's "
-            "paged pool in place; authenticated (each message's header tagged and checked)."
+            "paged pool in place; authenticated (each message's header tagged and checked). CPU ms: user + "
+            "system time of both processes from the first send to the last rank's completion."
+        ),
+        (
+            f"KV in {args.device} memory at both ends"
+            + ("." if args.device == "cpu" else
+               ": raw copies each pre-sliced device tensor to a pinned buffer before sendall and each rank's "
+               "bytes to the device once all arrived; ours stages layers in pinned memory (one device→host copy "
+               "per layer) and lands chunks in pinned staging, one host→device copy per chunk.")
         ),
         "",
         "| decode T | g | prompt tokens | MB received | raw ms | raw GB/s | ours ms | ours GB/s | ours / raw "
@@ -301,7 +327,7 @@ def main() -> None:
         f"\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
         f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}, Python {sys.version.split()[0]}."
     )
-    path = write_result("transfer", "KV stream throughput (loopback TCP)", "\n".join(lines))
+    path = write_result(args.name, "KV stream throughput (loopback TCP)", "\n".join(lines))
     print(f"wrote {path}")
 
 

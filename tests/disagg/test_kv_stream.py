@@ -283,7 +283,8 @@ def _raw_push(closing: Transports, endpoint: str) -> zmq.Socket:
 def _layer_header(closing: Transports, room: int, layer: int, start: int, n: int) -> list[bytes]:
     """A LAYER_KV header and its tag, as a prefill holding the test's secret would send them."""
     header = msgpack.packb(
-        {"v": PROTOCOL_VERSION, "t": 2, "room": room, "layer": layer, "token_start": start, "n_tokens": n}
+        {"v": PROTOCOL_VERSION, "t": 2, "room": room, "layer": layer, "token_start": start, "n_tokens": n,
+         "n_layers": 1}
     )
     return [header, make_tag(ClusterAuth(closing.secret).room_keys(room).to_decode, header)]
 

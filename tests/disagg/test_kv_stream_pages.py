@@ -15,7 +15,17 @@ import torch
 from kv_stream_helpers import StreamPeer, expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
 
 from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, LayerKV, RoomCompleted, RoomFailed, encode
+from tpla_serve.disagg import (
+    DecodeLayout,
+    KVReceiver,
+    KVSender,
+    KVSpec,
+    LayerKV,
+    RoomCompleted,
+    RoomFailed,
+    decode,
+    encode,
+)
 from tpla_serve.disagg.auth import ClusterAuth
 from tpla_serve.disagg.loopback import LoopbackPlane
 from tpla_serve.disagg.pages import KVPages
@@ -199,16 +209,17 @@ def test_a_room_cancelled_mid_stream_gets_no_byte_more_and_frees_the_receivers_s
     rx.expect(room, n, writer, "127.0.0.1", sender.bootstrap_port)  # a plain writer: chunks come staged
     rx.send_register(room, [rx.endpoint])
     kv = prompt_kv(room, n, TARGET)
-    for layer, (ckv, kpe) in enumerate(kv):
-        sender.send_layer(room, layer, ckv, kpe)
+    sender.send_layer(room, 0, *kv[0])
     assert gate.wait(5.0)
+    for layer in range(1, len(kv)):  # queued behind the chunk in the writer
+        sender.send_layer(room, layer, *kv[layer])
     assert rx.stats().staging_bytes > 0  # layer 0's chunk, in the writer now
     cancelled = threading.Thread(target=rx.cancel, args=(room, "client went away"))
     cancelled.start()  # waits for the writer call in progress, then no byte more goes to the room
     release.set()
     cancelled.join(5.0)
     sender.send_done(room, 1)
-    assert wait_until(lambda: rx.stats().messages_dropped >= len(kv), 5.0)  # the rest drained unread
+    assert wait_until(lambda: rx.stats().messages_dropped >= 2, 5.0)  # the other layers and DONE, unread
     assert written == [0] and rx.stats().staging_bytes == 0 and rx.poll() == []
     assert wait_until(lambda: sender.stats().rooms_live == 0, 5.0)
 
@@ -229,3 +240,39 @@ def test_a_connection_that_breaks_mid_payload_fails_the_room_and_frees_its_stagi
     ((event,),) = wait_events([rx])
     assert isinstance(event, RoomFailed) and "broke off" in event.message
     assert rx.stats().staging_bytes == 0
+
+
+class _Recording:
+    """A sink in front of a receiver that records how many layers each LAYER_KV carried."""
+
+    def __init__(self, sink: object) -> None:
+        self.sink, self.layers_per_message = sink, []
+
+    def land(self, header: memoryview, tag: memoryview, sizes: list[int]) -> object:
+        msg = decode([bytes(header), bytes(tag), *(b"" for _ in sizes)])
+        if isinstance(msg, LayerKV):
+            self.layers_per_message.append(msg.n_layers)
+        return self.sink.land(header, tag, sizes)
+
+
+def test_small_layers_ready_together_travel_in_one_message_per_rank(closing: list) -> None:
+    net = LoopbackPlane()
+    layout = DecodeLayout(TARGET, 2, 2, 16, draft=DRAFT, draft_ranks=(1,))
+    ranks = _ranks(closing, layout, seed=3, data_plane=net)
+    taps = []
+    for listener in net.listeners.values():
+        listener.sink = _Recording(listener.sink)
+        taps.append(listener.sink)
+    sender = KVSender(TARGET, draft=DRAFT, secret=SECRET, data_plane=net)
+    closing.append(sender)
+    room, n = 12, 20
+    kv, draft_kv = _stream(sender, room, n, chunk=n, draft=True)  # every layer waits for the REGISTER
+    for r in ranks:
+        r.expect(room, n, sender.bootstrap_port)
+    ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+    for rank, (event,) in zip(ranks, wait_events([r.rx for r in ranks])):
+        assert isinstance(event, RoomCompleted), event
+        rank.assert_holds(room, kv, draft_kv)
+    # Rank 0: the target's layers in one message; rank 1 also the draft's, in one message of their own.
+    expected = [[TARGET.num_layers], [TARGET.num_layers, DRAFT.num_layers]]
+    assert sorted(t.layers_per_message for t in taps) == sorted(expected)

@@ -82,7 +82,9 @@ class IOLoop:
                         break
                     self._on_command(command)
                 if running:
+                    self._flush()
                     self._on_sockets(ready)
+                    self._flush()
                     now = time.monotonic()
                     if now >= next_tick:
                         next_tick = now + self._tick_s
@@ -96,6 +98,9 @@ class IOLoop:
 
     def _on_command(self, command: Any) -> None:
         raise NotImplementedError
+
+    def _flush(self) -> None:
+        """A round of commands or socket events has been handled: send what it batched."""
 
     def _on_sockets(self, ready: dict[Any, int]) -> None:
         raise NotImplementedError

@@ -32,6 +32,7 @@ MAX_TOKENS = 1 << 24
 MAX_TOP_LOGPROBS = 1024
 MAX_RANKS = 1024
 MAX_LANES = 8
+MAX_BATCH_LAYERS = 32  # layers in one LAYER_KV
 MAX_LAYERS = 1 << 16  # per model: a layer index on the wire is below 2 * MAX_LAYERS (target + draft)
 _UNPACK_LIMITS = {
     "max_str_len": MAX_MESSAGE_LEN,
@@ -73,8 +74,10 @@ class Register:
 
 @dataclass(frozen=True)
 class LayerKV:
-    """Prefill → one decode rank: tokens [token_start, token_start + n_tokens) of one layer, as that rank
-    keeps them. Frames: ĉ slice [n_tokens, r/g] and k_pe [n_tokens, d_r], raw bytes of the KV dtype.
+    """Prefill → one decode rank: tokens [token_start, token_start + n_tokens) of layers [layer, layer +
+    n_layers), as that rank keeps them. Frames: per layer ĉ slice [n_tokens, r/g] and k_pe [n_tokens, d_r],
+    raw bytes of the KV dtype (the first layer's in ckv and kpe, the others' in `more`). Small layers ready
+    together travel in one message.
 
     `layer` < kv.num_layers is the target's layer; kv.num_layers + i is the draft's layer i, whose ĉ is
     the draft's whole latent (the draft is not sharded) and which only a rank that keeps a draft gets.
@@ -86,6 +89,12 @@ class LayerKV:
     n_tokens: int
     ckv: Frame
     kpe: Frame
+    n_layers: int = 1
+    more: tuple[Frame, ...] = ()  # ĉ, k_pe of layer + 1, then of layer + 2, ...
+
+    def __post_init__(self) -> None:
+        if len(self.more) != 2 * (self.n_layers - 1):
+            raise ValueError(f"{self.n_layers} layers carry {2 * self.n_layers} frames, not {2 + len(self.more)}")
 
     def tensors(self, dtype: torch.dtype, ckv_width: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.n_tokens,)
@@ -148,8 +157,9 @@ def encode(msg: Message, key: bytes) -> list[Frame]:
             "layer": msg.layer,
             "token_start": msg.token_start,
             "n_tokens": msg.n_tokens,
+            "n_layers": msg.n_layers,
         }
-        return _signed(Tag.LAYER_KV, fields, key, [msg.ckv, msg.kpe])
+        return _signed(Tag.LAYER_KV, fields, key, [msg.ckv, msg.kpe, *msg.more])
     if isinstance(msg, Done):
         lp, top = msg.prompt_logprobs, msg.first_token_top
         lp_fields = None if lp is None else {"start": lp.start, "n": lp.logprobs.shape[0], "k": lp.top_k}
@@ -238,6 +248,9 @@ def _register(f: HeaderFields, frames: Sequence[memoryview]) -> Register:
 
 
 def _layer_kv(f: HeaderFields, frames: Sequence[memoryview]) -> LayerKV:
+    n_layers = f.int("n_layers", 1, MAX_BATCH_LAYERS)
+    if len(frames) != 2 * n_layers:
+        raise ProtocolError(f"LAYER_KV of {n_layers} layers carries {len(frames)} frames, expected {2 * n_layers}")
     return LayerKV(
         room=f.int("room"),
         layer=f.int("layer", 0, 2 * MAX_LAYERS - 1),
@@ -245,6 +258,8 @@ def _layer_kv(f: HeaderFields, frames: Sequence[memoryview]) -> LayerKV:
         n_tokens=f.int("n_tokens", 1, MAX_TOKENS),
         ckv=frames[0],
         kpe=frames[1],
+        n_layers=n_layers,
+        more=tuple(frames[2:]),
     )
 
 
@@ -311,7 +326,7 @@ _KINDS = MappingProxyType(
             0,
             _register,
         ),
-        Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens"}), 2, _layer_kv),
+        Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens", "n_layers"}), None, _layer_kv),
         Tag.DONE: _Kind(
             frozenset({"room", "first_token_id", "first_token_logprob", "first_token_top_k", "prompt_logprobs"}
                       | {"draft_kv"}),

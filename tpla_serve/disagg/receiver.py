@@ -318,7 +318,8 @@ class KVReceiver(TransportLoop):
                 return
             if state.first_data is None:
                 state.first_data = now
-            state.next_start[msg.layer] = msg.token_start + msg.n_tokens
+            for layer in range(msg.layer, msg.layer + msg.n_layers):
+                state.next_start[layer] = msg.token_start + msg.n_tokens
             state.nbytes += nbytes
             self._bytes += nbytes
             if draft:

@@ -51,18 +51,20 @@ class ExpectedRoom:
     def layer_problem(self, msg: LayerKV, num_target: int, rank: int) -> str | None:
         """Why an authenticated LAYER_KV contradicts the room (it fails), or None."""
         num_layers = len(self.next_start)
-        if msg.layer >= num_layers:
+        last = msg.layer + msg.n_layers - 1
+        if last >= num_layers:
             return (
-                f"KV for layer {msg.layer} arrived, but rank {rank} takes {num_layers} layers "
+                f"KV for layer {last} arrived, but rank {rank} takes {num_layers} layers "
                 f"({num_target} of the model, {num_layers - num_target} of the draft)"
             )
-        expected = self.next_start[msg.layer]
         end = msg.token_start + msg.n_tokens
-        if msg.token_start != expected or end > self.n_tokens:
-            return (
-                f"layer {msg.layer}: tokens [{msg.token_start}, {end}) arrived, expected tokens from "
-                f"{expected} of {self.n_tokens}"
-            )
+        for layer in range(msg.layer, last + 1):
+            expected = self.next_start[layer]
+            if msg.token_start != expected or end > self.n_tokens:
+                return (
+                    f"layer {layer}: tokens [{msg.token_start}, {end}) arrived, expected tokens from "
+                    f"{expected} of {self.n_tokens}"
+                )
         return None
 
     def done_problem(self, msg: Done, num_target: int, rank: int) -> str | None:
@@ -94,22 +96,26 @@ def layer_landing(
     on_layer: LayerDone,
 ) -> tuple[Landing | None, str | None]:
     """Where a checked LAYER_KV chunk goes: the writer's pages in place when it offers host_segments, else
-    a staging buffer handed to the writer once full. (None, why) when its frame sizes are not the layer's."""
-    if msg.layer >= layout.kv.num_layers:
-        assert layout.draft is not None  # num_wire_layers counts draft layers only with a draft
-        spec, ckv_width = layout.draft, layout.draft.kv_lora_rank
-    else:
-        spec, ckv_width = layout.kv, layout.ckv_width
-    n, isz = msg.n_tokens, spec.itemsize
-    expected = [n * ckv_width * isz, n * spec.rope_dim * isz]
+    a staging buffer handed to the writer once full. (None, why) when its frame sizes are not the layers'."""
+    n, layers = msg.n_tokens, range(msg.layer, msg.layer + msg.n_layers)
+    shapes = []  # per layer: (dtype, ĉ width, k_pe width)
+    for layer in layers:
+        if layer >= layout.kv.num_layers:
+            assert layout.draft is not None  # num_wire_layers counts draft layers only with a draft
+            shapes.append((layout.draft.torch_dtype, layout.draft.kv_lora_rank, layout.draft.rope_dim))
+        else:
+            shapes.append((layout.kv.torch_dtype, layout.ckv_width, layout.kv.rope_dim))
+    expected = [n * w * dt.itemsize for dt, cw, rw in shapes for w in (cw, rw)]
     if list(sizes) != expected:
         return None, f"bad KV frame for layer {msg.layer}: {list(sizes)} bytes, expected {expected}"
     nbytes = sum(expected)
     host = getattr(state.writer, "host_segments", None)
-    segments = host(msg.layer, msg.token_start, n) if host is not None else None
-    if segments is not None:
-        return Landing(segments, state.lock, state.is_live, lambda: on_layer(nbytes, None),
-                       lambda why: on_layer(0, f"KV for layer {msg.layer} broke off: {why}")), None
+    if host is not None:
+        segments = [host(layer, msg.token_start, n) for layer in layers]
+        if all(s is not None for s in segments):
+            return Landing([v for s in segments if s is not None for v in s], state.lock, state.is_live,
+                           lambda: on_layer(nbytes, None),
+                           lambda why: on_layer(0, f"KV for layer {msg.layer} broke off: {why}")), None
     buf = staging.acquire(nbytes)
     released = False
 
@@ -120,17 +126,19 @@ def layer_landing(
             staging.release(buf)
 
     def finish() -> None:
-        ckv = buf[: expected[0]].view(spec.torch_dtype).view(n, ckv_width)
-        kpe = buf[expected[0] :].view(spec.torch_dtype).view(n, spec.rope_dim)
-        problem = None
+        problem, offset = None, 0
         with state.lock:
             if state.live:
                 try:
                     staged = getattr(state.writer, "write_staged", None)
-                    if staged is not None:
-                        staged(msg.layer, msg.token_start, ckv, kpe, buf)
-                    else:
-                        state.writer(msg.layer, msg.token_start, ckv, kpe)
+                    for layer, (dt, cw, rw) in zip(layers, shapes):
+                        a, b, c = offset, offset + n * cw * dt.itemsize, offset + n * (cw + rw) * dt.itemsize
+                        offset = c
+                        ckv, kpe = buf[a:b].view(dt).view(n, cw), buf[b:c].view(dt).view(n, rw)
+                        if staged is not None:
+                            staged(layer, msg.token_start, ckv, kpe, buf[a:c])
+                        else:
+                            state.writer(layer, msg.token_start, ckv, kpe)
                 except Exception as exc:  # the engine's writer failing ends this room, not the receiver
                     logger.exception("writer failed for room %d", state.room)
                     problem = f"writing KV failed: {exc}"

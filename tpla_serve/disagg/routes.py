@@ -91,47 +91,84 @@ class _Fill:
             self._done, self._src = True, None
 
 
-def target_layer_messages(routes: Routes, room: int, cmd: LayerCmd, staging: StagingPool) -> Iterator[Message]:
-    """One target layer's rows, every decode rank its slice: a rank of g > 1 gets its latent dims copied
-    into staging (shared by the ranks of its group) by the lane that sends it, the rest is sent from the
-    layer's own tensors."""
-    ckv, kpe = cmd.ckv, cmd.kpe
-    n, width = ckv.shape
+def target_layer_messages(routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool) -> Iterator[Message]:
+    """Target layers' rows, every decode rank its slice: a rank of g > 1 gets its latent dims copied into
+    staging (shared by the ranks of its group) by the lane that sends it, the rest goes from the layers'
+    own tensors. Several layers (consecutive, the same tokens, within one chunk) make one message."""
+    first = cmds[0]
+    n = first.ckv.shape[0]
     ckv_bytes = routes.ckv_width * routes.kv_itemsize
-    base = () if cmd.holds is None else (cmd.holds,)
-    ready = None if cmd.ready is None else _Fill(cmd.ready)
     for s in range(0, n, routes.chunk_tokens):
         e = min(n, s + routes.chunk_tokens)
-        kpe_frame = tensor_frame(kpe[s:e])
-        slices: dict[int, tuple[Any, tuple[Holds, ...], Any]] = {}  # ranks of a latent group share a slice
+        parts: dict[int, list[_Part]] = {}  # per latent group, per layer
         for endpoint, a, b in routes.targets:
-            if a not in slices:
-                if b - a == width:
-                    slices[a] = (tensor_frame(ckv[s:e]), base, ready)
-                else:
-                    buf = staging.acquire((e - s) * (b - a) * ckv.element_size())
-                    fill = _Fill(cmd.ready, buf.view(ckv.dtype).view(e - s, b - a), ckv[s:e, a:b])
-                    slices[a] = (buf.numpy(), (Holds(staging, [buf]), *base), fill)
-            frame, holds, fill = slices[a]
-            frames = encode(LayerKV(room, cmd.layer, cmd.token_start + s, e - s, frame, kpe_frame), routes.key)
-            nbytes = (e - s) * ckv_bytes + kpe_frame.nbytes
-            yield endpoint, frames, nbytes, tuple(h.hold() for h in holds), fill
-        for _, holds, _ in slices.values():
-            if len(holds) > len(base):
-                holds[0].drop()  # the slice's own hold: its messages hold it now
+            if a not in parts:
+                parts[a] = [_slice(cmd, s, e, a, b, staging) for cmd in cmds]
+            frames = [f for p in parts[a] for f in (p.ckv, p.kpe)]
+            msg = LayerKV(room, first.layer, first.token_start + s, e - s, frames[0], frames[1], len(cmds),
+                          tuple(frames[2:]))
+            holds = tuple(h.hold() for p in parts[a] for h in p.holds)
+            fills = [p.fill for p in parts[a] if p.fill is not None]
+            nbytes = len(cmds) * ((e - s) * ckv_bytes + frames[1].nbytes)
+            yield endpoint, encode(msg, routes.key), nbytes, holds, _all(fills)
+        for layers in parts.values():
+            for p in layers:
+                if p.own is not None:
+                    p.own.drop()  # the slice's own hold: its messages hold it now
 
 
-def draft_layer_messages(routes: Routes, room: int, cmd: LayerCmd, staging: StagingPool) -> Iterator[Message]:
-    """One draft layer's rows, whole, to every rank with a draft."""
-    ckv, kpe = cmd.ckv, cmd.kpe
+@dataclass
+class _Part:
+    """One layer's rows for one latent group: its frames, the buffers they read, what fills them before
+    they go out, and the hold of a slice staged for them (dropped once its messages hold it)."""
+
+    ckv: Any
+    kpe: Any
+    holds: tuple[Holds, ...]
+    fill: Callable[[], None] | None
+    own: Holds | None = None
+
+
+def _slice(cmd: LayerCmd, s: int, e: int, a: int, b: int, staging: StagingPool) -> _Part:
+    """Rows [s, e) of one layer for the latent group of dims [a, b)."""
+    ckv = cmd.ckv
     base = () if cmd.holds is None else (cmd.holds,)
-    ready = None if cmd.ready is None else _Fill(cmd.ready)
-    for s in range(0, ckv.shape[0], routes.draft_chunk_tokens):
-        e = min(ckv.shape[0], s + routes.draft_chunk_tokens)
-        ckv_frame, kpe_frame = tensor_frame(ckv[s:e]), tensor_frame(kpe[s:e])
-        frames = encode(LayerKV(room, cmd.layer, cmd.token_start + s, e - s, ckv_frame, kpe_frame), routes.key)
+    kpe_frame = tensor_frame(cmd.kpe[s:e])
+    if b - a == ckv.shape[1]:
+        return _Part(tensor_frame(ckv[s:e]), kpe_frame, base, None if cmd.ready is None else _Fill(cmd.ready))
+    buf = staging.acquire((e - s) * (b - a) * ckv.element_size())
+    own = Holds(staging, [buf])
+    fill = _Fill(cmd.ready, buf.view(ckv.dtype).view(e - s, b - a), ckv[s:e, a:b])
+    return _Part(buf.numpy(), kpe_frame, (own, *base), fill, own)
+
+
+def _all(fills: list[Callable[[], None]]) -> Callable[[], None] | None:
+    if not fills:
+        return None
+    if len(fills) == 1:
+        return fills[0]
+    def fill_all() -> None:
+        for fill in fills:
+            fill()
+
+    return fill_all
+
+
+def draft_layer_messages(routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool) -> Iterator[Message]:
+    """Draft layers' rows, whole, to every rank with a draft (several layers in one message as above)."""
+    first = cmds[0]
+    n = first.ckv.shape[0]
+    for s in range(0, n, routes.draft_chunk_tokens):
+        e = min(n, s + routes.draft_chunk_tokens)
+        parts = [_slice(cmd, s, e, 0, cmd.ckv.shape[1], staging) for cmd in cmds]
+        frames = [f for p in parts for f in (p.ckv, p.kpe)]
+        msg = LayerKV(room, first.layer, first.token_start + s, e - s, frames[0], frames[1], len(cmds),
+                      tuple(frames[2:]))
+        encoded = encode(msg, routes.key)
+        nbytes = sum(f.nbytes for f in frames)
+        fills = _all([p.fill for p in parts if p.fill is not None])
         for endpoint in routes.draft_targets:
-            yield endpoint, frames, ckv_frame.nbytes + kpe_frame.nbytes, tuple(h.hold() for h in base), ready
+            yield endpoint, encoded, nbytes, tuple(h.hold() for p in parts for h in p.holds), fills
 
 
 class OncePerPeer:

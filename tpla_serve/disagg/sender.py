@@ -1,12 +1,10 @@
 """Prefill side of the KV stream: one KVSender per prefill scheduler.
 
 The engine calls send_layer() after each layer and send_done() after sampling the first token; both
-return at once (a layer on a GPU is copied into pinned staging without waiting). The IO thread slices each
-layer per decode rank (its r/g latent dims, into reusable staging, + the full k_pe) and hands the messages
-to the data plane (transport.py), whose lanes write them zero-copy while the engine computes the next
-layer; DONE follows the last layer on its lane, in the same write when that layer is still queued.
-Decode servers REGISTER on the bootstrap socket; layers that are ready before their room registers wait in
-a bounded buffer.
+return at once (a GPU's layer is copied into pinned staging without waiting). The IO thread cuts each layer
+into per-rank messages (sender_stream.py, routes.py) for the data plane (transport.py), whose lanes slice
+and write them zero-copy while the engine computes on; DONE follows the last layer on its lane. Decode
+servers REGISTER on the bootstrap socket; layers ready before their room registers wait in a bounded buffer.
 
 With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
 stream, whole, to the decode ranks that keep a draft pool. A decode whose draft the prefill cannot serve
@@ -230,6 +228,16 @@ class KVSender(TransportLoop):
         else:
             self._buffer(state, cmd)
 
+    def _flush(self) -> None:
+        """Layers batched in this round of commands (or of REGISTERs) go out now."""
+        for room in self._streamer.rooms_batched():
+            try:
+                self._streamer.flush(room)
+            except SEND_ERRORS as exc:
+                state = self._rooms.get(room)
+                if state is not None:
+                    self._fail(state, f"cannot send to the decode server: {exc}")
+
     def _on_sockets(self, ready: dict[Any, int]) -> None:
         now = time.monotonic()
         if ready.get(self._gate.socket, 0) & zmq.POLLIN:
@@ -343,9 +351,6 @@ class KVSender(TransportLoop):
                 problem = self._streamer.done(state, cmd.done)
         except SEND_ERRORS as exc:
             problem = f"cannot send to the decode server: {exc}"
-        finally:
-            if isinstance(cmd, LayerCmd):
-                cmd.release()
         if problem is not None:
             self._fail(state, problem)
         elif isinstance(cmd, DoneCmd):
@@ -357,6 +362,7 @@ class KVSender(TransportLoop):
         """End a live room: drop what is still queued, tell the decode ranks and, once the engine has
         sent anything for the room (and did not end it itself), the engine."""
         self._remove(state)
+        self._streamer.drop(state.room)
         self._data.drop_room(state.room)
         if tell_decode and state.registration is not None:
             self._send_abort(state.registration, message, time.monotonic())

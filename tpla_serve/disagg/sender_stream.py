@@ -1,6 +1,10 @@
 """How a registered prefill room's layers and DONE go out: sliced per decode rank along its routes
 (routes.py), each message handed to the data plane on its layer's lane with what it must give back
-when done (staging buffers) and who hears when it could not be sent."""
+when done (staging buffers) and who hears when it could not be sent.
+
+Layers the engine handed over together (queued while the IO thread was busy: a short prompt computes
+faster than its KV moves) leave as one message per rank when they are small, consecutive and of the same
+tokens; a layer that comes alone leaves at once, so batching never waits for anything."""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import dataclasses
 from collections.abc import Callable
 
 from tpla_serve.disagg.handshake import KVSpec
-from tpla_serve.disagg.messages import Done, encode
+from tpla_serve.disagg.messages import MAX_BATCH_LAYERS, Done, encode
 from tpla_serve.disagg.routes import draft_layer_messages, target_layer_messages
 from tpla_serve.disagg.sender_rooms import LayerCmd, SenderRoom
 from tpla_serve.disagg.staging import Holds, StagingPool
 from tpla_serve.disagg.transport import DataSender, SendDone
+
+BATCH_BYTES = 1 << 20  # a message per rank stops taking more layers at this size
 
 
 class RoomStreamer:
@@ -29,27 +35,83 @@ class RoomStreamer:
         self.on_failed = on_failed
         self.bytes_sent = 0  # draft included
         self.draft_bytes_sent = 0
+        self._batches: dict[int, tuple[SenderRoom, list[LayerCmd]]] = {}  # room -> layers not sent yet
 
     def layer(self, state: SenderRoom, cmd: LayerCmd) -> str | None:
+        """Take the layer (and its hold on any staging) into the room's batch, or send it."""
         reg, routes = state.registration, state.routes
         assert reg is not None and routes is not None
         draft = cmd.layer >= self.kv.num_layers
         if draft and not routes.send_draft:
+            cmd.release()
             return None  # the decode does not want this draft's KV
         problem = state.take_layer(cmd, reg.n_tokens)
         if problem is not None:
+            cmd.release()
             return problem
-        messages = draft_layer_messages if draft else target_layer_messages
-        lane = cmd.layer % routes.lanes
-        for endpoint, frames, nbytes, holds, fill in messages(routes, state.room, cmd, self.staging):
-            self.data.send(endpoint, lane, state.room, frames, self._sent(state.room, holds), fill)
-            self.bytes_sent += nbytes
-            if draft:
-                self.draft_bytes_sent += nbytes
+        batch = self._batches.get(state.room)
+        if batch is not None and not self._joins(batch[1], cmd, routes.chunk_tokens):
+            self.flush(state.room)
+            batch = None
+        if batch is None:
+            self._batches[state.room] = (state, [cmd])
+        else:
+            batch[1].append(cmd)
+        if self._rank_bytes(self._batches[state.room][1]) >= BATCH_BYTES:
+            self.flush(state.room)
         return None
+
+    def _joins(self, batch: list[LayerCmd], cmd: LayerCmd, chunk_tokens: int) -> bool:
+        last, n = batch[-1], cmd.ckv.shape[0]
+        draft = cmd.layer >= self.kv.num_layers
+        return (
+            cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.ckv.shape[0]
+            and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
+            and len(batch) < MAX_BATCH_LAYERS
+        )
+
+    @staticmethod
+    def _rank_bytes(batch: list[LayerCmd]) -> int:
+        return sum(c.nbytes for c in batch)  # an upper bound of what each rank gets
+
+    def flush(self, room: int) -> None:
+        """Send the room's batched layers (raises SEND_ERRORS like the data plane's send)."""
+        entry = self._batches.pop(room, None)
+        if entry is None:
+            return
+        state, cmds = entry
+        routes = state.routes
+        assert routes is not None
+        draft = cmds[0].layer >= self.kv.num_layers
+        if draft and len(cmds) > 1 and cmds[0].ckv.shape[0] > routes.draft_chunk_tokens:
+            for cmd in cmds:  # draft layers batch only within one chunk
+                self._batches[room] = (state, [cmd])
+                self.flush(room)
+            return
+        messages = draft_layer_messages if draft else target_layer_messages
+        lane = cmds[0].layer % routes.lanes
+        try:
+            for endpoint, frames, nbytes, holds, fill in messages(routes, room, cmds, self.staging):
+                self.data.send(endpoint, lane, room, frames, self._sent(room, holds), fill)
+                self.bytes_sent += nbytes
+                if draft:
+                    self.draft_bytes_sent += nbytes
+        finally:
+            for cmd in cmds:
+                cmd.release()
+
+    def rooms_batched(self) -> list[int]:
+        return list(self._batches)
+
+    def drop(self, room: int) -> None:
+        """Forget the room's batched layers (it ended)."""
+        entry = self._batches.pop(room, None)
+        for cmd in entry[1] if entry is not None else ():
+            cmd.release()
 
     def done(self, state: SenderRoom, done: Done) -> str | None:
         """DONE to every rank, behind the last layer on its lane (one write when that one still waits)."""
+        self.flush(state.room)
         reg, routes = state.registration, state.routes
         assert reg is not None and routes is not None
         send_draft = routes.send_draft

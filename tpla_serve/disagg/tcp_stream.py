@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = struct.Struct("<IB")
 SIZE = struct.Struct("<Q")
-MAX_PAYLOAD_FRAMES = 8
+MAX_PAYLOAD_FRAMES = 64  # a LAYER_KV of MAX_BATCH_LAYERS layers
 _BATCH_BUFFERS = 960  # below IOV_MAX (1024) buffers per sendmsg
 _BATCH_BYTES = 32 << 20
 
