@@ -1,6 +1,6 @@
 """Time to first token: prefill alone against prefill + layer-streamed KV transfer to a TPLA decode server.
 
-    python benchmarks/bench_pd_ttft.py [--lengths 256,1024,4096,8192] [--repeats 3]
+    python benchmarks/bench_pd_ttft.py [--lengths 256,1024,4096,8192] [--repeats 3] [--device cuda --decode-tp 1]
 
 Real servers over HTTP on this machine: a plain server (prefill only: max_new_tokens 1), and a PD pair
 (prefill T=1; decode T=2, g=2) behind our router, where the decode answers with the prefill's first token
@@ -71,10 +71,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="256,1024,4096,8192")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="every server's device (one GPU: all share it)")
+    parser.add_argument("--decode-tp", type=int, default=2, help="the PD decode server's T (g = T)")
+    parser.add_argument("--name", default="pd_ttft", help="results/<name>_<date>.md")
     args = parser.parse_args()
     model = ["--model-path", str(builtin_config("deepseek-v2-lite")), "--load-format", "dummy",
              "--skip-tokenizer-init", "--json-model-override-args", json.dumps(OVERRIDE), "--dtype", "float32",
-             "--kv-cache-bytes", str(1 << 30), "--chunked-prefill-size", "2048", "--disaggregation-timeout", "600"]
+             "--kv-cache-bytes", str(1 << 30), "--chunked-prefill-size", "2048", "--disaggregation-timeout", "600",
+             "--device", args.device]
     bootstrap = str(free_port())
     procs = []
     try:
@@ -82,7 +86,8 @@ def main() -> None:
         procs.append(plain)
         prefill, prefill_url = launch("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
         procs.append(prefill)
-        decode, decode_url = launch("--role", "decode", *model, "--tp-size", "2", "--tpla-groups", "2",
+        tp = str(args.decode_tp)
+        decode, decode_url = launch("--role", "decode", *model, "--tp-size", tp, "--tpla-groups", tp,
                                     "--disaggregation-bootstrap-port", bootstrap)
         procs.append(decode)
         router, router_url = launch("--role", "router", "--prefill", prefill_url, bootstrap, "--decode", decode_url,
@@ -92,6 +97,7 @@ def main() -> None:
         for url in (plain_url, router_url):  # warm-up: first-request costs stay out of the numbers
             first_token_seconds(url, [rng.randrange(2, 4096) for _ in range(64)])
         rows = []
+        load_before = os.getloadavg()[0]
         for n in (int(x) for x in args.lengths.split(",")):
             alone, pd = [], []
             for _ in range(args.repeats):
@@ -111,9 +117,11 @@ def main() -> None:
     table = "| prompt tokens | KV streamed (MB) | TTFT prefill alone (ms) | TTFT prefill + transfer (ms) | ratio |\n|---|---|---|---|---|\n"
     table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
     body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32, CPU; medians of "
-            f"{args.repeats}. PD: prefill T=1 -> decode T=2, g=2 over loopback ZMQ, through tpla_router, "
-            "TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV transfer + handshake).\n\n" + table)
-    print(write_result("pd_ttft", "Time to first token: prefill alone vs prefill + KV transfer", body))
+            f"{args.repeats}, on {args.device}. PD: prefill T=1 -> decode T={tp}, g={tp} over loopback TCP, through "
+            "tpla_router, "
+            "TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV transfer + handshake).\n\n" + table
+            + f"\n\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
+    print(write_result(args.name, "Time to first token: prefill alone vs prefill + KV transfer", body))
 
 
 if __name__ == "__main__":

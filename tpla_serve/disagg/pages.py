@@ -102,6 +102,7 @@ class RoomPages:
         if stream is None:
             pool.write(layer, loc, ckv, kpe)
             return
+        stream.wait_stream(torch.cuda.current_stream(loc.device))  # the slots were made on that stream
         with torch.cuda.stream(stream):
             dev = staged.to(loc.device, non_blocking=True)
             split = ckv.nbytes

@@ -1,0 +1,122 @@
+"""The KV stream with device memory at both ends (run on a GPU machine): a prefill's CUDA layers staged to
+pinned memory without waiting, decode ranks landing chunks in pinned staging and copying each to their
+CUDA pages; byte-exact on every rank, with the draft's KV along, and every staging buffer given back."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import torch
+from kv_stream_helpers import expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
+
+from tpla_serve.cache.pool import LatentKVPool
+from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, RoomCompleted, RoomFailed
+from tpla_serve.disagg.pages import KVPages
+
+pytestmark = pytest.mark.gpu
+SECRET = "the GPU stream tests' secret"
+TARGET = small_spec(num_layers=4, kv_lora_rank=512, rope_dim=64)
+DRAFT = small_spec(num_layers=2, kv_lora_rank=128, rope_dim=64, fingerprint="draft-1")
+
+
+@pytest.fixture
+def closing() -> Iterator[list]:
+    objs: list = []
+    yield objs
+    for obj in reversed(objs):
+        obj.close()
+
+
+class CudaRank:
+    def __init__(self, layout: DecodeLayout, rank: int, num_pages: int = 96) -> None:
+        kv, ps = layout.kv, layout.page_size
+        self.layout, self.rank = layout, rank
+        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype, "cuda")
+        self.draft_pool = None
+        if layout.wants_draft(rank):
+            d = layout.draft
+            assert d is not None
+            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim, d.torch_dtype,
+                                           "cuda")
+        self.pages = KVPages(self.pool, self.draft_pool)
+        self.free = list(range(1, num_pages))
+        random.Random(rank).shuffle(self.free)
+        self.rx = KVReceiver(layout, rank, secret=SECRET, pin_staging=True, max_frame_bytes=1 << 16)
+        self.slots: dict[int, torch.Tensor] = {}
+
+    def expect(self, room: int, n: int, port: int) -> None:
+        ps = self.layout.page_size
+        pages = [self.free.pop() for _ in range(-(-n // ps))]
+        self.slots[room] = torch.tensor([p * ps + o for p in pages for o in range(ps)], device="cuda")[:n]
+        self.rx.expect(room, n, self.pages.room(pages), "127.0.0.1", port)
+
+    def assert_holds(self, room: int, kv: list, draft_kv: list | None) -> None:
+        T, g = self.layout.tp_size, self.layout.latent_groups
+        for layer, (ckv, kpe) in enumerate(kv):
+            got_ckv, got_kpe = self.pool.read(layer, self.slots[room])
+            assert torch.equal(got_ckv.cpu(), expected_ckv_slice(ckv, T, g, self.rank)), (self.rank, layer)
+            assert torch.equal(got_kpe.cpu(), kpe), (self.rank, layer)
+        if self.draft_pool is not None and draft_kv is not None:
+            for layer, (ckv, kpe) in enumerate(draft_kv):
+                got_ckv, got_kpe = self.draft_pool.read(layer, self.slots[room])
+                assert torch.equal(got_ckv.cpu(), ckv) and torch.equal(got_kpe.cpu(), kpe), (self.rank, layer)
+
+    def close(self) -> None:
+        self.rx.close()
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("tp, groups, draft_ranks", [(1, 1, (0,)), (2, 2, (0,)), (2, 1, (0, 1))])
+def test_device_kv_lands_byte_exact_on_every_rank(
+    closing: list, page_size: int, tp: int, groups: int, draft_ranks: tuple[int, ...]
+) -> None:
+    layout = DecodeLayout(TARGET, tp, groups, page_size, draft=DRAFT, draft_ranks=draft_ranks)
+    ranks = [CudaRank(layout, r) for r in range(tp)]
+    closing.extend(ranks)
+    sender = KVSender(TARGET, draft=DRAFT, secret=SECRET)
+    closing.append(sender)
+    rooms = {}
+    for i, n in enumerate([1, page_size + 3, 5 * page_size - 1, 700]):
+        room = 100 * page_size + i
+        kv, draft_kv = prompt_kv(room, n, TARGET), prompt_kv(room + 1, n, DRAFT)
+        for r in ranks:
+            r.expect(room, n, sender.bootstrap_port)
+        ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+        half = n // 2 + 1
+        for start, end in ((0, half), (half, n)):  # chunked prefill: two chunks per layer
+            if start >= end:
+                continue
+            for layer, (ckv, kpe) in enumerate(kv):
+                sender.send_layer(room, layer, ckv[start:end].cuda(), kpe[start:end].cuda(), start)
+            for layer, (ckv, kpe) in enumerate(draft_kv):
+                sender.send_layer(room, layer, ckv[start:end].cuda(), kpe[start:end].cuda(), start, draft=True)
+        sender.send_done(room, 1)
+        rooms[room] = (kv, draft_kv)
+    for rank, events in zip(ranks, wait_events([r.rx for r in ranks], timeout_s=30.0, per_rank=len(rooms))):
+        assert all(isinstance(e, RoomCompleted) for e in events) and len(events) == len(rooms), events
+        for room, (kv, draft_kv) in rooms.items():
+            rank.assert_holds(room, kv, draft_kv)
+        assert rank.rx.stats().staging_bytes == 0
+    assert wait_until(lambda: sender.stats().staging_bytes == 0, 5.0)
+
+
+def test_an_aborted_device_room_gives_back_every_pinned_buffer(closing: list) -> None:
+    layout = DecodeLayout(TARGET, 2, 2, 64)
+    ranks = [CudaRank(layout, r) for r in range(2)]
+    closing.extend(ranks)
+    sender = KVSender(TARGET, secret=SECRET)
+    closing.append(sender)
+    room, n = 7, 2048
+    kv = prompt_kv(room, n, TARGET)
+    for r in ranks:
+        r.expect(room, n, sender.bootstrap_port)
+    ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+    for layer, (ckv, kpe) in enumerate(kv[:2]):
+        sender.send_layer(room, layer, ckv.cuda(), kpe.cuda())
+    sender.abort(room, "the prefill request ended")
+    for (event,) in wait_events([r.rx for r in ranks], timeout_s=30.0):
+        assert isinstance(event, RoomFailed) and "the prefill request ended" in event.message
+    assert wait_until(lambda: sender.stats().staging_bytes == 0, 10.0)
+    assert all(wait_until(lambda r=r: r.rx.stats().staging_bytes == 0, 10.0) for r in ranks)
