@@ -17,6 +17,7 @@ from kv_stream_helpers import StreamPeer, expected_ckv_slice, prompt_kv, small_s
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.disagg import (
     DecodeLayout,
+    Done,
     KVReceiver,
     KVSender,
     KVSpec,
@@ -276,3 +277,16 @@ def test_small_layers_ready_together_travel_in_one_message_per_rank(closing: lis
     # Rank 0: the target's layers in one message; rank 1 also the draft's, in one message of their own.
     expected = [[TARGET.num_layers], [TARGET.num_layers, DRAFT.num_layers]]
     assert sorted(t.layers_per_message for t in taps) == sorted(expected)
+
+
+def test_a_done_with_more_frames_than_done_has_is_refused_before_its_payload_is_read(closing: list) -> None:
+    layout = DecodeLayout(TARGET, 1, 1, 16)
+    rx = KVReceiver(layout, 0, secret=SECRET, default_bootstrap_port=9, max_frame_bytes=1 << 16)
+    closing.append(rx)
+    room = 11
+    rx.expect(room, 4, lambda *a: None, "127.0.0.1", None)
+    header, tag = encode(Done(room, 1), ClusterAuth(SECRET).room_keys(room).to_decode)
+    peer = StreamPeer(closing, rx.endpoint)
+    peer.send_multipart([header, tag, *([b"\0" * (1 << 16)] * 6)])  # 6 frames of the largest size
+    assert wait_until(lambda: rx.stats().messages_rejected == 1, 5.0)
+    assert rx.stats().rooms_live == 1 and rx.stats().staging_bytes == 0 and rx.poll() == []

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _SWEEP_EVERY_S = 5.0
 _NO_KV_HINT = "; none at all: is --disaggregation-secret the same on both servers?"
+_CONTROL_FRAMES = {Tag.DONE: 5, Tag.ABORT: 0}  # the most payload frames each may carry
 
 
 @dataclass(frozen=True)
@@ -260,6 +261,8 @@ class KVReceiver(TransportLoop):
                 raise ProtocolError("REGISTER sent to a decode rank")
             if kind == Tag.LAYER_KV:
                 msg = decode([header, tag, *(b"" for _ in sizes)])
+            elif len(sizes) > _CONTROL_FRAMES[kind]:  # before anything is allocated for them
+                raise ProtocolError(f"{kind.name} carries {len(sizes)} frames, at most {_CONTROL_FRAMES[kind]}")
         except ProtocolError as exc:
             self._rejected += 1
             self._log.warning("malformed", "rank %d rejected a message: %s", self.rank, exc)
