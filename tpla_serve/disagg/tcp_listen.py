@@ -33,8 +33,9 @@ class TcpListener:
         self, host: str, port: int, advertise_host: str | None, sink: StreamSink, max_connections: int,
         max_frame_bytes: int, idle_timeout_s: float,
     ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host.strip("[]"), port), family=family, backlog=128)
+        bind = "0.0.0.0" if host == "*" else host.strip("[]")
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        self._sock = socket.create_server((bind, port), family=family, backlog=128)
         self.endpoint = tcp_endpoint(advertise_host or host, self._sock.getsockname()[1])
         self._sink = sink
         self.max_connections = max_connections
