@@ -20,6 +20,7 @@ from tpla_serve.disagg.waker import Waker
 logger = logging.getLogger(__name__)
 
 _DRAIN_BYTES = 1 << 18
+_LOWAT = 1 << 17  # wake for a payload only once this much of it (or all that is left) has arrived
 
 
 class _Closed(Exception):
@@ -114,6 +115,7 @@ class _Reader:
         self.head = memoryview(bytearray(PREFIX.size + SIZE.size * MAX_PAYLOAD_FRAMES))
         self.header = memoryview(bytearray(MAX_HEADER_BYTES + TAG_BYTES))
         self.scratch: memoryview | None = None
+        self.lowat = 1
 
     def run(self) -> None:
         lst = self.listener
@@ -137,9 +139,14 @@ class _Reader:
                                    self.peer, what)
         raise _Closed
 
-    def _wait(self) -> None:
+    def _wait(self, want: int) -> None:
+        """Until `want` more bytes (up to _LOWAT) can be read: one wake-up per large piece, not per packet."""
         if self.listener._closed:
             raise _Closed
+        lowat = max(1, min(want, _LOWAT))
+        if lowat != self.lowat and self.conn.family != socket.AF_UNIX:
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+            self.lowat = lowat
         if not self.poller.poll(self.listener.idle_timeout_ms):
             raise _Closed
 
@@ -160,7 +167,7 @@ class _Reader:
         while got < view.nbytes:
             k = self._recv(view[got:])
             if not k:
-                self._wait()
+                self._wait(view.nbytes - got)
             got += k
 
     def _payload(self, landing: Landing, total: int) -> None:
@@ -183,7 +190,7 @@ class _Reader:
                         if lock is not None:
                             lock.release()
                     if not k:
-                        self._wait()
+                        self._wait(left - got)
                     got += k
                 left -= got
                 if got < seg.nbytes:
@@ -202,7 +209,7 @@ class _Reader:
         while n:
             k = self._recv(self.scratch[: min(n, _DRAIN_BYTES)])
             if not k:
-                self._wait()
+                self._wait(n)
             n -= k
 
 
