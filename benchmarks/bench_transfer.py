@@ -1,15 +1,18 @@
 """KV stream throughput over loopback TCP: KVSender → T KVReceivers against plain sockets, same run.
 
     python benchmarks/bench_transfer.py [--prompt-lens 256,1024,4096,8192] [--repeats 5] [--lanes 1]
+                                        [--device cuda]
 
 A prefill process streams one prompt's latent KV (DeepSeek-V2-Lite sizes: 27 layers, r = 512, d_r = 64,
 bf16) to the decode ranks of this process, each of which keeps its r/g latent dims + k_pe; ours writes
 every chunk into the rank's paged KV pool as the engine does (received in place into the room's pages). The
 baseline sends the same per-rank bytes, pre-sliced, with socket.sendall over one TCP connection per rank and
-recv_into a preallocated buffer: the price of the wire alone. Ours runs authenticated, as a cluster with a secret does (every message's header
-tagged and checked; tensor bytes are not hashed). Time runs from the prefill's first send to the last
-rank's completion (both processes read the same monotonic clock). Raw and ours alternate run by run, so both see the same machine;
-the table gives the median of the repeats and the load average, since a busy host moves both.
+recv_into a preallocated buffer: the price of the wire alone. Ours runs authenticated, as a cluster with a
+secret does (every message's header tagged and checked; tensor bytes are not hashed). Time runs from the
+prefill's first send to the last rank's completion (both processes read the same monotonic clock), and
+the CPU time both processes spent meanwhile is reported beside it. Raw and ours alternate run by run, so
+both see the same machine; the table gives the median of the repeats and the load average, since a busy
+host moves both. With --device cuda the KV lives in device memory at both ends (one GPU).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def _send_raw(sock: socket.socket, t: torch.Tensor, pinned: torch.Tensor | None)
 
 
 def _prefill_main(conn: Connection, max_len: int, device: str) -> None:
-    """Serves ("zmq", room, n) and ("raw", n, T, g, ports) requests; answers with its start time."""
+    """Serves ("ours", room, n) and ("raw", n, T, g, ports) requests; answers with its start time."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     kv = [
@@ -100,7 +103,7 @@ def _prefill_main(conn: Connection, max_len: int, device: str) -> None:
         if req[0] == "cpu":
             conn.send(time.process_time())
             continue
-        if req[0] == "zmq":
+        if req[0] == "ours":
             _, room, n = req
             _wait_registered(sender, 30.0)
             t0, cpu0 = time.monotonic(), time.process_time()
@@ -170,7 +173,7 @@ class _Decode:
             rx.expect(room, n, pages.room(self.room_pages), "127.0.0.1", port)
         self.rx[0].send_register(room, [rx.endpoint for rx in self.rx])
         cpu = time.process_time()
-        conn.send(("zmq", room, n))
+        conn.send(("ours", room, n))
         t0, prefill_cpu = conn.recv()
         if not self._all_done.wait(120.0):
             raise RuntimeError(f"room {room} did not complete")

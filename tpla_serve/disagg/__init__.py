@@ -1,4 +1,5 @@
-"""Prefill → decode latent-KV transport: REGISTER / per-layer stream / DONE over ZMQ (DESIGN §4).
+"""Prefill → decode latent-KV transport: REGISTER over ZMQ, the per-layer stream and DONE over the KV data
+plane (DESIGN §4, §8).
 
 Prefill: one KVSender per scheduler. Decode: one KVReceiver per TP rank; rank 0 also registers rooms.
 """
