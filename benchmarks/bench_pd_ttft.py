@@ -1,6 +1,7 @@
 """Time to first token: prefill alone against prefill + layer-streamed KV transfer to a TPLA decode server.
 
-    python benchmarks/bench_pd_ttft.py [--lengths 256,1024,4096,8192] [--repeats 3] [--device cuda --decode-tp 1]
+    python benchmarks/bench_pd_ttft.py [--lengths 256,1024,4096,8192] [--repeats 3]
+                                       [--device cuda --decode-tp 1]
 
 Real servers over HTTP on this machine: a plain server (prefill only: max_new_tokens 1), and a PD pair
 (prefill T=1; decode T=2, g=2) behind our router, where the decode answers with the prefill's first token
@@ -77,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     model = ["--model-path", str(builtin_config("deepseek-v2-lite")), "--load-format", "dummy",
              "--skip-tokenizer-init", "--json-model-override-args", json.dumps(OVERRIDE), "--dtype", "float32",
-             "--kv-cache-bytes", str(1 << 30), "--chunked-prefill-size", "2048", "--disaggregation-timeout", "600",
-             "--device", args.device]
+             "--kv-cache-bytes", str(1 << 30), "--chunked-prefill-size", "2048",
+             "--disaggregation-timeout", "600", "--device", args.device]
     bootstrap = str(free_port())
     procs = []
     try:
@@ -117,9 +118,9 @@ def main() -> None:
     table = "| prompt tokens | KV streamed (MB) | TTFT prefill alone (ms) | TTFT prefill + transfer (ms) | ratio |\n|---|---|---|---|---|\n"
     table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
     body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32, CPU; medians of "
-            f"{args.repeats}, on {args.device}. PD: prefill T=1 -> decode T={tp}, g={tp} over loopback TCP, through "
-            "tpla_router, "
-            "TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV transfer + handshake).\n\n" + table
+            f"{args.repeats}, on {args.device}. PD: prefill T=1 -> decode T={tp}, g={tp} over loopback TCP, "
+            "through tpla_router, TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV "
+            "transfer + handshake).\n\n" + table
             + f"\n\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
     print(write_result(args.name, "Time to first token: prefill alone vs prefill + KV transfer", body))
 

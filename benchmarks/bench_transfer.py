@@ -93,7 +93,9 @@ def _prefill_main(conn: Connection, max_len: int, device: str) -> None:
         for _ in range(SPEC.num_layers)
     ]
     kv = [(ckv.to(device), kpe.to(device)) for ckv, kpe in kv]
-    pinned = torch.empty(max_len * SPEC.kv_lora_rank * 2, dtype=torch.uint8, pin_memory=True) if device != "cpu" else None
+    pinned = None
+    if device != "cpu":
+        pinned = torch.empty(max_len * SPEC.kv_lora_rank * 2, dtype=torch.uint8, pin_memory=True)
     sender = KVSender(SPEC, timeout_s=120.0, secret=SECRET)
     conn.send(sender.bootstrap_port)
     while True:
@@ -236,7 +238,7 @@ def _measure(
     decode = _Decode(layout, max(lens), lanes, device)
     size = SPEC.num_layers * max(lens) * layout.token_bytes()
     bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=device != "cpu") for _ in range(layout.tp_size)]
-    device_bufs = [] if device == "cpu" else [torch.empty(size, dtype=torch.uint8, device=device) for _ in bufs]
+    device_bufs = [torch.empty(size, dtype=torch.uint8, device=device) for _ in bufs] if device != "cpu" else []
     results = []
     try:
         for n in lens:
@@ -251,7 +253,8 @@ def _measure(
             nbytes = layout.tp_size * SPEC.num_layers * n * layout.token_bytes()
             print(
                 f"T={layout.tp_size} g={layout.latent_groups} n={n}: raw {nbytes / t_raw / 1e9:.2f} GB/s, "
-                f"ours {nbytes / t_ours / 1e9:.2f} GB/s; CPU ms raw {c_raw * 1e3:.1f}, ours {c_ours * 1e3:.1f}",
+                f"ours {nbytes / t_ours / 1e9:.2f} GB/s; CPU ms raw {c_raw * 1e3:.1f}, "
+                f"ours {c_ours * 1e3:.1f}",
                 flush=True,
             )
     finally:
@@ -310,8 +313,8 @@ def main() -> None:
             f"KV in {args.device} memory at both ends"
             + ("." if args.device == "cpu" else
                ": raw copies each pre-sliced device tensor to a pinned buffer before sendall and each rank's "
-               "bytes to the device once all arrived; ours stages layers in pinned memory (one device→host copy "
-               "per layer) and lands chunks in pinned staging, one host→device copy per chunk.")
+               "bytes to the device once all arrived; ours stages layers in pinned memory (one device→host "
+               "copy per layer) and lands chunks in pinned staging, one host→device copy per chunk.")
         ),
         "",
         "| decode T | g | prompt tokens | MB received | raw ms | raw GB/s | ours ms | ours GB/s | ours / raw "

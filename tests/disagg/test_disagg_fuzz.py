@@ -36,8 +36,8 @@ FUZZ = settings(
 KEY = bytes(32)
 MAX_DECODE_BYTES = 1 << 20  # what one decode may allocate beyond its input, at most
 FIELDS = ["v", "t", "room", "layer", "token_start", "n_tokens", "n_layers", "lanes", "first_token_id",
-          "first_token_logprob", "prompt_logprobs", "draft_kv", "message", "layout", "rank_endpoints", "notify_endpoint",
-          "max_frame_bytes", "issued_ms", "nonce", "tp_size", "latent_groups", "page_size", "kv", "draft",
+          "first_token_logprob", "prompt_logprobs", "draft_kv", "message", "layout", "rank_endpoints",
+          "notify_endpoint", "max_frame_bytes", "issued_ms", "nonce", "tp_size", "latent_groups", "page_size", "kv", "draft",
           "draft_ranks", "num_layers", "kv_lora_rank", "rope_dim", "dtype", "fingerprint", "start", "n", "k"]
 
 scalars = (

@@ -162,7 +162,8 @@ def _done_header() -> dict:
         (
             [
                 msgpack.packb(
-                    {"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 0, "token_start": 0, "n_tokens": 1, "n_layers": 1}
+                    {"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 0, "token_start": 0, "n_tokens": 1,
+                     "n_layers": 1}
                 )
             ],
             "carries 0 frames",
@@ -188,7 +189,8 @@ def _done_header() -> dict:
         (
             [
                 msgpack.packb(
-                    {"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 2**17, "token_start": 0, "n_tokens": 1,
+                    {"v": PROTOCOL_VERSION, "t": 2, "room": 1, "layer": 2**17, "token_start": 0,
+                     "n_tokens": 1,
                      "n_layers": 1}
                 ),
                 b"",

@@ -33,13 +33,14 @@ class CudaRank:
     def __init__(self, layout: DecodeLayout, rank: int, num_pages: int = 96) -> None:
         kv, ps = layout.kv, layout.page_size
         self.layout, self.rank = layout, rank
-        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype, "cuda")
+        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype,
+                                 "cuda")
         self.draft_pool = None
         if layout.wants_draft(rank):
             d = layout.draft
             assert d is not None
-            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim, d.torch_dtype,
-                                           "cuda")
+            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim,
+                                           d.torch_dtype, "cuda")
         self.pages = KVPages(self.pool, self.draft_pool)
         self.free = list(range(1, num_pages))
         random.Random(rank).shuffle(self.free)
@@ -91,7 +92,8 @@ def test_device_kv_lands_byte_exact_on_every_rank(
             for layer, (ckv, kpe) in enumerate(kv):
                 sender.send_layer(room, layer, ckv[start:end].cuda(), kpe[start:end].cuda(), start)
             for layer, (ckv, kpe) in enumerate(draft_kv):
-                sender.send_layer(room, layer, ckv[start:end].cuda(), kpe[start:end].cuda(), start, draft=True)
+                sender.send_layer(room, layer, ckv[start:end].cuda(), kpe[start:end].cuda(), start,
+                                  draft=True)
         sender.send_done(room, 1)
         rooms[room] = (kv, draft_kv)
     for rank, events in zip(ranks, wait_events([r.rx for r in ranks], timeout_s=30.0, per_rank=len(rooms))):

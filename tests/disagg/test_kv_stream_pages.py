@@ -53,12 +53,14 @@ class PagedRank:
     def __init__(self, layout: DecodeLayout, rank: int, rng: random.Random, **kwargs: object) -> None:
         kv, ps, num_pages = layout.kv, layout.page_size, 48
         self.layout, self.rank = layout, rank
-        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype, "cpu")
+        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype,
+                                 "cpu")
         self.draft_pool = None
         if layout.wants_draft(rank):
             d = layout.draft
             assert d is not None
-            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim, d.torch_dtype, "cpu")
+            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim,
+                                           d.torch_dtype, "cpu")
         self.pages = KVPages(self.pool, self.draft_pool)
         self.free = list(range(1, num_pages))
         rng.shuffle(self.free)
@@ -101,7 +103,8 @@ def _stream(sender: KVSender, room: int, n: int, chunk: int, draft: bool) -> tup
         for layer, (ckv, kpe) in enumerate(kv):
             sender.send_layer(room, layer, ckv[start : start + chunk], kpe[start : start + chunk], start)
         for layer, (ckv, kpe) in enumerate(draft_kv or []):
-            sender.send_layer(room, layer, ckv[start : start + chunk], kpe[start : start + chunk], start, draft=True)
+            rows = slice(start, start + chunk)
+            sender.send_layer(room, layer, ckv[rows], kpe[rows], start, draft=True)
     sender.send_done(room, 3)
     return kv, draft_kv
 

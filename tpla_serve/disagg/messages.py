@@ -94,7 +94,8 @@ class LayerKV:
 
     def __post_init__(self) -> None:
         if len(self.more) != 2 * (self.n_layers - 1):
-            raise ValueError(f"{self.n_layers} layers carry {2 * self.n_layers} frames, not {2 + len(self.more)}")
+            raise ValueError(f"{self.n_layers} layers carry {2 * self.n_layers} frames, not "
+                             f"{2 + len(self.more)}")
 
     def tensors(self, dtype: torch.dtype, ckv_width: int, rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.n_tokens,)
@@ -250,7 +251,9 @@ def _register(f: HeaderFields, frames: Sequence[memoryview]) -> Register:
 def _layer_kv(f: HeaderFields, frames: Sequence[memoryview]) -> LayerKV:
     n_layers = f.int("n_layers", 1, MAX_BATCH_LAYERS)
     if len(frames) != 2 * n_layers:
-        raise ProtocolError(f"LAYER_KV of {n_layers} layers carries {len(frames)} frames, expected {2 * n_layers}")
+        raise ProtocolError(
+            f"LAYER_KV of {n_layers} layers carries {len(frames)} frames, expected {2 * n_layers}"
+        )
     return LayerKV(
         room=f.int("room"),
         layer=f.int("layer", 0, 2 * MAX_LAYERS - 1),
@@ -326,7 +329,9 @@ _KINDS = MappingProxyType(
             0,
             _register,
         ),
-        Tag.LAYER_KV: _Kind(frozenset({"room", "layer", "token_start", "n_tokens", "n_layers"}), None, _layer_kv),
+        Tag.LAYER_KV: _Kind(
+            frozenset({"room", "layer", "token_start", "n_tokens", "n_layers"}), None, _layer_kv
+        ),
         Tag.DONE: _Kind(
             frozenset({"room", "first_token_id", "first_token_logprob", "first_token_top_k", "prompt_logprobs"}
                       | {"draft_kv"}),

@@ -74,7 +74,9 @@ class RoomPages:
             return None
         ckv, kpe, ckv_row, kpe_row = self._of._layers[layer]
         runs = self._runs(token_start, n)
-        return [ckv[a * ckv_row : b * ckv_row] for a, b in runs] + [kpe[a * kpe_row : b * kpe_row] for a, b in runs]
+        return [ckv[a * ckv_row : b * ckv_row] for a, b in runs] + [
+            kpe[a * kpe_row : b * kpe_row] for a, b in runs
+        ]
 
     def _runs(self, token_start: int, n: int) -> list[tuple[int, int]]:
         """Slot ranges [a, b) holding the tokens, consecutive pages merged."""

@@ -262,7 +262,9 @@ class KVReceiver(TransportLoop):
             if kind == Tag.LAYER_KV:
                 msg = decode([header, tag, *(b"" for _ in sizes)])
             elif len(sizes) > _CONTROL_FRAMES[kind]:  # before anything is allocated for them
-                raise ProtocolError(f"{kind.name} carries {len(sizes)} frames, at most {_CONTROL_FRAMES[kind]}")
+                raise ProtocolError(
+                    f"{kind.name} carries {len(sizes)} frames, at most {_CONTROL_FRAMES[kind]}"
+                )
         except ProtocolError as exc:
             self._rejected += 1
             self._log.warning("malformed", "rank %d rejected a message: %s", self.rank, exc)
@@ -271,7 +273,8 @@ class KVReceiver(TransportLoop):
             state = self._rooms.get(room)
         if state is None:
             self._dropped += 1
-            logger.debug("rank %d dropped %s for room %d, which it does not expect", self.rank, kind.name, room)
+            logger.debug("rank %d dropped %s for room %d, which it does not expect", self.rank, kind.name,
+                         room)
             return Landing.discard()
         if not signed_by(state.keys.to_decode, [header, tag]):
             self._unauthenticated += 1
@@ -291,7 +294,9 @@ class KVReceiver(TransportLoop):
         self._end_room(state, problem, tell=True)
         return Landing.discard()
 
-    def _control_landing(self, state: ExpectedRoom, header: bytes, tag: bytes, sizes: Sequence[int]) -> Landing:
+    def _control_landing(
+        self, state: ExpectedRoom, header: bytes, tag: bytes, sizes: Sequence[int]
+    ) -> Landing:
         """DONE and ABORT: small payloads, read into buffers of their own, then acted on."""
         bufs = [bytearray(n) for n in sizes]
 

@@ -91,7 +91,9 @@ class _Fill:
             self._done, self._src = True, None
 
 
-def target_layer_messages(routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool) -> Iterator[Message]:
+def target_layer_messages(
+    routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool
+) -> Iterator[Message]:
     """Target layers' rows, every decode rank its slice: a rank of g > 1 gets its latent dims copied into
     staging (shared by the ranks of its group) by the lane that sends it, the rest goes from the layers'
     own tensors. Several layers (consecutive, the same tokens, within one chunk) make one message."""
@@ -154,7 +156,9 @@ def _all(fills: list[Callable[[], None]]) -> Callable[[], None] | None:
     return fill_all
 
 
-def draft_layer_messages(routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool) -> Iterator[Message]:
+def draft_layer_messages(
+    routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool
+) -> Iterator[Message]:
     """Draft layers' rows, whole, to every rank with a draft (several layers in one message as above)."""
     first = cmds[0]
     n = first.ckv.shape[0]

@@ -14,6 +14,7 @@ Only authenticated REGISTERs and ABORTs act on rooms (admission.py); messages to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -147,7 +148,8 @@ class KVSender(TransportLoop):
         host = [b.view(t.dtype).view(t.shape).copy_(t, non_blocking=True) for b, t in zip(bufs, (ckv, kpe))]
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(ckv.device))
-        self._submit(LayerCmd(room, wire_layer, token_start, host[0], host[1], ready, Holds(self._staging, bufs)))
+        holds = Holds(self._staging, bufs)
+        self._submit(LayerCmd(room, wire_layer, token_start, host[0], host[1], ready, holds))
 
     def send_done(
         self,
@@ -171,9 +173,9 @@ class KVSender(TransportLoop):
         self._submit(AbortCmd(room, str(message)))
 
     def stats(self) -> SenderStats:
-        gate = self._gate
+        gate, out = self._gate, self._streamer
         return SenderStats(
-            self._streamer.bytes_sent, self._streamer.draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
+            out.bytes_sent, out.draft_bytes_sent, self._rooms_sent, self._rooms_failed, len(self._rooms),
             self._rooms_registered, gate.rejected, gate.unauthenticated, self._data.connections(),
             self._staging.in_use,
         )
@@ -182,11 +184,8 @@ class KVSender(TransportLoop):
 
     def _send_failed(self, room: int, error: str) -> None:
         """A lane could not send the room's message (called on the lane's thread)."""
-        if not self._closed:
-            try:
-                self._submit(SendFailedCmd(room, error))
-            except RuntimeError:  # closed meanwhile
-                pass
+        with contextlib.suppress(RuntimeError):  # the sender closed meanwhile
+            self._submit(SendFailedCmd(room, error))
 
     def _on_command(self, cmd: Command) -> None:
         now = time.monotonic()

@@ -79,8 +79,8 @@ class TcpListener:
             with self._lock:
                 if len(self._conns) >= self.max_connections:
                     self.refused += 1
-                    self._log.warning("conns", "%s refused a connection from %s: %d open", self.endpoint, peer,
-                                      len(self._conns))
+                    self._log.warning("conns", "%s refused a connection from %s: %d open", self.endpoint,
+                                      peer, len(self._conns))
                     conn.close()
                     continue
                 thread = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
@@ -129,8 +129,8 @@ class _Reader:
             if any(s > lst.max_frame_bytes for s in sizes):
                 self._refuse(f"a frame of {max(sizes)} bytes (the limit is {lst.max_frame_bytes})")
             self._fill(self.header[: header_len + TAG_BYTES])
-            landing = lst._sink.land(self.header[:header_len], self.header[header_len : header_len + TAG_BYTES],
-                                     sizes)
+            tag = self.header[header_len : header_len + TAG_BYTES]
+            landing = lst._sink.land(self.header[:header_len], tag, sizes)
             self._payload(landing, sum(sizes))
 
     def _refuse(self, what: str) -> None:

@@ -126,7 +126,8 @@ class _Lane:
         while (batch := self._take()) is not None:
             error = None
             try:
-                if self._sock is not None and time.monotonic() - self.last_used > 1.0 and _peer_closed(self._sock):
+                idle = time.monotonic() - self.last_used > 1.0
+                if self._sock is not None and idle and _peer_closed(self._sock):
                     self._drop_socket()  # the decode closed it while idle: what we wrote now would be lost
                 if self._sock is None:
                     self._sock = self._connect()
