@@ -228,6 +228,7 @@ class ServerConfig:
     chat_template: str | None = None  # a .jinja file or a built-in name; None: the tokenizer's own
     skip_server_warmup: bool = False  # report ready without first serving one tiny request
     watchdog_timeout: float = 300.0  # seconds a scheduler step may take before the server stops
+    stream_interval: int = 1  # tokens between two chunks of a streamed answer (SGLang's --stream-interval)
     reasoning_parser: str | None = None  # deepseek-r1: reasoning_content apart from content
     tool_call_parser: str | None = None  # deepseekv3: OpenAI tool_calls from DeepSeek's tool tokens
 
@@ -238,6 +239,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1 token, got {self.stream_interval}")
         if not self.watchdog_timeout > 0:
             raise ValueError(f"--watchdog-timeout must be > 0 seconds, got {self.watchdog_timeout}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:

@@ -171,6 +171,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
            "(default: the tokenizer's own)")
     a("--skip-server-warmup", action="store_true",
       help="report ready as soon as the model is loaded, without first serving one small request")
+    a("--stream-interval", type=int, default=d.stream_interval,
+      help="tokens between two chunks of a streamed answer: larger sends fewer, larger chunks")
     a("--watchdog-timeout", type=float, default=d.watchdog_timeout,
       help="seconds one scheduler step may run; a step that takes longer stops the server (its requests "
            "fail with 503, /health fails) instead of letting it hang")
