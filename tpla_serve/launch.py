@@ -72,6 +72,11 @@ def _serve(role: str, argv: Sequence[str]) -> int:
                                                                 "%(message)s")
     for note in inapplicable_flags(args, config.engine):
         logging.getLogger("tpla_serve.launch").warning("%s", note)
+    if config.engine.node_rank > 0:  # another node of a multi-node server: its TP ranks, no HTTP
+        from tpla_serve.distributed.worker import run_node
+        from tpla_serve.entrypoints.rank import worker_handlers
+
+        return run_node(config.engine, worker_handlers)
     from tpla_serve.server.http_server import run_server
 
     return run_server(config)

@@ -82,6 +82,8 @@ class SchedulerProcess:
             raise
         self.text_in_logprobs: dict[str, bool] = {}
         self.watchdog = StepWatchdog(config.watchdog_timeout, self._stuck)
+        if self.parts.tp is not None:  # a rank lost while a step waits on it: stop rather than wait
+            self.parts.tp.on_lost(self._stuck)
 
     # ------------------------------------------------------------------ messages
 
