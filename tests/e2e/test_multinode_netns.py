@@ -116,7 +116,7 @@ def test_greedy_outputs_equal_the_single_host_cluster(multinode, cluster):
 
 def _stream_events(client: httpx.Client, url: str, started: list[bool]) -> list[dict]:
     body = {"text": PROMPTS[0], "stream": True,
-            "sampling_params": {"max_new_tokens": 100000, "temperature": 0, "ignore_eos": True}}
+            "sampling_params": {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}}
     events = []
     with client.stream("POST", url + "/generate", json=body) as r:
         for line in r.iter_lines():

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from tpla_serve.config import EngineConfig
 from tpla_serve.distributed.control import ControlOp, ControlReceiver, ControlSender, Shutdown
+from tpla_serve.distributed.liveness import HEARTBEAT_TIMEOUT_MS
 from tpla_serve.distributed.nodes import Rendezvous, use_node_interface
 
 if TYPE_CHECKING:
@@ -250,7 +251,16 @@ class TPGroup:
         try:
             return fn()
         except Exception as e:
-            raise RuntimeError(self.failure() or f"TP rank {self.rank}: a collective failed: {e}") from e
+            raise RuntimeError(self._failure_after() or f"TP rank {self.rank}: a collective failed: {e}") from e
+
+    def _failure_after(self) -> str | None:
+        """Which rank is gone, once a collective failed: a peer on another host is known by its lost
+        connection, which the watch sees within a heartbeat timeout of the collective's error."""
+        deadline = time.monotonic() + HEARTBEAT_TIMEOUT_MS / 1000
+        watching = self.is_leader and self.meet.spans_nodes
+        while (why := self.failure()) is None and watching and time.monotonic() < deadline:
+            time.sleep(JOIN_POLL_S)
+        return why
 
     def announce(self, op: ControlOp) -> None:
         """Rank 0: tell every other rank to run `op` (rank 0 then runs its own part)."""
