@@ -58,7 +58,8 @@ class Hosts:
         for i, (name, ns) in enumerate(self.namespaces.items()):
             _ip("netns", "add", ns)
             self._made.append(ns)
-            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{i}", "netns", self.hub)
+            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{i}", "netns",
+                self.hub)
             self._attach(f"p{i}")
             _ip("-n", ns, "addr", "add", f"{self.addresses[name]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")

@@ -33,7 +33,8 @@ def _client() -> httpx.Client:
     return httpx.Client(trust_env=False, timeout=120)
 
 
-def _wait_healthy(client: httpx.Client, url: str, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+def _wait_healthy(client: httpx.Client, url: str, procs: list[subprocess.Popen], timeout: float = 300
+                  ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
