@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tpla_serve.config import EngineConfig
 from tpla_serve.distributed.control import ControlOp, ControlReceiver, ControlSender, Shutdown
 from tpla_serve.distributed.liveness import HEARTBEAT_TIMEOUT_MS
-from tpla_serve.distributed.nodes import Rendezvous, use_node_interface
+from tpla_serve.distributed.nodes import Rendezvous, latent_groups_within_nodes, use_node_interface
 
 if TYPE_CHECKING:
     from tpla_serve.distributed.worker import BuildRank
@@ -198,6 +198,9 @@ class TPGroup:
         joined_before = dist.is_initialized()
         try:
             keys = [f"control/{r}" for r in range(1, config.tp_size)]
+            if meet.spans_nodes and not latent_groups_within_nodes(config):
+                logger.warning("TPLA latent groups of %d ranks do not fit the %d ranks of a node: a group "
+                               "spans nodes", config.tp_size // config.tpla_groups, config.ranks_per_node)
             if meet.spans_nodes:
                 logger.info("waiting for the TP ranks of nodes 1..%d at %s:%d", config.nnodes - 1,
                             meet.store_host, meet.store_port)

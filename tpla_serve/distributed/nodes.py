@@ -41,6 +41,12 @@ class Rendezvous:
         return cls(host, port, address, True)
 
 
+def latent_groups_within_nodes(config: EngineConfig) -> bool:
+    """Whether every TPLA latent group's ranks (contiguous, T/g of them) sit on one node."""
+    per_group = config.tp_size // config.tpla_groups
+    return config.ranks_per_node % per_group == 0
+
+
 def use_node_interface(address: str) -> None:
     """Point gloo and NCCL's bootstrap at the interface holding `address`, unless the environment chose one.
     Left alone, gloo takes the address the host name resolves to, which need not be on that network."""
