@@ -52,25 +52,33 @@ def _wait_healthy(client: httpx.Client, url: str, procs: list[subprocess.Popen],
 class MultiNodeCluster:
     def __init__(self, hosts: Hosts) -> None:
         self.hosts = hosts
-        a, b, c, d = (hosts.addresses[h] for h in "abcd")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TPLA_DISAGGREGATION_SECRET": "multinode-test"}
-        decode = ["--role", "decode", *SERVER, "--port", str(PORT), "--tp-size", "2", "--tpla-groups", "2",
-                  "--nnodes", "2", "--dist-init-addr", f"{b}:{DIST}"]
+        a, b, d = (hosts.addresses[h] for h in "abd")
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TPLA_DISAGGREGATION_SECRET": "multinode-test"}
         self.procs: dict[str, subprocess.Popen] = {}
-        for host, args in (
-            ("a", ["--role", "prefill", *SERVER, "--host", a, "--port", str(PORT)]),
-            ("b", [*decode, "--host", b, "--node-rank", "0"]),
-            ("c", [*decode, "--host", c, "--node-rank", "1"]),
-            ("d", ["--role", "router", "--host", d, "--port", str(PORT), "--prefill", f"http://{a}:{PORT}",
-                   str(BOOTSTRAP), "--decode", f"http://{b}:{PORT}", "--log-level", "warning"]),
-        ):
-            argv = hosts.command(host, [sys.executable, "-m", "tpla_serve.launch", *args])
-            self.procs[host] = subprocess.Popen(argv, env=env, start_new_session=True)
+        self._launch("a", ["--role", "prefill", *SERVER, "--host", a, "--port", str(PORT)])
+        self._launch("d", ["--role", "router", "--host", d, "--port", str(PORT), "--prefill",
+                           f"http://{a}:{PORT}", str(BOOTSTRAP), "--decode", f"http://{b}:{PORT}",
+                           "--log-level", "warning"])
         self.url = f"http://{d}:{PORT}"
         self.decode_url = f"http://{b}:{PORT}"
+        self.start_decode()
         with _client() as client:
-            for url in (f"http://{a}:{PORT}", self.decode_url, self.url):
+            for url in (f"http://{a}:{PORT}", self.url):
                 _wait_healthy(client, url, list(self.procs.values()))
+
+    def _launch(self, host: str, args: list[str]) -> None:
+        argv = self.hosts.command(host, [sys.executable, "-m", "tpla_serve.launch", *args])
+        self.procs[host] = subprocess.Popen(argv, env=self.env, start_new_session=True)
+
+    def start_decode(self) -> None:
+        """The decode server: node 0 on host B, node 1 on host C."""
+        b = self.hosts.addresses["b"]
+        decode = ["--role", "decode", *SERVER, "--port", str(PORT), "--tp-size", "2", "--tpla-groups", "2",
+                  "--nnodes", "2", "--dist-init-addr", f"{b}:{DIST}"]
+        self._launch("b", [*decode, "--host", b, "--node-rank", "0"])
+        self._launch("c", [*decode, "--host", self.hosts.addresses["c"], "--node-rank", "1"])
+        with _client() as client:
+            _wait_healthy(client, self.decode_url, list(self.procs.values()))
 
     def kill(self, host: str) -> None:
         os.killpg(self.procs[host].pid, signal.SIGKILL)
@@ -146,3 +154,9 @@ def test_killing_a_rank_on_host_c_aborts_requests_and_fails_health(multinode):
                 healthy = False
             time.sleep(0.2)
         assert multinode.procs["b"].wait(60) != 0  # node 0's server exits, failed
+
+
+def test_the_other_node_exits_cleanly_when_node_0_goes(multinode):
+    multinode.start_decode()  # the previous test stopped it
+    multinode.kill("b")
+    assert multinode.procs["c"].wait(120) == 0  # its rank saw rank 0's connection drop and left

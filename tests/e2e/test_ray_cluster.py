@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from cluster import wait_healthy
 from tpla_serve.net import free_port
 
 ray = pytest.importorskip("ray", reason="the Ray cluster test needs ray (pip install 'tpla-serve[ray]')")
+import yaml  # noqa: E402  (comes with ray)
 from ray.cluster_utils import Cluster as RayTestCluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
