@@ -159,16 +159,18 @@ def decode_op(data: bytes) -> ControlOp:
 
 class ControlSender:
     """Rank 0's end: one PUSH socket per other rank (a queue each; nothing is lost to a slow joiner), and
-    the watch over their connections. `endpoints` maps each other rank to its PULL endpoint."""
+    the watch over their connections. `endpoints` maps each other rank to its PULL endpoint; `heartbeats`
+    (ranks on other hosts) also catches a peer that went silent without closing its connection."""
 
-    def __init__(self, endpoints: dict[int, str]) -> None:
+    def __init__(self, endpoints: dict[int, str], heartbeats: bool = False) -> None:
         self.ctx = zmq.Context()
         self.sockets = []
         for endpoint in endpoints.values():
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, 0)  # rank 0 never drops or blocks on an announcement
             sock.setsockopt(zmq.LINGER, 1000)
-            enable_heartbeats(sock)
+            if heartbeats:
+                enable_heartbeats(sock)
             sock.connect(endpoint)
             self.sockets.append(sock)
         self.watch = PeerWatch(self.sockets, [f"TP rank {r} ({e})" for r, e in endpoints.items()])
@@ -194,12 +196,13 @@ class ControlReceiver:
     times out), waking once a second only to check that rank 0 (and the process that started this rank)
     is still there."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", heartbeats: bool = False) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
-        enable_heartbeats(self.sock)
+        if heartbeats:
+            enable_heartbeats(self.sock)
         self.disconnects = Disconnects(self.sock)
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"

@@ -215,7 +215,8 @@ class TPGroup:
                 time.sleep(JOIN_POLL_S)
             _init_process_group(config, 0, store, meet)
             group = _control_group()
-            sender = ControlSender({r: store.get(f"control/{r}").decode() for r in range(1, config.tp_size)})
+            endpoints = {r: store.get(f"control/{r}").decode() for r in range(1, config.tp_size)}
+            sender = ControlSender(endpoints, heartbeats=meet.spans_nodes)
         except Exception as e:
             if dist.is_initialized() and not joined_before:  # a half-joined group of ours
                 dist.destroy_process_group()
@@ -230,7 +231,7 @@ class TPGroup:
     def join(cls, config: EngineConfig, rank: int, meet: Rendezvous) -> TPGroup:
         """Ranks > 0: announce this rank's control endpoint to rank 0's store and join the group."""
         store = dist.TCPStore(meet.store_host, meet.store_port, config.tp_size, False, COLLECTIVE_TIMEOUT)
-        receiver = ControlReceiver(meet.address)
+        receiver = ControlReceiver(meet.address, heartbeats=meet.spans_nodes)
         store.set(f"control/{rank}", receiver.endpoint)
         _init_process_group(config, rank, store, meet)
         return cls(rank, config.tp_size, _control_group(), store, meet, receiver=receiver)
@@ -254,7 +255,8 @@ class TPGroup:
         try:
             return fn()
         except Exception as e:
-            raise RuntimeError(self._failure_after() or f"TP rank {self.rank}: a collective failed: {e}") from e
+            why = self._failure_after() or f"TP rank {self.rank}: a collective failed: {e}"
+            raise RuntimeError(why) from e
 
     def _failure_after(self) -> str | None:
         """Which rank is gone, once a collective failed: a peer on another host is known by its lost

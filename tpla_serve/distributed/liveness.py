@@ -1,9 +1,11 @@
 """Whether the other end of a control socket is still there (DESIGN §7).
 
 Rank 0 holds one PUSH socket per other rank and every rank one PULL socket from rank 0: a TCP connection
-each, with ZMTP heartbeats, so a peer whose process ends (the kernel closes the connection) or whose host
-stops answering (no heartbeat within HEARTBEAT_TIMEOUT_MS) shows up as a disconnect on the socket's
-monitor. Across hosts that is the only sign a rank has: a parent process or a local exit code is not there.
+each, so a peer whose process ends (the kernel closes the connection) shows up as a disconnect on the
+socket's monitor. A server spanning hosts adds ZMTP heartbeats, so a host that stops answering (no
+heartbeat within HEARTBEAT_TIMEOUT_MS) does too: across hosts that is the only sign a rank has, a parent
+process or a local exit code is not there. On one host a stopped (not dead) rank is left to the
+scheduler's watchdog.
 """
 
 from __future__ import annotations
