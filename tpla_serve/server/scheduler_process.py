@@ -83,6 +83,8 @@ class SchedulerProcess:
         self.text_in_logprobs: dict[str, bool] = {}
         self.streamed_tokens: dict[str, int] = {}  # output tokens of each streamed request sent so far
         self.watchdog = StepWatchdog(config.watchdog_timeout, self._stuck)
+        if self.parts.tp is not None:  # a rank lost while a step waits on it: stop rather than wait
+            self.parts.tp.on_lost(self._stuck)
 
     # ------------------------------------------------------------------ messages
 
