@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg.decode_side import DecodeKVPort, decode_layout, gather_endpoints, rank_handlers
 from tpla_serve.disagg.handshake import KVSpec, pool_kv_spec
-from tpla_serve.distributed import RandomizeKV, RunDecode, RunDraftStep, RunStep, TPGroup
+from tpla_serve.distributed import RandomizeKV, RunDecode, RunDraftBlock, RunDraftStep, RunStep, TPGroup
 from tpla_serve.distributed.worker import RankHandlers
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.scheduler import PromptKVForward, Scheduler
 from tpla_serve.grammar.backend import GrammarBackend
 from tpla_serve.sampling.sampler import Sampler
 from tpla_serve.speculative.decoder import SpeculativeDecoder
+from tpla_serve.speculative.draft_loop import received_tokens, run_draft_block
 from tpla_serve.speculative.draft import (
     DraftModel,
     draft_kv_bytes_per_token,
@@ -108,7 +109,7 @@ def _log_draft(config: EngineConfig, draft: DraftModel) -> None:
             config.speculative_algorithm,
             config.speculative_draft_model_path,
             draft.config.num_hidden_layers,
-            draft.groups if draft.layer_parallel else "sequential",
+            "sequential" if draft.exact_drafting else draft.groups,
             config.speculative_num_draft_tokens,
         )
     else:
@@ -152,6 +153,9 @@ def worker_handlers(config: EngineConfig, tp: TPGroup) -> RankHandlers:
     if parts.draft is not None:
         draft = parts.draft
         handlers[RunDraftStep] = lambda op: draft.forward_local(op.mode, op.entries)
+        handlers[RunDraftBlock] = lambda op: run_draft_block(
+            draft, runner.table, op, received_tokens(op, runner.device)
+        )
     if parts.kv_port is not None:
         handlers.update(rank_handlers(parts.kv_port, tp))
     return RankHandlers(handlers, close=parts.close)  # type: ignore[arg-type]

@@ -13,20 +13,24 @@ every rank exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
 from tpla_serve.distributed import RunDraftStep, TPGroup
+from tpla_serve.engine.request_table import RequestTable
 from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode, LayerKVSink, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
 from tpla_serve.layers.linear import tp_all_reduce
 from tpla_serve.models.base import DecoderLayer
 from tpla_serve.models.config import ModelConfig
 from tpla_serve.models.loader import load_model
+from tpla_serve.speculative.group_attention import GroupedAttention
 from tpla_serve.tpla.layout import ShardLayout
 
 
@@ -123,12 +127,27 @@ class DraftModel:
             dtype,
             device,
         )
+        # EasySpec on one device: each group's attention sublayers batched (a backend of their own, as
+        # their batch is planned apart from the step's).
+        self.batched: dict[int, GroupedAttention] = {}
+        if config.speculative_algorithm == "easyspec" and not self.layer_parallel:
+            self.group_backend = create_attention_backend(name, device, shape)
+            for group in self.groups:
+                if len(group) > 1:
+                    layers = [self.model.layers[i] for i in group]
+                    self.batched[group[0]] = GroupedAttention(layers, group[0], self.kv_pool)  # type: ignore[arg-type]
         self.kv_fingerprint = hashlib.sha256(f"{self.model.fingerprint}|draft".encode()).hexdigest()[:16]
+
+    @property
+    def exact_drafting(self) -> bool:
+        """Whether draft decode steps are the exact sequential forward (no layer groups), so the KV they
+        write for drafts that are then accepted needs no calibration."""
+        return all(len(group) == 1 for group in self.groups)
 
     def forward(self, mode: ForwardMode, entries: list[BatchEntry]) -> torch.Tensor:
         """Rank 0: fp32 logits of the rows the entries ask for. EXTEND is the exact sequential forward
-        (draft prefill, bonus calibration); DECODE drafts one token per request, layer-parallel under
-        EasySpec across ranks."""
+        (draft prefill); DECODE drafts one token per request, in layer groups under EasySpec (across ranks
+        when layer-parallel)."""
         if self.tp is None or not self.layer_parallel:
             logits = self.forward_local(mode, entries)
         else:
@@ -139,21 +158,47 @@ class DraftModel:
 
     @torch.inference_mode()
     def forward_local(
-        self, mode: ForwardMode, entries: list[BatchEntry], kv_sink: LayerKVSink | None = None
+        self,
+        mode: ForwardMode,
+        entries: list[BatchEntry],
+        kv_sink: LayerKVSink | None = None,
+        exact: bool = False,
     ) -> torch.Tensor | None:
-        """This rank's part of a draft step; logits on rank 0 only (kv_sink: a PD prefill streams the KV)."""
+        """This rank's part of a draft step; logits on rank 0 only (kv_sink: a PD prefill streams the KV).
+        DECODE steps run in EasySpec's layer groups unless `exact` (bonus calibration)."""
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
         fb.kv_sink = kv_sink
         self.attn_backend.prepare(fb)
+        grouped = mode is ForwardMode.DECODE and not exact and all(q == 1 for q in fb.q_lens)
+        return self._run(fb, grouped, logits=kv_sink is None)
+
+    @torch.inference_mode()
+    def decode_from_table(
+        self, table: RequestTable, slots: np.ndarray, positions: np.ndarray, input_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """One draft decode step of the requests in `slots`, feeding input_ids [B] (on the device) at
+        `positions`, pages gathered from the request table; in layer groups under EasySpec."""
+        fb = table.decode_batch(slots, positions, self.kv_pool, self.attn_backend, input_ids)
+        self.attn_backend.prepare(fb)
+        return self._run(fb, grouped=True)
+
+    def _run(self, fb: ForwardBatch, grouped: bool, logits: bool = True) -> torch.Tensor | None:
         model = self.model
         x, cos, sin = model.embed(fb)
-        parallel = mode is ForwardMode.DECODE and self.layer_parallel
-        for group in self.groups if parallel else [[i] for i in range(len(model.layers))]:
+        group_batches: dict[int, ForwardBatch] = {}
+        for group in self.groups if grouped else [[i] for i in range(len(model.layers))]:
             if len(group) == 1:
                 x = model.layers[group[0]](x, cos, sin, fb)
-            else:
+            elif self.layer_parallel:
                 x = self._parallel_group([model.layers[i] for i in group], x, cos, sin, fb)
-        if self.tp_layout.tp_rank != 0 or kv_sink is not None:
+            else:
+                attn = self.batched[group[0]]
+                if attn.n not in group_batches:  # one batch (and backend plan) per group size and step
+                    group_batches[attn.n] = gfb = attn.batch(fb, self.group_backend)
+                    self.group_backend.prepare(gfb)
+                gfb = dataclasses.replace(group_batches[attn.n], kv_pool=attn.pool)
+                x = self._apply_group([model.layers[i] for i in group], x, attn(x, cos, sin, gfb))
+        if self.tp_layout.tp_rank != 0 or not logits:
             return None
         return model.logits(x, fb)
 
@@ -166,7 +211,11 @@ class DraftModel:
         attn = x.new_zeros(len(layers), *x.shape)
         if rank < len(layers):
             attn[rank] = layers[rank].attention(x, cos, sin, fb)
-        attn = tp_all_reduce(attn, self.tp_layout)
+        return self._apply_group(layers, x, tp_all_reduce(attn, self.tp_layout))
+
+    @staticmethod
+    def _apply_group(layers: list[DecoderLayer], x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x += A_i; x += MLP_i(x), in layer order, from the group's attention contributions A [N, T, H]."""
         for i, layer in enumerate(layers):
             x = x + attn[i]
             x = x + layer.feed_forward(x)
