@@ -67,6 +67,8 @@ class RankParts:
             self.kv_port.close()
             self.kv_port = None
         self.runner.release_graphs()  # graphs hold work of the group's communicator: release them first
+        if self.draft is not None:
+            self.draft.cuda_graph = None
         if self.tp is not None and self.tp.is_leader:
             self.tp.shutdown()
         self.runner.release_memory()
@@ -82,7 +84,7 @@ def build_rank(config: EngineConfig, rank: int = 0, tp: TPGroup | None = None) -
     try:
         if draft_config is not None:
             parts.draft = DraftModel(config, runner.model_config.vocab_size, runner.num_pages, runner.layout,
-                                     runner.device, tp)
+                                     runner.device, tp, runner.max_pages_per_request)
             _log_draft(config, parts.draft)
         if config.disaggregation_mode == "decode":
             # Each rank registers the draft KV it keeps: under standard speculation only rank 0 has a draft.

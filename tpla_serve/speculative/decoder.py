@@ -110,10 +110,16 @@ class SpeculativeDecoder:
             return [[] for _ in reqs], None
         block = [reqs[b] for b in rows]
         ks = [num_drafts[b] for b in rows]
-        calibration = [BatchEntry(r.tokens_from(r.draft_computed), r.draft_computed, list(r.pages)) for r in block]
+        starts = [r.draft_computed for r in block]
+        span = self.draft.calibration_tokens
+        if span is not None and all(0 < r.seq_len - span <= r.draft_computed for r in block):
+            # CUDA graphs replay calibrations of k + 1 tokens: rewriting exact KV again changes nothing
+            starts = [r.seq_len - span for r in block]
+        calibration = [BatchEntry(r.tokens_from(s), s, list(r.pages)) for r, s in zip(block, starts)]
         # A short calibration (after a block: its accepted drafts and bonus) runs as a decode step of
         # q_len <= k + 1, as verification does; a prompt's runs as prefill.
-        short = all(0 < e.prefix_len and len(e.new_token_ids) <= max(ks) + 1 for e in calibration)
+        longest = span or max(ks) + 1
+        short = all(0 < e.prefix_len and len(e.new_token_ids) <= longest for e in calibration)
         tp = self.draft.tp if self.draft.layer_parallel else None
         table = self.runner.table
         op = RunDraftBlock(

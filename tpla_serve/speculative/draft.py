@@ -23,6 +23,7 @@ import torch
 from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.config import EngineConfig
 from tpla_serve.distributed import RunDraftStep, TPGroup
+from tpla_serve.engine.cuda_graph import CudaGraphRunner
 from tpla_serve.engine.request_table import RequestTable
 from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode, LayerKVSink, build_forward_batch
 from tpla_serve.layers.attention import AttentionShape, create_attention_backend
@@ -87,6 +88,7 @@ class DraftModel:
         tp_layout: ShardLayout,
         device: torch.device,
         tp: TPGroup | None = None,
+        max_pages_per_request: int | None = None,
     ) -> None:
         assert config.speculative_draft_model_path is not None
         path = config.speculative_draft_model_path
@@ -131,12 +133,35 @@ class DraftModel:
         # their batch is planned apart from the step's).
         self.batched: dict[int, GroupedAttention] = {}
         if config.speculative_algorithm == "easyspec" and not self.layer_parallel:
-            self.group_backend = create_attention_backend(name, device, shape)
+            self.group_backend = create_attention_backend("triton" if device.type == "cuda" else "torch", device)
             for group in self.groups:
                 if len(group) > 1:
                     layers = [self.model.layers[i] for i in group]
                     self.batched[group[0]] = GroupedAttention(layers, group[0], self.kv_pool)  # type: ignore[arg-type]
         self.kv_fingerprint = hashlib.sha256(f"{self.model.fingerprint}|draft".encode()).hexdigest()[:16]
+        self.cuda_graph: CudaGraphRunner | None = None
+        if config.speculative and device.type == "cuda" and not config.disable_cuda_graph and max_pages_per_request:
+            self.cuda_graph = self._capture_graphs(config, max_pages_per_request)
+
+    def _capture_graphs(self, config: EngineConfig, max_pages: int) -> CudaGraphRunner:
+        """Draft decode steps (q_len 1, in layer groups) and calibrations of k + 1 tokens (exact), per batch
+        bucket; under layer-parallel drafting every rank captures them together (their all-reduces pair up)."""
+        k = config.speculative_num_draft_tokens
+        graphs = CudaGraphRunner(
+            self.model, self.attn_backend, self.kv_pool, config, self.device, max_pages,
+            q_lens=(1, k + 1), forward=lambda fb: self._run(fb, grouped=fb.q_lens[0] == 1, logits=True),
+        )
+        if self.tp is not None and self.layer_parallel:
+            self.tp.collective(graphs.capture)
+        else:
+            graphs.capture()
+        return graphs
+
+    @property
+    def calibration_tokens(self) -> int | None:
+        """Tokens a calibration must span to replay from a CUDA graph (k + 1), or None without graphs."""
+        graphs = self.cuda_graph
+        return graphs.q_lens[-1] if graphs is not None and graphs.graphs and len(graphs.q_lens) > 1 else None
 
     @property
     def exact_drafting(self) -> bool:
@@ -166,11 +191,15 @@ class DraftModel:
     ) -> torch.Tensor | None:
         """This rank's part of a draft step; logits on rank 0 only (kv_sink: a PD prefill streams the KV).
         DECODE steps run in EasySpec's layer groups unless `exact` (bonus calibration)."""
+        graphs = self.cuda_graph
+        if kv_sink is None and exact and graphs is not None and graphs.can_run(mode, entries):
+            if len(entries[0].new_token_ids) > 1:  # the captured q_len > 1 steps are the exact forward
+                return graphs.replay(entries)
         fb = build_forward_batch(mode, entries, self.kv_pool, self.attn_backend, self.device)
         fb.kv_sink = kv_sink
         self.attn_backend.prepare(fb)
         grouped = mode is ForwardMode.DECODE and not exact and all(q == 1 for q in fb.q_lens)
-        return self._run(fb, grouped, logits=kv_sink is None)
+        return self._run(fb, grouped, logits=kv_sink is None and self.tp_layout.tp_rank == 0)
 
     @torch.inference_mode()
     def decode_from_table(
@@ -178,11 +207,15 @@ class DraftModel:
     ) -> torch.Tensor | None:
         """One draft decode step of the requests in `slots`, feeding input_ids [B] (on the device) at
         `positions`, pages gathered from the request table; in layer groups under EasySpec."""
+        graphs = self.cuda_graph
+        if graphs is not None and graphs.can_replay(len(slots), int(positions.max()) + 1):
+            return graphs.replay_from_table(table, slots, positions, input_ids)
         fb = table.decode_batch(slots, positions, self.kv_pool, self.attn_backend, input_ids)
         self.attn_backend.prepare(fb)
-        return self._run(fb, grouped=True)
+        return self._run(fb, grouped=True, logits=self.tp_layout.tp_rank == 0)
 
-    def _run(self, fb: ForwardBatch, grouped: bool, logits: bool = True) -> torch.Tensor | None:
+    def _run(self, fb: ForwardBatch, grouped: bool, logits: bool) -> torch.Tensor | None:
+        """Logits of fb's logits rows when asked for (rank 0; every rank inside a CUDA graph)."""
         model = self.model
         x, cos, sin = model.embed(fb)
         group_batches: dict[int, ForwardBatch] = {}
@@ -198,9 +231,7 @@ class DraftModel:
                     self.group_backend.prepare(gfb)
                 gfb = dataclasses.replace(group_batches[attn.n], kv_pool=attn.pool)
                 x = self._apply_group([model.layers[i] for i in group], x, attn(x, cos, sin, gfb))
-        if self.tp_layout.tp_rank != 0 or not logits:
-            return None
-        return model.logits(x, fb)
+        return model.logits(x, fb) if logits else None
 
     def _parallel_group(
         self, layers: list[DecoderLayer], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fb: ForwardBatch
