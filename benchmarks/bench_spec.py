@@ -177,8 +177,8 @@ def main() -> None:
         f"{args.device}, dtype {args.dtype}, attention backend {args.attention_backend}{graphs}{threads}; "
         f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens, decoded {args.batch_size} at a "
         f"time, {args.new_tokens} new tokens each, greedy; {args.rounds} round(s), configurations in turn. "
-        "EasySpec groups the draft's middle layers in groups of N (its first and last layers run as usual): one "
-        "sublayer per rank across ranks, one batched call on one device. "
+        "EasySpec groups the draft's middle layers in groups of N (its first and last layers run as usual): "
+        "one sublayer per rank across ranks, one batched call on one device. "
         f"Load average (1/5/15 min) before: {load_before}, after: {load_average()}."
     )
     title = "Speculative decoding: plain vs standard vs EasySpec"

@@ -20,7 +20,7 @@ export PYTHONPATH="/tmp/site:$PWD:$PWD/router:$PWD/kernels"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 status=0
-step() {  # name, time limit, command...: each step logs to $OUT/<name>.log; a failure does not stop the others
+step() {  # name, time limit, command...: logs to $OUT/<name>.log; a failure does not stop the others
     local name=$1 limit=$2
     shift 2
     stamp "$name"

@@ -91,7 +91,7 @@ class EngineConfig:
     speculative_algorithm: str = "none"  # none | standard | easyspec
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4  # k: draft tokens proposed per verification step
-    easyspec_group_size: int | None = None  # N: draft attention sublayers at once (default min(T, 4); 4 on one GPU)
+    easyspec_group_size: int | None = None  # N: draft attention sublayers at once (min(T, 4); 4 on one GPU)
     grammar_backend: str = "xgrammar"  # compiles regex / json_schema / ebnf constraints; none refuses them
 
     def __post_init__(self) -> None:

@@ -144,7 +144,8 @@ def test_draft_block_message_round_trips():
     )
     back = decode_op(encode_op(op))
     assert isinstance(back, RunDraftBlock) and back.mode is ForwardMode.DECODE
-    assert [(e.new_token_ids, e.prefix_len, e.pages) for e in back.calibration] == [([5, 6], 9, [1, 2]), ([7], 3, [4])]
+    entries = [(e.new_token_ids, e.prefix_len, e.pages) for e in back.calibration]
+    assert entries == [([5, 6], 9, [1, 2]), ([7], 3, [4])]
     for name in ("slots", "positions", "num_drafts"):
         assert getattr(back, name).tolist() == getattr(op, name).tolist()
     assert back.delta.page_index.tolist() == [8] and back.delta.page_id.tolist() == [2]
@@ -160,7 +161,9 @@ def plain_outputs() -> list[list[int]]:
         return [o["output_ids"] for o in engine.generate(TEXTS, PARAMS)]
 
 
-@pytest.mark.parametrize("algorithm,group_size,k", [("standard", None, 2), ("easyspec", 2, 3), ("easyspec", 4, 5)])
+@pytest.mark.parametrize(
+    "algorithm,group_size,k", [("standard", None, 2), ("easyspec", 2, 3), ("easyspec", 4, 5)]
+)
 def test_one_device_greedy_equals_plain_decoding(plain_outputs, algorithm, group_size, k):
     with Engine(
         model_path=TARGET, dtype="float32", device="cpu", speculative_algorithm=algorithm,

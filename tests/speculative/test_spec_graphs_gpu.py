@@ -20,21 +20,24 @@ import torch
 from tpla_serve import Engine
 from tpla_serve.forward_batch import BatchEntry, ForwardMode, build_forward_batch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = str(ROOT / "models" / "mla-tiny")
 DRAFT = str(ROOT / "models" / "mla-tiny-draft")
 K = 4
-PROMPTS = ["def fibonacci(n):", "The quick brown fox", "import numpy as np\n", "class Engine:\n    def __init__(self",
-           "for i in range(10):", "# A function that sorts a list\n"]
+PROMPTS = ["def fibonacci(n):", "The quick brown fox", "import numpy as np\n",
+           "class Engine:\n    def __init__(self", "for i in range(10):", "# A function that sorts a list\n"]
 PARAMS = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in (9, 17, 32, 48, 40, 25)]
 
 
 def _engine(algorithm: str, dtype: str = "bfloat16", **kw) -> Engine:
     return Engine(
         model_path=TARGET, device="cuda", dtype=dtype, attention_backend="triton", cuda_graph_max_bs=8,
-        speculative_algorithm=algorithm, speculative_draft_model_path=DRAFT, speculative_num_draft_tokens=K, **kw,
+        speculative_algorithm=algorithm, speculative_draft_model_path=DRAFT, speculative_num_draft_tokens=K,
+        **kw,
     )
 
 
@@ -42,7 +45,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _prefilled(engine: Engine, lengths: list[int], seed: int) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
+def _prefilled(
+    engine: Engine, lengths: list[int], seed: int
+) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
     """Random prompts of `lengths` prefilled into the target's and the draft's pools, slots in the request
     table: (prompts, pages, slots); each request has room for K + 1 more tokens."""
     runner, draft = engine.runner, engine.scheduler.spec.draft
@@ -90,7 +95,9 @@ def test_draft_graphs_equal_eager_steps(algorithm: str) -> None:
             entries = [BatchEntry(p[-(K + 1):], n - K - 1, pg) for p, n, pg in zip(prompts, lengths, pages)
                        if n > K + 1]
             with torch.inference_mode():
-                fb = build_forward_batch(ForwardMode.DECODE, entries, draft.kv_pool, draft.attn_backend, "cuda")
+                fb = build_forward_batch(
+                    ForwardMode.DECODE, entries, draft.kv_pool, draft.attn_backend, "cuda"
+                )
                 draft.attn_backend.prepare(fb)
                 eager = draft._run(fb, grouped=False, logits=True)
             assert graphs.can_run(ForwardMode.DECODE, entries)
@@ -112,7 +119,9 @@ def test_verification_graph_equals_eager_step() -> None:
             entries = [BatchEntry([p[-1], *torch.randint(2, 4096, (K,), generator=gen).tolist()], n, pg,
                                   logits_for_all=True) for p, n, pg in zip(prompts, lengths, pages)]
             with torch.inference_mode():
-                fb = build_forward_batch(ForwardMode.DECODE, entries, runner.kv_pool, runner.attn_backend, "cuda")
+                fb = build_forward_batch(
+                    ForwardMode.DECODE, entries, runner.kv_pool, runner.attn_backend, "cuda"
+                )
                 runner.attn_backend.prepare(fb)
                 eager = runner.model(fb)
             assert graphs.can_run(ForwardMode.DECODE, entries)

@@ -123,11 +123,13 @@ ControlOp = Union[
 _OPS: dict[int, type] = {
     cls.TAG: cls
     for cls in (
-        RunStep, RunDecode, RunDraftStep, RunDraftBlock, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown
+        RunStep, RunDecode, RunDraftStep, RunDraftBlock, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV,
+        Shutdown,
     )
 }
 _ENTRY_FIELDS = frozenset({"entries", "calibration"})  # lists of BatchEntry
-_ARRAY_FIELDS = frozenset({"sample_slots", "slots", "positions", "num_drafts"})  # int64 arrays, sent as raw bytes
+# int64 arrays, sent as raw bytes
+_ARRAY_FIELDS = frozenset({"sample_slots", "slots", "positions", "num_drafts"})
 
 
 def _pack_entries(entries: list[BatchEntry]) -> list[list[Any]]:

@@ -183,7 +183,7 @@ class CudaGraphRunner:
     ) -> None:
         self.model = model
         self.forward = forward or model
-        self.q_lens = tuple(sorted(set(q_lens)))
+        self.q_lens = tuple(sorted({q for q in q_lens if q == 1 or attn_backend.graph_query_blocks}))
         self.attn_backend = attn_backend
         self.kv_pool = kv_pool
         self.device = device
@@ -204,7 +204,9 @@ class CudaGraphRunner:
             self.disabled_reason = problem
         if self.disabled_reason is not None:
             return
-        self.static = StaticDecodeBatch(self.batch_sizes[-1], max_pages, kv_pool, attn_backend, device, self.q_lens[-1])
+        self.static = StaticDecodeBatch(
+            self.batch_sizes[-1], max_pages, kv_pool, attn_backend, device, self.q_lens[-1]
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -216,7 +218,9 @@ class CudaGraphRunner:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         quiet = dist.is_initialized() and dist.get_rank() != 0
-        keys = [(bs, q, w) for q in self.q_lens[::-1] for bs in self.batch_sizes[::-1] for w in self.widths[::-1]]
+        keys = [
+            (bs, q, w) for q in self.q_lens[::-1] for bs in self.batch_sizes[::-1] for w in self.widths[::-1]
+        ]
         for bs, q_len, width in tqdm(keys, desc="capturing decode CUDA graphs", disable=quiet):
             fb = self.static.planned_batch(bs, width, [q_len] * bs, q_len)
             for _ in range(2):  # compile kernels, initialize communicators and library workspaces
@@ -265,7 +269,11 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def replay_from_table(
-        self, table: RequestTable, slots: np.ndarray, positions: np.ndarray, input_ids: torch.Tensor | None = None
+        self,
+        table: RequestTable,
+        slots: np.ndarray,
+        positions: np.ndarray,
+        input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The same for a one-token-per-request step described by slots and positions (its inputs gathered
         from the table on the device; input_ids [B] on the device replace the slots' newest tokens)."""

@@ -133,19 +133,22 @@ class DraftModel:
         # their batch is planned apart from the step's).
         self.batched: dict[int, GroupedAttention] = {}
         if config.speculative_algorithm == "easyspec" and not self.layer_parallel:
-            self.group_backend = create_attention_backend("triton" if device.type == "cuda" else "torch", device)
+            group_backend = "triton" if device.type == "cuda" else "torch"
+            self.group_backend = create_attention_backend(group_backend, device)
             for group in self.groups:
                 if len(group) > 1:
                     layers = [self.model.layers[i] for i in group]
-                    self.batched[group[0]] = GroupedAttention(layers, group[0], self.kv_pool)  # type: ignore[arg-type]
+                    attn = GroupedAttention(layers, group[0], self.kv_pool)  # type: ignore[arg-type]
+                    self.batched[group[0]] = attn
         self.kv_fingerprint = hashlib.sha256(f"{self.model.fingerprint}|draft".encode()).hexdigest()[:16]
         self.cuda_graph: CudaGraphRunner | None = None
-        if config.speculative and device.type == "cuda" and not config.disable_cuda_graph and max_pages_per_request:
+        graphs = config.speculative and device.type == "cuda" and not config.disable_cuda_graph
+        if graphs and max_pages_per_request:
             self.cuda_graph = self._capture_graphs(config, max_pages_per_request)
 
     def _capture_graphs(self, config: EngineConfig, max_pages: int) -> CudaGraphRunner:
         """Draft decode steps (q_len 1, in layer groups) and calibrations of k + 1 tokens (exact), per batch
-        bucket; under layer-parallel drafting every rank captures them together (their all-reduces pair up)."""
+        bucket; under layer-parallel drafting every rank captures them together (the all-reduces pair up)."""
         k = config.speculative_num_draft_tokens
         graphs = CudaGraphRunner(
             self.model, self.attn_backend, self.kv_pool, config, self.device, max_pages,

@@ -51,7 +51,9 @@ def step_positions(positions: np.ndarray, num_drafts: np.ndarray, step: int) -> 
     return positions + np.minimum(step - 1, num_drafts - 1)
 
 
-def run_draft_block(draft: DraftModel, table: RequestTable, op: RunDraftBlock, tokens: TokenSource) -> torch.Tensor:
+def run_draft_block(
+    draft: DraftModel, table: RequestTable, op: RunDraftBlock, tokens: TokenSource
+) -> torch.Tensor:
     """The block's draft tokens [B, k_max] int64 on the device; row b's first num_drafts[b] are its drafts."""
     if op.delta:
         table.apply(op.delta)

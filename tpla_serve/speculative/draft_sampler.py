@@ -49,7 +49,7 @@ class DraftSampler:
         self.limit = list(num_drafts)
         self.need_probs = not all(r.params.is_greedy for r in self.reqs)
         self.probs: list[torch.Tensor] = []
-        self._drafts: list[list[int]] = [[] for _ in rows]  # on the host, when penalties or grammars need them
+        self._drafts: list[list[int]] = [[] for _ in rows]  # on the host, for penalties or grammars
         self._base = self._build()
         self._reusable = self._base.penalties is None and self._base.stop_mask is None
         self._on_host = grammars.any or not self._reusable
@@ -71,7 +71,8 @@ class DraftSampler:
         else:
             batch = self._base if index == 0 else self._build()
         if self.grammars.any:
-            batch = dataclasses.replace(batch, grammar_mask=self.grammars.bitmask([(b, index) for b in self.rows]))
+            mask = self.grammars.bitmask([(b, index) for b in self.rows])
+            batch = dataclasses.replace(batch, grammar_mask=mask)
         tokens = self.sampler(logits, batch).next_token_ids
         if self.need_probs:
             self.probs.append(processed_probs(logits, batch))
@@ -98,5 +99,6 @@ class DraftSampler:
         if not self.need_probs:
             return None
         q = torch.stack(self.probs, dim=1)
-        keep = torch.arange(q.shape[1], device=q.device)[None, :] < torch.tensor(num_drafts, device=q.device)[:, None]
+        counts = torch.tensor(num_drafts, device=q.device)
+        keep = torch.arange(q.shape[1], device=q.device)[None, :] < counts[:, None]
         return q * keep[:, :, None]

@@ -72,7 +72,9 @@ class GroupedAttention:
         self.q_lora = a0.q_a_proj is not None
         first_proj = [a.q_a_proj if self.q_lora else a.q_proj for a in attns]
         # The first projection and kv_a_proj read the same normed input: one product for both.
-        self.w_a = _stack([torch.cat([p.weight, a.kv_a_proj_with_mqa.weight]) for p, a in zip(first_proj, attns)])
+        self.w_a = _stack([
+            torch.cat([p.weight, a.kv_a_proj_with_mqa.weight]) for p, a in zip(first_proj, attns)
+        ])
         self.w_a = self.w_a.transpose(1, 2)  # [N, H, q_width + r + d_rope]
         self.b_a = None
         if first_proj[0].bias is not None or a0.kv_a_proj_with_mqa.bias is not None:
@@ -99,7 +101,9 @@ class GroupedAttention:
             group_batch(fb, self.n, self.pool.num_pages // self.n, attn_backend), kv_pool=self.pool
         )
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gfb: ForwardBatch) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, gfb: ForwardBatch
+    ) -> torch.Tensor:
         """A_i = attention_i(x) for the group's N layers, [N, T, hidden]; writes each layer's KV."""
         n, t, h = self.n, x.shape[0], self.heads
         normed = self.in_norm * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
