@@ -83,6 +83,13 @@ def run(config: dict, prompts: list[list[int]], new_tokens: int, batch_size: int
     }
 
 
+def _shown(path: str) -> str:
+    """A model path as the table names it: relative to the repository when inside it."""
+    root = Path(__file__).resolve().parents[1]
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+
+
 def merge_rounds(rounds: list[dict]) -> dict:
     """One configuration's rounds: median throughput (and its range), block metrics of the median round."""
     ranked = sorted(rounds, key=lambda r: r["tokens_per_s"])
@@ -173,7 +180,7 @@ def main() -> None:
         graphs = ", CUDA graphs " + ("off" if args.disable_cuda_graph else "on")
     threads = f", {torch.get_num_threads()} torch threads" if args.device == "cpu" else ""
     setup = (
-        f"Target {args.target}, draft {args.draft}, TP={args.tp_size}, g={args.tpla_groups}, device "
+        f"Target {_shown(args.target)}, draft {_shown(args.draft)}, TP={args.tp_size}, g={args.tpla_groups}, device "
         f"{args.device}, dtype {args.dtype}, attention backend {args.attention_backend}{graphs}{threads}; "
         f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens, decoded {args.batch_size} at a "
         f"time, {args.new_tokens} new tokens each, greedy; {args.rounds} round(s), configurations in turn. "
