@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_result
+from common import shown_path, write_result
 
 from tpla_serve.config import DEFAULT_MODEL_PATH
 
@@ -81,13 +81,6 @@ def run(config: dict, prompts: list[list[int]], new_tokens: int, batch_size: int
         "verify_ms": 1e3 * delta("spec_verify_seconds") / steps if steps else 0.0,
         "outputs": [o["output_ids"] for o in outs],
     }
-
-
-def _shown(path: str) -> str:
-    """A model path as the table names it: relative to the repository when inside it."""
-    root = Path(__file__).resolve().parents[1]
-    resolved = Path(path).resolve()
-    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -180,8 +173,9 @@ def main() -> None:
         graphs = ", CUDA graphs " + ("off" if args.disable_cuda_graph else "on")
     threads = f", {torch.get_num_threads()} torch threads" if args.device == "cpu" else ""
     setup = (
-        f"Target {_shown(args.target)}, draft {_shown(args.draft)}, TP={args.tp_size}, g={args.tpla_groups}, device "
-        f"{args.device}, dtype {args.dtype}, attention backend {args.attention_backend}{graphs}{threads}; "
+        f"Target {shown_path(args.target)}, draft {shown_path(args.draft)}, TP={args.tp_size}, g={args.tpla_groups}, "
+        f"device {args.device}, dtype {args.dtype}, attention backend {args.attention_backend}"
+        f"{graphs}{threads}; "
         f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens, decoded {args.batch_size} at a "
         f"time, {args.new_tokens} new tokens each, greedy; {args.rounds} round(s), configurations in turn. "
         "EasySpec groups the draft's middle layers in groups of N (its first and last layers run as usual): "
