@@ -24,6 +24,7 @@ from tpla_serve.entrypoints.checkpoint import check_checkpoint
 from tpla_serve.entrypoints.engine_args import apply_log_level, engine_config
 from tpla_serve.entrypoints.rank import build_scheduler, launch_rank0
 from tpla_serve.entrypoints.streaming import LogprobIncrements
+from tpla_serve.sampling.parallel import copy_params, expand, parallel_samples
 from tpla_serve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -107,19 +108,23 @@ class Engine:
         n = len(token_lists)
         if n == 0:
             raise ValueError("the batch is empty")
-        params = _per_item(sampling_params, n, "sampling_params")
+        params = [p.to_dict() if isinstance(p, SamplingParams) else p
+                  for p in _per_item(sampling_params, n, "sampling_params")]
         logprob = _per_item(return_logprob, n, "return_logprob")
         start = _per_item(logprob_start_len, n, "logprob_start_len")
         top = _per_item(top_logprobs_num, n, "top_logprobs_num")
+        copies = parallel_samples(params)  # n > 1: copy-major samples, answered as a list (SGLang's rule)
         rids = _per_item(rid, n, "rid") if rid is not None else [None] * n
+        if copies > 1:
+            rids = [None if r is None else f"{r}_{k // n}" for k, r in enumerate(expand(rids, copies))]
         added: list[Request] = []
         try:
-            for i in range(n):
-                sp = params[i] if isinstance(params[i], SamplingParams) else SamplingParams.from_dict(params[i])
+            for k in range(n * copies):
+                i = k % n
                 spec = RequestSpec(
                     token_lists[i],
-                    sp,
-                    rid=rids[i],
+                    SamplingParams.from_dict(copy_params(params[i], k // n)),
+                    rid=rids[k],
                     return_logprob=bool(logprob[i]),
                     logprob_start_len=-1 if start[i] is None else int(start[i]),
                     top_logprobs_num=0 if top[i] is None else int(top[i]),
@@ -131,7 +136,7 @@ class Engine:
                 self.scheduler.abort(req.rid)
                 self.scheduler.pop_finished(req.rid)
             raise
-        return added, batched
+        return added, batched or copies > 1
 
     def generate(
         self,

@@ -189,7 +189,8 @@ class SamplingParams:
         if self.sampling_seed is not None:
             _as_int("sampling_seed", self.sampling_seed, lo=-(1 << 63), hi=(1 << 64) - 1)
         if _as_int("n", self.n) != 1:
-            raise ValueError(f"n: only n=1 is supported, got {self.n}")
+            raise ValueError(f"n: a queued request samples once; the HTTP front and Engine.generate expand n > 1 "
+                             f"into n requests (got {self.n})")
         given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
         for name in given:
             if not isinstance(getattr(self, name), str):

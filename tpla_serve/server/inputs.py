@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tpla_serve.sampling.parallel import copy_params, expand, parallel_samples
 from tpla_serve.sampling.params import SamplingParams
 from tpla_serve.server.errors import APIError
 from tpla_serve.server.messages import GenerateRequest
 from tpla_serve.server.protocol import PDFields
+
+ROOM_RANGE = 1 << 63  # SGLang's router draws rooms as random non-negative 63-bit integers
 
 
 def per_item(value: Any, n: int, name: str, batched: bool) -> list[Any]:
@@ -83,32 +86,43 @@ class InputProcessor:
         batched: bool,
         sampling_field: str | None = "sampling_params",
     ) -> list[GenerateRequest]:
-        """One GenerateRequest per prompt. `sampling_field` prefixes sampling errors (None: the
-        message's own field name stands alone, as for OpenAI bodies whose sampling fields are top-level)."""
-        n = len(prompts)
-        if n == 0:
+        """One GenerateRequest per prompt, or with n > 1 per sample (tpla_serve.sampling.parallel: copy-major,
+        so a caller answers a list whenever more than one request comes back). `sampling_field` prefixes
+        sampling errors (None: the message's own field name stands alone, as for OpenAI bodies whose
+        sampling fields are top-level)."""
+        num_prompts = len(prompts)
+        if num_prompts == 0:
             raise APIError(400, "the batch is empty")
-        rids = _rids(rid, n, batched)
-        hosts = per_item(pd.bootstrap_host, n, "bootstrap_host", batched)
-        ports = per_item(pd.bootstrap_port, n, "bootstrap_port", batched)
-        if batched and n > 1 and pd.bootstrap_room is not None and not isinstance(pd.bootstrap_room, list):
-            raise APIError(400, "bootstrap_room: a batch needs a list with one room per prompt")
-        rooms = per_item(pd.bootstrap_room, n, "bootstrap_room", batched)
-        if batched and len(set(r for r in rooms if r is not None)) < sum(r is not None for r in rooms):
-            raise APIError(400, "bootstrap_room: each prompt of a batch needs its own room")
+        try:
+            copies = parallel_samples(options.sampling_params)
+        except ValueError as e:
+            raise APIError(400, f"{sampling_field}: {e}" if sampling_field else str(e), param="n") from None
+        total = num_prompts * copies
+        rids = _rids(rid, num_prompts, copies, batched)
+        hosts = _pd_items(pd.bootstrap_host, num_prompts, copies, "bootstrap_host", batched)
+        ports = _pd_items(pd.bootstrap_port, num_prompts, copies, "bootstrap_port", batched)
+        if total > 1 and pd.bootstrap_room is not None and not isinstance(pd.bootstrap_room, list):
+            if batched:
+                raise APIError(400, "bootstrap_room: a batch needs a list with one room per prompt")
+            rooms = [(pd.bootstrap_room + k) % ROOM_RANGE for k in range(total)]  # SGLang's rule for n > 1
+        else:
+            rooms = _pd_items(pd.bootstrap_room, num_prompts, copies, "bootstrap_room", batched, offset=True)
+        if total > 1 and len(set(r for r in rooms if r is not None)) < sum(r is not None for r in rooms):
+            raise APIError(400, "bootstrap_room: each prompt and sample of a batch needs its own room")
         out = []
-        for i, ids in enumerate(prompts):
-            if (hosts[i] is None) != (rooms[i] is None):
+        for k, ids in enumerate(expand(prompts, copies)):
+            i, copy = k % num_prompts, k // num_prompts
+            if (hosts[k] is None) != (rooms[k] is None):
                 raise APIError(400, "bootstrap_host and bootstrap_room come together: a PD request has both")
             try:
-                params = SamplingParams.from_dict(options.sampling_params[i]).to_dict()
+                params = SamplingParams.from_dict(copy_params(options.sampling_params[i], copy)).to_dict()
             except ValueError as e:
                 raise APIError(400, f"{sampling_field}: {e}" if sampling_field else str(e)) from None
             start = options.logprob_start_len[i]
             if start >= len(ids):
                 raise APIError(400, f"logprob_start_len: {start} is outside the prompt of {len(ids)} tokens")
             out.append(GenerateRequest(
-                rid=rids[i],
+                rid=rids[k],
                 input_ids=list(ids),
                 sampling_params=params,
                 return_logprob=options.return_logprob[i],
@@ -116,21 +130,53 @@ class InputProcessor:
                 top_logprobs_num=options.top_logprobs_num[i],
                 return_text_in_logprobs=options.return_text_in_logprobs,
                 stream=options.stream,
-                bootstrap_host=hosts[i],
-                bootstrap_port=ports[i],
-                bootstrap_room=rooms[i],
+                bootstrap_host=hosts[k],
+                bootstrap_port=ports[k],
+                bootstrap_room=rooms[k],
             ))
         return out
 
 
-def _rids(rid: str | list[str] | None, n: int, batched: bool) -> list[str]:
+def _pd_items(
+    value: Any, num_prompts: int, copies: int, name: str, batched: bool, offset: bool = False
+) -> list[Any]:
+    """A PD field per request: a scalar for every request; a list with one entry per request (as
+    sglang-router sends for chat with n > 1), or per prompt, whose copies then share the entry (a room
+    is shifted by the copy's number, so each sample has its own)."""
+    total = num_prompts * copies
+    if not isinstance(value, list):
+        return [value] * total
+    if not batched and copies == 1:
+        raise APIError(400, f"{name}: a list is given for a single prompt", param=name)
+    if len(value) == total:
+        return value
+    if len(value) != num_prompts:
+        want = str(num_prompts)
+        if copies > 1:
+            want += f" (one per prompt) or {total} (one per sample)"
+        raise APIError(400, f"{name}: {len(value)} entries, expected {want}", param=name)
+    return [
+        (v + k // num_prompts) % ROOM_RANGE if offset and v is not None else v
+        for k, v in enumerate(expand(value, copies))
+    ]
+
+
+def _rids(rid: str | list[str] | None, num_prompts: int, copies: int, batched: bool) -> list[str]:
+    total = num_prompts * copies
     if rid is None:
-        return [uuid.uuid4().hex for _ in range(n)]
+        return [uuid.uuid4().hex for _ in range(total)]
     if isinstance(rid, str):
         if not rid:
-            raise APIError(400, "rid: must not be empty")
-        return [f"{rid}_{i}" for i in range(n)] if batched else [rid]
-    rids = per_item(rid, n, "rid", batched)
-    if any(not r for r in rids) or len(set(rids)) != n:
-        raise APIError(400, "rid: a batch needs one distinct, non-empty rid per prompt")
+            raise APIError(400, "rid: must not be empty", param="rid")
+        return [f"{rid}_{k}" for k in range(total)] if batched or copies > 1 else [rid]
+    if not batched and copies == 1:
+        raise APIError(400, "rid: a list is given for a single prompt", param="rid")
+    if len(rid) == num_prompts and copies > 1:
+        rids = [f"{r}_{k // num_prompts}" for k, r in enumerate(expand(rid, copies))]
+    elif len(rid) == total:
+        rids = list(rid)
+    else:
+        raise APIError(400, f"rid: {len(rid)} entries for {total} requests", param="rid")
+    if any(not r for r in rid) or len(set(rids)) != total:
+        raise APIError(400, "rid: a batch needs one distinct, non-empty rid per prompt", param="rid")
     return rids

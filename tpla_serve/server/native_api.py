@@ -97,6 +97,7 @@ async def generate(body: GenerateReqInput, request: Request) -> Response:
         stream=body.stream,
     )
     requests = front.inputs.build(prompts, options, body.rid, body, batched)
+    batched = batched or len(requests) > 1  # n > 1 answers a list, as SGLang does
     group = front.client.submit(requests)
     try:
         if body.stream:

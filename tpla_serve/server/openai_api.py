@@ -48,10 +48,18 @@ def matched_stop(meta: dict[str, Any]) -> Any:
     return reason.get("matched")
 
 
-def usage(outputs: list[dict[str, Any]]) -> dict[str, int]:
-    prompt = sum(int(o["meta_info"].get("prompt_tokens", 0)) for o in outputs)
+def usage(outputs: list[dict[str, Any]], num_prompts: int) -> dict[str, Any]:
+    """OpenAI's usage: each prompt counted once however many samples it has (outputs are copy-major, so
+    the first num_prompts are one sample of each), every sample's completion tokens."""
+    firsts = [o["meta_info"] for o in outputs[:num_prompts]]
+    prompt = sum(int(m.get("prompt_tokens", 0)) for m in firsts)
     completion = sum(int(o["meta_info"].get("completion_tokens", 0)) for o in outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(int(m.get("cached_tokens", 0)) for m in firsts)},
+    }
 
 
 def token_text(entry: list[Any]) -> str:
@@ -76,7 +84,8 @@ async def answer(
     body: OpenAISampling,
     respond: Callable[[list[dict[str, Any]]], dict[str, Any]],
     chunks: Callable[[int, dict[str, Any], bool], list[dict[str, Any]]],
-    usage_chunk: Callable[[dict[str, int]], dict[str, Any]],
+    usage_chunk: Callable[[dict[str, Any]], dict[str, Any]],
+    num_prompts: int,
 ) -> Response:
     """The JSON answer once every item finished, or the SSE stream of `chunks` (then usage, then [DONE])."""
     try:
@@ -94,7 +103,7 @@ async def answer(
                     yield sse(chunk)
                 last[index] = output
             if body.include_usage:
-                yield sse(usage_chunk(usage(list(last.values()))))
+                yield sse(usage_chunk(usage([last[i] for i in sorted(last)], num_prompts)))
         except APIError as e:
             yield sse(api_error_body(e))
         yield DONE

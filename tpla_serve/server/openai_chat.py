@@ -9,6 +9,7 @@ special tokens in its text (as SGLang does).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -86,6 +87,16 @@ def _finish_reason(meta: dict[str, Any], called_tools: bool) -> str | None:
     return "tool_calls" if called_tools and reason == "stop" else reason
 
 
+@dataclass
+class _ChoiceStream:
+    """What one streamed choice has sent: its role chunk, text and logprob entries so far."""
+
+    deltas: ChatDeltas
+    role_sent: bool = False
+    text: int = 0
+    logprobs: int = 0
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     front = front_state(request)
@@ -108,49 +119,50 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 "choices": choices, **extra}
 
     def respond(outputs: list[dict[str, Any]]) -> dict[str, Any]:
-        out = outputs[0]
-        meta = out["meta_info"]
-        message = parsing.message(out["text"])
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": chat_logprobs(meta, 0) if body.logprobs else None,
-            "finish_reason": _finish_reason(meta, "tool_calls" in message),
-            "matched_stop": matched_stop(meta),
-        }
-        return envelope("chat.completion", [choice], usage=usage(outputs))
+        choices = []
+        for index, out in enumerate(outputs):  # one per sample (n)
+            meta = out["meta_info"]
+            message = parsing.message(out["text"])
+            choices.append({
+                "index": index,
+                "message": message,
+                "logprobs": chat_logprobs(meta, 0) if body.logprobs else None,
+                "finish_reason": _finish_reason(meta, "tool_calls" in message),
+                "matched_stop": matched_stop(meta),
+            })
+        return envelope("chat.completion", choices, usage=usage(outputs, 1))
 
-    deltas: ChatDeltas = parsing.stream()
-    state = {"text": 0, "lp": 0, "role_sent": False}
+    streams = [_ChoiceStream(parsing.stream()) for _ in range(len(group))]
 
-    def chunk(delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
+    def chunk(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None = None,
               finish: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One chunk; `logprobs`: the meta whose new logprobs it carries; `finish`: the final meta."""
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        """One chunk of choice `index`; `logprobs`: the meta whose new logprobs it carries; `finish`: the
+        final meta."""
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
         if logprobs is not None and body.logprobs:
-            choice["logprobs"] = chat_logprobs(logprobs, state["lp"])
+            choice["logprobs"] = chat_logprobs(logprobs, streams[index].logprobs)
         if finish is not None:
-            choice["finish_reason"] = _finish_reason(finish, deltas.called_tools)
+            choice["finish_reason"] = _finish_reason(finish, streams[index].deltas.called_tools)
             choice["matched_stop"] = matched_stop(finish)
         return envelope("chat.completion.chunk", [choice])
 
     def chunks(index: int, out: dict[str, Any], finished: bool) -> list[dict[str, Any]]:
-        meta = out["meta_info"]
+        meta, state = out["meta_info"], streams[index]
         result = []
-        if not state["role_sent"]:
-            state["role_sent"] = True
-            result.append(chunk({"role": "assistant", "content": ""}))
-        pieces = deltas.feed(out["text"][state["text"]:])
+        if not state.role_sent:
+            state.role_sent = True
+            result.append(chunk(index, {"role": "assistant", "content": ""}))
+        pieces = state.deltas.feed(out["text"][state.text:])
         if finished:
-            pieces += deltas.finish()
+            pieces += state.deltas.finish()
         n_lp = len(meta.get("output_token_logprobs", []))
-        if not pieces and (finished or n_lp != state["lp"]):
+        if not pieces and (finished or n_lp != state.logprobs):
             pieces = [{}]  # the end, or new logprobs, with no text to show
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
-            result.append(chunk(piece, meta if i == 0 else None, meta if finished and last else None))
-        state["text"], state["lp"] = len(out["text"]), n_lp
+            result.append(chunk(index, piece, meta if i == 0 else None, meta if finished and last else None))
+        state.text, state.logprobs = len(out["text"]), n_lp
         return result
 
     return await answer(request, group, body, respond, chunks,
-                        lambda u: envelope("chat.completion.chunk", [], usage=u))
+                        lambda u: envelope("chat.completion.chunk", [], usage=u), 1)

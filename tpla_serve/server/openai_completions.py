@@ -106,6 +106,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     options = item_options(body, len(prompts), body.max_tokens, logprobs, body.logprobs or 0,
                            logprob_start_len=0 if echo_logprobs else -1)
     group = front.client.submit(front.inputs.build(prompts, options, body.rid, body, batched, sampling_field=None))
+    num_prompts = len(prompts)
     cid, created = f"cmpl-{group.rids[0]}", int(time.time())
 
     def envelope(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -116,7 +117,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         """The prompt's text and (with logprobs) its logprob entries, for an echo."""
         if not body.echo:
             return "", None
-        return texts[index], prompt_logprobs(meta, texts[index]) if logprobs else None
+        text = texts[index % num_prompts]  # choices are copy-major over the prompts (n > 1)
+        return text, prompt_logprobs(meta, text) if logprobs else None
 
     def output_logprobs(meta: dict[str, Any], start: int, offset: int) -> dict[str, Any]:
         return legacy_logprobs(meta.get("output_token_logprobs", [])[start:],
@@ -135,7 +137,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 "finish_reason": finish_reason(meta),
                 "matched_stop": matched_stop(meta),
             })
-        return envelope(choices, usage=usage(outputs))
+        return envelope(choices, usage=usage(outputs, num_prompts))
 
     sent_text: dict[int, int] = {}
     sent_lp: dict[int, int] = {}
@@ -149,7 +151,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         n_lp = len(meta.get("output_token_logprobs", []))
         if not (first and body.echo) and not delta and not finished and n_lp == sent_lp.get(index, 0):
             return []
-        offset = len(texts[index]) + text_start if body.echo else text_start
+        offset = len(texts[index % num_prompts]) + text_start if body.echo else text_start
         lp = output_logprobs(meta, sent_lp.get(index, 0), offset) if logprobs else None
         choice = {
             "index": index,
@@ -163,4 +165,4 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         sent_lp[index] = n_lp
         return [envelope([choice])]
 
-    return await answer(request, group, body, respond, chunks, lambda u: envelope([], usage=u))
+    return await answer(request, group, body, respond, chunks, lambda u: envelope([], usage=u), num_prompts)
