@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--algorithms", default="plain,standard,easyspec", help="which decodings to run")
     parser.add_argument("--disable-cuda-graph", action="store_true", help="run every step eagerly")
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest captured batch bucket")
     parser.add_argument("--name", default="spec_decode", help="results file name prefix")
     args = parser.parse_args()
 
@@ -124,6 +125,8 @@ def main() -> None:
         "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
         "disable_cuda_graph": args.disable_cuda_graph,
     }
+    if args.cuda_graph_max_bs is not None:
+        base["cuda_graph_max_bs"] = args.cuda_graph_max_bs
     ks = [int(k) for k in args.ks.split(",")]
     group_sizes = [int(n) for n in args.group_sizes.split(",") if n]  # empty: no easyspec runs (T = 1)
     algorithms = set(args.algorithms.split(","))

@@ -1,7 +1,7 @@
 """What a speculative block's forwards cost against a plain decode step, one request, one device.
 
     python benchmarks/bench_spec_costs.py [--target models/mla-tiny] [--draft models/mla-tiny-draft]
-        [--device cpu] [--threads 1] [--ks 2,3,4] [--group-sizes 2,4] [--dummy-target]
+        [--device cpu] [--threads 1] [--ks 2,3,4] [--group-sizes 2,4] [--dummy-target] [--override JSON]
 
 Medians of repeated forwards at a 200-token context: the target's decode step (from the request table, as
 plain decoding runs it), its verification over k + 1 tokens, and the draft's decode step, sequential and
@@ -9,8 +9,8 @@ in EasySpec's layer groups batched on one device, and its calibration over 1 and
 are the process's CPU time (robust to other load on the machine); on GPU, wall time after a synchronize.
 From them, the bound on speculation's speed-up at acceptance rate a and k drafts, with nothing but the
 forwards counted: E(a, k) / ((k - 1) * draft step + calibration + verification) * target step, with
-E = (1 - a^(k+1)) / (1 - a) tokens per block. --dummy-target gives the target random weights (a shape's
-cost without its checkpoint).
+E = (1 - a^(k+1)) / (1 - a) tokens per block. --dummy-target gives the target random weights and --override
+changes its config (a deeper target's cost without its checkpoint, e.g. training's target-deep preset).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--ks", default="2,3,4")
     parser.add_argument("--group-sizes", default="2,4")
     parser.add_argument("--dummy-target", action="store_true")
+    parser.add_argument("--override", default="{}", help="JSON overrides of the target's config")
     parser.add_argument("--name", default="spec_costs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,7 +73,9 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     common = {"device": args.device, "dtype": args.dtype, "disable_cuda_graph": True}
     load_format = "dummy" if args.dummy_target else "auto"
-    target_cfg = EngineConfig(model_path=args.target, load_format=load_format, **common)
+    target_cfg = EngineConfig(
+        model_path=args.target, load_format=load_format, json_model_override_args=args.override, **common
+    )
     runner = ModelRunner(target_cfg)
     device = runner.device
     pages = runner.allocator.alloc(-(-(CONTEXT + max(ks) + 2) // runner.page_size))
@@ -122,7 +125,8 @@ def main() -> None:
             bound.append(f"| {k} | {a:.1f} | {e:.2f} | {std:.2f}x | {es:.2f}x |")
     clock = "process CPU time" if device.type == "cpu" else "wall time"
     setup = (
-        f"Target {shown_path(args.target)}{' (random weights)' if args.dummy_target else ''}, draft "
+        f"Target {shown_path(args.target)}{' (random weights)' if args.dummy_target else ''}"
+        f"{'' if args.override == '{}' else ' with ' + args.override}, draft "
         f"{shown_path(args.draft)}, device "
         f"{args.device}, dtype {args.dtype}, {torch.get_num_threads()} torch threads; one request at a "
         f"{CONTEXT}-token context; medians of 30 forwards ({clock}), eager."

@@ -21,7 +21,8 @@ for b in 1 8; do
     stamp "spec b$b"
     timeout 100 python3 benchmarks/bench_spec.py --target models/mla-deep --device cuda --dtype bfloat16 \
         --attention-backend triton --batch-size "$b" --num-prompts "$b" --new-tokens 128 --ks 2,4 \
-        --group-sizes 4 --name "spec_decode_deep_h200_b$b" 2>&1 | tee "$OUT/spec_b$b.log" | tail -n 12
+        --group-sizes 4 --cuda-graph-max-bs 8 --name "spec_decode_deep_h200_b$b" 2>&1 \
+        | tee "$OUT/spec_b$b.log" | tail -n 12
 done
 cp benchmarks/results/spec_decode_deep_* "$OUT/results/" 2>/dev/null
 stamp total
