@@ -18,6 +18,7 @@ from tpla_serve import Engine
 from tpla_serve.config import EngineConfig
 from tpla_serve.distributed import RunDraftBlock
 from tpla_serve.distributed.control import decode_op, encode_op
+from tpla_serve.engine.cuda_graph import StaticDecodeBatch
 from tpla_serve.engine.request_table import RequestTable
 from tpla_serve.forward_batch import BatchEntry, ForwardMode, TableDelta
 from tpla_serve.speculative.draft import DraftModel
@@ -175,3 +176,34 @@ def test_one_device_greedy_equals_plain_decoding(plain_outputs, algorithm, group
     assert [o["output_ids"] for o in outs] == plain_outputs
     assert alone["output_ids"] == plain_outputs[4]
     assert stats["spec_accepted_drafts"] > 0
+
+
+def test_graph_forward_over_static_buffers_equals_eager_steps():
+    """What the draft's CUDA graphs capture, run eagerly over the static buffers (capture itself needs a GPU:
+    test_spec_graphs_gpu.py): a decode step fed draft tokens from the device, in EasySpec's batched groups,
+    with a padding row; and a calibration of k + 1 tokens per request, exact."""
+    draft = _draft("easyspec", 4)
+    config = EngineConfig(
+        model_path=TARGET, dtype="float32", device="cpu", speculative_algorithm="easyspec",
+        speculative_draft_model_path=DRAFT, easyspec_group_size=4, speculative_num_draft_tokens=3,
+    )
+    graphs = draft._capture_graphs(config, MAX_PAGES)
+    assert graphs.disabled_reason is not None and not graphs.graphs  # no CUDA here
+    pages = [_pages(0), _pages(1)]
+    for prompt, p in zip(PROMPTS, pages):
+        draft.forward(ForwardMode.EXTEND, [BatchEntry(prompt, 0, p)])
+    table = _table(pages)
+    slots = np.array([0, 1])
+    positions = np.array([len(p) for p in PROMPTS[:2]])
+    tokens = torch.tensor([412, 36])
+    static = StaticDecodeBatch(4, MAX_PAGES, draft.kv_pool, draft.attn_backend, draft.device, max_q_len=4)
+    eager = draft.decode_from_table(table, slots, positions, tokens)
+    with torch.inference_mode():
+        replayed = graphs.forward(static.load_from_table(table, slots, positions, 4, MAX_PAGES, tokens))
+    torch.testing.assert_close(replayed[:2], eager, atol=1e-5, rtol=1e-5)
+
+    entries = [BatchEntry(prompt[-4:], len(prompt) - 4, p) for prompt, p in zip(PROMPTS, pages)]
+    eager = draft.forward_local(ForwardMode.DECODE, entries, exact=True)
+    with torch.inference_mode():
+        replayed = graphs.forward(static.load(entries, 4, MAX_PAGES, 4))
+    torch.testing.assert_close(replayed[[3, 7]], eager, atol=1e-4, rtol=1e-4)
