@@ -142,9 +142,10 @@ def test_draft_block_message_round_trips():
         np.array([4, 1], dtype=np.int64),
         TableDelta(np.array([8], dtype=np.int64), np.array([2], dtype=np.int32), np.zeros(0, np.int64),
                    np.zeros(0, np.int64)),
+        local_argmax=True,
     )
     back = decode_op(encode_op(op))
-    assert isinstance(back, RunDraftBlock) and back.mode is ForwardMode.DECODE
+    assert isinstance(back, RunDraftBlock) and back.mode is ForwardMode.DECODE and back.local_argmax
     entries = [(e.new_token_ids, e.prefix_len, e.pages) for e in back.calibration]
     assert entries == [([5, 6], 9, [1, 2]), ([7], 3, [4])]
     for name in ("slots", "positions", "num_drafts"):

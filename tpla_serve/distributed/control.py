@@ -62,7 +62,9 @@ class RunDraftBlock:
     """Apply `delta`, then draft one speculation block (every rank holds a draft, EasySpec across ranks):
     the exact calibration step over `calibration` (`mode`), then k_max - 1 decode steps of the requests in
     `slots`, request b drafting num_drafts[b] >= 1 tokens from `positions` on, inputs gathered from the
-    request table; each step takes rank 0's sampled tokens (a broadcast). One message per block."""
+    request table; each step takes rank 0's sampled tokens (a broadcast), or with `local_argmax` (every draft
+    greedy from the raw draft logits) the argmax of its own logits, the same on every rank. One message per
+    block."""
 
     TAG: ClassVar[int] = 9
     mode: ForwardMode
@@ -71,6 +73,7 @@ class RunDraftBlock:
     positions: np.ndarray  # [B] int64: the position of each request's first draft token
     num_drafts: np.ndarray  # [B] int64, >= 1
     delta: TableDelta
+    local_argmax: bool = False
 
 
 @dataclass(frozen=True)

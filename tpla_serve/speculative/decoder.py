@@ -132,8 +132,11 @@ class SpeculativeDecoder:
         )
         source = DraftSampler(
             reqs, rows, ks, grammars, self.sampler, self.vocab_size, self.eos_token_ids, self.runner.device,
-            broadcast=tp is not None,
+            broadcast=False,
         )
+        if tp is not None:  # the other ranks take greedy drafts from their own logits, else rank 0's
+            op = dataclasses.replace(op, local_argmax=source.argmax_only)
+            source.broadcast = not source.argmax_only
         if tp is None:
             tokens = run_draft_block(self.draft, table, op, source)
         else:  # every rank drafts the block from this one message

@@ -191,9 +191,11 @@ class DraftModel:
         entries: list[BatchEntry],
         kv_sink: LayerKVSink | None = None,
         exact: bool = False,
+        all_ranks: bool = False,
     ) -> torch.Tensor | None:
-        """This rank's part of a draft step; logits on rank 0 only (kv_sink: a PD prefill streams the KV).
-        DECODE steps run in EasySpec's layer groups unless `exact` (bonus calibration)."""
+        """This rank's part of a draft step; logits on rank 0 only, or on every rank with `all_ranks`
+        (kv_sink: a PD prefill streams the KV). DECODE steps run in EasySpec's layer groups unless `exact`
+        (bonus calibration)."""
         graphs = self.cuda_graph
         if kv_sink is None and exact and graphs is not None and graphs.can_run(mode, entries):
             if len(entries[0].new_token_ids) > 1:  # the captured q_len > 1 steps are the exact forward
@@ -202,11 +204,16 @@ class DraftModel:
         fb.kv_sink = kv_sink
         self.attn_backend.prepare(fb)
         grouped = mode is ForwardMode.DECODE and not exact and all(q == 1 for q in fb.q_lens)
-        return self._run(fb, grouped, logits=kv_sink is None and self.tp_layout.tp_rank == 0)
+        return self._run(fb, grouped, logits=kv_sink is None and (all_ranks or self.tp_layout.tp_rank == 0))
 
     @torch.inference_mode()
     def decode_from_table(
-        self, table: RequestTable, slots: np.ndarray, positions: np.ndarray, input_ids: torch.Tensor
+        self,
+        table: RequestTable,
+        slots: np.ndarray,
+        positions: np.ndarray,
+        input_ids: torch.Tensor,
+        all_ranks: bool = False,
     ) -> torch.Tensor | None:
         """One draft decode step of the requests in `slots`, feeding input_ids [B] (on the device) at
         `positions`, pages gathered from the request table; in layer groups under EasySpec."""
@@ -215,7 +222,7 @@ class DraftModel:
             return graphs.replay_from_table(table, slots, positions, input_ids)
         fb = table.decode_batch(slots, positions, self.kv_pool, self.attn_backend, input_ids)
         self.attn_backend.prepare(fb)
-        return self._run(fb, grouped=True, logits=self.tp_layout.tp_rank == 0)
+        return self._run(fb, grouped=True, logits=all_ranks or self.tp_layout.tp_rank == 0)
 
     def _run(self, fb: ForwardBatch, grouped: bool, logits: bool) -> torch.Tensor | None:
         """Logits of fb's logits rows when asked for (rank 0; every rank inside a CUDA graph)."""

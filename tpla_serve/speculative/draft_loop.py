@@ -11,7 +11,11 @@
    between steps unless the tokens source needs them there (grammars, penalties).
 
 Rank 0 draws each step's tokens (`TokenSource`, the decoder's sampler); under layer-parallel drafting it
-broadcasts them and the other ranks receive them, so every rank feeds the same tokens.
+broadcasts them and the other ranks receive them, so every rank feeds the same tokens. A block whose drafts
+are all the argmax of the raw draft logits (greedy, no penalties, min_new_tokens or grammar) needs no
+broadcast: every rank computes the same logits (replicated layers; the group all-reduce adds exact zeros to
+each rank's own sublayer output) and takes the argmax itself. Ranks that disagreed would only make the
+drafts fuzzier: verification, on rank 0's drafts, decides what is emitted.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ class TokenSource(Protocol):
 
 
 def received_tokens(op: RunDraftBlock, device: torch.device) -> TokenSource:
-    """A rank > 0's TokenSource: each draft token comes from rank 0, by a broadcast."""
+    """A rank > 0's TokenSource: each draft token comes from rank 0, by a broadcast, or is the argmax of the
+    rank's own logits (`op.local_argmax`)."""
+    if op.local_argmax:
+        return lambda index, logits: logits.argmax(dim=-1)  # type: ignore[union-attr]
 
     def receive(index: int, logits: torch.Tensor | None) -> torch.Tensor:
         tokens = torch.empty(len(op.slots), dtype=torch.int64, device=device)
@@ -59,8 +66,10 @@ def run_draft_block(
         table.apply(op.delta)
     k_max = int(op.num_drafts.max())
     out = torch.empty(len(op.slots), k_max, dtype=torch.int64, device=draft.device)
-    out[:, 0] = tokens(0, draft.forward_local(op.mode, op.calibration, exact=True))
+    every_rank = op.local_argmax  # every rank needs its logits
+    out[:, 0] = tokens(0, draft.forward_local(op.mode, op.calibration, exact=True, all_ranks=every_rank))
     for step in range(1, k_max):
         positions = step_positions(op.positions, op.num_drafts, step)
-        out[:, step] = tokens(step, draft.decode_from_table(table, op.slots, positions, out[:, step - 1]))
+        logits = draft.decode_from_table(table, op.slots, positions, out[:, step - 1], all_ranks=every_rank)
+        out[:, step] = tokens(step, logits)
     return out

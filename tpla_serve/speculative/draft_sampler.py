@@ -54,6 +54,12 @@ class DraftSampler:
         self._reusable = self._base.penalties is None and self._base.stop_mask is None
         self._on_host = grammars.any or not self._reusable
 
+    @property
+    def argmax_only(self) -> bool:
+        """Every draft is the argmax of the raw draft logits: greedy rows, no penalties, min_new_tokens mask
+        or grammar."""
+        return not self.need_probs and self._reusable and not self.grammars.any
+
     def _build(self) -> SamplingBatch:
         return SamplingBatch.build(
             [r.params for r in self.reqs],
