@@ -23,7 +23,7 @@ FLOORS = [
     {"engine"},
     {"speculative"},
     {"entrypoints"},
-    {"server", "tools", "launch", "generate"},
+    {"server", "tools", "launch", "generate", "cluster"},
 ]
 # The disagg package holds the transport (floor 3) and the two PD sides, which sit on the engine (floor 5).
 DISAGG_SIDES = {"tpla_serve.disagg.prefill_side", "tpla_serve.disagg.decode_side", "tpla_serve.disagg.role"}

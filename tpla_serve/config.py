@@ -47,6 +47,15 @@ def public_fields(config: object) -> dict:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.repr}
 
 
+def parse_host_port(text: str, flag: str) -> tuple[str, int]:
+    """HOST:PORT as (host, port): `10.0.0.1:5000`, `node0:5000` or `[fd00::1]:5000`."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} must be HOST:PORT with a port in 1..65535, got {text!r}")
+    return host, int(port)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -74,6 +83,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     random_seed: int = 0
     tp_size: int = 1
+    nnodes: int = 1  # hosts one server's TP ranks span; tp_size / nnodes ranks on each
+    node_rank: int = 0  # this host's index among them; node 0 runs rank 0 and serves HTTP
+    dist_init_addr: str | None = None  # host:port on node 0 where the nodes' ranks meet (nnodes > 1)
     tpla_groups: int = 1
     tpla_norm: str = "exact"
     tpla_transform: str = "none"
@@ -140,6 +152,7 @@ class EngineConfig:
                     "speculative decoding runs on the decode server, not with --disaggregation-mode prefill "
                     "(a prefill given --speculative-draft-model-path alone prefills that draft for its decodes)"
                 )
+        self._check_nodes()
         if self.easyspec_group_size is not None:
             if self.easyspec_group_size < 1:
                 raise ValueError(f"easyspec_group_size must be >= 1, got {self.easyspec_group_size}")
@@ -148,6 +161,33 @@ class EngineConfig:
                     f"easyspec_group_size must be in [1, tp_size={self.tp_size}] (one attention sublayer per "
                     f"rank), got {self.easyspec_group_size}"
                 )
+
+    def _check_nodes(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, --nnodes {self.nnodes}), got {self.node_rank}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"--tp-size {self.tp_size} must be a multiple of --nnodes {self.nnodes}: every "
+                             "node runs the same number of TP ranks")
+        if self.nnodes > 1:
+            if self.dist_init_addr is None:
+                raise ValueError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT, an address of node "
+                                 "0 that every node reaches (where their TP ranks meet)")
+            parse_host_port(self.dist_init_addr, "--dist-init-addr")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    @property
+    def node_ranks(self) -> range:
+        """The TP ranks this node runs (node n: ranks n·T/N … (n+1)·T/N − 1)."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    @property
+    def dist_init_host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.dist_init_addr or "", "--dist-init-addr")
 
     def _check_kv_cache_dtype(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -233,6 +273,7 @@ class ServerConfig:
     chat_template: str | None = None  # a .jinja file or a built-in name; None: the tokenizer's own
     skip_server_warmup: bool = False  # report ready without first serving one tiny request
     watchdog_timeout: float = 300.0  # seconds a scheduler step may take before the server stops
+    stream_interval: int = 1  # tokens between two chunks of a streamed answer (SGLang's --stream-interval)
     reasoning_parser: str | None = None  # deepseek-r1: reasoning_content apart from content
     tool_call_parser: str | None = None  # deepseekv3: OpenAI tool_calls from DeepSeek's tool tokens
 
@@ -243,6 +284,8 @@ class ServerConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1 token, got {self.stream_interval}")
         if not self.watchdog_timeout > 0:
             raise ValueError(f"--watchdog-timeout must be > 0 seconds, got {self.watchdog_timeout}")
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:

@@ -95,7 +95,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
       help="decode attention kernels: auto (FlashInfer where it serves the shape, else Triton; torch on CPU)")
     a("--random-seed", type=int, default=d.random_seed, help="seed of dummy weights and of requests without one")
     a("--tp-size", "--tp", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size,
-      help="tensor-parallel ranks (processes on this host)")
+      help="tensor-parallel ranks of this server, over all its nodes (tp_size / nnodes processes per node)")
+    a("--nnodes", type=int, default=d.nnodes, help="hosts this server's TP ranks span")
+    a("--node-rank", type=int, default=d.node_rank,
+      help="this host's index among --nnodes: node 0 runs rank 0 and serves HTTP, the others run their ranks "
+           "only and exit when node 0 goes")
+    a("--dist-init-addr", default=None,
+      help="HOST:PORT of node 0 where the nodes' TP ranks meet, e.g. 10.0.0.1:5000 (default: none; needed "
+           "with --nnodes > 1)")
     a("--tpla-groups", type=int, default=d.tpla_groups, help="latent groups g (1 = plain MLA-TP)")
     a("--tpla-norm", default=d.tpla_norm, choices=TPLA_NORMS,
       help="RMSNorm of the latent: exact (global) or local (per group's slice, the paper's variant)")
@@ -172,6 +179,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
            "(default: the tokenizer's own)")
     a("--skip-server-warmup", action="store_true",
       help="report ready as soon as the model is loaded, without first serving one small request")
+    a("--stream-interval", type=int, default=d.stream_interval,
+      help="tokens between two chunks of a streamed answer: larger sends fewer, larger chunks")
     a("--watchdog-timeout", type=float, default=d.watchdog_timeout,
       help="seconds one scheduler step may run; a step that takes longer stops the server (its requests "
            "fail with 503, /health fails) instead of letting it hang")

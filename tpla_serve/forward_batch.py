@@ -53,6 +53,8 @@ class ForwardBatch:
     kv_sink: LayerKVSink | None = None
     _kv_indices: torch.Tensor | None = None
     _padded_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    _unique_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    _causal_masks: list[torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +81,27 @@ class ForwardBatch:
             slots = self.page_table[:, t // page_size].long() * page_size + t % page_size
             self._padded_kv = slots, t[None, :] < self.seq_lens_t[:, None]
         return self._padded_kv
+
+    @property
+    def unique_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [U], inverse [sum(seq_lens)]): the distinct KV slots of the step and, for each entry of
+        kv_indices, its row among them. Requests that share a cached prefix read the same pages, so an
+        EXTEND step expands each shared token's latent once instead of once per request."""
+        if self._unique_kv is None:
+            self._unique_kv = torch.unique(self.kv_indices, return_inverse=True)
+        return self._unique_kv
+
+    @property
+    def causal_masks(self) -> list[torch.Tensor]:
+        """Per request, [q_len, seq_len] bool, True where a query may not see a key (a later position):
+        its q_len new tokens are the last of its seq_len. Built once per step, shared by every layer."""
+        if self._causal_masks is None:
+            device = self.input_ids.device
+            self._causal_masks = []
+            for q_len, kv_len in zip(self.q_lens, self.seq_lens):
+                q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+                self._causal_masks.append(torch.arange(kv_len, device=device)[None, :] > q_pos)
+        return self._causal_masks
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Start a server: `python -m tpla_serve.launch --role prefill|decode|router|all ...`.
+"""Start a server: `python -m tpla_serve.launch --role prefill|decode|router|all|cluster ...`.
 
 prefill / decode: an HTTP front plus its scheduler process (and TP ranks), flags as SGLang's
-`launch_server`. router: tpla_router with SGLang router flags. all: a router, one prefill and one decode
-server on this machine (see tpla_serve.server.local_cluster).
+`launch_server`; with --nnodes N, node 0 serves and the other nodes (--node-rank k) run their TP ranks
+only. router: tpla_router with SGLang router flags. all: a router, one prefill and one decode server on
+this machine (see tpla_serve.server.local_cluster). cluster: the servers of a cluster file placed on a
+Ray cluster (see tpla_serve.cluster.ray_cluster).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Spelled out here rather than taken from tpla_serve.config, which imports torch: the router and the
 # `all` supervisor start without it.
-_ROLES = ("prefill", "decode", "router", "all")
+_ROLES = ("prefill", "decode", "router", "all", "cluster")
 
 
 def _role_parser(*roles: str, formatter: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFormatter
@@ -27,7 +29,8 @@ def _role_parser(*roles: str, formatter: type[argparse.HelpFormatter] = argparse
     parser = argparse.ArgumentParser(prog="python -m tpla_serve.launch", description=__doc__,
                                      formatter_class=formatter, allow_abbrev=False)
     parser.add_argument("--role", choices=roles or _ROLES, required=True,
-                        help="what this process serves: a prefill or decode server, the router, or all three")
+                        help="what this process serves: a prefill or decode server, the router, all three on "
+                             "this machine, or a cluster file's servers on Ray")
     return parser
 
 
@@ -72,6 +75,11 @@ def _serve(role: str, argv: Sequence[str]) -> int:
                                                                 "%(message)s")
     for note in inapplicable_flags(args, config.engine):
         logging.getLogger("tpla_serve.launch").warning("%s", note)
+    if config.engine.node_rank > 0:  # another node of a multi-node server: its TP ranks, no HTTP
+        from tpla_serve.distributed.worker import run_node
+        from tpla_serve.entrypoints.rank import worker_handlers
+
+        return run_node(config.engine, worker_handlers)
     from tpla_serve.server.http_server import run_server
 
     return run_server(config)
@@ -113,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from tpla_serve.server.local_cluster import main as run_all
 
             sys.exit(run_all(argv))
+        if role == "cluster":
+            from tpla_serve.cluster.ray_cluster import main as run_cluster
+
+            sys.exit(run_cluster(argv))
         sys.exit(_serve(role, argv))
     except KeyboardInterrupt:  # Ctrl-C before serving began; everything started has been stopped
         sys.exit(130)

@@ -12,12 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-_MULTI_NODE = (
-    "multi-node serving is not implemented yet: a server's TP ranks run on one host; run one prefill or "
-    "decode server per host and put the router in front of them (--role router)"
-)
-
-
 @dataclass(frozen=True)
 class SGLangOption:
     name: str  # SGLang's field name; the flag is --name-with-dashes
@@ -41,13 +35,6 @@ SGLANG_OPTIONS: tuple[SGLangOption, ...] = (
         "enable_dp_attention", False, bool, "data-parallel attention (not implemented here)", lambda v: not v,
         "DP attention is not implemented: TPLA splits the latent KV cache across the TP ranks instead "
         "(--tp-size with --tpla-groups)"),
-    SGLangOption(
-        "nnodes", 1, int, "number of nodes one server spans (only 1 here)", lambda v: v == 1, _MULTI_NODE),
-    SGLangOption(
-        "node_rank", 0, int, "this node's rank among --nnodes (only 0 here)", lambda v: v == 0, _MULTI_NODE),
-    SGLangOption(
-        "dist_init_addr", None, str, "host:port the nodes of a multi-node server meet at (not used here)",
-        lambda v: v is None, _MULTI_NODE),
     SGLangOption(
         "disaggregation_transfer_backend", "zmq", str,
         "how KV moves from prefill to decode servers: zmq, this project's authenticated transport",

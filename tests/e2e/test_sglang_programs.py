@@ -3,8 +3,8 @@
 allows: a tiny model's answers are not a real model's).
 
 Not run here: few_shot_qa, react and tool_use check the answer's content; image_qa needs an image model;
-decode_int, decode_json, decode_json_regex, dtype_gen and regex need constrained decoding;
-completion_speculative and chat_completion_speculative test API speculative execution, a feature of
+the constrained-decoding programs (regex, dtype_gen, decode_json_regex, and decode_int and decode_json
+without their answer checks) run in test_constrained_http.py; completion_speculative and chat_completion_speculative test API speculative execution, a feature of
 SGLang's OpenAI backend (which needs tiktoken's downloaded encodings): against a RuntimeEndpoint the
 first fails and the second ends in a frontend error it never checks.
 """
@@ -14,11 +14,15 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import sglang as sgl
+from cluster import Cluster
 from sglang.test import test_programs
 
+MODEL = str(Path(__file__).resolve().parents[2] / "models" / "mla-tiny")
 PROGRAMS = [
     ("test_mt_bench", {}),
     ("test_select", {"check_answer": False}),
@@ -59,13 +63,27 @@ def test_sglang_program(default_backend: None, hf_tokenizer_loader: None, name: 
         program(**kwargs)
         return
     # The program reads only the newest chunk's meta_info when two chunks arrive before its consumer thread
-    # wakes (text_async_iter in sglang/lang/interpreter.py), so on a loaded machine a chunk's logprobs can go
-    # unseen and its count check fails; the contract itself is checked chunk by chunk over the raw stream in
-    # tests/server/test_generate.py. Three tries tell that race from a real failure.
-    for attempt in range(3):
-        try:
-            program()
-            return
-        except AssertionError:
-            if attempt == 2:
-                raise
+    # wakes (text_async_iter in sglang/lang/interpreter.py), so a chunk's logprobs go unseen when chunks come
+    # faster than a loaded machine wakes that thread. It runs against a cluster that streams a chunk per 4
+    # tokens (--stream-interval 4), as a deployment streaming to slow clients would; the contract itself is
+    # checked chunk by chunk over the raw stream in tests/server/test_generate.py. Three tries tell that
+    # race from a real failure.
+    with _backend(Cluster(MODEL, decode_args="--stream-interval 4")):
+        for attempt in range(3):
+            try:
+                program()
+                return
+            except AssertionError:
+                if attempt == 2:
+                    raise
+
+
+@contextmanager
+def _backend(cluster: Cluster) -> Iterator[None]:
+    previous = sgl.global_config.default_backend
+    sgl.set_default_backend(types.SimpleNamespace(endpoint=sgl.RuntimeEndpoint(cluster.url)))
+    try:
+        yield
+    finally:
+        sgl.set_default_backend(previous)
+        cluster.stop()

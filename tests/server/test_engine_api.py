@@ -65,7 +65,7 @@ def test_model_info_and_flush_cache(engine, chat_model_dir) -> None:
 
 @pytest.mark.parametrize(("kwargs", "error", "said"), [
     ({"dp_size": 2}, ValueError, "--dp-size 2"),
-    ({"nnodes": 2}, ValueError, "multi-node"),
+    ({"nnodes": 2, "tp_size": 2}, ValueError, "--dist-init-addr"),
     ({"disaggregation_transfer_backend": "nixl"}, ValueError, "zmq"),
     ({"port": 30001}, ValueError, "HTTP server"),
     ({"kv_cache_dtype": "fp8_e4m3"}, ValueError, "--kv-cache-dtype fp8_e4m3"),

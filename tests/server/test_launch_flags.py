@@ -55,9 +55,10 @@ def test_an_sglang_launch_line_parses_and_takes_effect() -> None:
 @pytest.mark.parametrize(("argv", "said"), [
     (["--dp-size", "2"], ["--dp-size 2", "--role router"]),
     (["--enable-dp-attention"], ["--enable-dp-attention", "--tpla-groups"]),
-    (["--nnodes", "2"], ["--nnodes 2", "multi-node serving is not implemented yet"]),
-    (["--node-rank", "1"], ["--node-rank 1", "multi-node"]),
-    (["--dist-init-addr", "10.0.0.1:5000"], ["--dist-init-addr 10.0.0.1:5000", "multi-node"]),
+    (["--nnodes", "2", "--tp-size", "2"], ["--nnodes 2", "--dist-init-addr HOST:PORT"]),
+    (["--node-rank", "1"], ["--node-rank", "--nnodes 1", "got 1"]),
+    (["--nnodes", "2", "--tp-size", "3", "--dist-init-addr", "10.0.0.1:5000"], ["--tp-size 3", "--nnodes 2"]),
+    (["--nnodes", "2", "--tp-size", "2", "--dist-init-addr", "10.0.0.1"], ["--dist-init-addr", "HOST:PORT"]),
     (["--disaggregation-transfer-backend", "mooncake"], ["--disaggregation-transfer-backend mooncake", "zmq"]),
     (["--speculative-eagle-topk", "8"], ["--speculative-eagle-topk 8", "--speculative-eagle-topk 1"]),
     (["--speculative-num-steps", "3", "--speculative-num-draft-tokens", "3"],

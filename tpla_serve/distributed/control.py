@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from tpla_serve.distributed.liveness import Disconnects, PeerWatch, enable_heartbeats
 from tpla_serve.forward_batch import BatchEntry, ForwardMode, TableDelta
 
 VERSION = 1
@@ -183,17 +184,22 @@ def decode_op(data: bytes) -> ControlOp:
 
 
 class ControlSender:
-    """Rank 0's end: one PUSH socket per other rank (a queue each; nothing is lost to a slow joiner)."""
+    """Rank 0's end: one PUSH socket per other rank (a queue each; nothing is lost to a slow joiner), and
+    the watch over their connections. `endpoints` maps each other rank to its PULL endpoint; `heartbeats`
+    (ranks on other hosts) also catches a peer that went silent without closing its connection."""
 
-    def __init__(self, endpoints: list[str]) -> None:
+    def __init__(self, endpoints: dict[int, str], heartbeats: bool = False) -> None:
         self.ctx = zmq.Context()
         self.sockets = []
-        for endpoint in endpoints:
+        for endpoint in endpoints.values():
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, 0)  # rank 0 never drops or blocks on an announcement
             sock.setsockopt(zmq.LINGER, 1000)
+            if heartbeats:
+                enable_heartbeats(sock)
             sock.connect(endpoint)
             self.sockets.append(sock)
+        self.watch = PeerWatch(self.sockets, [f"TP rank {r} ({e})" for r, e in endpoints.items()])
 
     def send(self, op: ControlOp) -> None:
         data = encode_op(op)
@@ -201,24 +207,29 @@ class ControlSender:
             sock.send(data, copy=False)
 
     def close(self) -> None:
+        self.watch.stop()
         for sock in self.sockets:
             sock.close()
         self.ctx.term()
 
 
 class RankZeroGone(RuntimeError):
-    """Rank 0's process ended: a rank > 0 has nobody left to serve."""
+    """Rank 0's process ended, or its host stopped answering: a rank > 0 has nobody left to serve."""
 
 
 class ControlReceiver:
     """A rank's end: a PULL socket it blocks on between operations (an idle rank costs no CPU and never
-    times out), waking once a second only to check that rank 0 is still alive."""
+    times out), waking once a second only to check that rank 0 (and the process that started this rank)
+    is still there."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", heartbeats: bool = False) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if heartbeats:
+            enable_heartbeats(self.sock)
+        self.disconnects = Disconnects(self.sock)
         port = self.sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
         self.parent_pid = os.getppid()
@@ -226,9 +237,12 @@ class ControlReceiver:
     def receive(self) -> ControlOp:
         while not self.sock.poll(ALIVE_CHECK_MS):
             if os.getppid() != self.parent_pid:
-                raise RankZeroGone("rank 0's process is gone")
+                raise RankZeroGone("the process that started this rank is gone")
+            if self.disconnects.check():
+                raise RankZeroGone("rank 0 disconnected: its process or its host is gone")
         return decode_op(self.sock.recv())
 
     def close(self) -> None:
+        self.disconnects.close()
         self.sock.close()
         self.ctx.term()

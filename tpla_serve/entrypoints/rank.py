@@ -19,6 +19,7 @@ from tpla_serve.distributed.worker import RankHandlers
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.scheduler import PromptKVForward, Scheduler
 from tpla_serve.grammar.backend import GrammarBackend
+from tpla_serve.net import is_loopback
 from tpla_serve.sampling.sampler import Sampler
 from tpla_serve.speculative.decoder import SpeculativeDecoder
 from tpla_serve.speculative.draft_loop import received_tokens, run_draft_block
@@ -91,7 +92,7 @@ def build_rank(config: EngineConfig, rank: int = 0, tp: TPGroup | None = None) -
             draft_ranks = tuple(range(config.tp_size)) if layer_parallel(config) else (0,)
             layout = decode_layout(config, parts.kv_spec(), parts.draft_kv_spec(), draft_ranks)
             parts.kv_port = DecodeKVPort(
-                layout, rank, runner.kv_pool, config.disaggregation_host, config.disaggregation_timeout,
+                layout, rank, runner.kv_pool, kv_host(config, tp), config.disaggregation_timeout,
                 config.disaggregation_bootstrap_port,
                 draft_pool=parts.draft.kv_pool if parts.draft is not None else None,
                 secret=config.disaggregation_secret,
@@ -102,6 +103,15 @@ def build_rank(config: EngineConfig, rank: int = 0, tp: TPGroup | None = None) -
             parts.kv_port.close()
         raise
     return parts
+
+
+def kv_host(config: EngineConfig, tp: TPGroup | None) -> str:
+    """Where a decode rank receives KV: --disaggregation-host, except that a rank of a server spanning nodes
+    replaces loopback (the default) with its node's address, which the prefill servers can reach."""
+    host = config.disaggregation_host
+    if tp is not None and tp.meet.spans_nodes and is_loopback(host):
+        return tp.meet.address
+    return host
 
 
 def _log_draft(config: EngineConfig, draft: DraftModel) -> None:
@@ -124,6 +134,9 @@ def _log_draft(config: EngineConfig, draft: DraftModel) -> None:
 
 def launch_rank0(config: EngineConfig) -> RankParts:
     """Rank 0 of an engine: start the other TP ranks (when tp_size > 1) and build with them."""
+    if config.node_rank != 0:
+        raise ValueError(f"--node-rank {config.node_rank}: rank 0 runs on node 0; the other nodes run their "
+                         "ranks only (python -m tpla_serve.launch --role prefill|decode --node-rank N ...)")
     tp = TPGroup.launch(config, worker_handlers) if config.tp_size > 1 else None
     try:
         return build_rank(config, 0, tp)

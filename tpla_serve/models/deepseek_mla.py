@@ -144,38 +144,43 @@ class DeepseekAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_local_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return torch.bmm(q_nope.transpose(0, 1), w[:, : self.nope_dim]).transpose(0, 1)
 
-    def _full_latent(self, c_hat: torch.Tensor, k_pe: torch.Tensor, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ĉ, k_pe) of every KV token of the batch, prefix then new per request, over the whole latent.
-
-        Without a cached prefix these are just the new tokens'. With one, a rank of g > 1 holds only its
-        slice of the prefix, so the slices are gathered from one rank of each group.
-        """
-        if all(q == s for q, s in zip(fb.q_lens, fb.seq_lens)):
-            return c_hat, k_pe
-        ckv, kpe = fb.kv_pool.read(self.layer_id, fb.kv_indices)
-        if self.layout.latent_groups > 1:
-            per_rank = tp_all_gather(ckv, self.layout).view(ckv.shape[0], self.layout.tp_size, -1)
-            ckv = per_rank[:, :: self.layout.ranks_per_group].reshape(ckv.shape[0], self.kv_rank)
-        return ckv.to(c_hat.dtype), kpe.to(k_pe.dtype)
-
     def _extend(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_hat: torch.Tensor, k_pe: torch.Tensor, fb: ForwardBatch
     ) -> torch.Tensor:
-        """Exact MHA form over this rank's prefill heads: expand each KV token's full latent, causal attention."""
+        """Exact MHA form over this rank's prefill heads: expand each KV token's full latent, causal attention.
+
+        With a cached prefix the KV tokens are read from the pool, and each distinct slot is expanded once:
+        requests that share a prefix (a system prompt, the samples of n > 1) share its pages.
+        """
         e0, e1 = self.prefill_heads
-        ckv, kpe = self._full_latent(c_hat, k_pe, fb)
-        kv_dim = self.nope_dim + self.v_dim
-        w = self.kv_b_proj.weight.view(self.num_local_heads, kv_dim, self.kv_rank)[e0:e1]
-        kv = torch.nn.functional.linear(ckv, w.reshape(-1, self.kv_rank)).view(-1, e1 - e0, kv_dim)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope[:, e0:e1], q_pe[:, e0:e1]], dim=-1)
-        k = torch.cat([k_nope, kpe[:, None].expand(-1, e1 - e0, -1)], dim=-1)
+        if all(q_len == s for q_len, s in zip(fb.q_lens, fb.seq_lens)):
+            k, v = self._expand(c_hat, k_pe)
+        else:
+            slots, inverse = fb.unique_kv  # slots sorted: rows in position order only through `inverse`
+            shared = slots.shape[0] < inverse.shape[0]
+            ckv, kpe = fb.kv_pool.read(self.layer_id, slots if shared else fb.kv_indices)
+            if self.layout.latent_groups > 1:  # a rank of g > 1 holds its slice: gather one rank per group
+                per_rank = tp_all_gather(ckv, self.layout).view(ckv.shape[0], self.layout.tp_size, -1)
+                ckv = per_rank[:, :: self.layout.ranks_per_group].reshape(ckv.shape[0], self.kv_rank)
+            k, v = self._expand(ckv.to(c_hat.dtype), kpe.to(k_pe.dtype))
+            if shared:
+                k, v = k.index_select(0, inverse), v.index_select(0, inverse)
         o_heads = fb.attn_backend.extend(q, k, v, fb, self.scale)
         if e1 - e0 == self.num_local_heads:
             return o_heads
         o = o_heads.new_zeros(o_heads.shape[0], self.num_local_heads, self.v_dim)
         o[:, e0:e1] = o_heads  # the other heads are another group's share of o_proj's all-reduce
         return o
+
+    def _expand(self, ckv: torch.Tensor, kpe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k [T, h, d_nope + d_rope], v [T, h, d_v]) of T tokens' full latents, over this rank's prefill heads."""
+        e0, e1 = self.prefill_heads
+        kv_dim = self.nope_dim + self.v_dim
+        w = self.kv_b_proj.weight.view(self.num_local_heads, kv_dim, self.kv_rank)[e0:e1]
+        kv = torch.nn.functional.linear(ckv, w.reshape(-1, self.kv_rank)).view(-1, e1 - e0, kv_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        return torch.cat([k_nope, kpe[:, None].expand(-1, e1 - e0, -1)], dim=-1), v
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
         """Absorbed form over this rank's latent slice: q̃ = W_UKᵀ q_nope scores against ĉ; v = W_UV o."""

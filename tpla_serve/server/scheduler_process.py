@@ -81,7 +81,10 @@ class SchedulerProcess:
             self.parts.close()
             raise
         self.text_in_logprobs: dict[str, bool] = {}
+        self.streamed_tokens: dict[str, int] = {}  # output tokens of each streamed request sent so far
         self.watchdog = StepWatchdog(config.watchdog_timeout, self._stuck)
+        if self.parts.tp is not None:  # a rank lost while a step waits on it: stop rather than wait
+            self.parts.tp.on_lost(self._stuck)
 
     # ------------------------------------------------------------------ messages
 
@@ -175,11 +178,17 @@ class SchedulerProcess:
         for req in reqs:
             if not (req.finished or req.stream):
                 continue
+            if not req.finished:
+                sent = self.streamed_tokens.get(req.rid, 0)
+                if sent and len(req.output_ids) - sent < self.config.stream_interval:
+                    continue  # the first token goes at once, then one chunk per --stream-interval tokens
+                self.streamed_tokens[req.rid] = len(req.output_ids)
             text = self.text_in_logprobs.get(req.rid, False)
             out = request_output(req, self.tokenizer, text, streaming=not req.finished)
             if not req.finished:
                 self.send(RequestOutput(req.rid, out, False, req.first_token_time))
                 continue
+            self.streamed_tokens.pop(req.rid, None)
             kv_bytes, kv_seconds = self.transfers.pop(req.rid, (0, 0.0))
             self.send(RequestOutput(req.rid, out, True, req.first_token_time, self.queue_times.pop(req.rid),
                                     kv_bytes, kv_seconds))
