@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tpla_serve import Engine
+from tpla_serve.models.registry import builtin_config
 
 pytestmark = pytest.mark.gpu
 MODEL = str(Path(__file__).resolve().parents[2] / "models" / "mla-tiny")
@@ -58,7 +59,7 @@ def test_prefix_cache_hits_decode_exactly_as_recomputed_prompts_flashinfer():
     """The same on FlashInfer's MLA kernel, which needs its shapes (a 512-dim latent, bfloat16): DeepSeek-V2-
     Lite's attention with dummy weights, two dense layers."""
     pytest.importorskip("flashinfer")
-    args = {"model_path": "deepseek-v2-lite", "load_format": "dummy", "device": "cuda", "dtype": "bfloat16",
+    args = {"model_path": str(builtin_config("deepseek-v2-lite")), "load_format": "dummy", "device": "cuda", "dtype": "bfloat16",
             "attention_backend": "flashinfer", "skip_tokenizer_init": True,
             "json_model_override_args": '{"num_hidden_layers": 2, "first_k_dense_replace": 2}'}
     system = list(range(100, 300))
