@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
@@ -159,9 +160,10 @@ def engine_part(args: argparse.Namespace) -> str:
                      if cache == "on" else " | ")
             rows.append(f"| {name} | {cache} | {m.median_ttft_ms:.1f} | {m.prefill_tok_s:.0f} | "
                         f"{m.cached_tokens} / {m.prompt_tokens} | {gains} |")
-    return (f"Engine: `{args.model_path}` ({args.load_format} weights), {args.dtype}, {args.device}; default "
-            f"chunked prefill (4096 tokens) and page size; best of {args.repeats} runs per setting, cache off and "
-            "on alternating.\n\n" + "\n".join(rows))
+    threads = f", {torch.get_num_threads()} intra-op thread(s)" if args.device == "cpu" else ""
+    return (f"Engine: `{Path(args.model_path).name}` ({args.load_format} weights), {args.dtype}, {args.device}"
+            f"{threads}; default chunked prefill (4096 tokens) and page size; best of {args.repeats} runs per "
+            "setting, cache off and on alternating.\n\n" + "\n".join(rows))
 
 
 # ------------------------------------------------------------------ router part
@@ -204,6 +206,8 @@ def _cache_counters(urls: list[str]) -> tuple[int, int]:
 
 
 def _replay(router_url: str, vocab: int, convs: int, turns: int, seed: int) -> None:
+    """Conversations in parallel, turns in order; a user thinks 0-300 ms before each turn (without it the
+    conversations run in lockstep and round_robin's counter lands each turn where the last one went)."""
     errors: list[str] = []
 
     def conversation(i: int) -> None:
@@ -211,6 +215,7 @@ def _replay(router_url: str, vocab: int, convs: int, turns: int, seed: int) -> N
         history = _random_ids(rng, 200, vocab)
         with httpx.Client(timeout=600) as client:
             for _ in range(turns):
+                time.sleep(rng.uniform(0.0, 0.3))
                 body = {"input_ids": history, "sampling_params": {"max_new_tokens": 32, "temperature": 0,
                                                                   "ignore_eos": True}}
                 r = client.post(router_url + "/generate", json=body)
@@ -265,7 +270,8 @@ def router_part(args: argparse.Namespace) -> str:
     ratio = rates["cache_aware"] / max(rates["round_robin"], 1e-9)
     return (f"Router: two prefill servers (the shipped `mla-tiny`, fp32, CPU) and one decode server behind "
             f"tpla_router; {args.router_conversations} conversations x 4 turns in parallel (turn 1: 200 tokens; "
-            "each turn adds the 32-token answer and a 64-token message), prefill caches flushed before each "
+            "each turn adds the 32-token answer and a 64-token message; 0-300 ms of thinking before each turn), "
+            "prefill caches flushed before each "
             f"policy.\n\n" + "\n".join(rows) + f"\n\ncache_aware / round_robin hit rate: {ratio:.2f}x")
 
 
@@ -278,10 +284,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--engine-args", default="{}", help="more Engine keyword arguments, as JSON")
     parser.add_argument("--tag", default="cpu", help="names the result file: prefix_cache_<tag>_<date>.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU: torch intra-op threads (default torch's; 1 keeps timings stable on a shared machine)")
     parser.add_argument("--router", action="store_true", help="also measure the router's hit rates")
     parser.add_argument("--router-only", action="store_true")
-    parser.add_argument("--router-conversations", type=int, default=16)
+    parser.add_argument("--router-conversations", type=int, default=32)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     parts = []
     if not args.router_only:
         parts.append(engine_part(args))

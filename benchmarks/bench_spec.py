@@ -1,14 +1,18 @@
 """Speculative decoding on the decode engine: plain decoding vs `standard` vs `easyspec` drafting.
 
-    python benchmarks/bench_spec.py [--tp-size 2] [--ks 2,4,6] [--group-sizes 2] [--device cpu]
+    python benchmarks/bench_spec.py [--tp-size 1] [--batch-size 1] [--ks 2,3,4] [--group-sizes 2,4]
+        [--device cpu] [--threads 1] [--rounds 3] [--target models/mla-tiny] [--draft models/mla-tiny-draft]
 
-Target and draft are the project's trained models (models/mla-tiny, models/mla-tiny-draft). Prompts are
-windows of held-out files of the training corpus (the Python standard library of the interpreter running
-this), tokenized with the model's tokenizer. All runs decode the same prompts greedily with EOS ignored,
-so each produces the same tokens; the table reports output tokens/s over the whole batch, the acceptance
-rate (accepted / proposed drafts), the mean tokens a request's block emits, and per batched step the drafting time
-(bonus calibration + draft steps) and the verification time. Each configuration runs in a fresh engine
-(one TP group per process), after a warm-up request.
+Target and draft default to the project's trained models (models/mla-tiny, models/mla-tiny-draft). Prompts
+are windows of held-out files of the training corpus (the Python standard library of the interpreter running
+this), tokenized with the model's tokenizer, decoded --batch-size at a time. All runs decode the same
+prompts greedily with EOS ignored; the table reports output tokens/s, the acceptance rate (accepted /
+proposed drafts), the mean tokens a request's block emits, per block (one batched speculative step) the
+drafting time (bonus calibration + draft steps) and the verification time, and whether the tokens equal
+plain decoding's. Each configuration runs in a fresh engine (one TP group per process) after a warm-up
+request; with --rounds R the configurations run R times in turn (plain, standard, EasySpec, plain, ...) and
+the table shows each one's median throughput (min-max beside it). EasySpec's N = --easyspec-group-size:
+one attention sublayer per rank with --tp-size N, batched on one device with --tp-size 1.
 """
 
 from __future__ import annotations
@@ -23,11 +27,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import write_result
+from common import shown_path, write_result
 
 from tpla_serve.config import DEFAULT_MODEL_PATH
 
 DRAFT_PATH = str(Path(DEFAULT_MODEL_PATH).parent / "mla-tiny-draft")
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def held_out_prompts(tokenizer: object, n: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -43,15 +54,17 @@ def held_out_prompts(tokenizer: object, n: int, prompt_len: int, seed: int = 0) 
     return prompts
 
 
-def run(config: dict, prompts: list[list[int]], new_tokens: int) -> dict:
+def run(config: dict, prompts: list[list[int]], new_tokens: int, batch_size: int) -> dict:
     from tpla_serve import Engine
 
     params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
     with Engine(**config) as engine:
         engine.generate(input_ids=prompts[:2], sampling_params=params | {"max_new_tokens": 16})  # warm-up
         before = engine.get_server_info()
+        outs = []
         start = time.perf_counter()
-        outs = engine.generate(input_ids=prompts, sampling_params=params)
+        for i in range(0, len(prompts), batch_size):
+            outs += engine.generate(input_ids=prompts[i : i + batch_size], sampling_params=params)
         wall = time.perf_counter() - start
         after = engine.get_server_info()
     assert all(len(o["output_ids"]) == new_tokens for o in outs)
@@ -70,54 +83,78 @@ def run(config: dict, prompts: list[list[int]], new_tokens: int) -> dict:
     }
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One configuration's rounds: median throughput (and its range), block metrics of the median round."""
+    ranked = sorted(rounds, key=lambda r: r["tokens_per_s"])
+    median = dict(ranked[len(ranked) // 2])
+    median["range"] = (ranked[0]["tokens_per_s"], ranked[-1]["tokens_per_s"])
+    median["same_outputs"] = all(r["outputs"] == rounds[0]["outputs"] for r in rounds)
+    return median
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tp-size", type=int, default=2)
+    parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--tpla-groups", type=int, default=1)
-    parser.add_argument("--ks", default="2,4,6", help="draft tokens per step")
-    parser.add_argument("--group-sizes", default="2", help="EasySpec N values (each <= tp-size)")
+    parser.add_argument("--ks", default="2,3,4", help="draft tokens per step")
+    parser.add_argument("--group-sizes", default="2,4", help="EasySpec N values (each <= tp-size when > 1)")
     parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=1, help="times every configuration runs, in turn")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (TP=1 on CPU)")
+    parser.add_argument("--target", default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--draft", default=DRAFT_PATH)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--algorithms", default="plain,standard,easyspec", help="which decodings to run")
-    parser.add_argument("--disable-cuda-graph", action="store_true", help="run plain decode steps eagerly too")
+    parser.add_argument("--disable-cuda-graph", action="store_true", help="run every step eagerly")
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="largest captured batch bucket")
     parser.add_argument("--name", default="spec_decode", help="results file name prefix")
     args = parser.parse_args()
 
     from tpla_serve.engine.tokenizer import load_tokenizer
 
-    prompts = held_out_prompts(load_tokenizer(DEFAULT_MODEL_PATH), args.num_prompts, args.prompt_len)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    prompts = held_out_prompts(load_tokenizer(args.target), args.num_prompts, args.prompt_len)
     base = {
-        "model_path": DEFAULT_MODEL_PATH, "tp_size": args.tp_size, "tpla_groups": args.tpla_groups,
+        "model_path": args.target, "tp_size": args.tp_size, "tpla_groups": args.tpla_groups,
         "device": args.device, "dtype": args.dtype, "attention_backend": args.attention_backend,
         "disable_cuda_graph": args.disable_cuda_graph,
     }
+    if args.cuda_graph_max_bs is not None:
+        base["cuda_graph_max_bs"] = args.cuda_graph_max_bs
     ks = [int(k) for k in args.ks.split(",")]
     group_sizes = [int(n) for n in args.group_sizes.split(",") if n]  # empty: no easyspec runs (T = 1)
     algorithms = set(args.algorithms.split(","))
     runs: list[tuple[str, int | None, int | None, dict]] = [("plain", None, None, base)] if "plain" in algorithms else []
     for k in ks:
-        spec = dict(base, speculative_draft_model_path=DRAFT_PATH, speculative_num_draft_tokens=k)
+        spec = dict(base, speculative_draft_model_path=args.draft, speculative_num_draft_tokens=k)
         if "standard" in algorithms:
             runs.append(("standard", k, None, dict(spec, speculative_algorithm="standard")))
         for n in group_sizes if "easyspec" in algorithms else []:
-            runs.append(("easyspec", k, n, dict(spec, speculative_algorithm="easyspec", easyspec_group_size=n)))
+            easyspec = dict(spec, speculative_algorithm="easyspec", easyspec_group_size=n)
+            runs.append(("easyspec", k, n, easyspec))
 
-    results = []
-    for name, k, n, config in runs:
-        r = run(config, prompts, args.new_tokens)
-        results.append((name, k, n, r))
-        print(f"{name:9s} k={k} N={n}: {r['tokens_per_s']:.1f} tok/s, accept {r['accept_rate']:.3f}, "
-              f"length {r['accept_length']:.2f}, draft {r['draft_ms']:.1f} ms, verify {r['verify_ms']:.1f} ms",
-              flush=True)
+    load_before = load_average()
+    rounds: list[list[dict]] = [[] for _ in runs]
+    for _ in range(args.rounds):
+        for (name, k, n, config), done in zip(runs, rounds):
+            r = run(config, prompts, args.new_tokens, args.batch_size)
+            done.append(r)
+            print(f"{name:9s} k={k} N={n}: {r['tokens_per_s']:.1f} tok/s, accept {r['accept_rate']:.3f}, "
+                  f"length {r['accept_length']:.2f}, draft {r['draft_ms']:.1f} ms, "
+                  f"verify {r['verify_ms']:.1f} ms",
+                  flush=True)
+    results = [(name, k, n, merge_rounds(done)) for (name, k, n, _), done in zip(runs, rounds)]
 
     plain = next((r for name, _, _, r in results if name == "plain"), None)
     rows = [
-        ("| decoding | k | N | output tok/s | vs plain | accept rate | tokens / block | draft ms / step | "
-         "verify ms / step | draft speed-up vs standard | same tokens as plain |"),
+        ("| decoding | k | N | output tok/s (min-max) | vs plain | accept rate | tokens / block | "
+         "draft ms / block | verify ms / block | draft speed-up vs standard | same tokens as plain |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     standard_draft = {k: r["draft_ms"] for name, k, _, r in results if name == "standard"}
@@ -127,23 +164,29 @@ def main() -> None:
             speedup = f"{standard_draft[k] / r['draft_ms']:.2f}x"
         vs_plain = f"{r['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain else "-"
         same = ("yes" if r["outputs"] == plain["outputs"] else "NO") if plain else "-"
+        lo, hi = r["range"]
         rows.append(
-            f"| {name} | {k or ''} | {n or ''} | {r['tokens_per_s']:.1f} | {vs_plain} | "
-            f"{r['accept_rate']:.3f} | {r['accept_length']:.2f} | {r['draft_ms']:.2f} | {r['verify_ms']:.2f} | "
+            f"| {name} | {k or ''} | {n or ''} | {r['tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {vs_plain} | "
+            f"{r['accept_rate']:.3f} | {r['accept_length']:.2f} | {r['draft_ms']:.2f} | "
+            f"{r['verify_ms']:.2f} | "
             f"{speedup} | {same} |"
         )
     graphs = ""
     if args.device != "cpu" and torch.cuda.is_available():
-        graphs = ", CUDA graphs " + ("off" if args.disable_cuda_graph else "on (plain decode steps)")
+        graphs = ", CUDA graphs " + ("off" if args.disable_cuda_graph else "on")
+    threads = f", {torch.get_num_threads()} torch threads" if args.device == "cpu" else ""
     setup = (
-        f"Target models/mla-tiny (15.2M), draft models/mla-tiny-draft (3.5M, 6 layers), TP={args.tp_size}, "
-        f"g={args.tpla_groups}, device {args.device}, dtype {args.dtype}, attention backend "
-        f"{args.attention_backend}{graphs}; "
-        f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens decoded "
-        f"together, {args.new_tokens} new tokens each, greedy. EasySpec groups the draft's middle layers "
-        "[1..4] in groups of N (layers 0 and 5 run as usual)."
+        f"Target {shown_path(args.target)}, draft {shown_path(args.draft)}, TP={args.tp_size}, g={args.tpla_groups}, "
+        f"device {args.device}, dtype {args.dtype}, attention backend {args.attention_backend}"
+        f"{graphs}{threads}; "
+        f"{args.num_prompts} held-out prompts of {args.prompt_len} tokens, decoded {args.batch_size} at a "
+        f"time, {args.new_tokens} new tokens each, greedy; {args.rounds} round(s), configurations in turn. "
+        "EasySpec groups the draft's middle layers in groups of N (its first and last layers run as usual): "
+        "one sublayer per rank across ranks, one batched call on one device. "
+        f"Load average (1/5/15 min) before: {load_before}, after: {load_average()}."
     )
-    path = write_result(args.name, "Speculative decoding: plain vs standard vs EasySpec", setup + "\n\n" + "\n".join(rows))
+    title = "Speculative decoding: plain vs standard vs EasySpec"
+    path = write_result(args.name, title, setup + "\n\n" + "\n".join(rows))
     print(f"wrote {path}")
 
 

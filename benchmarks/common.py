@@ -22,6 +22,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def shown_path(path: str) -> str:
+    """A path as result tables name it: relative to the repository when inside it."""
+    root = RESULTS.parents[1]
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+
+
 def machine_description() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}"

@@ -103,7 +103,7 @@ class EngineConfig:
     speculative_algorithm: str = "none"  # none | standard | easyspec
     speculative_draft_model_path: str | None = None
     speculative_num_draft_tokens: int = 4  # k: draft tokens proposed per verification step
-    easyspec_group_size: int | None = None  # N: draft layers run at once across ranks (default min(T, 4))
+    easyspec_group_size: int | None = None  # N: draft attention sublayers at once (min(T, 4); 4 on one GPU)
     grammar_backend: str = "xgrammar"  # compiles regex / json_schema / ebnf constraints; none refuses them
 
     def __post_init__(self) -> None:
@@ -153,10 +153,14 @@ class EngineConfig:
                     "(a prefill given --speculative-draft-model-path alone prefills that draft for its decodes)"
                 )
         self._check_nodes()
-        if self.easyspec_group_size is not None and not 1 <= self.easyspec_group_size <= self.tp_size:
-            raise ValueError(
-                f"easyspec_group_size must be in [1, tp_size={self.tp_size}], got {self.easyspec_group_size}"
-            )
+        if self.easyspec_group_size is not None:
+            if self.easyspec_group_size < 1:
+                raise ValueError(f"easyspec_group_size must be >= 1, got {self.easyspec_group_size}")
+            if self.tp_size > 1 and self.easyspec_group_size > self.tp_size:
+                raise ValueError(
+                    f"easyspec_group_size must be in [1, tp_size={self.tp_size}] (one attention sublayer per "
+                    f"rank), got {self.easyspec_group_size}"
+                )
 
     def _check_nodes(self) -> None:
         if self.nnodes < 1:
@@ -215,10 +219,11 @@ class EngineConfig:
 
     @property
     def resolved_easyspec_group_size(self) -> int:
-        """N: draft attention sublayers run at once, one per rank (1 = sequential drafting)."""
+        """N: draft attention sublayers run at once, one per rank across T > 1 ranks, batched on one device
+        (1 = sequential drafting)."""
         if self.speculative_algorithm != "easyspec":
             return 1
-        return self.easyspec_group_size or min(self.tp_size, 4)
+        return self.easyspec_group_size or (min(self.tp_size, 4) if self.tp_size > 1 else 4)
 
     @property
     def model_overrides(self) -> dict:

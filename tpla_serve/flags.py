@@ -142,7 +142,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     a("--speculative-num-steps", type=int, default=None,
       help="SGLang's name of the drafts proposed per verification step (default: unset)")
     a("--easyspec-group-size", type=int, default=None,
-      help="draft layers run at once across TP ranks (default: min(tp_size, 4))")
+      help="draft attention sublayers run at once: one per TP rank, or batched on one device "
+           "(default: min(tp_size, 4); 4 with tp_size 1)")
     a("--grammar-backend", default=d.grammar_backend, choices=GRAMMAR_BACKENDS,
       help="constrained decoding (regex, json_schema, ebnf, response_format); none refuses them")
     _add_sglang_options(g)

@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> ModelCard:
     save_model(model, args.out)
     card = ModelCard(
         name=args.name or args.out.name,
-        role={"target": "target", "draft": "draft"}.get(args.preset, "smoke-test"),
+        role={"target": "target", "target-deep": "target", "draft": "draft"}.get(args.preset, "smoke-test"),
         total_params=total_params,
         activated_params=activated,
         config_summary={

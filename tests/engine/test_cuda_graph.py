@@ -15,7 +15,7 @@ from tpla_serve.engine.cuda_graph import (
     capture_batch_sizes,
     pad_decode_inputs,
 )
-from tpla_serve.forward_batch import ForwardBatch, ForwardMode
+from tpla_serve.forward_batch import BatchEntry, ForwardBatch, ForwardMode
 from tpla_serve.layers.attention.flashinfer_backend import FlashInferAttentionBackend, page_indices
 from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
 from tpla_serve.layers.attention.triton_backend import TritonAttentionBackend
@@ -127,3 +127,40 @@ def test_page_widths_step_by_four_from_4k_tokens():
     assert page_widths(64, 64) == [64]
     assert page_widths(16, 64) == [16]
     assert page_widths(300, 16) == [256, 300]
+
+
+def test_static_batch_of_query_blocks_runs_the_verification_step(engine):
+    """k + 1 new tokens per request (speculative verification) through the static buffers, run eagerly: the
+    logits of every real token equal the step's own; padding rows are q_len tokens on page 0."""
+    runner = engine.runner
+    q_len = 3
+    static = StaticDecodeBatch(8, 12, runner.kv_pool, TorchAttentionBackend(), runner.device, max_q_len=q_len)
+    singles = prefilled_decode_entries(runner, [7, 13, 2], seed=5)
+    for e in singles:  # room for the block
+        e.pages.extend(runner.allocator.alloc(1))
+    entries = [BatchEntry([e.new_token_ids[0], 11, 12], e.prefix_len, e.pages, logits_for_all=True)
+               for e in singles]
+    eager = runner.forward(ForwardMode.DECODE, entries)
+    fb = static.load(entries, 4, 8, q_len)
+    assert fb.q_lens == [q_len] * 4 and fb.seq_lens == [10, 16, 5, 3]
+    assert fb.positions.tolist()[-q_len:] == [0, 1, 2] and fb.out_cache_loc.tolist()[-q_len:] == [0, 1, 2]
+    assert fb.qo_indptr.tolist() == [0, 3, 6, 9, 12]
+    with torch.inference_mode():
+        logits = runner.model(fb)
+    torch.testing.assert_close(logits[: 3 * q_len], eager, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 new tokens"):
+        pad_decode_inputs(singles, 4, 8, 4, q_len)
+    for e in singles:
+        runner.allocator.free(e.pages)
+
+
+def test_runner_keeps_query_blocks_only_where_the_backend_captures_them(engine):
+    """Verification steps of k + 1 tokens are captured on Triton's kernel; FlashInfer's plans one token per
+    request (the backends are not built: nothing here needs a GPU)."""
+    runner = engine.runner
+    kw = {"config": engine.config, "device": runner.device, "max_pages": 8, "q_lens": (1, 5)}
+    triton = CudaGraphRunner(runner.model, TritonAttentionBackend.__new__(TritonAttentionBackend),
+                             runner.kv_pool, **kw)
+    flashinfer = CudaGraphRunner(runner.model, FlashInferAttentionBackend.__new__(FlashInferAttentionBackend),
+                                 runner.kv_pool, **kw)
+    assert triton.q_lens == (1, 5) and flashinfer.q_lens == (1,)

@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 
 from tpla_serve import Engine
+from tpla_serve.forward_batch import ForwardMode
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = str(ROOT / "models" / "mla-tiny")
@@ -170,6 +171,29 @@ def test_meta_info_and_stats_count_blocks(spec):
     assert stats["spec_verify_steps"] >= verify
     assert stats["spec_draft_seconds"] > 0 and stats["spec_verify_seconds"] > 0
     assert 1.0 <= stats["spec_accept_length"] <= k + 1
+
+
+def test_one_control_message_per_block(spec, monkeypatch):
+    """Rank 0 announces a block's drafting once (EasySpec: every rank drafts it; standard: rank 0 alone,
+    nothing sent), never a draft step at a time."""
+    tp = spec.parts.tp
+    sent: list[tuple[str, object]] = []
+    announce = tp.announce
+
+    def recording(op: object) -> None:
+        sent.append((type(op).__name__, getattr(op, "mode", None)))
+        announce(op)
+
+    monkeypatch.setattr(tp, "announce", recording)
+    before = spec.get_server_info()["spec_verify_steps"]
+    spec.generate(PROMPTS[:3], {"temperature": 0, "max_new_tokens": 20, "ignore_eos": True})
+    blocks = spec.get_server_info()["spec_verify_steps"] - before
+    draft_blocks = sum(name == "RunDraftBlock" for name, _ in sent)
+    assert ("RunDraftStep", ForwardMode.DECODE) not in sent
+    if spec.config.speculative_algorithm == "easyspec":
+        assert 0 < draft_blocks <= blocks
+    else:
+        assert draft_blocks == 0
 
 
 def test_pages_return_to_baseline_after_aborts(spec):

@@ -1,4 +1,4 @@
-"""Speculative sampling through the engine is lossless (T = 2 over gloo).
+"""Speculative sampling through the engine is lossless (T = 2 over gloo; EasySpec on one device too).
 
 A 16-token vocabulary target and a differently shaped draft (both random transformers checkpoints) make
 the next-token distributions peaked and far apart. Thousands of seeded requests sample three tokens after
@@ -92,13 +92,14 @@ def _chi_square_pvalue(samples: list[int], expected_p: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2.0))
 
 
-def _sample(target: Path, draft: Path, algorithm: str) -> list[list[int]]:
+def _sample(target: Path, draft: Path, algorithm: str, tp_size: int = 2) -> list[list[int]]:
     with Engine(
         model_path=str(target),
         skip_tokenizer_init=True,
         dtype="float32",
         device="cpu",
-        tp_size=2,
+        tp_size=tp_size,
+        easyspec_group_size=2 if algorithm == "easyspec" else None,
         speculative_algorithm=algorithm,
         speculative_draft_model_path=str(draft),
         speculative_num_draft_tokens=4,
@@ -123,9 +124,12 @@ def test_models_make_a_meaningful_test(models, exact):
     assert 0.5 * (draft_p1 - exact[1]).abs().sum() > 0.2
 
 
-@pytest.mark.parametrize("algorithm", ["standard", "easyspec"])
-def test_speculative_sampling_matches_the_target(models, exact, algorithm):
-    outputs = _sample(*models, algorithm)
+@pytest.mark.parametrize(
+    "algorithm,tp_size", [("standard", 2), ("easyspec", 2), ("easyspec", 1)],
+    ids=["standard", "easyspec-layer-parallel", "easyspec-one-device"],
+)
+def test_speculative_sampling_matches_the_target(models, exact, algorithm, tp_size):
+    outputs = _sample(*models, algorithm, tp_size)
     for position in (0, 1, 2):
         p = _chi_square_pvalue([o[position] for o in outputs], exact[position])
         assert p > ALPHA, f"output token {position}: chi-square p = {p:.2e}"

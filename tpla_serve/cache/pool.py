@@ -7,6 +7,8 @@ and never handed out, so padded page-table entries can point at it harmlessly.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -69,12 +71,25 @@ class LatentKVPool:
         self.ckv_dim = ckv_dim
         self.rope_dim = rope_dim
         self.dtype = dtype
-        self.ckv = [
-            torch.zeros(num_pages, page_size, ckv_dim, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
-        self.kpe = [
-            torch.zeros(num_pages, page_size, rope_dim, dtype=dtype, device=device) for _ in range(num_layers)
-        ]
+        # One tensor per kind, layer-major: ckv[i] is a view of layer i, and consecutive layers together
+        # form one pool of their pages (EasySpec's batched attention sublayers address it so).
+        self.ckv_layers = torch.zeros(num_layers, num_pages, page_size, ckv_dim, dtype=dtype, device=device)
+        self.kpe_layers = torch.zeros(num_layers, num_pages, page_size, rope_dim, dtype=dtype, device=device)
+        self.ckv = list(self.ckv_layers.unbind(0))
+        self.kpe = list(self.kpe_layers.unbind(0))
+
+    def layer_range(self, first: int, n: int) -> LatentKVPool:
+        """Layers first .. first+n-1 seen as the one layer of an n * num_pages-page pool (a view: writes go
+        to this pool): page p of layer first + i is page p + i * num_pages. One attention call over it
+        serves n layers at once, for a batch whose rows for layer first + i have their pages offset so."""
+        if not (0 <= first and n >= 1 and first + n <= self.num_layers):
+            raise ValueError(f"layers [{first}, {first + n}) are not within the pool's {self.num_layers}")
+        view = copy.copy(self)
+        view.num_layers, view.num_pages = 1, n * self.num_pages
+        view.ckv_layers = self.ckv_layers[first : first + n].reshape(1, view.num_pages, self.page_size, -1)
+        view.kpe_layers = self.kpe_layers[first : first + n].reshape(1, view.num_pages, self.page_size, -1)
+        view.ckv, view.kpe = [view.ckv_layers[0]], [view.kpe_layers[0]]
+        return view
 
     @staticmethod
     def bytes_per_token(num_layers: int, ckv_dim: int, rope_dim: int, dtype: torch.dtype) -> int:

@@ -59,6 +59,25 @@ class RunDraftStep:
 
 
 @dataclass(frozen=True)
+class RunDraftBlock:
+    """Apply `delta`, then draft one speculation block (every rank holds a draft, EasySpec across ranks):
+    the exact calibration step over `calibration` (`mode`), then k_max - 1 decode steps of the requests in
+    `slots`, request b drafting num_drafts[b] >= 1 tokens from `positions` on, inputs gathered from the
+    request table; each step takes rank 0's sampled tokens (a broadcast), or with `local_argmax` (every draft
+    greedy from the raw draft logits) the argmax of its own logits, the same on every rank. One message per
+    block."""
+
+    TAG: ClassVar[int] = 9
+    mode: ForwardMode
+    calibration: list[BatchEntry]
+    slots: np.ndarray  # [B] int64
+    positions: np.ndarray  # [B] int64: the position of each request's first draft token
+    num_drafts: np.ndarray  # [B] int64, >= 1
+    delta: TableDelta
+    local_argmax: bool = False
+
+
+@dataclass(frozen=True)
 class ExpectRoom:
     """PD decode: start accepting a bootstrap room's KV into `pages`; a barrier follows."""
 
@@ -102,12 +121,19 @@ class Shutdown:
     TAG: ClassVar[int] = 7
 
 
-ControlOp = Union[RunStep, RunDecode, RunDraftStep, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown]
+ControlOp = Union[
+    RunStep, RunDecode, RunDraftStep, RunDraftBlock, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown
+]
 _OPS: dict[int, type] = {
     cls.TAG: cls
-    for cls in (RunStep, RunDecode, RunDraftStep, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV, Shutdown)
+    for cls in (
+        RunStep, RunDecode, RunDraftStep, RunDraftBlock, ExpectRoom, AwaitRoom, CancelRoom, RandomizeKV,
+        Shutdown,
+    )
 }
-_ARRAY_FIELDS = frozenset({"sample_slots", "slots", "positions"})  # int64 arrays, sent as raw bytes
+_ENTRY_FIELDS = frozenset({"entries", "calibration"})  # lists of BatchEntry
+# int64 arrays, sent as raw bytes
+_ARRAY_FIELDS = frozenset({"sample_slots", "slots", "positions", "num_drafts"})
 
 
 def _pack_entries(entries: list[BatchEntry]) -> list[list[Any]]:
@@ -124,7 +150,7 @@ def encode_op(op: ControlOp) -> bytes:
         value = getattr(op, f.name)
         if isinstance(value, ForwardMode):
             value = value.value
-        elif f.name == "entries":
+        elif f.name in _ENTRY_FIELDS:
             value = _pack_entries(value)
         elif f.name == "delta":
             value = value.to_bytes()
@@ -148,8 +174,8 @@ def decode_op(data: bytes) -> ControlOp:
     kwargs = dict(zip(names, values))
     if "mode" in kwargs:
         kwargs["mode"] = ForwardMode(kwargs["mode"])
-    if "entries" in kwargs:
-        kwargs["entries"] = _unpack_entries(kwargs["entries"])
+    for name in _ENTRY_FIELDS & kwargs.keys():
+        kwargs[name] = _unpack_entries(kwargs[name])
     if "delta" in kwargs:
         kwargs["delta"] = TableDelta.from_bytes(kwargs["delta"])
     for name in _ARRAY_FIELDS & kwargs.keys():

@@ -84,8 +84,11 @@ class ModelRunner:
         self.kv_fingerprint = self._kv_fingerprint()
         self.cuda_graph: CudaGraphRunner | None = None
         if self.device.type == "cuda" and not config.disable_cuda_graph:
+            # Speculative decoding verifies blocks of k + 1 tokens per request: those steps are captured too.
+            q_lens = (1, config.speculative_num_draft_tokens + 1) if config.speculative else (1,)
             self.cuda_graph = CudaGraphRunner(
-                self.model, self.attn_backend, self.kv_pool, config, self.device, self.max_pages_per_request
+                self.model, self.attn_backend, self.kv_pool, config, self.device, self.max_pages_per_request,
+                q_lens,
             )
             self._collective(self.cuda_graph.capture)
         logger.info(

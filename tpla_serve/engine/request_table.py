@@ -74,16 +74,22 @@ class RequestTable:
 
     def take_delta(self) -> TableDelta:
         """The writes queued since the last call, for this rank and the others to apply."""
+        delta = self.pending_delta()
+        self._pages, self._tokens = {}, {}
+        return delta
+
+    def pending_delta(self) -> TableDelta:
+        """The queued writes, left queued: a rank-0-only reader of the table (the draft of standard
+        speculation) applies them early, and the next step still carries them to every rank. Applying a
+        delta twice writes the same values."""
         if not (self._pages or self._tokens):
             return TableDelta.empty()
-        delta = TableDelta(
+        return TableDelta(
             np.fromiter(self._pages.keys(), dtype=np.int64, count=len(self._pages)),
             np.fromiter(self._pages.values(), dtype=np.int32, count=len(self._pages)),
             np.fromiter(self._tokens.keys(), dtype=np.int64, count=len(self._tokens)),
             np.fromiter(self._tokens.values(), dtype=np.int64, count=len(self._tokens)),
         )
-        self._pages, self._tokens = {}, {}
-        return delta
 
     # ------------------------------------------------------------ every rank
 
@@ -102,10 +108,18 @@ class RequestTable:
         self.tokens.index_copy_(0, slots, tokens.to(torch.int64))
 
     def decode_batch(
-        self, slots: np.ndarray, positions: np.ndarray, kv_pool: LatentKVPool, attn_backend: AttentionBackend
+        self,
+        slots: np.ndarray,
+        positions: np.ndarray,
+        kv_pool: LatentKVPool,
+        attn_backend: AttentionBackend,
+        input_ids: torch.Tensor | None = None,
     ) -> ForwardBatch:
-        """A decode step of one new token per slot at `positions`, laid out by device gathers."""
+        """A decode step of one new token per slot at `positions`, laid out by device gathers; the new
+        tokens are the slots' newest tokens unless `input_ids` [B] (drafts, on the device) are given."""
         inputs = self.gather(slots, positions, kv_pool.page_size)
+        if input_ids is not None:
+            inputs = inputs._replace(input_ids=input_ids)
         seq_lens = (positions + 1).tolist()
         n = len(seq_lens)
         rows = torch.arange(n + 1, dtype=torch.int64, device=self.device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from tpla_serve.config import EngineConfig
 from tpla_serve.disagg.decode_side import DecodeKVPort, decode_layout, gather_endpoints, rank_handlers
 from tpla_serve.disagg.handshake import KVSpec, pool_kv_spec
-from tpla_serve.distributed import RandomizeKV, RunDecode, RunDraftStep, RunStep, TPGroup
+from tpla_serve.distributed import RandomizeKV, RunDecode, RunDraftBlock, RunDraftStep, RunStep, TPGroup
 from tpla_serve.distributed.worker import RankHandlers
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.scheduler import PromptKVForward, Scheduler
@@ -22,6 +22,7 @@ from tpla_serve.grammar.backend import GrammarBackend
 from tpla_serve.net import is_loopback
 from tpla_serve.sampling.sampler import Sampler
 from tpla_serve.speculative.decoder import SpeculativeDecoder
+from tpla_serve.speculative.draft_loop import received_tokens, run_draft_block
 from tpla_serve.speculative.draft import (
     DraftModel,
     draft_kv_bytes_per_token,
@@ -67,6 +68,8 @@ class RankParts:
             self.kv_port.close()
             self.kv_port = None
         self.runner.release_graphs()  # graphs hold work of the group's communicator: release them first
+        if self.draft is not None:
+            self.draft.cuda_graph = None
         if self.tp is not None and self.tp.is_leader:
             self.tp.shutdown()
         self.runner.release_memory()
@@ -82,7 +85,7 @@ def build_rank(config: EngineConfig, rank: int = 0, tp: TPGroup | None = None) -
     try:
         if draft_config is not None:
             parts.draft = DraftModel(config, runner.model_config.vocab_size, runner.num_pages, runner.layout,
-                                     runner.device, tp)
+                                     runner.device, tp, runner.max_pages_per_request)
             _log_draft(config, parts.draft)
         if config.disaggregation_mode == "decode":
             # Each rank registers the draft KV it keeps: under standard speculation only rank 0 has a draft.
@@ -118,7 +121,7 @@ def _log_draft(config: EngineConfig, draft: DraftModel) -> None:
             config.speculative_algorithm,
             config.speculative_draft_model_path,
             draft.config.num_hidden_layers,
-            draft.groups if draft.layer_parallel else "sequential",
+            "sequential" if draft.exact_drafting else draft.groups,
             config.speculative_num_draft_tokens,
         )
     else:
@@ -165,6 +168,9 @@ def worker_handlers(config: EngineConfig, tp: TPGroup) -> RankHandlers:
     if parts.draft is not None:
         draft = parts.draft
         handlers[RunDraftStep] = lambda op: draft.forward_local(op.mode, op.entries)
+        handlers[RunDraftBlock] = lambda op: run_draft_block(
+            draft, runner.table, op, received_tokens(op, runner.device)
+        )
     if parts.kv_port is not None:
         handlers.update(rank_handlers(parts.kv_port, tp))
     return RankHandlers(handlers, close=parts.close)  # type: ignore[arg-type]

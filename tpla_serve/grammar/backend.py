@@ -13,12 +13,13 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import Collection
-from typing import Any
-
-import xgrammar as xgr
+from typing import TYPE_CHECKING, Any
 
 from tpla_serve.grammar.matcher import RequestGrammar
 from tpla_serve.sampling.params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 ANY_JSON = "$$ANY$$"  # json_schema meaning "any JSON value" (SGLang's)
 DEFAULT_CACHE_SIZE = 256
@@ -49,6 +50,9 @@ class GrammarBackend:
     ) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        import xgrammar as xgr  # imported here: --grammar-backend none needs no xgrammar
+
+        self._matcher_type = xgr.GrammarMatcher
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(int(t) for t in eos_token_ids) or None
         )
@@ -101,7 +105,7 @@ class GrammarBackend:
         key = params.grammar
         if key is None:
             return None
-        return RequestGrammar(xgr.GrammarMatcher(self.compile(key)), key[0])
+        return RequestGrammar(self._matcher_type(self.compile(key)), key[0])
 
 
 def request_grammar(backend: GrammarBackend | None, params: SamplingParams) -> RequestGrammar | None:

@@ -24,14 +24,18 @@ import dataclasses
 import time
 from collections.abc import Collection
 
+import numpy as np
 import torch
 
+from tpla_serve.distributed import RunDraftBlock
 from tpla_serve.engine.blocks import BlockResult, SpecCounters
 from tpla_serve.engine.model_runner import ModelRunner
 from tpla_serve.engine.request import Request
 from tpla_serve.forward_batch import BatchEntry, ForwardMode
 from tpla_serve.sampling.sampler import Sampler, SamplingBatch, adjusted_logits
 from tpla_serve.speculative.draft import DraftModel
+from tpla_serve.speculative.draft_loop import run_draft_block
+from tpla_serve.speculative.draft_sampler import DraftSampler
 from tpla_serve.speculative.grammar_block import BlockGrammars
 from tpla_serve.speculative.verify import (
     VerifyUniforms,
@@ -60,17 +64,6 @@ class SpeculativeDecoder:
         self.eos_token_ids = eos_token_ids
         self.counters = SpecCounters()
 
-    def _draft_batch(self, reqs: list[Request], drafts: list[list[int]], device: torch.device) -> SamplingBatch:
-        """One row per request, after the drafts it has so far: penalties and the step see them."""
-        return SamplingBatch.build(
-            [r.params for r in reqs],
-            [r.output_ids + d for r, d in zip(reqs, drafts)],
-            [r.seed for r in reqs],
-            self.vocab_size,
-            device,
-            eos_token_ids=self.eos_token_ids,
-        )
-
     def prefill(self, entries: list[BatchEntry]) -> None:
         """The draft prefills the chunks the target just prefilled, into its own pool's same pages."""
         self.draft.forward(ForwardMode.EXTEND, [BatchEntry(e.new_token_ids, e.prefix_len, e.pages) for e in entries])
@@ -82,6 +75,7 @@ class SpeculativeDecoder:
         """
         t0 = time.perf_counter()
         grammars = BlockGrammars(reqs, num_drafts, self.vocab_size, self.runner.device)
+        asked = num_drafts
         try:
             drafts, draft_probs = self._draft(reqs, num_drafts, grammars)
             num_drafts = [len(d) for d in drafts]
@@ -89,6 +83,10 @@ class SpeculativeDecoder:
             results = self._verify(reqs, num_drafts, drafts, draft_probs, grammars)
         finally:
             grammars.rollback()  # the scheduler advances the matchers through the emitted tokens
+        if self.draft.exact_drafting:  # the draft steps' KV of accepted drafts is exact already
+            for req, k, res in zip(reqs, asked, results):
+                if k > 0:
+                    req.draft_computed += min(res.num_accepted, k - 1)
         c = self.counters
         c.verify_steps += 1
         c.blocks += len(reqs)
@@ -103,45 +101,58 @@ class SpeculativeDecoder:
 
     def _draft(
         self, reqs: list[Request], num_drafts: list[int], grammars: BlockGrammars
-    ) -> tuple[list[list[int]], list[list[torch.Tensor]] | None]:
+    ) -> tuple[list[list[int]], torch.Tensor | None]:
         """Draft tokens per request (at most num_drafts[b]; fewer where the grammar ends them) and, unless
-        every request is greedy, the distributions q they were drawn from (one [V] row per token)."""
-        drafts: list[list[int]] = [[] for _ in reqs]
-        active = [b for b, k in enumerate(num_drafts) if k > 0]
-        if not active:
-            return drafts, None
-        need_probs = not all(reqs[b].params.is_greedy for b in active)
-        probs: list[list[torch.Tensor]] = [[] for _ in reqs]
-        entries = []
-        for b in active:
-            req = reqs[b]
-            entries.append(BatchEntry(req.tokens_from(req.draft_computed), req.draft_computed, list(req.pages)))
+        every request is greedy, the distributions q they were drawn from, [B, k_max, V] (zero past a
+        request's drafts)."""
+        rows = [b for b, k in enumerate(num_drafts) if k > 0]
+        if not rows:
+            return [[] for _ in reqs], None
+        block = [reqs[b] for b in rows]
+        ks = [num_drafts[b] for b in rows]
+        starts = [r.draft_computed for r in block]
+        span = self.draft.calibration_tokens
+        if span is not None and all(0 < r.seq_len - span <= r.draft_computed for r in block):
+            # CUDA graphs replay calibrations of k + 1 tokens: rewriting exact KV again changes nothing
+            starts = [r.seq_len - span for r in block]
+        calibration = [BatchEntry(r.tokens_from(s), s, list(r.pages)) for r, s in zip(block, starts)]
+        # A short calibration (after a block: its accepted drafts and bonus) runs as a decode step of
+        # q_len <= k + 1, as verification does; a prompt's runs as prefill.
+        longest = span or max(ks) + 1
+        short = all(0 < e.prefix_len and len(e.new_token_ids) <= longest for e in calibration)
+        tp = self.draft.tp if self.draft.layer_parallel else None
+        table = self.runner.table
+        op = RunDraftBlock(
+            ForwardMode.DECODE if short else ForwardMode.EXTEND,
+            calibration,
+            np.array([r.slot for r in block], dtype=np.int64),
+            np.array([r.seq_len for r in block], dtype=np.int64),
+            np.array(ks, dtype=np.int64),
+            table.take_delta() if tp is not None else table.pending_delta(),
+        )
+        source = DraftSampler(
+            reqs, rows, ks, grammars, self.sampler, self.vocab_size, self.eos_token_ids, self.runner.device,
+            broadcast=False,
+        )
+        if tp is not None:  # the other ranks take greedy drafts from their own logits, else rank 0's
+            op = dataclasses.replace(op, local_argmax=source.argmax_only)
+            source.broadcast = not source.argmax_only
+        if tp is None:
+            tokens = run_draft_block(self.draft, table, op, source)
+        else:  # every rank drafts the block from this one message
+            tp.announce(op)
+            tokens = tp.collective(lambda: run_draft_block(self.draft, table, op, source))
+        for req in block:
             req.draft_computed = req.seq_len
-        logits = self.draft.forward(ForwardMode.EXTEND, entries)
-        limit = list(num_drafts)
-        for j in range(max(num_drafts)):
-            batch = self._draft_batch([reqs[b] for b in active], [drafts[b] for b in active], logits.device)
-            if grammars.any:
-                batch = dataclasses.replace(batch, grammar_mask=grammars.bitmask([(b, j) for b in active]))
-            tokens = self.sampler(logits, batch).next_token_ids
-            q = processed_probs(logits, batch) if need_probs else None
-            for i, (b, tok) in enumerate(zip(active, tokens.tolist())):
-                if not grammars.accept(b, tok):
-                    limit[b] = j  # a refused draft is dropped, and the block ends before it
-                    continue
-                drafts[b].append(tok)
-                if q is not None:
-                    probs[b].append(q[i])
-                if not grammars.may_draft(b):
-                    limit[b] = j + 1
-            active = [b for b in active if limit[b] > j + 1]
-            if not active:
-                break
-            entries = [
-                BatchEntry([drafts[b][-1]], reqs[b].seq_len + j, list(reqs[b].pages)) for b in active
-            ]
-            logits = self.draft.forward(ForwardMode.DECODE, entries)
-        return drafts, probs if need_probs else None
+        drafts: list[list[int]] = [[] for _ in reqs]
+        for b, row, n in zip(rows, tokens.tolist(), source.limit):
+            drafts[b] = row[:n]
+        q_block = source.draft_probs(source.limit)
+        if q_block is None:
+            return drafts, None
+        q = q_block.new_zeros(len(reqs), *q_block.shape[1:])
+        q[torch.tensor(rows, device=q.device)] = q_block
+        return drafts, q
 
     # ------------------------------------------------------------------ verification
 
@@ -150,7 +161,7 @@ class SpeculativeDecoder:
         reqs: list[Request],
         num_drafts: list[int],
         drafts: list[list[int]],
-        draft_probs: list[list[torch.Tensor]] | None,
+        draft_probs: torch.Tensor | None,
         grammars: BlockGrammars,
     ) -> list[BlockResult]:
         entries = [
@@ -186,10 +197,7 @@ class SpeculativeDecoder:
             out = greedy_verify(target, draft_t, k_t)
         else:
             p = processed_probs(logits, batch)[pad_rows]
-            q = torch.zeros(len(reqs), k_max, self.vocab_size, dtype=p.dtype, device=device)
-            for b, rows in enumerate(draft_probs):
-                if rows:
-                    q[b, : len(rows)] = torch.stack(rows)
+            q = draft_probs[:, :k_max].to(p.dtype)
             # Row (b, 0) holds request b's seed and the step of its block's first token.
             uniforms = VerifyUniforms.from_seeds(
                 batch.seeds_lo[starts], batch.seeds_hi[starts], batch.steps[starts], k_max

@@ -20,6 +20,9 @@ class AttentionBackend(ABC):
     capturable: ClassVar[bool] = False
     """Whether a decode step of one token per request can be captured in a CUDA graph: once
     prepare_graph() has run, decode() launches by shape and reads the step from fixed addresses only."""
+    graph_query_blocks: ClassVar[bool] = False
+    """Whether a captured decode step may have q_len > 1 queries per request, causal within each request's
+    block (speculative verification and calibration), besides one token per request."""
     graphs_per_table_width: ClassVar[bool] = True
     """Whether the captured launch depends on the page table's width (a kernel that sizes its KV splits by
     it): then graphs are captured per width bucket, else once at the full width."""

@@ -44,8 +44,8 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
         nope_scale: float = 1.0,
     ) -> torch.Tensor:
-        if all(q == 1 for q in fb.q_lens):
-            return self._decode_one_token_each(q_nope, q_pe, layer, fb, scale, nope_scale)
+        if all(q == fb.q_lens[0] for q in fb.q_lens):
+            return self._decode_uniform(q_nope, q_pe, layer, fb, scale, nope_scale)
         out = q_nope.new_empty(q_nope.shape)
         q_start = 0
         for i, (q_len, kv_len) in enumerate(zip(fb.q_lens, fb.seq_lens)):
@@ -62,23 +62,40 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _decode_one_token_each(
-        q_nope: torch.Tensor, q_pe: torch.Tensor, layer: int, fb: ForwardBatch, scale: float, nope_scale: float
+    def _decode_uniform(
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        layer: int,
+        fb: ForwardBatch,
+        scale: float,
+        nope_scale: float,
     ) -> torch.Tensor:
-        """One query per request: the batch's KV gathered into [B, L_max] blocks (padding masked), a few
-        batched matrix products instead of a loop over requests; blocks of requests bound the memory."""
+        """The same number q of queries per request (one per decode step; k + 1 in a speculative block): the
+        batch's KV gathered into [B, L_max] blocks, query j of a request seeing its first seq_len - q + j + 1
+        keys (padding masked), a few batched matrix products instead of a loop over requests; blocks of
+        requests bound the memory."""
         pool = fb.kv_pool
+        q = fb.q_lens[0]
+        heads = q_nope.shape[1]
         out = q_nope.new_empty(q_nope.shape)
-        all_slots, all_valid = fb.padded_kv
-        rows = max(1, _GATHER_ELEMENTS // (all_slots.shape[1] * (pool.ckv_dim + pool.rope_dim)))
+        all_slots, _ = fb.padded_kv
+        length = all_slots.shape[1]
+        keys = torch.arange(length, device=all_slots.device)
+        ends = fb.seq_lens_t[:, None].long() - q + 1 + torch.arange(q, device=all_slots.device)  # [B, q]
+        rows = max(1, _GATHER_ELEMENTS // (length * (pool.ckv_dim + pool.rope_dim)))
         ckv_all, kpe_all = pool.ckv[layer].view(-1, pool.ckv_dim), pool.kpe[layer].view(-1, pool.rope_dim)
+        qn_all = q_nope.reshape(fb.batch_size, q * heads, -1)
+        qp_all = q_pe.reshape(fb.batch_size, q * heads, -1)
         for b0 in range(0, fb.batch_size, rows):
             b1 = min(fb.batch_size, b0 + rows)
             flat = all_slots[b0:b1].reshape(-1)
             ckv = ckv_all.index_select(0, flat).view(b1 - b0, -1, pool.ckv_dim).float()  # [b, L, c]
             kpe = kpe_all.index_select(0, flat).view(b1 - b0, -1, pool.rope_dim).float()  # [b, L, r]
-            scores = nope_scale * torch.bmm(q_nope[b0:b1].float(), ckv.transpose(1, 2))
-            scores = (scores + torch.bmm(q_pe[b0:b1].float(), kpe.transpose(1, 2))) * scale  # [b, H, L]
-            scores.masked_fill_(~all_valid[b0:b1, None, :], float("-inf"))
-            out[b0:b1] = torch.bmm(torch.softmax(scores, dim=-1), ckv).to(out.dtype)
+            scores = nope_scale * torch.bmm(qn_all[b0:b1].float(), ckv.transpose(1, 2))
+            scores = (scores + torch.bmm(qp_all[b0:b1].float(), kpe.transpose(1, 2))) * scale  # [b, q*H, L]
+            visible = keys[None, None, :] < ends[b0:b1, :, None]  # [b, q, L]
+            scores = scores.view(b1 - b0, q, heads, length)
+            scores.masked_fill_(~visible[:, :, None, :], float("-inf"))
+            probs = torch.softmax(scores.view(b1 - b0, q * heads, length), dim=-1)
+            out[b0 * q : b1 * q] = torch.bmm(probs, ckv).view(-1, heads, pool.ckv_dim).to(out.dtype)
         return out

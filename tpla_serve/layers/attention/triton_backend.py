@@ -51,6 +51,7 @@ def ragged_rows(q_lens: list[int], device: torch.device | str) -> RaggedRows:
 
 class TritonAttentionBackend(AttentionBackend):
     capturable = True  # the kernel reads the page table and lengths on the device and sizes its grid by shape
+    graph_query_blocks = True  # q_len queries per request are a shape like any other
 
     def __init__(self) -> None:
         from tpla_kernels.decode import mla_decode  # imports Triton: only where this backend is chosen
