@@ -7,29 +7,7 @@
 # Run from the repository root; wheels in .whl/ (if any) are installed first. Logs and tables go to $OUT.
 # Budget: < 8 minutes.
 set -uo pipefail
-OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT/results"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1
-t_start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t_start ))s] $*"; }
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH="/tmp/site:$PWD:$PWD/router:$PWD/kernels"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-
-status=0
-step() {  # name, time limit, command...: logs to $OUT/<name>.log; a failure does not stop the others
-    local name=$1 limit=$2
-    shift 2
-    stamp "$name"
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "Loading safetensors\|it/s\]" | tail -n 25
-    local rc=${PIPESTATUS[0]}
-    [ "$rc" -ne 0 ] && status=1
-    find benchmarks/results -type f -newer "$OUT/gpu.txt" -exec cp {} "$OUT/results/" \;
-    stamp "$name rc=$rc"
-}
+source "$(dirname "$0")/gpu_common.sh"
 
 step pytest_spec_graphs 170 python3 -m pytest -m gpu -q -p no:cacheprovider -x \
     tests/speculative/test_spec_graphs_gpu.py
