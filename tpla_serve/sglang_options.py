@@ -37,9 +37,10 @@ SGLANG_OPTIONS: tuple[SGLangOption, ...] = (
         "(--tp-size with --tpla-groups)"),
     SGLangOption(
         "disaggregation_transfer_backend", "zmq", str,
-        "how KV moves from prefill to decode servers: zmq, this project's authenticated transport",
+        "how KV moves from prefill to decode servers: zmq, this project's authenticated transport (the "
+        "handshake over ZMQ, the KV over TCP straight into the decode's pages)",
         lambda v: v == "zmq",
-        "the KV transport here is tpla-serve's authenticated ZMQ transport "
+        "the KV transport here is tpla-serve's own authenticated transport "
         "(--disaggregation-transfer-backend zmq); mooncake, nixl and the others are not implemented"),
     SGLangOption(
         "speculative_eagle_topk", None, int, "drafts per step of a draft tree (only 1: one chain here)",
