@@ -16,9 +16,6 @@ import argparse
 import json
 import os
 import random
-import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,35 +23,14 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import launch_server, stop_servers, write_result  # noqa: E402
 
 from tpla_serve.models.registry import builtin_config  # noqa: E402
 from tpla_serve.net import free_port
 
-HOST = "127.0.0.1"
 OVERRIDE = {"num_hidden_layers": 8, "first_k_dense_replace": 8, "hidden_size": 1024, "num_attention_heads": 2, "num_key_value_heads": 2,
             "intermediate_size": 1024, "vocab_size": 4096, "max_position_embeddings": 16384}
 
-
-
-def launch(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "tpla_serve.launch", *args, "--host", HOST, "--port", str(port),
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(url)
-        time.sleep(0.5)
 
 
 def first_token_seconds(url: str, ids: list[int]) -> float:
@@ -83,15 +59,15 @@ def main() -> None:
     bootstrap = str(free_port())
     procs = []
     try:
-        plain, plain_url = launch("--role", "decode", "--disaggregation-mode", "null", *model)
+        plain, plain_url = launch_server("--role", "decode", "--disaggregation-mode", "null", *model)
         procs.append(plain)
-        prefill, prefill_url = launch("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
+        prefill, prefill_url = launch_server("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
         procs.append(prefill)
         tp = str(args.decode_tp)
-        decode, decode_url = launch("--role", "decode", *model, "--tp-size", tp, "--tpla-groups", tp,
+        decode, decode_url = launch_server("--role", "decode", *model, "--tp-size", tp, "--tpla-groups", tp,
                                     "--disaggregation-bootstrap-port", bootstrap)
         procs.append(decode)
-        router, router_url = launch("--role", "router", "--prefill", prefill_url, bootstrap, "--decode", decode_url,
+        router, router_url = launch_server("--role", "router", "--prefill", prefill_url, bootstrap, "--decode", decode_url,
                                     "--request-timeout-secs", "600")
         procs.append(router)
         rng = random.Random(0)
@@ -111,10 +87,7 @@ def main() -> None:
             print(f"{n:>6} tokens: prefill alone {a * 1e3:9.1f} ms, PD {p * 1e3:9.1f} ms ({p / a:.2f}x), "
                   f"{kv_mb:.1f} MB of KV", flush=True)
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(60)
+        stop_servers(procs)
     table = "| prompt tokens | KV streamed (MB) | TTFT prefill alone (ms) | TTFT prefill + transfer (ms) | ratio |\n|---|---|---|---|---|\n"
     table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
     body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32, CPU; medians of "

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import launch_server, stop_servers, write_result  # noqa: E402
 
 from tpla_serve import Engine  # noqa: E402
 from tpla_serve.models.registry import builtin_config  # noqa: E402
@@ -46,7 +44,6 @@ from tpla_serve.net import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mla-tiny"
-HOST = "127.0.0.1"
 
 Wave = list[tuple[list[int], int]]  # (prompt ids, max_new_tokens), arriving together
 
@@ -169,33 +166,6 @@ def engine_part(args: argparse.Namespace) -> str:
 # ------------------------------------------------------------------ router part
 
 
-def _launch(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "tpla_serve.launch", *args, "--host", HOST, "--port", str(port),
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(url)
-        time.sleep(0.5)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in reversed(procs):
-        proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        proc.wait(60)
-
-
 def _cache_counters(urls: list[str]) -> tuple[int, int]:
     cached = prompt = 0
     for url in urls:
@@ -242,10 +212,10 @@ def router_part(args: argparse.Namespace) -> str:
         prefills = []
         for _ in range(2):
             bootstrap = str(free_port())
-            proc, url = _launch("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
+            proc, url = launch_server("--role", "prefill", *model, "--disaggregation-bootstrap-port", bootstrap)
             procs.append(proc)
             prefills.append((url, bootstrap))
-        proc, decode_url = _launch("--role", "decode", *model, "--disaggregation-bootstrap-port", prefills[0][1])
+        proc, decode_url = launch_server("--role", "decode", *model, "--disaggregation-bootstrap-port", prefills[0][1])
         procs.append(proc)
         vocab = httpx.get(decode_url + "/model_info", timeout=10).json()["vocab_size"]
         for policy in ("round_robin", "cache_aware"):
@@ -255,18 +225,18 @@ def router_part(args: argparse.Namespace) -> str:
             router_args = ["--role", "router", "--policy", policy, "--decode", decode_url]
             for url, bootstrap in prefills:
                 router_args += ["--prefill", url, bootstrap]
-            router, router_url = _launch(*router_args)
+            router, router_url = launch_server(*router_args)
             try:
                 _replay(router_url, vocab, args.router_conversations, 4, seed=7)
             finally:
-                _stop([router])
+                stop_servers([router])
             after = _cache_counters([u for u, _ in prefills])
             cached, prompt = after[0] - before[0], after[1] - before[1]
             rates[policy] = cached / prompt
             rows.append(f"| {policy} | {cached} / {prompt} | {rates[policy]:.3f} |")
             print(f"router {policy}: hit rate {rates[policy]:.3f} ({cached}/{prompt})", flush=True)
     finally:
-        _stop(procs)
+        stop_servers(procs)
     ratio = rates["cache_aware"] / max(rates["round_robin"], 1e-9)
     return (f"Router: two prefill servers (the shipped `mla-tiny`, fp32, CPU) and one decode server behind "
             f"tpla_router; {args.router_conversations} conversations x 4 turns in parallel (turn 1: 200 tokens; "

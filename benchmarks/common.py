@@ -1,13 +1,22 @@
-"""What every benchmark records beside its numbers: the date and the machine."""
+"""What every benchmark records beside its numbers (the date and the machine), and how the benchmarks that
+need real servers start and stop them."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import torch
+
+from tpla_serve.net import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,3 +51,35 @@ def write_result(name: str, title: str, body: str) -> Path:
     path = RESULTS / f"{name}_{today}.md"
     path.write_text(f"# {title}\n\nDate: {today}  \nMachine: {machine_description()}\n\n{body}\n")
     return path
+
+
+SERVER_HOST = "127.0.0.1"
+
+
+def launch_server(*args: str, timeout: float = 600.0) -> tuple[subprocess.Popen, str]:
+    """`python -m tpla_serve.launch ARGS` on a free loopback port; returns once /health answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tpla_serve.launch", *args, "--host", SERVER_HOST, "--port", str(port),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    url = f"http://{SERVER_HOST}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.5)
+
+
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM, newest first, then wait for each."""
+    for proc in reversed(procs):
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(60)
