@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -54,7 +54,7 @@ class ForwardBatch:
     _kv_indices: torch.Tensor | None = None
     _padded_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     _unique_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    _causal_masks: list[torch.Tensor] | None = None
+    _causal_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -91,17 +91,16 @@ class ForwardBatch:
             self._unique_kv = torch.unique(self.kv_indices, return_inverse=True)
         return self._unique_kv
 
-    @property
-    def causal_masks(self) -> list[torch.Tensor]:
-        """Per request, [q_len, seq_len] bool, True where a query may not see a key (a later position):
-        its q_len new tokens are the last of its seq_len. Built once per step, shared by every layer."""
-        if self._causal_masks is None:
+    def causal_mask(self, i: int) -> torch.Tensor:
+        """[q_len, seq_len] bool of request i, True where a query may see a key (not a later position): its
+        q_len new tokens are the last of its seq_len. Built once per step, shared by every layer."""
+        mask = self._causal_masks.get(i)
+        if mask is None:
+            q_len, kv_len = self.q_lens[i], self.seq_lens[i]
             device = self.input_ids.device
-            self._causal_masks = []
-            for q_len, kv_len in zip(self.q_lens, self.seq_lens):
-                q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-                self._causal_masks.append(torch.arange(kv_len, device=device)[None, :] > q_pos)
-        return self._causal_masks
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+            mask = self._causal_masks[i] = torch.arange(kv_len, device=device)[None, :] <= q_pos
+        return mask
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,12 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         q_start = k_start = 0
-        for q_len, kv_len, masked in zip(fb.q_lens, fb.seq_lens, fb.causal_masks):
+        for i, (q_len, kv_len) in enumerate(zip(fb.q_lens, fb.seq_lens)):
             qi = q[q_start : q_start + q_len].transpose(0, 1).float()  # [H, q, D]
             ki = k[k_start : k_start + kv_len].transpose(0, 1).float()
             vi = v[k_start : k_start + kv_len].transpose(0, 1).float()
             scores = torch.matmul(qi, ki.transpose(1, 2)) * scale
-            scores.masked_fill_(masked, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(torch.where(fb.causal_mask(i), scores, float("-inf")), dim=-1)
             out[q_start : q_start + q_len] = torch.matmul(probs, vi).transpose(0, 1).to(out.dtype)
             q_start += q_len
             k_start += kv_len

@@ -9,22 +9,20 @@ import torch.nn.functional as F
 
 from tpla_serve.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
-from tpla_serve.layers.attention.torch_backend import causal_mask
 
 
 def sdpa_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch, scale: float) -> torch.Tensor:
     """Per request, torch's fused SDPA; a prefix makes the causal mask a bottom-right-aligned one."""
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     q_start = k_start = 0
-    for q_len, kv_len in zip(fb.q_lens, fb.seq_lens):
+    for i, (q_len, kv_len) in enumerate(zip(fb.q_lens, fb.seq_lens)):
         qi = q[q_start : q_start + q_len].transpose(0, 1)
         ki = k[k_start : k_start + kv_len].transpose(0, 1)
         vi = v[k_start : k_start + kv_len].transpose(0, 1)
         if q_len == kv_len:
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
         else:
-            mask = causal_mask(q_len, kv_len, q.device)
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=fb.causal_mask(i), scale=scale)
         out[q_start : q_start + q_len] = o.transpose(0, 1)
         q_start += q_len
         k_start += kv_len
