@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -223,9 +224,12 @@ def test_a_room_cancelled_mid_stream_gets_no_byte_more_and_frees_the_receivers_s
     release.set()
     cancelled.join(5.0)
     sender.send_done(room, 1)
-    assert wait_until(lambda: rx.stats().messages_dropped >= 2, 5.0)  # the other layers and DONE, unread
-    assert written == [0] and rx.stats().staging_bytes == 0 and rx.poll() == []
+    # Layers 1-2 were either staged behind layer 0 (freed by the cancel) or arrive after it (dropped unread);
+    # DONE goes out only if the prefill has not seen the ABORT yet. Which one is a race; the outcome is not.
     assert wait_until(lambda: sender.stats().rooms_live == 0, 5.0)
+    assert wait_until(lambda: rx.stats().staging_bytes == 0, 5.0)
+    time.sleep(0.2)  # a window for any straggler to reach the writer, were the cancel leaky
+    assert written == [0] and rx.stats().staging_bytes == 0 and rx.poll() == []
 
 
 def test_a_connection_that_breaks_mid_payload_fails_the_room_and_frees_its_staging(closing: list) -> None:

@@ -58,11 +58,13 @@ def test_prefix_cache_hits_and_flush(server: ServerProcess) -> None:
 
 
 def test_flush_cache_is_refused_while_a_request_runs(server: ServerProcess) -> None:
-    body = {"text": "def f(x):", "sampling_params": {"max_new_tokens": 400, "temperature": 0.0, "ignore_eos": True},
-            "stream": True}
+    # As long as the context allows (~2.5 s here), aborted once the refusal is seen: the request is surely running.
+    body = {"text": "def f(x):", "rid": "long-running", "stream": True,
+            "sampling_params": {"max_new_tokens": 1000, "temperature": 0.0, "ignore_eos": True}}
     with server.client.stream("POST", "/generate", json=body) as r:
         next(r.iter_lines())
         refused = server.client.post("/flush_cache")
+        server.client.post("/abort_request", json={"rid": "long-running"})
         assert refused.status_code == 400
         assert "running" in refused.json()["error"]["message"]
     server.wait_idle(server.stats()["pages_free"] + server.stats()["pages_used"])
