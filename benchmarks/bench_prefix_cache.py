@@ -203,11 +203,17 @@ def _replay(router_url: str, vocab: int, convs: int, turns: int, seed: int) -> N
         raise RuntimeError(f"{len(errors)} conversations failed: {errors[0]}")
 
 
-def router_part(args: argparse.Namespace) -> str:
-    model = ["--model-path", str(SHIPPED), "--dtype", "float32", "--kv-cache-bytes", str(1 << 28)]
+def _kv_bytes_per_token(model_dir: Path) -> int:
+    """fp32 latent KV of one token: every layer's ĉ (kv_lora_rank) and k_pe (qk_rope_head_dim)."""
+    c = json.loads((model_dir / "config.json").read_text())
+    return c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4
+
+
+def _router_replay(kv_cache_bytes: int, convs: int) -> dict[str, tuple[int, int]]:
+    """(cached, prompt) tokens on the prefill servers per policy, servers started with this KV budget."""
+    model = ["--model-path", str(SHIPPED), "--dtype", "float32", "--kv-cache-bytes", str(kv_cache_bytes)]
     procs: list[subprocess.Popen] = []
-    rows = ["| policy | cached / prompt tokens (prefill servers) | hit rate |", "|---|---|---|"]
-    rates = {}
+    counts = {}
     try:
         prefills = []
         for _ in range(2):
@@ -227,22 +233,41 @@ def router_part(args: argparse.Namespace) -> str:
                 router_args += ["--prefill", url, bootstrap]
             router, router_url = launch_server(*router_args)
             try:
-                _replay(router_url, vocab, args.router_conversations, 4, seed=7)
+                _replay(router_url, vocab, convs, TURNS, seed=7)
             finally:
                 stop_servers([router])
             after = _cache_counters([u for u, _ in prefills])
-            cached, prompt = after[0] - before[0], after[1] - before[1]
-            rates[policy] = cached / prompt
-            rows.append(f"| {policy} | {cached} / {prompt} | {rates[policy]:.3f} |")
-            print(f"router {policy}: hit rate {rates[policy]:.3f} ({cached}/{prompt})", flush=True)
+            counts[policy] = after[0] - before[0], after[1] - before[1]
+            print(f"router, {kv_cache_bytes >> 20} MiB KV per server, {policy}: hit rate "
+                  f"{counts[policy][0] / counts[policy][1]:.3f} {counts[policy]}", flush=True)
     finally:
         stop_servers(procs)
-    ratio = rates["cache_aware"] / max(rates["round_robin"], 1e-9)
+    return counts
+
+
+TURNS = 4
+
+
+def router_part(args: argparse.Namespace) -> str:
+    convs = args.router_conversations
+    final_prompt = 200 + (TURNS - 1) * (32 + 64)
+    working_set = convs * final_prompt * _kv_bytes_per_token(SHIPPED)  # every conversation's history, once
+    budgets = [("holds every conversation on each server", 1 << 28),
+               ("holds 2/3 of the conversations per server", working_set * 2 // 3)]
+    rows = ["| prefill KV cache per server | policy | cached / prompt tokens (prefill servers) | hit rate |",
+            "|---|---|---|---|"]
+    ratios = []
+    for label, budget in budgets:
+        counts = _router_replay(budget, convs)
+        rate = {p: c / n for p, (c, n) in counts.items()}
+        for policy, (cached, prompt) in counts.items():
+            rows.append(f"| {budget >> 20} MiB ({label}) | {policy} | {cached} / {prompt} | {rate[policy]:.3f} |")
+        ratios.append(f"{budget >> 20} MiB: {rate['cache_aware'] / max(rate['round_robin'], 1e-9):.2f}x")
     return (f"Router: two prefill servers (the shipped `mla-tiny`, fp32, CPU) and one decode server behind "
-            f"tpla_router; {args.router_conversations} conversations x 4 turns in parallel (turn 1: 200 tokens; "
-            "each turn adds the 32-token answer and a 64-token message; 0-300 ms of thinking before each turn), "
-            "prefill caches flushed before each "
-            f"policy.\n\n" + "\n".join(rows) + f"\n\ncache_aware / round_robin hit rate: {ratio:.2f}x")
+            f"tpla_router; {convs} conversations x {TURNS} turns in parallel (turn 1: 200 tokens; each turn adds "
+            "the 32-token answer and a 64-token message; 0-300 ms of thinking before each turn), prefill caches "
+            f"flushed before each policy. All histories at their last turn: {working_set >> 20} MiB of KV.\n\n"
+            + "\n".join(rows) + "\n\ncache_aware / round_robin hit rate: " + ", ".join(ratios))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,15 @@ class ForwardMode(enum.Enum):
     DECODE = "decode"  # generated tokens: absorbed form over the latent cache; q_len >= 1 per request
 
 
+class ExtendKV(NamedTuple):
+    """Where an EXTEND step's keys are: the distinct KV slots its requests read, each expanded once
+    (requests that share a cached prefix share its pages), and each request's keys among those rows as
+    (start, end) runs in position order. Attention reads the runs as views: nothing is gathered per request."""
+
+    slots: torch.Tensor | None  # [U] int64 on the device; None: no prefix, the rows are the new tokens
+    runs: list[list[tuple[int, int]]]
+
+
 @dataclass
 class ForwardBatch:
     """B requests, N = sum(q_lens) new tokens. Every new token's KV is written before attention runs,
@@ -51,10 +60,11 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     capture: LatentObserver | None = None
     kv_sink: LayerKVSink | None = None
+    extend_kv: ExtendKV | None = None  # EXTEND steps: built with the batch, from the host's page lists
     _kv_indices: torch.Tensor | None = None
     _padded_kv: tuple[torch.Tensor, torch.Tensor] | None = None
-    _unique_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     _causal_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _future_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -82,15 +92,6 @@ class ForwardBatch:
             self._padded_kv = slots, t[None, :] < self.seq_lens_t[:, None]
         return self._padded_kv
 
-    @property
-    def unique_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots [U], inverse [sum(seq_lens)]): the distinct KV slots of the step and, for each entry of
-        kv_indices, its row among them. Requests that share a cached prefix read the same pages, so an
-        EXTEND step expands each shared token's latent once instead of once per request."""
-        if self._unique_kv is None:
-            self._unique_kv = torch.unique(self.kv_indices, return_inverse=True)
-        return self._unique_kv
-
     def causal_mask(self, i: int) -> torch.Tensor:
         """[q_len, seq_len] bool of request i, True where a query may see a key (not a later position): its
         q_len new tokens are the last of its seq_len. Built once per step, shared by every layer."""
@@ -100,6 +101,15 @@ class ForwardBatch:
             device = self.input_ids.device
             q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
             mask = self._causal_masks[i] = torch.arange(kv_len, device=device)[None, :] <= q_pos
+        return mask
+
+    def future_mask(self, q_len: int) -> torch.Tensor:
+        """[q_len, q_len] bool, True where a new token would see a later new token: the part of a causal
+        mask that is not all-visible (every query sees the whole prefix). Shared by the step's requests."""
+        mask = self._future_masks.get(q_len)
+        if mask is None:
+            ones = torch.ones(q_len, q_len, dtype=torch.bool, device=self.input_ids.device)
+            mask = self._future_masks[q_len] = torch.triu(ones, diagonal=1)
         return mask
 
 
@@ -143,6 +153,41 @@ class BatchEntry:
     logits_for_all: bool = False  # True: logits of every new token (prompt logprobs, verification)
     kv_room: int | None = None  # PD prefill: stream these tokens' KV to this bootstrap room
     kv_start: int | None = None  # PD prefill: stream from this token (< prefix_len: a cached prefix first)
+
+
+def extend_kv(entries: list[BatchEntry], page_size: int, device: torch.device | str) -> ExtendKV:
+    """Lay out an EXTEND step's distinct KV rows in order of first use: page by page, as many rows of a
+    page as the request that reads furthest into it needs. A request's keys are then a few runs of
+    consecutive rows (a shared prefix's, then its own), so attention reads them without a gather."""
+    if all(e.prefix_len == 0 for e in entries):
+        starts = np.cumsum([0] + [len(e.new_token_ids) for e in entries]).tolist()
+        return ExtendKV(None, [[(a, b)] for a, b in zip(starts, starts[1:])])
+    used: dict[int, int] = {}  # page -> tokens of it read by the step (pages fill from the front)
+    for e in entries:
+        seq_len = e.prefix_len + len(e.new_token_ids)
+        for j, page in enumerate(e.pages[: -(-seq_len // page_size)]):
+            used[page] = max(used.get(page, 0), min(page_size, seq_len - j * page_size))
+    base: dict[int, int] = {}
+    row = 0
+    for page, n in used.items():  # dicts keep first-use order
+        base[page] = row
+        row += n
+    runs: list[list[tuple[int, int]]] = []
+    for e in entries:
+        seq_len = e.prefix_len + len(e.new_token_ids)
+        mine: list[tuple[int, int]] = []
+        for j, page in enumerate(e.pages[: -(-seq_len // page_size)]):
+            start, n = base[page], min(page_size, seq_len - j * page_size)
+            if mine and mine[-1][1] == start:
+                mine[-1] = (mine[-1][0], start + n)
+            else:
+                mine.append((start, start + n))
+        runs.append(mine)
+    pages = np.fromiter(used.keys(), dtype=np.int64, count=len(used))
+    counts = np.fromiter(used.values(), dtype=np.int64, count=len(used))
+    offsets = np.arange(row) - np.repeat(np.cumsum(counts) - counts, counts)
+    slots = np.repeat(pages * page_size, counts) + offsets
+    return ExtendKV(torch.from_numpy(slots).to(device, non_blocking=True), runs)
 
 
 def build_forward_batch(
@@ -206,4 +251,5 @@ def build_forward_batch(
         kv_pool=kv_pool,
         attn_backend=attn_backend,
         capture=capture,
+        extend_kv=extend_kv(entries, page_size, device) if mode is ForwardMode.EXTEND else None,
     )

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,10 +76,12 @@ def test_requests_through_the_router_and_a_restarted_decode_server(ray_nodes, pl
         ray.kill(actor, no_restart=False)  # Ray restarts it; the cluster starts the server again
     finally:
         ray.shutdown()
+    deadline = time.monotonic() + 300  # a restart takes seconds; the bound keeps a broken one from hanging
     while _healthy(decode_url):  # the killed actor's server stops with it
-        pass
+        assert time.monotonic() < deadline, "the killed decode server still answers"
     while (r := _generate(placed)).status_code != 200:  # errors while it restarts, never a hang
         assert r.status_code in (502, 503, 504), r.text
+        assert time.monotonic() < deadline, "the decode server did not come back"
     assert r.json()["output_ids"] == want
     assert _healthy(decode_url)  # back at the same address, registered with the router as before
 

@@ -136,6 +136,10 @@ class RayCluster:
         while not self._call(placed.actors[0].healthy.remote(url, self.api_key)):
             if (why := self._down(placed)) is not None:
                 raise RuntimeError(f"{placed.name} failed while starting: {why}")
+            if placed is self.router:  # it is healthy once its servers are: bring back any that went down
+                for server in self.servers:
+                    if self._revive(server):
+                        raise RuntimeError(f"{server.name} moved while the router started")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{placed.name} was not healthy at {url} within "
                                    f"{self.startup_timeout:.0f} s")
@@ -170,25 +174,30 @@ class RayCluster:
 
     def supervise_once(self) -> None:
         assert self.router is not None
-        for placed in [*self.servers, self.router]:
-            if time.monotonic() < placed.retry_at or (why := self._down(placed)) is None:
-                continue
-            logger.warning("%s is down (%s); restarting it (restart %d)", placed.name, why,
-                           placed.restarts + 1)
-            before = placed.where.url if placed.where is not None else None
-            try:
-                self._start(placed)
-            except (RuntimeError, self.ray.exceptions.RayError) as e:
-                delay = RESTART_BACKOFF_S[min(placed.restarts, len(RESTART_BACKOFF_S) - 1)]
-                logger.error("restarting %s failed: %s; next attempt in %.0f s", placed.name, e, delay)
-                placed.retry_at = time.monotonic() + delay
-                placed.restarts += 1
-                continue
-            placed.restarts = 0
-            if placed is not self.router and placed.where is not None and placed.where.url != before:
+        for placed in self.servers:
+            if self._revive(placed):
                 logger.warning("%s moved to %s; restarting the router with the new address", placed.name,
-                               placed.where.url)
+                               placed.where.url if placed.where is not None else "?")
                 self._start(self.router)
+        self._revive(self.router)
+
+    def _revive(self, placed: Placed) -> bool:
+        """Restart `placed` if it is down (backing off after failed attempts); True if it came back at a
+        new address, which the router must be told."""
+        if time.monotonic() < placed.retry_at or (why := self._down(placed)) is None:
+            return False
+        logger.warning("%s is down (%s); restarting it (restart %d)", placed.name, why, placed.restarts + 1)
+        before = placed.where.url if placed.where is not None else None
+        try:
+            self._start(placed)
+        except (RuntimeError, self.ray.exceptions.RayError) as e:
+            delay = RESTART_BACKOFF_S[min(placed.restarts, len(RESTART_BACKOFF_S) - 1)]
+            logger.error("restarting %s failed: %s; next attempt in %.0f s", placed.name, e, delay)
+            placed.retry_at = time.monotonic() + delay
+            placed.restarts += 1
+            return False
+        placed.restarts = 0
+        return placed is not self.router and placed.where is not None and placed.where.url != before
 
     # ------------------------------------------------------------------ teardown
 

@@ -149,23 +149,21 @@ class DeepseekAttention(nn.Module):
     ) -> torch.Tensor:
         """Exact MHA form over this rank's prefill heads: expand each KV token's full latent, causal attention.
 
-        With a cached prefix the KV tokens are read from the pool, and each distinct slot is expanded once:
-        requests that share a prefix (a system prompt, the samples of n > 1) share its pages.
+        With a cached prefix the KV tokens are read from the pool, each distinct slot once and expanded
+        once: requests that share a prefix (a system prompt, the samples of n > 1) share its pages.
         """
         e0, e1 = self.prefill_heads
         q = torch.cat([q_nope[:, e0:e1], q_pe[:, e0:e1]], dim=-1)
-        if all(q_len == s for q_len, s in zip(fb.q_lens, fb.seq_lens)):
+        assert fb.extend_kv is not None, "an EXTEND batch carries its KV layout"
+        slots = fb.extend_kv.slots
+        if slots is None:  # no prefix: the keys are the new tokens
             k, v = self._expand(c_hat, k_pe)
         else:
-            slots, inverse = fb.unique_kv  # slots sorted: rows in position order only through `inverse`
-            shared = slots.shape[0] < inverse.shape[0]
-            ckv, kpe = fb.kv_pool.read(self.layer_id, slots if shared else fb.kv_indices)
+            ckv, kpe = fb.kv_pool.read(self.layer_id, slots)
             if self.layout.latent_groups > 1:  # a rank of g > 1 holds its slice: gather one rank per group
                 per_rank = tp_all_gather(ckv, self.layout).view(ckv.shape[0], self.layout.tp_size, -1)
                 ckv = per_rank[:, :: self.layout.ranks_per_group].reshape(ckv.shape[0], self.kv_rank)
             k, v = self._expand(ckv.to(c_hat.dtype), kpe.to(k_pe.dtype))
-            if shared:
-                k, v = k.index_select(0, inverse), v.index_select(0, inverse)
         o_heads = fb.attn_backend.extend(q, k, v, fb, self.scale)
         if e1 - e0 == self.num_local_heads:
             return o_heads

@@ -46,9 +46,9 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """MHA-form causal attention.
 
-        q [N, H, Dqk] for the new tokens (rows by fb.qo_indptr); k [Nk, H, Dqk], v [Nk, H, Dv] for each
-        request's whole KV, prefix then new (rows by fb.kv_indptr). New token i of a request with prefix p
-        sees KV positions <= p + i. Returns [N, H, Dv].
+        q [N, H, Dqk] for the new tokens (rows by fb.qo_indptr); k [U, H, Dqk], v [U, H, Dv] the step's
+        distinct KV rows, request i's keys (prefix then new) being the rows of fb.extend_kv.runs[i] in
+        order. New token i of a request with prefix p sees KV positions <= p + i. Returns [N, H, Dv].
         """
 
     @abstractmethod

@@ -21,17 +21,24 @@ class TorchAttentionBackend(AttentionBackend):
     def extend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch, scale: float
     ) -> torch.Tensor:
+        """Per request, fp32 scores against each run of its keys (views, no gather), one softmax."""
+        assert fb.extend_kv is not None, "an EXTEND batch carries its KV layout"
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        q_start = k_start = 0
-        for i, (q_len, kv_len) in enumerate(zip(fb.q_lens, fb.seq_lens)):
+        q_start = 0
+        for q_len, kv_len, runs in zip(fb.q_lens, fb.seq_lens, fb.extend_kv.runs):
             qi = q[q_start : q_start + q_len].transpose(0, 1).float()  # [H, q, D]
-            ki = k[k_start : k_start + kv_len].transpose(0, 1).float()
-            vi = v[k_start : k_start + kv_len].transpose(0, 1).float()
-            scores = torch.matmul(qi, ki.transpose(1, 2)) * scale
-            probs = torch.softmax(torch.where(fb.causal_mask(i), scores, float("-inf")), dim=-1)
-            out[q_start : q_start + q_len] = torch.matmul(probs, vi).transpose(0, 1).to(out.dtype)
+            parts = [torch.matmul(qi, k[a:b].transpose(0, 1).float().transpose(1, 2)) for a, b in runs]
+            scores = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).mul_(scale)  # [H, q, kv]
+            scores[:, :, kv_len - q_len :].masked_fill_(fb.future_mask(q_len), float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            o, key = None, 0
+            for a, b in runs:
+                part = torch.matmul(probs[:, :, key : key + b - a], v[a:b].transpose(0, 1).float())
+                o = part if o is None else o.add_(part)
+                key += b - a
+            assert o is not None
+            out[q_start : q_start + q_len] = o.transpose(0, 1).to(out.dtype)
             q_start += q_len
-            k_start += kv_len
         return out
 
     def decode(
