@@ -10,6 +10,7 @@ real requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from .config import RouterConfig
@@ -75,6 +76,5 @@ class HealthMonitor:
                     logger.warning("%s worker %s is healthy again", worker.role.value, worker.url)
                 else:
                     logger.warning("%s worker %s is unhealthy: %s", worker.role.value, worker.url, error)
-            waiter = asyncio.ensure_future(poke.wait())
-            await asyncio.wait((waiter,), timeout=self._interval)
-            waiter.cancel()
+            with contextlib.suppress(asyncio.TimeoutError):  # wait_for cancels the wait when cancelled itself
+                await asyncio.wait_for(poke.wait(), self._interval)
