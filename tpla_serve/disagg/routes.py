@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from tpla_serve.disagg.handshake import KVSpec, draft_mismatch
-from tpla_serve.disagg.messages import Frame, LayerKV, Register, encode, tensor_frame
+from tpla_serve.disagg.messages import Frame, LayerKV, Register, encode
 from tpla_serve.disagg.staging import Holds, StagingPool
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class _Fill:
     """Fills a message's frames once, on whichever lane thread sends the first message that reads them:
     waits for the engine's copy to pinned staging (`ready`, a CUDA event) and copies a latent slice."""
 
-    def __init__(self, ready: Any, dst: torch.Tensor | None = None, src: torch.Tensor | None = None) -> None:
+    def __init__(self, ready: Any, dst: np.ndarray | None = None, src: np.ndarray | None = None) -> None:
         self._ready, self._dst, self._src = ready, dst, src
         self._lock = threading.Lock()
         self._done = False
@@ -87,7 +87,7 @@ class _Fill:
             if self._ready is not None:
                 self._ready.synchronize()
             if self._dst is not None and self._src is not None:
-                self._dst.copy_(self._src)
+                np.copyto(self._dst, self._src)
             self._done, self._src = True, None
 
 
@@ -133,15 +133,18 @@ class _Part:
 
 def _slice(cmd: LayerCmd, s: int, e: int, a: int, b: int, staging: StagingPool) -> _Part:
     """Rows [s, e) of one layer for the latent group of dims [a, b)."""
-    ckv = cmd.ckv
+    ckv_rows, kpe_rows = cmd.row_bytes
     base = () if cmd.holds is None else (cmd.holds,)
-    kpe_frame = tensor_frame(cmd.kpe[s:e])
-    if b - a == ckv.shape[1]:
-        return _Part(tensor_frame(ckv[s:e]), kpe_frame, base, None if cmd.ready is None else _Fill(cmd.ready))
-    buf = staging.acquire((e - s) * (b - a) * ckv.element_size())
+    kpe_frame = kpe_rows[s:e].reshape(-1)
+    if b - a == cmd.ckv.shape[1]:
+        fill = None if cmd.ready is None else _Fill(cmd.ready)
+        return _Part(ckv_rows[s:e].reshape(-1), kpe_frame, base, fill)
+    size = cmd.ckv.element_size()
+    buf = staging.acquire((e - s) * (b - a) * size)
     own = Holds(staging, [buf])
-    fill = _Fill(cmd.ready, buf.view(ckv.dtype).view(e - s, b - a), ckv[s:e, a:b])
-    return _Part(buf.numpy(), kpe_frame, (own, *base), fill, own)
+    dst = buf.numpy()
+    fill = _Fill(cmd.ready, dst.reshape(e - s, (b - a) * size), ckv_rows[s:e, a * size : b * size])
+    return _Part(dst, kpe_frame, (own, *base), fill, own)
 
 
 def _all(fills: list[Callable[[], None]]) -> Callable[[], None] | None:

@@ -4,8 +4,10 @@ decode server registers, then streamed along the room's routes; and what is reme
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 import torch
 
 from tpla_serve.disagg.messages import Done, Register
@@ -26,6 +28,13 @@ class LayerCmd:
     @property
     def nbytes(self) -> int:
         return self.ckv.nbytes + self.kpe.nbytes
+
+    @cached_property
+    def row_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """ĉ and k_pe as [n, row bytes] uint8 arrays over the same memory: rows and latent slices of them
+        are numpy views, far cheaper to take per message than tensor slices."""
+        ckv, kpe = (t.contiguous().view(torch.uint8).numpy() for t in (self.ckv, self.kpe))
+        return ckv, kpe
 
     def release(self) -> None:
         """The command is done with (its messages hold what they still read)."""
