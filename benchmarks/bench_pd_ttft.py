@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="every server's device (one GPU: all share it)")
     parser.add_argument("--decode-tp", type=int, default=2, help="the PD decode server's T (g = T)")
     parser.add_argument("--name", default="pd_ttft", help="results/<name>_<date>.md")
+    parser.add_argument("--pause-s", type=float, default=0.5,
+                        help="idle time before each request: the other servers' compute threads, which spin a "
+                             "while after their work, go to sleep first (0: back to back)")
     args = parser.parse_args()
     model = ["--model-path", str(builtin_config("deepseek-v2-lite")), "--load-format", "dummy",
              "--skip-tokenizer-init", "--json-model-override-args", json.dumps(OVERRIDE), "--dtype", "float32",
@@ -79,7 +82,9 @@ def main() -> None:
             alone, pd = [], []
             for _ in range(args.repeats):
                 ids = [rng.randrange(2, 4096) for _ in range(n)]
+                time.sleep(args.pause_s)
                 alone.append(first_token_seconds(plain_url, ids))
+                time.sleep(args.pause_s)
                 pd.append(first_token_seconds(router_url, ids))
             a, p = sorted(alone)[len(alone) // 2], sorted(pd)[len(pd) // 2]
             kv_mb = n * 8 * (512 + 64) * 4 / 1e6
