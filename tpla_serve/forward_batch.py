@@ -158,35 +158,39 @@ class BatchEntry:
 def extend_kv(entries: list[BatchEntry], page_size: int, device: torch.device | str) -> ExtendKV:
     """Lay out an EXTEND step's distinct KV rows in order of first use: page by page, as many rows of a
     page as the request that reads furthest into it needs. A request's keys are then a few runs of
-    consecutive rows (a shared prefix's, then its own), so attention reads them without a gather."""
+    consecutive rows (a shared prefix's, then its own), so attention reads them without a gather.
+    Vectorized over the step's pages: long cached prefixes cost no per-page Python."""
     if all(e.prefix_len == 0 for e in entries):
         starts = np.cumsum([0] + [len(e.new_token_ids) for e in entries]).tolist()
         return ExtendKV(None, [[(a, b)] for a, b in zip(starts, starts[1:])])
-    used: dict[int, int] = {}  # page -> tokens of it read by the step (pages fill from the front)
-    for e in entries:
-        seq_len = e.prefix_len + len(e.new_token_ids)
-        for j, page in enumerate(e.pages[: -(-seq_len // page_size)]):
-            used[page] = max(used.get(page, 0), min(page_size, seq_len - j * page_size))
-    base: dict[int, int] = {}
-    row = 0
-    for page, n in used.items():  # dicts keep first-use order
-        base[page] = row
-        row += n
-    runs: list[list[tuple[int, int]]] = []
-    for e in entries:
-        seq_len = e.prefix_len + len(e.new_token_ids)
-        mine: list[tuple[int, int]] = []
-        for j, page in enumerate(e.pages[: -(-seq_len // page_size)]):
-            start, n = base[page], min(page_size, seq_len - j * page_size)
-            if mine and mine[-1][1] == start:
-                mine[-1] = (mine[-1][0], start + n)
-            else:
-                mine.append((start, start + n))
-        runs.append(mine)
-    pages = np.fromiter(used.keys(), dtype=np.int64, count=len(used))
-    counts = np.fromiter(used.values(), dtype=np.int64, count=len(used))
-    offsets = np.arange(row) - np.repeat(np.cumsum(counts) - counts, counts)
-    slots = np.repeat(pages * page_size, counts) + offsets
+    seq_lens = [e.prefix_len + len(e.new_token_ids) for e in entries]
+    n_pages = np.array([-(-n // page_size) for n in seq_lens], dtype=np.int64)
+    pages = np.concatenate([np.asarray(e.pages[:k], dtype=np.int64)
+                            for e, k in zip(entries, n_pages.tolist())])
+    first_of = np.cumsum(n_pages) - n_pages  # each request's first entry in `pages`
+    used = np.full(pages.shape[0], page_size, dtype=np.int64)  # tokens each entry reads of its page
+    used[first_of + n_pages - 1] = np.asarray(seq_lens) - (n_pages - 1) * page_size
+    distinct, first_use, which = np.unique(pages, return_index=True, return_inverse=True)
+    rows = np.zeros(distinct.shape[0], dtype=np.int64)
+    np.maximum.at(rows, which, used)  # rows a distinct page takes: the most any request reads of it
+    order = np.argsort(first_use, kind="stable")  # distinct pages in order of first use
+    base = np.empty_like(rows)
+    base[order] = np.cumsum(rows[order]) - rows[order]
+    start = base[which]  # each entry's first row
+    # A run breaks at each request's first page and wherever a page's rows do not follow the last one's.
+    breaks = np.ones(pages.shape[0], dtype=bool)
+    breaks[1:] = start[1:] != start[:-1] + used[:-1]
+    breaks[first_of] = True
+    heads = np.flatnonzero(breaks)
+    ends = np.append(heads[1:], pages.shape[0])
+    run_start, run_end = start[heads], start[ends - 1] + used[ends - 1]
+    owner = np.searchsorted(first_of, heads, side="right") - 1
+    runs: list[list[tuple[int, int]]] = [[] for _ in entries]
+    for i, a, b in zip(owner.tolist(), run_start.tolist(), run_end.tolist()):
+        runs[i].append((a, b))
+    counts = rows[order]
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    slots = np.repeat(distinct[order] * page_size, counts) + offsets
     return ExtendKV(torch.from_numpy(slots).to(device, non_blocking=True), runs)
 
 
