@@ -15,8 +15,9 @@ TTFT is arrival to first token, per request; prefill tokens/s is every prompt to
 the time from a wave's arrival to its last first token, summed over waves.
 
 Router part (--router / --router-only, real processes on this machine): two prefill servers and one decode
-server behind tpla_router; the multi-turn replay (conversations in parallel, turns in order) once per
-policy, with fresh prefill caches; hit rate = cached / all prompt tokens on the prefill servers.
+server behind tpla_router (and, with --sglang-router, the real sglang-router binary); the multi-turn replay
+(conversations in parallel, turns in order, as text) once per router and policy, with fresh prefill caches,
+at two KV pool sizes; hit rate = cached / all prompt tokens on the prefill servers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import launch_server, stop_servers, write_result  # noqa: E402
@@ -44,6 +46,7 @@ from tpla_serve.net import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "mla-tiny"
+TURNS = 4  # of the router's multi-turn replay
 
 Wave = list[tuple[list[int], int]]  # (prompt ids, max_new_tokens), arriving together
 
@@ -178,24 +181,30 @@ def _cache_counters(urls: list[str]) -> tuple[int, int]:
     return cached, prompt
 
 
-def _replay(router_url: str, vocab: int, convs: int, turns: int, seed: int) -> None:
-    """Conversations in parallel, turns in order; a user thinks 0-300 ms before each turn (without it the
-    conversations run in lockstep and round_robin's counter lands each turn where the last one went)."""
+def _replay(router_url: str, tokenizer, convs: int, turns: int, seed: int) -> None:
+    """Conversations in parallel, turns in order, as chat clients send them: text (sglang-router's
+    cache_aware routes by a request's text; token ids alone give it nothing to match). A user message is
+    the text of random tokens; a user thinks 0-300 ms before each turn (without it the conversations run
+    in lockstep and round_robin's counter lands each turn where the last one went)."""
     errors: list[str] = []
+    vocab = tokenizer.vocab_size
+
+    def words(rng: random.Random, n: int) -> str:
+        return tokenizer.decode(_random_ids(rng, n, vocab), skip_special_tokens=True)
 
     def conversation(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        history = _random_ids(rng, 200, vocab)
+        history = words(rng, 200)
         with httpx.Client(timeout=600) as client:
             for _ in range(turns):
                 time.sleep(rng.uniform(0.0, 0.3))
-                body = {"input_ids": history, "sampling_params": {"max_new_tokens": 32, "temperature": 0,
-                                                                  "ignore_eos": True}}
+                body = {"text": history, "sampling_params": {"max_new_tokens": 32, "temperature": 0,
+                                                             "ignore_eos": True}}
                 r = client.post(router_url + "/generate", json=body)
                 if r.status_code != 200:
                     errors.append(r.text[:200])
                     return
-                history = history + r.json()["output_ids"] + _random_ids(rng, 64, vocab)
+                history = history + r.json()["text"] + words(rng, 64)
 
     threads = [threading.Thread(target=conversation, args=(i,)) for i in range(convs)]
     for t in threads:
@@ -212,8 +221,38 @@ def _kv_bytes_per_token(model_dir: Path) -> int:
     return c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * 4
 
 
-def _router_replay(kv_cache_bytes: int, convs: int) -> dict[str, tuple[int, int]]:
-    """(cached, prompt) tokens on the prefill servers per policy, servers started with this KV budget."""
+def _start_router(name: str, policy: str, prefills: list[tuple[str, str]], decode_url: str
+                  ) -> tuple[subprocess.Popen, str]:
+    """Ours (`--role router`) or the real sglang-router binary in PD mode, with the same workers."""
+    workers = ["--decode", decode_url]
+    for url, bootstrap in prefills:
+        workers += ["--prefill", url, bootstrap]
+    if name == "tpla_router":
+        return launch_server("--role", "router", "--policy", policy, *workers)
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--policy", policy,
+           *workers, "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
+           "--log-level", "warn"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_servers([proc])
+            raise RuntimeError(f"sglang-router did not come up at {url}")
+        time.sleep(0.5)
+
+
+def _router_replay(
+    kv_cache_bytes: int, convs: int, routers: list[str]
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(cached, prompt) tokens on the prefill servers per (router, policy), servers started with this KV
+    budget and their caches flushed before each."""
     model = ["--model-path", str(SHIPPED), "--dtype", "float32", "--kv-cache-bytes", str(kv_cache_bytes)]
     procs: list[subprocess.Popen] = []
     counts = {}
@@ -226,29 +265,25 @@ def _router_replay(kv_cache_bytes: int, convs: int) -> dict[str, tuple[int, int]
             prefills.append((url, bootstrap))
         proc, decode_url = launch_server("--role", "decode", *model, "--disaggregation-bootstrap-port", prefills[0][1])
         procs.append(proc)
-        vocab = httpx.get(decode_url + "/model_info", timeout=10).json()["vocab_size"]
-        for policy in ("round_robin", "cache_aware"):
-            for url, _ in prefills:
-                assert httpx.post(url + "/flush_cache", timeout=30).status_code == 200
-            before = _cache_counters([u for u, _ in prefills])
-            router_args = ["--role", "router", "--policy", policy, "--decode", decode_url]
-            for url, bootstrap in prefills:
-                router_args += ["--prefill", url, bootstrap]
-            router, router_url = launch_server(*router_args)
-            try:
-                _replay(router_url, vocab, convs, TURNS, seed=7)
-            finally:
-                stop_servers([router])
-            after = _cache_counters([u for u, _ in prefills])
-            counts[policy] = after[0] - before[0], after[1] - before[1]
-            print(f"router, {kv_cache_bytes >> 20} MiB KV per server, {policy}: hit rate "
-                  f"{counts[policy][0] / counts[policy][1]:.3f} {counts[policy]}", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+        for name in routers:
+            for policy in ("round_robin", "cache_aware"):
+                for url, _ in prefills:
+                    assert httpx.post(url + "/flush_cache", timeout=30).status_code == 200
+                before = _cache_counters([u for u, _ in prefills])
+                router, router_url = _start_router(name, policy, prefills, decode_url)
+                try:
+                    _replay(router_url, tokenizer, convs, TURNS, seed=7)
+                finally:
+                    stop_servers([router])
+                after = _cache_counters([u for u, _ in prefills])
+                cached, prompt = after[0] - before[0], after[1] - before[1]
+                counts[(name, policy)] = cached, prompt
+                print(f"{name}, {kv_cache_bytes >> 20} MiB KV per server, {policy}: hit rate "
+                      f"{cached / prompt:.3f} ({cached}/{prompt})", flush=True)
     finally:
         stop_servers(procs)
     return counts
-
-
-TURNS = 4
 
 
 def router_part(args: argparse.Namespace) -> str:
@@ -257,20 +292,25 @@ def router_part(args: argparse.Namespace) -> str:
     working_set = convs * final_prompt * _kv_bytes_per_token(SHIPPED)  # every conversation's history, once
     budgets = [("holds every conversation on each server", 1 << 28),
                ("holds 2/3 of the conversations per server", working_set * 2 // 3)]
-    rows = ["| prefill KV cache per server | policy | cached / prompt tokens (prefill servers) | hit rate |",
-            "|---|---|---|---|"]
+    routers = ["tpla_router", "sglang-router"] if args.sglang_router else ["tpla_router"]
+    rows = ["| prefill KV cache per server | router | policy | cached / prompt tokens (prefill servers) | "
+            "hit rate |", "|---|---|---|---|---|"]
     ratios = []
     for label, budget in budgets:
-        counts = _router_replay(budget, convs)
-        rate = {p: c / n for p, (c, n) in counts.items()}
-        for policy, (cached, prompt) in counts.items():
-            rows.append(f"| {budget >> 20} MiB ({label}) | {policy} | {cached} / {prompt} | {rate[policy]:.3f} |")
-        ratios.append(f"{budget >> 20} MiB: {rate['cache_aware'] / max(rate['round_robin'], 1e-9):.2f}x")
+        counts = _router_replay(budget, convs, routers)
+        rate = {key: c / n for key, (c, n) in counts.items()}
+        for (name, policy), (cached, prompt) in counts.items():
+            rows.append(f"| {budget >> 20} MiB ({label}) | {name} | {policy} | {cached} / {prompt} | "
+                        f"{rate[(name, policy)]:.3f} |")
+        for name in routers:
+            ratio = rate[(name, "cache_aware")] / max(rate[(name, "round_robin")], 1e-9)
+            ratios.append(f"{name} at {budget >> 20} MiB: {ratio:.2f}x")
     return (f"Router: two prefill servers (the shipped `mla-tiny`, fp32, CPU) and one decode server behind "
-            f"tpla_router; {convs} conversations x {TURNS} turns in parallel (turn 1: 200 tokens; each turn adds "
-            "the 32-token answer and a 64-token message; 0-300 ms of thinking before each turn), prefill caches "
-            f"flushed before each policy. All histories at their last turn: {working_set >> 20} MiB of KV.\n\n"
-            + "\n".join(rows) + "\n\ncache_aware / round_robin hit rate: " + ", ".join(ratios))
+            f"{' and, in turn, '.join(routers)}; {convs} conversations x {TURNS} turns in parallel, as text (turn "
+            "1: the text of 200 random tokens; each turn adds the 32-token answer and a 64-token message; 0-300 ms of thinking before "
+            f"each turn), prefill caches flushed before each router and policy. All histories at their last turn: "
+            f"{working_set >> 20} MiB of KV.\n\n" + "\n".join(rows)
+            + "\n\ncache_aware / round_robin hit rate: " + ", ".join(ratios))
 
 
 def main() -> None:
@@ -287,6 +327,8 @@ def main() -> None:
     parser.add_argument("--router", action="store_true", help="also measure the router's hit rates")
     parser.add_argument("--router-only", action="store_true")
     parser.add_argument("--router-conversations", type=int, default=32)
+    parser.add_argument("--sglang-router", action="store_true",
+                        help="also replay through the real sglang-router binary (pip install sglang-router)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
