@@ -30,8 +30,6 @@ _MAX_WARNED = 1024
 class Routes:
     key: bytes = field(repr=False)  # the room's prefill → decode tag key
     targets: list[tuple[str, int, int]]  # per decode rank: its endpoint and latent slice [a, b)
-    ckv_width: int
-    kv_itemsize: int
     chunk_tokens: int  # tokens per message
     lanes: int = 1  # connections per decode rank: layer l goes on lane l % lanes
     send_draft: bool = False  # the decode wants this prefill's draft KV
@@ -51,8 +49,6 @@ def plan_routes(reg: Register, kv: KVSpec, draft: KVSpec | None, key: bytes) -> 
     routes = Routes(
         key=key,
         targets=[(e, *layout.latent_slice(rank)) for rank, e in enumerate(reg.rank_endpoints)],
-        ckv_width=layout.ckv_width,
-        kv_itemsize=kv.itemsize,
         chunk_tokens=_chunk_tokens(reg.max_frame_bytes, max(layout.ckv_width, kv.rope_dim) * kv.itemsize,
                                    layout.page_size),
         lanes=reg.lanes,
@@ -95,26 +91,21 @@ def target_layer_messages(
     routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool
 ) -> Iterator[Message]:
     """Target layers' rows, every decode rank its slice: a rank of g > 1 gets its latent dims copied into
-    staging (shared by the ranks of its group) by the lane that sends it, the rest goes from the layers'
-    own tensors. Several layers (consecutive, the same tokens, within one chunk) make one message."""
-    first = cmds[0]
-    n = first.ckv.shape[0]
-    ckv_bytes = routes.ckv_width * routes.kv_itemsize
+    staging (shared by the ranks of its group, as is the encoded message) by the lane that sends it, the
+    rest goes from the layers' own tensors. Several layers (consecutive, the same tokens, within one chunk)
+    make one message."""
+    n = cmds[0].ckv.shape[0]
     for s in range(0, n, routes.chunk_tokens):
         e = min(n, s + routes.chunk_tokens)
-        parts: dict[int, list[_Part]] = {}  # per latent group, per layer
+        groups: dict[int, tuple[list[_Part], list[Frame], int, Callable[[], None] | None]] = {}
         for endpoint, a, b in routes.targets:
-            if a not in parts:
-                parts[a] = [_slice(cmd, s, e, a, b, staging) for cmd in cmds]
-            frames = [f for p in parts[a] for f in (p.ckv, p.kpe)]
-            msg = LayerKV(room, first.layer, first.token_start + s, e - s, frames[0], frames[1], len(cmds),
-                          tuple(frames[2:]))
-            holds = tuple(h.hold() for p in parts[a] for h in p.holds)
-            fills = [p.fill for p in parts[a] if p.fill is not None]
-            nbytes = len(cmds) * ((e - s) * ckv_bytes + frames[1].nbytes)
-            yield endpoint, encode(msg, routes.key), nbytes, holds, _all(fills)
-        for layers in parts.values():
-            for p in layers:
+            if a not in groups:
+                parts = [_slice(cmd, s, e, a, b, staging) for cmd in cmds]
+                groups[a] = (parts, *_message(routes, room, cmds, s, e, parts))
+            parts, frames, nbytes, fill = groups[a]
+            yield endpoint, frames, nbytes, _hold(parts), fill
+        for parts, *_ in groups.values():
+            for p in parts:
                 if p.own is not None:
                     p.own.drop()  # the slice's own hold: its messages hold it now
 
@@ -163,19 +154,30 @@ def draft_layer_messages(
     routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool
 ) -> Iterator[Message]:
     """Draft layers' rows, whole, to every rank with a draft (several layers in one message as above)."""
-    first = cmds[0]
-    n = first.ckv.shape[0]
+    n = cmds[0].ckv.shape[0]
     for s in range(0, n, routes.draft_chunk_tokens):
         e = min(n, s + routes.draft_chunk_tokens)
         parts = [_slice(cmd, s, e, 0, cmd.ckv.shape[1], staging) for cmd in cmds]
-        frames = [f for p in parts for f in (p.ckv, p.kpe)]
-        msg = LayerKV(room, first.layer, first.token_start + s, e - s, frames[0], frames[1], len(cmds),
-                      tuple(frames[2:]))
-        encoded = encode(msg, routes.key)
-        nbytes = sum(f.nbytes for f in frames)
-        fills = _all([p.fill for p in parts if p.fill is not None])
+        frames, nbytes, fill = _message(routes, room, cmds, s, e, parts)
         for endpoint in routes.draft_targets:
-            yield endpoint, encoded, nbytes, tuple(h.hold() for p in parts for h in p.holds), fills
+            yield endpoint, frames, nbytes, _hold(parts), fill
+
+
+def _message(
+    routes: Routes, room: int, cmds: list[LayerCmd], s: int, e: int, parts: list[_Part]
+) -> tuple[list[Frame], int, Callable[[], None] | None]:
+    """One LAYER_KV of rows [s, e) of the layers in `cmds`, encoded: its frames, payload bytes and fill."""
+    first = cmds[0]
+    payload = [f for p in parts for f in (p.ckv, p.kpe)]
+    msg = LayerKV(room, first.layer, first.token_start + s, e - s, payload[0], payload[1], len(cmds),
+                  tuple(payload[2:]))
+    fill = _all([p.fill for p in parts if p.fill is not None])
+    return encode(msg, routes.key), sum(f.nbytes for f in payload), fill
+
+
+def _hold(parts: list[_Part]) -> tuple[Holds, ...]:
+    """One more hold on every buffer the parts read, for one message that reads them."""
+    return tuple(h.hold() for p in parts for h in p.holds)
 
 
 class OncePerPeer:

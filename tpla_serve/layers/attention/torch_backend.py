@@ -10,13 +10,6 @@ from tpla_serve.layers.attention.base import AttentionBackend
 _GATHER_ELEMENTS = 1 << 24  # KV elements one block of requests gathers at most (64 MiB of fp32)
 
 
-def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """True where query i (the last q_len of kv_len positions) may see key j."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    return k_pos <= q_pos
-
-
 class TorchAttentionBackend(AttentionBackend):
     def extend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch, scale: float
@@ -54,14 +47,14 @@ class TorchAttentionBackend(AttentionBackend):
             return self._decode_uniform(q_nope, q_pe, layer, fb, scale, nope_scale)
         out = q_nope.new_empty(q_nope.shape)
         q_start = 0
-        for i, (q_len, kv_len) in enumerate(zip(fb.q_lens, fb.seq_lens)):
+        for i, q_len in enumerate(fb.q_lens):
             slots = fb.kv_indices[fb.kv_indptr[i] : fb.kv_indptr[i + 1]]
             ckv, kpe = fb.kv_pool.read(layer, slots)
             qn = q_nope[q_start : q_start + q_len].float()  # [q, H, ckv]
             qp = q_pe[q_start : q_start + q_len].float()
             scores = nope_scale * torch.einsum("qhc,tc->hqt", qn, ckv.float())
             scores = (scores + torch.einsum("qhr,tr->hqt", qp, kpe.float())) * scale
-            scores.masked_fill_(~causal_mask(q_len, kv_len, q_nope.device), float("-inf"))
+            scores.masked_fill_(~fb.causal_mask(i), float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             out[q_start : q_start + q_len] = torch.einsum("hqt,tc->qhc", probs, ckv.float()).to(out.dtype)
             q_start += q_len
