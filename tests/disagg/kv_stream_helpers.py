@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import random
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ import zmq
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
 from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, RoomEvent
 from tpla_serve.disagg.auth import TAG_BYTES
+from tpla_serve.disagg.pages import KVPages
 from tpla_serve.disagg.tcp_stream import PREFIX, SIZE, envelope
 
 NUM_LAYERS = 4
@@ -78,6 +80,51 @@ class PagedRank:
             self.calls.append((layer, token_start, n, time.monotonic()))
 
         return write
+
+
+class InPlaceRank:
+    """A decode rank receiving into its pools' pages in place (KVPages), as the engine does: a target pool
+    (and a draft pool when the layout sends it draft KV) on `device`, pages handed out in a shuffled order,
+    as a long-running server's allocator would."""
+
+    def __init__(self, layout: DecodeLayout, rank: int, rng: random.Random, secret: str, device: str = "cpu",
+                 num_pages: int = 48, **kwargs: object) -> None:
+        kv, ps = layout.kv, layout.page_size
+        self.layout, self.rank, self.device = layout, rank, device
+        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype,
+                                 device)
+        self.draft_pool = None
+        if layout.wants_draft(rank):
+            d = layout.draft
+            assert d is not None
+            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim,
+                                           d.torch_dtype, device)
+        self.pages = KVPages(self.pool, self.draft_pool)
+        self.free = list(range(1, num_pages))
+        rng.shuffle(self.free)
+        self.rx = KVReceiver(layout, rank, secret=secret, **kwargs)
+        self.slots: dict[int, torch.Tensor] = {}
+
+    def expect(self, room: int, n: int, port: int) -> None:
+        ps = self.layout.page_size
+        pages = [self.free.pop() for _ in range(-(-n // ps))]
+        slots = [p * ps + o for p in pages for o in range(ps)]
+        self.slots[room] = torch.tensor(slots, device=self.device)[:n]
+        self.rx.expect(room, n, self.pages.room(pages), "127.0.0.1", port)
+
+    def assert_holds(self, room: int, kv: list, draft_kv: list | None) -> None:
+        T, g = self.layout.tp_size, self.layout.latent_groups
+        for layer, (ckv, kpe) in enumerate(kv):
+            got_ckv, got_kpe = (t.cpu() for t in self.pool.read(layer, self.slots[room]))
+            assert torch.equal(got_ckv, expected_ckv_slice(ckv, T, g, self.rank)), (self.rank, layer)
+            assert torch.equal(got_kpe, kpe), (self.rank, layer)
+        if self.draft_pool is not None and draft_kv is not None:
+            for layer, (ckv, kpe) in enumerate(draft_kv):
+                got_ckv, got_kpe = (t.cpu() for t in self.draft_pool.read(layer, self.slots[room]))
+                assert torch.equal(got_ckv, ckv) and torch.equal(got_kpe, kpe), (self.rank, "draft", layer)
+
+    def close(self) -> None:
+        self.rx.close()
 
 
 class Decode:

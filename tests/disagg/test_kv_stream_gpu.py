@@ -8,12 +8,9 @@ import random
 from collections.abc import Iterator
 
 import pytest
-import torch
-from kv_stream_helpers import expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
+from kv_stream_helpers import InPlaceRank, prompt_kv, small_spec, wait_events, wait_until
 
-from tpla_serve.cache.pool import LatentKVPool
-from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, RoomCompleted, RoomFailed
-from tpla_serve.disagg.pages import KVPages
+from tpla_serve.disagg import DecodeLayout, KVSender, RoomCompleted, RoomFailed
 
 pytestmark = pytest.mark.gpu
 SECRET = "the GPU stream tests' secret"
@@ -29,43 +26,13 @@ def closing() -> Iterator[list]:
         obj.close()
 
 
-class CudaRank:
-    def __init__(self, layout: DecodeLayout, rank: int, num_pages: int = 96) -> None:
-        kv, ps = layout.kv, layout.page_size
-        self.layout, self.rank = layout, rank
-        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype,
-                                 "cuda")
-        self.draft_pool = None
-        if layout.wants_draft(rank):
-            d = layout.draft
-            assert d is not None
-            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim,
-                                           d.torch_dtype, "cuda")
-        self.pages = KVPages(self.pool, self.draft_pool)
-        self.free = list(range(1, num_pages))
-        random.Random(rank).shuffle(self.free)
-        self.rx = KVReceiver(layout, rank, secret=SECRET, pin_staging=True, max_frame_bytes=1 << 16)
-        self.slots: dict[int, torch.Tensor] = {}
-
-    def expect(self, room: int, n: int, port: int) -> None:
-        ps = self.layout.page_size
-        pages = [self.free.pop() for _ in range(-(-n // ps))]
-        self.slots[room] = torch.tensor([p * ps + o for p in pages for o in range(ps)], device="cuda")[:n]
-        self.rx.expect(room, n, self.pages.room(pages), "127.0.0.1", port)
-
-    def assert_holds(self, room: int, kv: list, draft_kv: list | None) -> None:
-        T, g = self.layout.tp_size, self.layout.latent_groups
-        for layer, (ckv, kpe) in enumerate(kv):
-            got_ckv, got_kpe = self.pool.read(layer, self.slots[room])
-            assert torch.equal(got_ckv.cpu(), expected_ckv_slice(ckv, T, g, self.rank)), (self.rank, layer)
-            assert torch.equal(got_kpe.cpu(), kpe), (self.rank, layer)
-        if self.draft_pool is not None and draft_kv is not None:
-            for layer, (ckv, kpe) in enumerate(draft_kv):
-                got_ckv, got_kpe = self.draft_pool.read(layer, self.slots[room])
-                assert torch.equal(got_ckv.cpu(), ckv) and torch.equal(got_kpe.cpu(), kpe), (self.rank, layer)
-
-    def close(self) -> None:
-        self.rx.close()
+def _ranks(closing: list, layout: DecodeLayout) -> list[InPlaceRank]:
+    """Device pools at both ends; chunks land in pinned staging, then one device copy each."""
+    rng = random.Random(layout.tp_size)
+    ranks = [InPlaceRank(layout, r, rng, SECRET, device="cuda", num_pages=96, pin_staging=True,
+                         max_frame_bytes=1 << 16) for r in range(layout.tp_size)]
+    closing.extend(ranks)
+    return ranks
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -74,8 +41,7 @@ def test_device_kv_lands_byte_exact_on_every_rank(
     closing: list, page_size: int, tp: int, groups: int, draft_ranks: tuple[int, ...]
 ) -> None:
     layout = DecodeLayout(TARGET, tp, groups, page_size, draft=DRAFT, draft_ranks=draft_ranks)
-    ranks = [CudaRank(layout, r) for r in range(tp)]
-    closing.extend(ranks)
+    ranks = _ranks(closing, layout)
     sender = KVSender(TARGET, draft=DRAFT, secret=SECRET)
     closing.append(sender)
     rooms = {}
@@ -106,8 +72,7 @@ def test_device_kv_lands_byte_exact_on_every_rank(
 
 def test_an_aborted_device_room_gives_back_every_pinned_buffer(closing: list) -> None:
     layout = DecodeLayout(TARGET, 2, 2, 64)
-    ranks = [CudaRank(layout, r) for r in range(2)]
-    closing.extend(ranks)
+    ranks = _ranks(closing, layout)
     sender = KVSender(TARGET, secret=SECRET)
     closing.append(sender)
     room, n = 7, 2048

@@ -13,9 +13,15 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from kv_stream_helpers import StreamPeer, expected_ckv_slice, prompt_kv, small_spec, wait_events, wait_until
+from kv_stream_helpers import (
+    InPlaceRank,
+    StreamPeer,
+    prompt_kv,
+    small_spec,
+    wait_events,
+    wait_until,
+)
 
-from tpla_serve.cache.pool import LatentKVPool
 from tpla_serve.disagg import (
     DecodeLayout,
     Done,
@@ -30,7 +36,6 @@ from tpla_serve.disagg import (
 )
 from tpla_serve.disagg.auth import ClusterAuth
 from tpla_serve.disagg.loopback import LoopbackPlane
-from tpla_serve.disagg.pages import KVPages
 from tpla_serve.disagg.tcp_stream import envelope
 from tpla_serve.disagg.wire import tensor_frame
 
@@ -47,51 +52,9 @@ def closing() -> Iterator[list]:
         obj.close()
 
 
-class PagedRank:
-    """A decode rank with a target pool (and a draft pool when the layout sends it draft KV), receiving
-    into pages handed out in a shuffled order, as a long-running server's allocator would."""
-
-    def __init__(self, layout: DecodeLayout, rank: int, rng: random.Random, **kwargs: object) -> None:
-        kv, ps, num_pages = layout.kv, layout.page_size, 48
-        self.layout, self.rank = layout, rank
-        self.pool = LatentKVPool(kv.num_layers, num_pages, ps, layout.ckv_width, kv.rope_dim, kv.torch_dtype,
-                                 "cpu")
-        self.draft_pool = None
-        if layout.wants_draft(rank):
-            d = layout.draft
-            assert d is not None
-            self.draft_pool = LatentKVPool(d.num_layers, num_pages, ps, d.kv_lora_rank, d.rope_dim,
-                                           d.torch_dtype, "cpu")
-        self.pages = KVPages(self.pool, self.draft_pool)
-        self.free = list(range(1, num_pages))
-        rng.shuffle(self.free)
-        self.rx = KVReceiver(layout, rank, secret=SECRET, **kwargs)
-        self.slots: dict[int, torch.Tensor] = {}
-
-    def expect(self, room: int, n: int, port: int) -> None:
-        ps = self.layout.page_size
-        pages = [self.free.pop() for _ in range(-(-n // ps))]
-        self.slots[room] = torch.tensor([p * ps + o for p in pages for o in range(ps)])[:n]
-        self.rx.expect(room, n, self.pages.room(pages), "127.0.0.1", port)
-
-    def assert_holds(self, room: int, kv: list, draft_kv: list | None) -> None:
-        T, g = self.layout.tp_size, self.layout.latent_groups
-        for layer, (ckv, kpe) in enumerate(kv):
-            got_ckv, got_kpe = self.pool.read(layer, self.slots[room])
-            assert torch.equal(got_ckv, expected_ckv_slice(ckv, T, g, self.rank)), (self.rank, layer)
-            assert torch.equal(got_kpe, kpe), (self.rank, layer)
-        if self.draft_pool is not None and draft_kv is not None:
-            for layer, (ckv, kpe) in enumerate(draft_kv):
-                got_ckv, got_kpe = self.draft_pool.read(layer, self.slots[room])
-                assert torch.equal(got_ckv, ckv) and torch.equal(got_kpe, kpe), (self.rank, "draft", layer)
-
-    def close(self) -> None:
-        self.rx.close()
-
-
-def _ranks(closing: list, layout: DecodeLayout, seed: int, **kwargs: object) -> list[PagedRank]:
+def _ranks(closing: list, layout: DecodeLayout, seed: int, **kwargs: object) -> list[InPlaceRank]:
     rng = random.Random(seed)
-    ranks = [PagedRank(layout, r, rng, **kwargs) for r in range(layout.tp_size)]
+    ranks = [InPlaceRank(layout, r, rng, SECRET, **kwargs) for r in range(layout.tp_size)]
     closing.extend(ranks)
     return ranks
 
