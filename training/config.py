@@ -8,7 +8,7 @@ decoupled RoPE part, dense first layers, then MoE layers with sigmoid scoring, g
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from transformers import DeepseekV3Config
 
@@ -69,27 +69,6 @@ PRESETS: dict[str, ModelShape] = {
         qk_rope_head_dim=32,
         v_head_dim=64,
     ),
-    # A deeper target for speculative decoding: twice the shipped target's layers (and 1.5x its width), so
-    # a draft step of the 6-layer draft costs a small fraction of a target step. 46.4M parameters (93 MB in
-    # bf16); same tokenizer, so models/mla-tiny-draft drafts for it.
-    "target-deep": ModelShape(
-        hidden_size=384,
-        num_hidden_layers=16,
-        num_attention_heads=8,
-        first_k_dense_replace=2,
-        intermediate_size=1152,
-        moe_intermediate_size=192,
-        n_routed_experts=8,
-        num_experts_per_tok=2,
-        n_group=4,
-        topk_group=2,
-        n_shared_experts=1,
-        q_lora_rank=192,
-        kv_lora_rank=256,
-        qk_nope_head_dim=64,
-        qk_rope_head_dim=32,
-        v_head_dim=64,
-    ),
     "draft": ModelShape(
         hidden_size=128,
         num_hidden_layers=6,
@@ -127,6 +106,12 @@ PRESETS: dict[str, ModelShape] = {
         v_head_dim=16,
     ),
 }
+# A deeper target for speculative decoding: twice the shipped target's layers and 1.5x its width, so a draft
+# step of the 6-layer draft costs a small fraction of a target step. 46.4M parameters (93 MB in bf16); same
+# tokenizer, so models/mla-tiny-draft drafts for it.
+PRESETS["target-deep"] = replace(
+    PRESETS["target"], hidden_size=384, num_hidden_layers=16, intermediate_size=1152, moe_intermediate_size=192
+)
 
 
 def build_config(
