@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from easyspec_reference import grouped_logits
 
 from tpla_serve import Engine
 from tpla_serve.config import EngineConfig
@@ -66,16 +67,8 @@ def test_batched_attention_sublayers_equal_the_layers_one_by_one():
     logits = draft.decode_from_table(table, slots, pos, token)
     ckv, kpe = (t.clone() for t in (draft.kv_pool.ckv_layers, draft.kv_pool.kpe_layers))
 
-    model = draft.model
-    with torch.inference_mode():
-        fb = table.decode_batch(slots, pos, draft.kv_pool, draft.attn_backend, token)
-        x, cos, sin = model.embed(fb)
-        x = model.layers[0](x, cos, sin, fb)
-        attn = [model.layers[i].attention(x, cos, sin, fb) for i in range(1, 5)]
-        for i, a in zip(range(1, 5), attn):
-            x = x + a
-            x = x + model.layers[i].feed_forward(x)
-        reference = model.logits(model.layers[5](x, cos, sin, fb), fb)
+    fb = table.decode_batch(slots, pos, draft.kv_pool, draft.attn_backend, token)
+    reference = grouped_logits(draft.model, fb, [[0], [1, 2, 3, 4], [5]])
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ckv, draft.kv_pool.ckv_layers, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kpe, draft.kv_pool.kpe_layers, atol=1e-5, rtol=1e-5)
