@@ -245,16 +245,14 @@ class StreamPeer:
         self.sock.close()
 
 
-class StreamTap:
-    """A fake decode rank's data endpoint: records every message a prefill sends it, as frames."""
+class TcpEndpoint:
+    """A fake decode rank's data endpoint on loopback: accepts every connection and hands it to
+    on_connection (on the accepting thread)."""
 
-    def __init__(self, closing: list) -> None:
-        self.messages: queue.Queue[list[bytes]] = queue.Queue()
+    def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
-        self.connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
-        closing.append(self)
 
     def _accept(self) -> None:
         while True:
@@ -262,8 +260,27 @@ class StreamTap:
                 conn, _ = self.server.accept()
             except OSError:
                 return
-            self.connections += 1
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+            self.on_connection(conn)
+
+    def on_connection(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class StreamTap(TcpEndpoint):
+    """Records every message a prefill sends it, as frames."""
+
+    def __init__(self, closing: list) -> None:
+        self.messages: queue.Queue[list[bytes]] = queue.Queue()
+        self.connections = 0
+        super().__init__()
+        closing.append(self)
+
+    def on_connection(self, conn: socket.socket) -> None:
+        self.connections += 1
+        threading.Thread(target=self._read, args=(conn,), daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
         with conn, conn.makefile("rb") as f:
@@ -279,6 +296,3 @@ class StreamTap:
     def poll(self, timeout_s: float) -> bool:
         """Whether a message has arrived (waiting up to timeout_s)."""
         return wait_until(lambda: not self.messages.empty(), timeout_s)
-
-    def close(self) -> None:
-        self.server.close()

@@ -16,6 +16,7 @@ import torch
 from kv_stream_helpers import (
     InPlaceRank,
     StreamPeer,
+    TcpEndpoint,
     prompt_kv,
     small_spec,
     wait_events,
@@ -109,27 +110,20 @@ def test_ragged_prompts_land_byte_exact_in_every_ranks_pages(
         assert sender.stats().sockets_open == tp * lanes
 
 
-class _Stalled:
+class _Stalled(TcpEndpoint):
     """A decode rank's endpoint that accepts a connection and never reads it: the prefill's writes fill
     the socket buffers and block."""
 
     def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
         self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            self.conns.append(conn)
+    def on_connection(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.conns.append(conn)
 
     def close(self) -> None:
-        self.server.close()
+        super().close()
         for c in self.conns:
             c.close()
 
