@@ -291,7 +291,8 @@ def router_part(args: argparse.Namespace) -> str:
     final_prompt = 200 + (TURNS - 1) * (32 + 64)
     working_set = convs * final_prompt * _kv_bytes_per_token(SHIPPED)  # every conversation's history, once
     budgets = [("holds every conversation on each server", 1 << 28),
-               ("holds 2/3 of the conversations per server", working_set * 2 // 3)]
+               ("holds 2/3 of the conversations per server", working_set * 2 // 3),
+               ("holds 1/2 of the conversations per server", working_set // 2)]
     routers = ["tpla_router", "sglang-router"] if args.sglang_router else ["tpla_router"]
     rows = ["| prefill KV cache per server | router | policy | cached / prompt tokens (prefill servers) | "
             "hit rate |", "|---|---|---|---|---|"]

@@ -71,7 +71,8 @@ def main() -> None:
     from tpla_serve.speculative.draft import DraftModel
 
     ks = [int(k) for k in args.ks.split(",")]
-    common = {"device": args.device, "dtype": args.dtype, "disable_cuda_graph": True}
+    # One request at a short context: a small pool (the draft's mirrors the target's pages).
+    common = {"device": args.device, "dtype": args.dtype, "disable_cuda_graph": True, "max_total_tokens": 8192}
     load_format = "dummy" if args.dummy_target else "auto"
     target_cfg = EngineConfig(
         model_path=args.target, load_format=load_format, json_model_override_args=args.override, **common

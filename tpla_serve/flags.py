@@ -82,8 +82,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
       help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     a("--page-size", type=int, default=None, help="tokens per KV page, a power of two (default: 64 on GPU, 16 on CPU)")
     a("--mem-fraction-static", type=float, default=None,
-      help=f"GPU: share of the device's memory for weights and KV cache (default: {d.mem_fraction_static}); "
-           "it does not apply on CPU")
+      help=f"GPU: this server's share of the device's memory for its weights and KV cache (default: "
+           f"{d.mem_fraction_static}); servers sharing a GPU each take their own; it does not apply on CPU")
     a("--kv-cache-bytes", type=int, default=None,
       help=f"CPU: the KV cache's byte budget per rank (default: {d.kv_cache_bytes}); it does not apply on GPU")
     a("--max-total-tokens", type=int, default=None,

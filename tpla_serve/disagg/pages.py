@@ -1,16 +1,30 @@
 """Where a decode rank's received KV goes: a room's own pages of the rank's pool (and its draft pool).
 
 On the CPU the receiver reads each chunk straight into the pages (RoomPages.host_segments: byte views of
-the runs of consecutive pages the chunk covers). With the pool on a GPU the chunk lands in a pinned
-staging buffer and one host → device copy per chunk moves it (RoomPages.write_staged), on a stream of the
-receiver's own so it never waits behind the engine's kernels.
+the runs of consecutive pages the chunk covers). With the pool on a GPU the chunk (one message: one or more
+layers) lands in a pinned staging buffer and RoomPages.land_staged queues one host → device copy of it and
+the copies into the pages, on a stream of the receiver's own so it never waits behind the engine's kernels.
+Nothing waits for those copies on the way: the staging buffer goes back once its copies are done (an
+event), and a room's end (RoomPages.flush) waits for the room's last copy, so no byte reaches its pages
+after it ended and its KV is in place when the engine is told.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+
 import torch
 
 from tpla_serve.cache.pool import LatentKVPool
+
+
+_DIRECT_RUNS = 8  # a chunk over at most this many runs of pages is copied run by run, else scattered by slot
+
+StagedLayer = tuple[int, torch.dtype, int, int]
+"""One wire layer of a staged chunk: (layer, dtype, ĉ width, k_pe width); its ĉ then k_pe rows follow the
+previous layer's in the buffer."""
 
 
 def _layer_bytes(t: torch.Tensor) -> memoryview:
@@ -26,6 +40,8 @@ class KVPages:
         self.device = pool.ckv[0].device
         self.on_host = self.device.type == "cpu"
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copies: deque[tuple[torch.cuda.Event, Callable[[], None]]] = deque()  # in flight, in order
+        self._copies_lock = threading.Lock()
         pools = [pool] if draft_pool is None else [pool, draft_pool]
         # Per wire layer: (ĉ bytes, k_pe bytes, ĉ row bytes, k_pe row bytes) of the whole layer.
         self._layers: list[tuple[memoryview, memoryview, int, int]] = []
@@ -40,6 +56,21 @@ class KVPages:
     def room(self, pages: list[int]) -> RoomPages:
         return RoomPages(self, pages)
 
+    def copy_queued(self, done: torch.cuda.Event, release: Callable[[], None]) -> None:
+        """A chunk's copies are queued on the stream up to `done`: release its staging once they ran."""
+        with self._copies_lock:
+            self._copies.append((done, release))
+        self.reap()
+
+    def reap(self) -> None:
+        """Give back the staging of every chunk whose copies have run (the stream runs them in order)."""
+        while True:
+            with self._copies_lock:
+                if not self._copies or not self._copies[0][0].query():
+                    return
+                _, release = self._copies.popleft()
+            release()
+
 
 class RoomPages:
     """A room's destination: a KVWriter (writer(layer, token_start, ckv, kpe)) that also lands bytes in
@@ -51,6 +82,7 @@ class RoomPages:
         self.page_size = page_size
         self.pages = pages
         self._slots: torch.Tensor | None = None
+        self._last_copy: torch.cuda.Event | None = None
 
     @property
     def slots(self) -> torch.Tensor:
@@ -94,23 +126,58 @@ class RoomPages:
             runs.append((a, b))
         return runs
 
-    def write_staged(self, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor,
-                     staged: torch.Tensor) -> None:
-        """Copy a chunk landed in host memory (`staged`: its bytes, ĉ then k_pe) into the pages: on a GPU
-        one device copy of the whole chunk, then the scatter into pages, on the receiver's stream."""
-        pool, layer = self._target(layer)
-        loc = self.slots[token_start : token_start + ckv.shape[0]]
+    def land_staged(self, layers: Sequence[StagedLayer], token_start: int, n: int, staged: torch.Tensor,
+                    release: Callable[[], None]) -> None:
+        """Move a chunk landed in host memory (`staged`: per layer its ĉ then k_pe rows) into the pages and
+        call `release` once `staged` is no longer read (GPU pools: host pools take bytes in place). One host →
+        device copy of the whole chunk, then a copy per run of consecutive pages (or one scatter by slot when the pages are scattered), queued
+        on the receiver's stream; nothing waits for them here."""
         stream = self._of.stream
-        if stream is None:
-            pool.write(layer, loc, ckv, kpe)
-            return
-        stream.wait_stream(torch.cuda.current_stream(loc.device))  # the slots were made on that stream
-        with torch.cuda.stream(stream):
-            dev = staged.to(loc.device, non_blocking=True)
-            split = ckv.nbytes
-            pool.write(layer, loc, dev[:split].view(ckv.dtype).view(ckv.shape),
-                       dev[split:].view(kpe.dtype).view(kpe.shape))
-        stream.synchronize()  # the staging buffer is reused once this returns
+        assert stream is not None, "a pool in host memory takes its bytes in place (host_segments)"
+        runs = self._runs(token_start, n)
+        loc = self.slots[token_start : token_start + n] if len(runs) > _DIRECT_RUNS else None
+        stream.wait_stream(torch.cuda.current_stream(self._of.device))  # the slots were made on that stream
+        try:
+            with torch.cuda.stream(stream):
+                dev = staged.to(self._of.device, non_blocking=True)
+                for layer, ckv, kpe in self._split(layers, n, dev):
+                    pool, layer = self._target(layer)
+                    if loc is not None:
+                        pool.write(layer, loc, ckv, kpe)
+                        continue
+                    dst_ckv = pool.ckv[layer].view(-1, pool.ckv_dim)
+                    dst_kpe = pool.kpe[layer].view(-1, pool.rope_dim)
+                    t = 0
+                    for a, b in runs:
+                        dst_ckv[a:b].copy_(ckv[t : t + b - a])
+                        dst_kpe[a:b].copy_(kpe[t : t + b - a])
+                        t += b - a
+                done = torch.cuda.Event()
+                done.record(stream)
+        except BaseException:
+            stream.synchronize()  # nothing queued may still read `staged` once the caller gives it back
+            raise
+        self._last_copy = done
+        self._of.copy_queued(done, release)
+
+    @staticmethod
+    def _split(
+        layers: Sequence[StagedLayer], n: int, staged: torch.Tensor
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer, ĉ [n, ĉ width], k_pe [n, k_pe width]) views of a staged chunk, layer by layer."""
+        offset = 0
+        for layer, dtype, ckv_width, kpe_width in layers:
+            a = offset
+            b = a + n * ckv_width * dtype.itemsize
+            offset = b + n * kpe_width * dtype.itemsize
+            yield layer, staged[a:b].view(dtype).view(n, ckv_width), staged[b:offset].view(dtype).view(n, kpe_width)
+
+    def flush(self) -> None:
+        """Wait until every copy queued for this room has run (the room ends: its pages may be reused)."""
+        if self._last_copy is not None:
+            self._last_copy.synchronize()
+            self._last_copy = None
+            self._of.reap()
 
     def __call__(self, layer: int, token_start: int, ckv: torch.Tensor, kpe: torch.Tensor) -> None:
         pool, layer = self._target(layer)

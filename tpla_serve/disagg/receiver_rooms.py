@@ -44,9 +44,13 @@ class ExpectedRoom:
         return self.live
 
     def end(self) -> None:
-        """No more bytes for this room's pages; waits for a write in progress."""
+        """No more bytes for this room's pages; waits for a write in progress, and for the device copies
+        of a writer that queues them (`flush`)."""
         with self.lock:
             self.live = False
+            flush = getattr(self.writer, "flush", None)
+            if flush is not None:
+                flush()
 
     def layer_problem(self, msg: LayerKV, num_target: int, rank: int) -> str | None:
         """Why an authenticated LAYER_KV contradicts the room (it fails), or None."""
@@ -117,32 +121,33 @@ def layer_landing(
                            lambda: on_layer(nbytes, None),
                            lambda why: on_layer(0, f"KV for layer {msg.layer} broke off: {why}")), None
     buf = staging.acquire(nbytes)
-    released = False
+    released = threading.Lock()
 
     def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
+        if released.acquire(blocking=False):
             staging.release(buf)
 
     def finish() -> None:
-        problem, offset = None, 0
+        problem, offset, handed = None, 0, False
         with state.lock:
             if state.live:
                 try:
-                    staged = getattr(state.writer, "write_staged", None)
-                    for layer, (dt, cw, rw) in zip(layers, shapes):
-                        a, b, c = offset, offset + n * cw * dt.itemsize, offset + n * (cw + rw) * dt.itemsize
-                        offset = c
-                        ckv, kpe = buf[a:b].view(dt).view(n, cw), buf[b:c].view(dt).view(n, rw)
-                        if staged is not None:
-                            staged(layer, msg.token_start, ckv, kpe, buf[a:c])
-                        else:
-                            state.writer(layer, msg.token_start, ckv, kpe)
+                    land = getattr(state.writer, "land_staged", None)
+                    if land is not None:  # the writer gives the buffer back once its copies ran
+                        handed = True
+                        land([(layer, *shape) for layer, shape in zip(layers, shapes)], msg.token_start, n,
+                             buf, release)
+                    else:
+                        for layer, (dt, cw, rw) in zip(layers, shapes):
+                            a, b, c = offset, offset + n * cw * dt.itemsize, offset + n * (cw + rw) * dt.itemsize
+                            offset = c
+                            state.writer(layer, msg.token_start, buf[a:b].view(dt).view(n, cw),
+                                         buf[b:c].view(dt).view(n, rw))
                 except Exception as exc:  # the engine's writer failing ends this room, not the receiver
                     logger.exception("writer failed for room %d", state.room)
                     problem = f"writing KV failed: {exc}"
-        release()
+        if not handed or problem is not None:
+            release()
         on_layer(nbytes, problem)
 
     def abandon(why: str) -> None:

@@ -94,7 +94,7 @@ def target_layer_messages(
     staging (shared by the ranks of its group, as is the encoded message) by the lane that sends it, the
     rest goes from the layers' own tensors. Several layers (consecutive, the same tokens, within one chunk)
     make one message."""
-    n = cmds[0].ckv.shape[0]
+    n = cmds[0].n_tokens
     for s in range(0, n, routes.chunk_tokens):
         e = min(n, s + routes.chunk_tokens)
         groups: dict[int, tuple[list[_Part], list[Frame], int, Callable[[], None] | None]] = {}
@@ -127,6 +127,11 @@ def _slice(cmd: LayerCmd, s: int, e: int, a: int, b: int, staging: StagingPool) 
     ckv_rows, kpe_rows = cmd.row_bytes
     base = () if cmd.holds is None else (cmd.holds,)
     kpe_frame = kpe_rows[s:e].reshape(-1)
+    if cmd.latent_groups > 1:  # staged by latent group on the device: the slice is there already
+        width = cmd.ckv.shape[-1]
+        assert b - a == width and a % width == 0, f"latent slice [{a}, {b}) is not one of {cmd.latent_groups} groups"
+        fill = None if cmd.ready is None else _Fill(cmd.ready)
+        return _Part(ckv_rows[a // width, s:e].reshape(-1), kpe_frame, base, fill)
     if b - a == cmd.ckv.shape[1]:
         fill = None if cmd.ready is None else _Fill(cmd.ready)
         return _Part(ckv_rows[s:e].reshape(-1), kpe_frame, base, fill)
@@ -154,7 +159,7 @@ def draft_layer_messages(
     routes: Routes, room: int, cmds: list[LayerCmd], staging: StagingPool
 ) -> Iterator[Message]:
     """Draft layers' rows, whole, to every rank with a draft (several layers in one message as above)."""
-    n = cmds[0].ckv.shape[0]
+    n = cmds[0].n_tokens
     for s in range(0, n, routes.draft_chunk_tokens):
         e = min(n, s + routes.draft_chunk_tokens)
         parts = [_slice(cmd, s, e, 0, cmd.ckv.shape[1], staging) for cmd in cmds]

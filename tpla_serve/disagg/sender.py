@@ -44,7 +44,7 @@ from tpla_serve.disagg.sender_rooms import (
     SenderStats,
 )
 from tpla_serve.disagg.sender_stream import RoomStreamer
-from tpla_serve.disagg.staging import Holds, StagingPool
+from tpla_serve.disagg.staging import StagingPool, stage_device_layer
 from tpla_serve.disagg.tcp_listen import TcpPlane
 from tpla_serve.disagg.transport import DataPlane
 
@@ -104,6 +104,8 @@ class KVSender(TransportLoop):
         self._streamer = RoomStreamer(kv, self._data, self._staging, self._send_failed)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
+        # Registered rooms' latent groups (> 1 only): written by the IO thread, read by send_layer.
+        self._latent_groups: dict[int, int] = {}
         # IO-thread state
         self._rooms: dict[int, SenderRoom] = {}
         self._buffered_bytes = 0
@@ -131,8 +133,8 @@ class KVSender(TransportLoop):
 
         draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
         come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied
-        into pinned staging on the current stream, without waiting; the lane that sends them waits for it.
-        """
+        into pinned staging on the current stream, without waiting (the lane that sends them waits for it),
+        cut by latent group on the device once the room's decode layout is known."""
         check_room(room)
         spec = self.kv
         if draft:
@@ -144,12 +146,9 @@ class KVSender(TransportLoop):
         if ckv.device.type == "cpu" and kpe.device.type == "cpu":
             self._submit(LayerCmd(room, wire_layer, token_start, ckv, kpe))
             return
-        bufs = [self._staging.acquire(t.nbytes) for t in (ckv, kpe)]
-        host = [b.view(t.dtype).view(t.shape).copy_(t, non_blocking=True) for b, t in zip(bufs, (ckv, kpe))]
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(ckv.device))
-        holds = Holds(self._staging, bufs)
-        self._submit(LayerCmd(room, wire_layer, token_start, host[0], host[1], ready, holds))
+        groups = 1 if draft else self._latent_groups.get(room, 1)
+        host_ckv, host_kpe, ready, holds = stage_device_layer(self._staging, ckv, kpe, groups)
+        self._submit(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups))
 
     def send_done(
         self,
@@ -302,6 +301,8 @@ class KVSender(TransportLoop):
         self._rooms_registered += 1
         key = self._gate.auth.room_keys(reg.room).to_decode
         state.routes, draft_problem = plan_routes(reg, self.kv, self.draft, key)
+        if reg.layout.latent_groups > 1:
+            self._latent_groups[reg.room] = reg.layout.latent_groups
         if draft_problem is not None:
             self._draft_warnings.warn(reg.notify_endpoint, draft_problem)
         state.deadline = now + self.timeout_s
@@ -382,6 +383,7 @@ class KVSender(TransportLoop):
 
     def _remove(self, state: SenderRoom) -> None:
         del self._rooms[state.room]
+        self._latent_groups.pop(state.room, None)
         if state.registration is not None:
             self._rooms_registered -= 1
             self._gate.peers.remove(state.registration)

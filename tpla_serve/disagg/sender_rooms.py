@@ -24,6 +24,11 @@ class LayerCmd:
     kpe: torch.Tensor
     ready: Any = None  # a CUDA event: the copy into staging is complete
     holds: Holds | None = None
+    latent_groups: int = 1  # > 1: ckv holds the decode's latent groups one after another, [g, n, r/g]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.kpe.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -31,8 +36,9 @@ class LayerCmd:
 
     @cached_property
     def row_bytes(self) -> tuple[np.ndarray, np.ndarray]:
-        """ĉ and k_pe as [n, row bytes] uint8 arrays over the same memory: rows and latent slices of them
-        are numpy views, far cheaper to take per message than tensor slices."""
+        """ĉ and k_pe as [n, row bytes] uint8 arrays over the same memory (ĉ [g, n, row bytes] when staged
+        by latent group): rows and latent slices of them are numpy views, far cheaper to take per message
+        than tensor slices."""
         ckv, kpe = (t.contiguous().view(torch.uint8).numpy() for t in (self.ckv, self.kpe))
         return ckv, kpe
 
@@ -79,7 +85,7 @@ class SenderRoom:
 
     def take_layer(self, cmd: LayerCmd, n_tokens: int) -> str | None:
         """Count a layer's rows as streamed, or say why they end the room (out of order, past the prompt)."""
-        n = cmd.ckv.shape[0]
+        n = cmd.n_tokens
         expected = self.next_start[cmd.layer]
         if cmd.token_start != expected:
             return f"layer {cmd.layer}: tokens from {cmd.token_start} sent, expected {expected}"

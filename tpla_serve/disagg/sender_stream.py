@@ -62,10 +62,11 @@ class RoomStreamer:
         return None
 
     def _joins(self, batch: list[LayerCmd], cmd: LayerCmd, chunk_tokens: int) -> bool:
-        last, n = batch[-1], cmd.ckv.shape[0]
+        last, n = batch[-1], cmd.n_tokens
         draft = cmd.layer >= self.kv.num_layers
         return (
-            cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.ckv.shape[0]
+            cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.n_tokens
+            and cmd.latent_groups == last.latent_groups
             and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
             and len(batch) < MAX_BATCH_LAYERS
         )
@@ -83,7 +84,7 @@ class RoomStreamer:
         routes = state.routes
         assert routes is not None
         draft = cmds[0].layer >= self.kv.num_layers
-        if draft and len(cmds) > 1 and cmds[0].ckv.shape[0] > routes.draft_chunk_tokens:
+        if draft and len(cmds) > 1 and cmds[0].n_tokens > routes.draft_chunk_tokens:
             for cmd in cmds:  # draft layers batch only within one chunk
                 self._batches[room] = (state, [cmd])
                 self.flush(room)

@@ -65,6 +65,22 @@ class StagingPool:
             self._cached = 0
 
 
+def stage_device_layer(
+    pool: StagingPool, ckv: torch.Tensor, kpe: torch.Tensor, latent_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event, Holds]:
+    """Copy a device layer's ĉ [n, r] and k_pe into pinned staging on the current stream, without waiting:
+    ĉ as [g, n, r/g] (each latent group's slice contiguous) when latent_groups > 1. Returns the host
+    tensors, the event that says the copies are complete, and the buffers' hold."""
+    bufs = [pool.acquire(t.nbytes) for t in (ckv, kpe)]
+    n, width = ckv.shape[0], ckv.shape[1] // latent_groups
+    src = ckv if latent_groups == 1 else ckv.view(n, latent_groups, width).transpose(0, 1)
+    host_ckv = bufs[0].view(ckv.dtype).view(src.shape).copy_(src, non_blocking=True)
+    host_kpe = bufs[1].view(kpe.dtype).view(kpe.shape).copy_(kpe, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(ckv.device))
+    return host_ckv, host_kpe, ready, Holds(pool, bufs)
+
+
 class Holds:
     """Staging buffers shared by the messages that read them: back to the pool when the last lets go.
     Whoever makes it holds it once; hold() for each message queued, drop() when each is done."""

@@ -34,6 +34,18 @@ T = TypeVar("T")
 NO_SLOTS = np.zeros(0, dtype=np.int64)
 
 
+GPU_HEADROOM_FRACTION = 0.05  # of the device, kept free for activations, CUDA graphs and the allocator
+
+
+def gpu_kv_budget(total: int, free: int, held: int, mem_fraction_static: float) -> int:
+    """Bytes for the KV pool on a GPU: this process's share of the device (mem_fraction_static of it, for
+    its weights and KV) less what it holds already, and never more than the free memory less a headroom.
+    Counted per process, so servers sharing one GPU each take their own fraction (not what the others
+    left free)."""
+    own_share = int(total * mem_fraction_static) - held
+    return min(own_share, free - int(total * GPU_HEADROOM_FRACTION))
+
+
 class ModelRunner:
     def __init__(
         self, config: EngineConfig, rank: int = 0, tp: TPGroup | None = None, extra_kv_bytes_per_token: int = 0
@@ -129,7 +141,8 @@ class ModelRunner:
             gc.collect()  # an engine shut down earlier in this process may still hold blocks through cycles
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1.0 - self.config.mem_fraction_static)
+            held = torch.cuda.memory_reserved(self.device)
+            budget = gpu_kv_budget(total, free, held, self.config.mem_fraction_static)
         else:
             budget = self.config.kv_cache_bytes
         num_pages = int(budget // bytes_per_page)
