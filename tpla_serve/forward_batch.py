@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ class ForwardBatch:
     capture: LatentObserver | None = None
     kv_sink: LayerKVSink | None = None
     extend_kv: ExtendKV | None = None  # EXTEND steps: built with the batch, from the host's page lists
+    sdpa_groups: list[Any] | None = None  # EXTEND steps on a GPU: the batched SDPA plan, built by layer 0
     _kv_indices: torch.Tensor | None = None
     _padded_kv: tuple[torch.Tensor, torch.Tensor] | None = None
     _causal_masks: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -10,7 +10,7 @@ import torch
 
 from tpla_serve.forward_batch import BatchEntry, extend_kv
 from tpla_serve.layers.attention.torch_backend import TorchAttentionBackend
-from tpla_serve.layers.attention.triton_backend import sdpa_extend
+from tpla_serve.layers.attention.sdpa_extend import plan_groups, sdpa_extend
 
 
 def _entries(rng: random.Random, page_size: int) -> list[BatchEntry]:
@@ -51,11 +51,14 @@ def test_runs_name_every_requests_slots_in_order_and_each_slot_once(seed: int, p
         assert len(runs) <= len(e.pages)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
-def test_attention_over_runs_equals_dense_causal_attention_per_request(backend: str) -> None:
-    torch.manual_seed(0)
+@pytest.mark.parametrize("seed", [3, 5, 8])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "sdpa in small groups"])
+def test_attention_over_runs_equals_dense_causal_attention_per_request(backend: str, seed: int) -> None:
+    """The torch backend's per-request attention and the GPU backends' batched SDPA (one padded call per
+    group of requests; with a small budget, several groups) against dense fp64 attention per request."""
+    torch.manual_seed(seed)
     page_size, heads, dqk, dv = 16, 4, 24, 8
-    entries = _entries(random.Random(3), page_size)
+    entries = _entries(random.Random(seed), page_size)
     layout = extend_kv(entries, page_size, "cpu")
     rows = layout.slots.numel() if layout.slots is not None else sum(len(e.new_token_ids) for e in entries)
     k, v = torch.randn(rows, heads, dqk), torch.randn(rows, heads, dv)
@@ -63,11 +66,14 @@ def test_attention_over_runs_equals_dense_causal_attention_per_request(backend: 
     seq_lens = [e.prefix_len + n for e, n in zip(entries, q_lens)]
     q = torch.randn(sum(q_lens), heads, dqk)
 
-    class Step:  # the fields TorchAttentionBackend.extend reads
+    class Step:  # the fields the backends' extend reads
         extend_kv = layout
+        input_ids = torch.zeros(0)  # its device
+        sdpa_groups = None
 
         def __init__(self) -> None:
             self.q_lens, self.seq_lens = q_lens, seq_lens
+            self.batch_size = len(q_lens)
 
         @staticmethod
         def future_mask(n: int) -> torch.Tensor:
@@ -77,8 +83,13 @@ def test_attention_over_runs_equals_dense_causal_attention_per_request(backend: 
             n, length = self.q_lens[i], self.seq_lens[i]
             return torch.arange(length)[None, :] <= torch.arange(length - n, length)[:, None]
 
+    step = Step()
+    if backend == "sdpa in small groups":
+        row_bytes = heads * (dqk + dv) * k.element_size()
+        step.sdpa_groups = plan_groups(step, row_bytes, max_bytes=2 * max(seq_lens) * row_bytes)  # type: ignore[arg-type]
+        assert len(step.sdpa_groups) > 1 or len(entries) <= 2
     attend = TorchAttentionBackend().extend if backend == "torch" else sdpa_extend
-    out = attend(q, k, v, Step(), 0.3)  # type: ignore[arg-type]
+    out = attend(q, k, v, step, 0.3)  # type: ignore[arg-type]
     q0 = 0
     for n, length, runs in zip(q_lens, seq_lens, layout.runs):
         ki, vi = torch.cat([k[a:b] for a, b in runs]), torch.cat([v[a:b] for a, b in runs])

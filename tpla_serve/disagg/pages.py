@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -128,29 +128,37 @@ class RoomPages:
 
     def land_staged(self, layers: Sequence[StagedLayer], token_start: int, n: int, staged: torch.Tensor,
                     release: Callable[[], None]) -> None:
-        """Move a chunk landed in host memory (`staged`: per layer its ĉ then k_pe rows) into the pages and
-        call `release` once `staged` is no longer read (GPU pools: host pools take bytes in place). One host →
-        device copy of the whole chunk, then a copy per run of consecutive pages (or one scatter by slot when the pages are scattered), queued
-        on the receiver's stream; nothing waits for them here."""
+        """Move a chunk landed in host memory (`staged`: per layer its ĉ then k_pe rows; the layers consecutive
+        and of one pool, as a message carries them) into the pages and call `release` once `staged` is no
+        longer read (GPU pools: host pools take bytes in place). One host → device copy of the whole chunk,
+        then for all its layers at once a copy per run of consecutive pages (or one scatter by slot when the
+        pages are scattered), queued on the receiver's stream; nothing waits for them here."""
         stream = self._of.stream
         assert stream is not None, "a pool in host memory takes its bytes in place (host_segments)"
+        pool, first = self._target(layers[0][0])
+        _, dtype, ckv_width, kpe_width = layers[0]
+        count = len(layers)
+        last_pool, last = self._target(layers[-1][0])
+        if last_pool is not pool or last - first != count - 1 or any(x[1:] != layers[0][1:] for x in layers):
+            raise ValueError("a KV message's layers must be consecutive layers of one model")
         runs = self._runs(token_start, n)
         loc = self.slots[token_start : token_start + n] if len(runs) > _DIRECT_RUNS else None
         stream.wait_stream(torch.cuda.current_stream(self._of.device))  # the slots were made on that stream
         try:
             with torch.cuda.stream(stream):
-                dev = staged.to(self._of.device, non_blocking=True)
-                for layer, ckv, kpe in self._split(layers, n, dev):
-                    pool, layer = self._target(layer)
-                    if loc is not None:
-                        pool.write(layer, loc, ckv, kpe)
-                        continue
-                    dst_ckv = pool.ckv[layer].view(-1, pool.ckv_dim)
-                    dst_kpe = pool.kpe[layer].view(-1, pool.rope_dim)
+                rows = staged.to(self._of.device, non_blocking=True).view(dtype).view(count, -1)
+                ckv = rows[:, : n * ckv_width].view(count, n, ckv_width).to(pool.dtype)
+                kpe = rows[:, n * ckv_width :].view(count, n, kpe_width).to(pool.dtype)
+                dst_ckv = pool.ckv_layers[first : first + count].view(count, -1, pool.ckv_dim)
+                dst_kpe = pool.kpe_layers[first : first + count].view(count, -1, pool.rope_dim)
+                if loc is not None:
+                    dst_ckv.index_copy_(1, loc, ckv)
+                    dst_kpe.index_copy_(1, loc, kpe)
+                else:
                     t = 0
                     for a, b in runs:
-                        dst_ckv[a:b].copy_(ckv[t : t + b - a])
-                        dst_kpe[a:b].copy_(kpe[t : t + b - a])
+                        dst_ckv[:, a:b].copy_(ckv[:, t : t + b - a])
+                        dst_kpe[:, a:b].copy_(kpe[:, t : t + b - a])
                         t += b - a
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -159,18 +167,6 @@ class RoomPages:
             raise
         self._last_copy = done
         self._of.copy_queued(done, release)
-
-    @staticmethod
-    def _split(
-        layers: Sequence[StagedLayer], n: int, staged: torch.Tensor
-    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(layer, ĉ [n, ĉ width], k_pe [n, k_pe width]) views of a staged chunk, layer by layer."""
-        offset = 0
-        for layer, dtype, ckv_width, kpe_width in layers:
-            a = offset
-            b = a + n * ckv_width * dtype.itemsize
-            offset = b + n * kpe_width * dtype.itemsize
-            yield layer, staged[a:b].view(dtype).view(n, ckv_width), staged[b:offset].view(dtype).view(n, kpe_width)
 
     def flush(self) -> None:
         """Wait until every copy queued for this room has run (the room ends: its pages may be reused)."""

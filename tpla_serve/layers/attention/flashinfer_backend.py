@@ -26,7 +26,7 @@ import torch
 from tpla_serve.forward_batch import ForwardBatch, ForwardMode
 from tpla_serve.layers.attention import AttentionShape
 from tpla_serve.layers.attention.base import AttentionBackend
-from tpla_serve.layers.attention.triton_backend import sdpa_extend
+from tpla_serve.layers.attention.sdpa_extend import sdpa_extend
 
 if TYPE_CHECKING:
     from flashinfer.mla import BatchMLAPagedAttentionWrapper

@@ -5,30 +5,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from tpla_serve.forward_batch import ForwardBatch
 from tpla_serve.layers.attention.base import AttentionBackend
-
-
-def sdpa_extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch, scale: float) -> torch.Tensor:
-    """Per request, torch's fused SDPA over its key runs (a cached prefix's and its own, concatenated);
-    a prefix makes the causal mask a bottom-right-aligned one."""
-    assert fb.extend_kv is not None, "an EXTEND batch carries its KV layout"
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-    q_start = 0
-    for i, (q_len, kv_len, runs) in enumerate(zip(fb.q_lens, fb.seq_lens, fb.extend_kv.runs)):
-        qi = q[q_start : q_start + q_len].transpose(0, 1)
-        ki, vi = (torch.cat([t[a:b] for a, b in runs]) if len(runs) > 1 else t[runs[0][0] : runs[0][1]]
-                  for t in (k, v))
-        ki, vi = ki.transpose(0, 1), vi.transpose(0, 1)
-        if q_len == kv_len:
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
-        else:
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=fb.causal_mask(i), scale=scale)
-        out[q_start : q_start + q_len] = o.transpose(0, 1)
-        q_start += q_len
-    return out
+from tpla_serve.layers.attention.sdpa_extend import sdpa_extend
 
 
 class RaggedRows(NamedTuple):
