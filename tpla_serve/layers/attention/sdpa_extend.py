@@ -60,7 +60,7 @@ def plan_groups(fb: ForwardBatch, kv_row_bytes: int, max_bytes: int = PADDED_BYT
         kv_len = torch.from_numpy(kv_lens[members]).to(device)[:, None, None]
         t = torch.arange(q_max, device=device)[None, :, None]
         j = torch.arange(l_max, device=device)[None, None, :]
-        mask = ((j <= kv_len - q_len + t) & (j < kv_len)) | (j == 0)  # padding queries see key 0 only
+        mask = (j <= kv_len - q_len + t) & (j < kv_len)  # padded keys hidden; padding queries' rows dropped
         valid = np.arange(q_max)[None, :] < q_lens[members][:, None]
         plans.append(SdpaGroup(
             torch.from_numpy(q_rows).to(device), torch.from_numpy(kv_rows).to(device), mask[:, None],
