@@ -59,7 +59,9 @@ def run(config: dict, prompts: list[list[int]], new_tokens: int, batch_size: int
 
     params = {"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
     with Engine(**config) as engine:
-        engine.generate(input_ids=prompts[:2], sampling_params=params | {"max_new_tokens": 16})  # warm-up
+        # Warm-up at the measured batch size, long enough for every block shape (calibrations of 1..k+1
+        # tokens): kernels compile per shape on first use, and that must not land in the timed run.
+        engine.generate(input_ids=prompts[:batch_size], sampling_params=params | {"max_new_tokens": 48})
         before = engine.get_server_info()
         outs = []
         start = time.perf_counter()
