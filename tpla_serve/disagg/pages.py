@@ -138,9 +138,8 @@ class RoomPages:
         pool, first = self._target(layers[0][0])
         _, dtype, ckv_width, kpe_width = layers[0]
         count = len(layers)
-        last_pool, last = self._target(layers[-1][0])
-        if last_pool is not pool or last - first != count - 1 or any(x[1:] != layers[0][1:] for x in layers):
-            raise ValueError("a KV message's layers must be consecutive layers of one model")
+        if self._target(layers[-1][0])[0] is not pool:  # the message's layers are consecutive (layer_landing)
+            raise ValueError("a KV message's layers must be layers of one model, the target's or the draft's")
         runs = self._runs(token_start, n)
         loc = self.slots[token_start : token_start + n] if len(runs) > _DIRECT_RUNS else None
         stream.wait_stream(torch.cuda.current_stream(self._of.device))  # the slots were made on that stream

@@ -127,12 +127,11 @@ def _slice(cmd: LayerCmd, s: int, e: int, a: int, b: int, staging: StagingPool) 
     ckv_rows, kpe_rows = cmd.row_bytes
     base = () if cmd.holds is None else (cmd.holds,)
     kpe_frame = kpe_rows[s:e].reshape(-1)
-    if cmd.latent_groups > 1:  # staged by latent group on the device: the slice is there already
-        width = cmd.ckv.shape[-1]
-        assert b - a == width and a % width == 0, f"latent slice [{a}, {b}) is not one of {cmd.latent_groups} groups"
-        fill = None if cmd.ready is None else _Fill(cmd.ready)
-        return _Part(ckv_rows[a // width, s:e].reshape(-1), kpe_frame, base, fill)
-    if b - a == cmd.ckv.shape[1]:
+    width = cmd.ckv.shape[-1]
+    if cmd.latent_groups > 1 or b - a == width:  # the whole rows, or a group staged by the device: no copy
+        if cmd.latent_groups > 1:
+            assert b - a == width and a % width == 0, f"latent slice [{a}, {b}) is not one of the groups"
+            ckv_rows = ckv_rows[a // width]
         fill = None if cmd.ready is None else _Fill(cmd.ready)
         return _Part(ckv_rows[s:e].reshape(-1), kpe_frame, base, fill)
     size = cmd.ckv.element_size()
