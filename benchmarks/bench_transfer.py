@@ -166,9 +166,9 @@ class _Decode:
         if len(self._done) == self.layout.tp_size:
             self._all_done.set()
 
-    def run(self, conn: Connection, port: int, room: int, n: int) -> tuple[float, float]:
+    def run(self, conn: Connection, port: int, room: int, n: int) -> tuple[float, float, float]:
         """Seconds from the prefill's first send_layer to the last rank's RoomCompleted, and the CPU
-        seconds both processes spent meanwhile."""
+        seconds the prefill and the decode process spent meanwhile."""
         self._done.clear()
         self._all_done.clear()
         for rx, pages in zip(self.rx, self.pages):
@@ -179,16 +179,18 @@ class _Decode:
         t0, prefill_cpu = conn.recv()
         if not self._all_done.wait(120.0):
             raise RuntimeError(f"room {room} did not complete")
-        return max(self._done) - t0, _cpu_since(conn, cpu, prefill_cpu)
+        return max(self._done) - t0, *_cpu_since(conn, cpu, prefill_cpu)
 
     def close(self) -> None:
         for rx in self.rx:
             rx.close()
 
 
-def _cpu_since(conn: Connection, cpu: float, prefill_cpu: float) -> float:
+def _cpu_since(conn: Connection, cpu: float, prefill_cpu: float) -> tuple[float, float]:
+    """CPU seconds since the run began: the prefill process's, then this (decode) process's."""
+    decode_cpu = time.process_time() - cpu
     conn.send(("cpu",))
-    return time.process_time() - cpu + conn.recv() - prefill_cpu
+    return conn.recv() - prefill_cpu, decode_cpu
 
 
 def _run_raw(
@@ -226,15 +228,22 @@ def _run_raw(
         t.join()
     for s in listeners:
         s.close()
-    return max(ends) - t0, _cpu_since(conn, cpu, prefill_cpu)
+    return max(ends) - t0, *_cpu_since(conn, cpu, prefill_cpu)
+
+
+Run = tuple[float, float, float]  # seconds, prefill CPU seconds, decode CPU seconds
+
+
+def _cpu_ms(run: Run) -> str:
+    return f"{(run[1] + run[2]) * 1e3:.1f} ({run[1] * 1e3:.1f} + {run[2] * 1e3:.1f})"
 
 
 def _measure(
     conn: Connection, port: int, layout: DecodeLayout, lens: list[int], repeats: int, rooms: Iterator[int],
     lanes: int, device: str,
-) -> list[tuple[int, float, float, float, float]]:
-    """(prompt tokens, raw seconds, our seconds) per prompt length: medians, raw and ours alternating run by
-    run so that both see the same machine, after one warm-up run of each."""
+) -> list[tuple[int, Run, Run]]:
+    """(prompt tokens, raw, ours) per prompt length: each the medians of its runs, raw and ours alternating
+    run by run so that both see the same machine, after one warm-up run of each."""
     decode = _Decode(layout, max(lens), lanes, device)
     size = SPEC.num_layers * max(lens) * layout.token_bytes()
     bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=device != "cpu") for _ in range(layout.tp_size)]
@@ -246,15 +255,12 @@ def _measure(
                 (_run_raw(conn, layout, n, bufs, device_bufs), decode.run(conn, port, next(rooms), n))
                 for _ in range(repeats + 1)
             ]
-            (t_raw, c_raw), (t_ours, c_ours) = (
-                tuple(statistics.median(x) for x in zip(*side)) for side in zip(*runs[1:])
-            )
-            results.append((n, t_raw, t_ours, c_raw, c_ours))
+            raw, ours = (tuple(statistics.median(x) for x in zip(*side)) for side in zip(*runs[1:]))
+            results.append((n, raw, ours))
             nbytes = layout.tp_size * SPEC.num_layers * n * layout.token_bytes()
             print(
-                f"T={layout.tp_size} g={layout.latent_groups} n={n}: raw {nbytes / t_raw / 1e9:.2f} GB/s, "
-                f"ours {nbytes / t_ours / 1e9:.2f} GB/s; CPU ms raw {c_raw * 1e3:.1f}, "
-                f"ours {c_ours * 1e3:.1f}",
+                f"T={layout.tp_size} g={layout.latent_groups} n={n}: raw {nbytes / raw[0] / 1e9:.2f} GB/s, "
+                f"ours {nbytes / ours[0] / 1e9:.2f} GB/s; CPU ms raw {_cpu_ms(raw)}, ours {_cpu_ms(ours)}",
                 flush=True,
             )
     finally:
@@ -307,7 +313,8 @@ def main() -> None:
             "(slicing into reusable staging on the sending lane's thread for g > 1) → TCP data plane "
             f"({args.lanes} connection(s) per rank, sendmsg) → KVReceiver reading each chunk into the rank's "
             "paged pool in place; authenticated (each message's header tagged and checked). CPU ms: user + "
-            "system time of both processes from the first send to the last rank's completion."
+            "system time of both processes from the first send to the last rank's completion (prefill + "
+            "decode)."
         ),
         (
             f"KV in {args.device} memory at both ends"
@@ -320,16 +327,17 @@ def main() -> None:
         ),
         "",
         "| decode T | g | prompt tokens | MB received | raw ms | raw GB/s | ours ms | ours GB/s | ours / raw "
-        "| CPU ms raw | CPU ms ours |",
+        "| CPU ms raw (prefill + decode) | CPU ms ours (prefill + decode) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layout, rows in results:
-        for n, t_raw, t_ours, c_raw, c_ours in rows:
+        for n, raw, ours in rows:
             nbytes = layout.tp_size * SPEC.num_layers * n * layout.token_bytes()
+            t_raw, t_ours = raw[0], ours[0]
             lines.append(
                 f"| {layout.tp_size} | {layout.latent_groups} | {n} | {nbytes / 1e6:.1f} | {t_raw * 1e3:.2f} | "
                 f"{nbytes / t_raw / 1e9:.2f} | {t_ours * 1e3:.2f} | {nbytes / t_ours / 1e9:.2f} | "
-                f"{t_raw / t_ours:.2f} | {c_raw * 1e3:.1f} | {c_ours * 1e3:.1f} |"
+                f"{t_raw / t_ours:.2f} | {_cpu_ms(raw)} | {_cpu_ms(ours)} |"
             )
     lines.append(
         f"\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "

@@ -26,11 +26,11 @@ class LayerCmd:
     holds: Holds | None = None
     latent_groups: int = 1  # > 1: ckv holds the decode's latent groups one after another, [g, n, r/g]
 
-    @property
+    @cached_property
     def n_tokens(self) -> int:
         return self.kpe.shape[0]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.ckv.nbytes + self.kpe.nbytes
 

@@ -21,6 +21,20 @@ from tpla_serve.disagg.transport import DataSender, SendDone
 BATCH_BYTES = 1 << 20  # a message per rank stops taking more layers at this size
 
 
+@dataclasses.dataclass
+class _Batch:
+    """A room's layers waiting to leave as one message per rank, and their bytes (an upper bound of what
+    each rank gets)."""
+
+    state: SenderRoom
+    cmds: list[LayerCmd] = dataclasses.field(default_factory=list)
+    nbytes: int = 0
+
+    def add(self, cmd: LayerCmd) -> None:
+        self.cmds.append(cmd)
+        self.nbytes += cmd.nbytes
+
+
 class RoomStreamer:
     """Streams registered rooms (the sender's IO thread). Each method returns why the room must fail,
     or None; a send the plane refuses at once raises (SEND_ERRORS), one that fails later reaches
@@ -35,7 +49,7 @@ class RoomStreamer:
         self.on_failed = on_failed
         self.bytes_sent = 0  # draft included
         self.draft_bytes_sent = 0
-        self._batches: dict[int, tuple[SenderRoom, list[LayerCmd]]] = {}  # room -> layers not sent yet
+        self._batches: dict[int, _Batch] = {}  # room -> layers not sent yet
 
     def layer(self, state: SenderRoom, cmd: LayerCmd) -> str | None:
         """Take the layer (and its hold on any staging) into the room's batch, or send it."""
@@ -50,14 +64,13 @@ class RoomStreamer:
             cmd.release()
             return problem
         batch = self._batches.get(state.room)
-        if batch is not None and not self._joins(batch[1], cmd, routes.chunk_tokens):
+        if batch is not None and not self._joins(batch.cmds, cmd, routes.chunk_tokens):
             self.flush(state.room)
             batch = None
         if batch is None:
-            self._batches[state.room] = (state, [cmd])
-        else:
-            batch[1].append(cmd)
-        if self._rank_bytes(self._batches[state.room][1]) >= BATCH_BYTES:
+            batch = self._batches[state.room] = _Batch(state)
+        batch.add(cmd)
+        if batch.nbytes >= BATCH_BYTES:
             self.flush(state.room)
         return None
 
@@ -71,22 +84,19 @@ class RoomStreamer:
             and len(batch) < MAX_BATCH_LAYERS
         )
 
-    @staticmethod
-    def _rank_bytes(batch: list[LayerCmd]) -> int:
-        return sum(c.nbytes for c in batch)  # an upper bound of what each rank gets
-
     def flush(self, room: int) -> None:
         """Send the room's batched layers (raises SEND_ERRORS like the data plane's send)."""
-        entry = self._batches.pop(room, None)
-        if entry is None:
+        batch = self._batches.pop(room, None)
+        if batch is None:
             return
-        state, cmds = entry
+        state, cmds = batch.state, batch.cmds
         routes = state.routes
         assert routes is not None
         draft = cmds[0].layer >= self.kv.num_layers
         if draft and len(cmds) > 1 and cmds[0].n_tokens > routes.draft_chunk_tokens:
             for cmd in cmds:  # draft layers batch only within one chunk
-                self._batches[room] = (state, [cmd])
+                self._batches[room] = _Batch(state)
+                self._batches[room].add(cmd)
                 self.flush(room)
             return
         messages = draft_layer_messages if draft else target_layer_messages
@@ -106,8 +116,8 @@ class RoomStreamer:
 
     def drop(self, room: int) -> None:
         """Forget the room's batched layers (it ended)."""
-        entry = self._batches.pop(room, None)
-        for cmd in entry[1] if entry is not None else ():
+        batch = self._batches.pop(room, None)
+        for cmd in batch.cmds if batch is not None else ():
             cmd.release()
 
     def done(self, state: SenderRoom, done: Done) -> str | None:
