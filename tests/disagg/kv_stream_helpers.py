@@ -270,24 +270,27 @@ class TcpEndpoint:
 
 
 class StreamTap(TcpEndpoint):
-    """Records every message a prefill sends it, as frames."""
+    """Records every message a prefill sends it, as frames, and which of its connections (in the order
+    they were accepted) each came on."""
 
     def __init__(self, closing: list) -> None:
         self.messages: queue.Queue[list[bytes]] = queue.Queue()
+        self.connection_of: list[tuple[int, list[bytes]]] = []  # (connection, frames) per message
         self.connections = 0
         super().__init__()
         closing.append(self)
 
     def on_connection(self, conn: socket.socket) -> None:
         self.connections += 1
-        threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+        threading.Thread(target=self._read, args=(conn, self.connections - 1), daemon=True).start()
 
-    def _read(self, conn: socket.socket) -> None:
+    def _read(self, conn: socket.socket, index: int) -> None:
         with conn, conn.makefile("rb") as f:
             while head := f.read(PREFIX.size):
                 header_len, n = PREFIX.unpack(head)
                 sizes = [SIZE.unpack(f.read(SIZE.size))[0] for _ in range(n)]
                 frames = [f.read(header_len), f.read(TAG_BYTES), *(f.read(s) for s in sizes)]
+                self.connection_of.append((index, frames))
                 self.messages.put(frames)
 
     def recv_multipart(self, timeout_s: float = 5.0) -> list[bytes]:

@@ -13,10 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import zmq
 from kv_stream_helpers import (
     InPlaceRank,
     StreamPeer,
+    StreamTap,
     TcpEndpoint,
+    owned_socket,
     prompt_kv,
     small_spec,
     wait_events,
@@ -30,12 +33,13 @@ from tpla_serve.disagg import (
     KVSender,
     KVSpec,
     LayerKV,
+    Register,
     RoomCompleted,
     RoomFailed,
     decode,
     encode,
 )
-from tpla_serve.disagg.auth import ClusterAuth
+from tpla_serve.disagg.auth import ClusterAuth, register_stamp
 from tpla_serve.disagg.loopback import LoopbackPlane
 from tpla_serve.disagg.tcp_stream import envelope
 from tpla_serve.disagg.wire import tensor_frame
@@ -241,6 +245,34 @@ def test_small_layers_ready_together_travel_in_one_message_per_rank(closing: lis
     # Rank 0: the target's layers in one message; rank 1 also the draft's, in one message of their own.
     expected = [[TARGET.num_layers], [TARGET.num_layers, DRAFT.num_layers]]
     assert sorted(t.layers_per_message for t in taps) == sorted(expected)
+
+
+def test_a_batched_layer_keeps_its_lane_for_the_rest_of_the_room(closing: list) -> None:
+    """With several lanes per rank, a layer's chunks must share one connection, or a later chunk can
+    overtake an earlier one and the decode fails the room. Layers batched onto one lane stay on it."""
+    tap = StreamTap(closing)  # the decode rank's endpoint: which connection each message came on
+    sender = KVSender(TARGET, secret=SECRET)
+    closing.append(sender)
+    room, n, half = 21, 8, 4
+    kv = prompt_kv(room, n, TARGET)
+    for layer, (ckv, kpe) in enumerate(kv):  # the first chunk of every layer waits for the REGISTER
+        sender.send_layer(room, layer, ckv[:half], kpe[:half])
+    stamp_ms, nonce = register_stamp()
+    reg = Register(room, DecodeLayout(TARGET, 1, 1, 16), (tap.endpoint,), tap.endpoint, n, 1 << 20,
+                   stamp_ms, nonce, lanes=3)
+    push = owned_socket(closing, zmq.PUSH, 1000)
+    push.connect(sender.bootstrap_endpoint)
+    push.send_multipart(encode(reg, ClusterAuth(SECRET).register_key))
+    assert wait_until(lambda: len(tap.connection_of) == 1)  # the first chunk: one message of all layers
+    for layer, (ckv, kpe) in enumerate(kv):  # the second chunk layer by layer, each sent alone
+        sender.send_layer(room, layer, ckv[half:], kpe[half:], half)
+        assert wait_until(lambda: len(tap.connection_of) == layer + 2)
+    sender.send_done(room, 3)
+    assert wait_until(lambda: len(tap.connection_of) == TARGET.num_layers + 2)
+    layers = [decode(frames) for _, frames in tap.connection_of[:-1]]
+    assert [(m.layer, m.n_layers, m.token_start) for m in layers] == [(0, 3, 0), (0, 1, 4), (1, 1, 4), (2, 1, 4)]
+    assert {connection for connection, _ in tap.connection_of} == {0}
+    assert isinstance(decode(tap.connection_of[-1][1]), Done)
 
 
 def test_a_done_with_more_frames_than_done_has_is_refused_before_its_payload_is_read(closing: list) -> None:

@@ -61,7 +61,7 @@ class Register:
     max_frame_bytes: int  # largest frame the decode ranks accept; the prefill chunks tokens to fit
     issued_ms: int  # the decode's wall clock when it sent the REGISTER (ms since the epoch)
     nonce: bytes  # random, once per REGISTER: the prefill refuses a REGISTER it has seen
-    lanes: int = 1  # connections per decode rank the prefill spreads layers over (layer l on lane l % lanes)
+    lanes: int = 1  # connections per decode rank the prefill spreads layers over (DESIGN §4)
 
     def __post_init__(self) -> None:
         if len(self.rank_endpoints) != self.layout.tp_size:

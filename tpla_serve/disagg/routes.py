@@ -31,7 +31,7 @@ class Routes:
     key: bytes = field(repr=False)  # the room's prefill → decode tag key
     targets: list[tuple[str, int, int]]  # per decode rank: its endpoint and latent slice [a, b)
     chunk_tokens: int  # tokens per message
-    lanes: int = 1  # connections per decode rank: layer l goes on lane l % lanes
+    lanes: int = 1  # connections per decode rank: layer l goes on lane l % lanes (SenderRoom.lane)
     send_draft: bool = False  # the decode wants this prefill's draft KV
     draft_targets: list[str] = field(default_factory=list)  # endpoints of the ranks that keep a draft
     draft_chunk_tokens: int = 0

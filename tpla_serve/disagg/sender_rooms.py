@@ -82,6 +82,14 @@ class SenderRoom:
     buffered: list[Command] = field(default_factory=list)
     buffered_bytes: int = 0
     touched: bool = False  # the engine has sent commands for it, so it wants to hear how it ends
+    # Wire layer -> the lane its first message took. A layer's messages must share a connection to arrive
+    # in order; a batch of layers goes on its first layer's lane, so a batched layer may leave l % lanes.
+    layer_lanes: dict[int, int] = field(default_factory=dict)
+
+    def lane(self, layer: int) -> int:
+        """The lane the layer's next message goes on."""
+        assert self.routes is not None
+        return self.layer_lanes.get(layer, layer % self.routes.lanes)
 
     def take_layer(self, cmd: LayerCmd, n_tokens: int) -> str | None:
         """Count a layer's rows as streamed, or say why they end the room (out of order, past the prompt)."""

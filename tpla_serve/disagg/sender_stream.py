@@ -64,7 +64,7 @@ class RoomStreamer:
             cmd.release()
             return problem
         batch = self._batches.get(state.room)
-        if batch is not None and not self._joins(batch.cmds, cmd, routes.chunk_tokens):
+        if batch is not None and not self._joins(batch, cmd, routes.chunk_tokens):
             self.flush(state.room)
             batch = None
         if batch is None:
@@ -74,14 +74,16 @@ class RoomStreamer:
             self.flush(state.room)
         return None
 
-    def _joins(self, batch: list[LayerCmd], cmd: LayerCmd, chunk_tokens: int) -> bool:
-        last, n = batch[-1], cmd.n_tokens
+    def _joins(self, batch: _Batch, cmd: LayerCmd, chunk_tokens: int) -> bool:
+        last, n = batch.cmds[-1], cmd.n_tokens
         draft = cmd.layer >= self.kv.num_layers
+        lane = batch.state.layer_lanes.get(cmd.layer)
         return (
             cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.n_tokens
             and cmd.latent_groups == last.latent_groups
             and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
-            and len(batch) < MAX_BATCH_LAYERS
+            and len(batch.cmds) < MAX_BATCH_LAYERS
+            and (lane is None or lane == batch.state.lane(batch.cmds[0].layer))
         )
 
     def flush(self, room: int) -> None:
@@ -100,7 +102,9 @@ class RoomStreamer:
                 self.flush(room)
             return
         messages = draft_layer_messages if draft else target_layer_messages
-        lane = cmds[0].layer % routes.lanes
+        lane = state.lane(cmds[0].layer)
+        for cmd in cmds:
+            state.layer_lanes[cmd.layer] = lane
         try:
             for endpoint, frames, nbytes, holds, fill in messages(routes, room, cmds, self.staging):
                 self.data.send(endpoint, lane, room, frames, self._sent(room, holds), fill)
@@ -130,7 +134,7 @@ class RoomStreamer:
         problem = state.unfinished_layer(wire_layers, reg.n_tokens)
         if problem is not None:
             return problem
-        lane = (wire_layers - 1) % routes.lanes
+        lane = state.lane(wire_layers - 1)
         for rank, endpoint in enumerate(reg.rank_endpoints):
             msg = dataclasses.replace(
                 done,
