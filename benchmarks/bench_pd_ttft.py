@@ -28,6 +28,7 @@ from common import launch_server, stop_servers, write_result  # noqa: E402
 from tpla_serve.models.registry import builtin_config  # noqa: E402
 from tpla_serve.net import free_port
 
+SECRET = "the PD TTFT benchmark's cluster secret"
 OVERRIDE = {"num_hidden_layers": 8, "first_k_dense_replace": 8, "hidden_size": 1024, "num_attention_heads": 2, "num_key_value_heads": 2,
             "intermediate_size": 1024, "vocab_size": 4096, "max_position_embeddings": 16384}
 
@@ -57,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     model = ["--model-path", str(builtin_config("deepseek-v2-lite")), "--load-format", "dummy",
              "--skip-tokenizer-init", "--json-model-override-args", json.dumps(OVERRIDE), "--dtype", "float32",
-             "--chunked-prefill-size", "2048", "--disaggregation-timeout", "600", "--device", args.device]
+             "--chunked-prefill-size", "2048", "--disaggregation-timeout", "600", "--device", args.device,
+             "--disaggregation-secret", SECRET]  # the KV stream authenticated, as a cluster runs it
     # Three servers on one machine: on a GPU each takes a fifth of it, on CPU a 1 GiB KV cache per rank.
     model += ["--mem-fraction-static", "0.2"] if args.device.startswith("cuda") else ["--kv-cache-bytes", str(1 << 30)]
     bootstrap = str(free_port())
@@ -96,9 +98,9 @@ def main() -> None:
         stop_servers(procs)
     table = "| prompt tokens | KV streamed (MB) | TTFT prefill alone (ms) | TTFT prefill + transfer (ms) | ratio |\n|---|---|---|---|---|\n"
     table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
-    body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32, CPU; medians of "
-            f"{args.repeats}, on {args.device}. PD: prefill T=1 -> decode T={tp}, g={tp} over loopback TCP, "
-            "through tpla_router, TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV "
+    body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32; medians of "
+            f"{args.repeats}, on {args.device}. PD: prefill T=1 -> decode T={tp}, g={tp} over loopback TCP "
+            "(authenticated: every message tagged with the cluster secret), through tpla_router, TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV "
             "transfer + handshake).\n\n" + table
             + f"\n\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
     print(write_result(args.name, "Time to first token: prefill alone vs prefill + KV transfer", body))
