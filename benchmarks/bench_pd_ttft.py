@@ -100,8 +100,9 @@ def main() -> None:
     table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
     body = (f"Dummy DeepSeek-V2-Lite latent shapes with `{json.dumps(OVERRIDE)}`, fp32; medians of "
             f"{args.repeats}, on {args.device}. PD: prefill T=1 -> decode T={tp}, g={tp} over loopback TCP "
-            "(authenticated: every message tagged with the cluster secret), through tpla_router, TTFT = the decode's answer carrying the first token (prefill + layer-streamed KV "
-            "transfer + handshake).\n\n" + table
+            "(authenticated: every message tagged with the cluster secret), through tpla_router, TTFT = the "
+            "decode's answer carrying the first token (prefill + layer-streamed KV transfer + handshake).\n\n"
+            + table
             + f"\n\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
     print(write_result(args.name, "Time to first token: prefill alone vs prefill + KV transfer", body))
 

@@ -23,10 +23,11 @@ BATCH_BYTES = 4 << 20  # a message per rank stops taking more layers at this siz
 
 @dataclasses.dataclass
 class _Batch:
-    """A room's layers waiting to leave as one message per rank, and their bytes (an upper bound of what
-    each rank gets)."""
+    """A room's layers waiting to leave as one message per rank on one lane (its first layer's), and their
+    bytes (an upper bound of what each rank gets)."""
 
     state: SenderRoom
+    lane: int
     cmds: list[LayerCmd] = dataclasses.field(default_factory=list)
     nbytes: int = 0
 
@@ -68,7 +69,7 @@ class RoomStreamer:
             self.flush(state.room)
             batch = None
         if batch is None:
-            batch = self._batches[state.room] = _Batch(state)
+            batch = self._batches[state.room] = _Batch(state, state.lane(cmd.layer))
         batch.add(cmd)
         if batch.nbytes >= BATCH_BYTES:
             self.flush(state.room)
@@ -77,13 +78,13 @@ class RoomStreamer:
     def _joins(self, batch: _Batch, cmd: LayerCmd, chunk_tokens: int) -> bool:
         last, n = batch.cmds[-1], cmd.n_tokens
         draft = cmd.layer >= self.kv.num_layers
-        lane = batch.state.layer_lanes.get(cmd.layer)
+        lane = batch.state.layer_lanes.get(cmd.layer, batch.lane)
         return (
             cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.n_tokens
             and cmd.latent_groups == last.latent_groups
             and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
             and len(batch.cmds) < MAX_BATCH_LAYERS
-            and (lane is None or lane == batch.state.lane(batch.cmds[0].layer))
+            and lane == batch.lane
         )
 
     def flush(self, room: int) -> None:
@@ -97,12 +98,12 @@ class RoomStreamer:
         draft = cmds[0].layer >= self.kv.num_layers
         if draft and len(cmds) > 1 and cmds[0].n_tokens > routes.draft_chunk_tokens:
             for cmd in cmds:  # draft layers batch only within one chunk
-                self._batches[room] = _Batch(state)
+                self._batches[room] = _Batch(state, state.lane(cmd.layer))
                 self._batches[room].add(cmd)
                 self.flush(room)
             return
         messages = draft_layer_messages if draft else target_layer_messages
-        lane = state.lane(cmds[0].layer)
+        lane = batch.lane
         for cmd in cmds:
             state.layer_lanes[cmd.layer] = lane
         try:
