@@ -141,13 +141,18 @@ class RoomPages:
         if self._target(layers[-1][0])[0] is not pool:  # the message's layers are consecutive (layer_landing)
             raise ValueError("a KV message's layers must be layers of one model, the target's or the draft's")
         runs = self._runs(token_start, n)
-        loc = self.slots[token_start : token_start + n] if len(runs) > _DIRECT_RUNS else None
-        stream.wait_stream(torch.cuda.current_stream(self._of.device))  # the slots were made on that stream
+        if self._last_copy is None:
+            # The room's first copies wait for what the engine queued before: kernels of the pages' last
+            # owner may still read them.
+            stream.wait_stream(torch.cuda.current_stream(self._of.device))
         try:
             with torch.cuda.stream(stream):
+                loc = self.slots[token_start : token_start + n] if len(runs) > _DIRECT_RUNS else None
                 rows = staged.to(self._of.device, non_blocking=True).view(dtype).view(count, -1)
-                ckv = rows[:, : n * ckv_width].view(count, n, ckv_width).to(pool.dtype)
-                kpe = rows[:, n * ckv_width :].view(count, n, kpe_width).to(pool.dtype)
+                ckv = rows[:, : n * ckv_width].view(count, n, ckv_width)
+                kpe = rows[:, n * ckv_width :].view(count, n, kpe_width)
+                if dtype != pool.dtype:
+                    ckv, kpe = ckv.to(pool.dtype), kpe.to(pool.dtype)
                 dst_ckv = pool.ckv_layers[first : first + count].view(count, -1, pool.ckv_dim)
                 dst_kpe = pool.kpe_layers[first : first + count].view(count, -1, pool.rope_dim)
                 if loc is not None:

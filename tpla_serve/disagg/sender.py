@@ -1,10 +1,11 @@
 """Prefill side of the KV stream: one KVSender per prefill scheduler.
 
 The engine calls send_layer() after each layer and send_done() after sampling the first token; both
-return at once (a GPU's layer is copied into pinned staging without waiting). The IO thread cuts each layer
-into per-rank messages (sender_stream.py, routes.py) for the data plane (transport.py), whose lanes slice
-and write them zero-copy while the engine computes on; DONE follows the last layer on its lane. Decode
-servers REGISTER on the bootstrap socket; layers ready before their room registers wait in a bounded buffer.
+return at once (a GPU's layer is copied into pinned staging without waiting, and reaches the IO thread once
+copied: staging.CopyWatcher). The IO thread cuts layers into per-rank messages (sender_stream.py, routes.py)
+for the data plane (transport.py), whose lanes write them zero-copy while the engine computes on; DONE
+follows the last layer on its lane. Decode servers REGISTER on the bootstrap socket; layers ready before
+their room registers wait in a bounded buffer.
 
 With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
 stream, whole, to the decode ranks that keep a draft pool. A decode whose draft the prefill cannot serve
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -37,14 +37,15 @@ from tpla_serve.disagg.sender_rooms import (
     AbortCmd,
     Command,
     DoneCmd,
-    EndedRoom,
+    EndedRooms,
     LayerCmd,
     SendFailedCmd,
     SenderRoom,
     SenderStats,
+    release,
 )
 from tpla_serve.disagg.sender_stream import RoomStreamer
-from tpla_serve.disagg.staging import StagingPool, stage_device_layer
+from tpla_serve.disagg.staging import CopyWatcher, StagingPool, stage_device_layer
 from tpla_serve.disagg.tcp_listen import TcpPlane
 from tpla_serve.disagg.transport import DataPlane
 
@@ -101,6 +102,8 @@ class KVSender(TransportLoop):
         self.max_buffered_bytes = max_buffered_bytes
         self._data = (data_plane if data_plane is not None else TcpPlane()).sender(timeout_s, max_sockets)
         self._staging = StagingPool(pin=torch.cuda.is_available())
+        # With a GPU, the engine's commands reach the IO thread once their layers are in staging.
+        self._copies = CopyWatcher(self._submit, release) if self._staging.pin else None
         self._streamer = RoomStreamer(kv, self._data, self._staging, self._send_failed)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
@@ -114,26 +117,20 @@ class KVSender(TransportLoop):
         self._rooms_registered = 0
         self._draft_warnings = OncePerPeer()
         self._log = RateLimitedLog(logger)
-        self._ended: OrderedDict[int, EndedRoom] = OrderedDict()  # recently ended rooms, for late commands
+        self._ended = EndedRooms(4 * max_rooms)  # recently ended rooms, for late commands
         self._start()
 
     # ------------------------------------------------------------ engine API
 
     def send_layer(
-        self,
-        room: int,
-        layer: int,
-        ckv: torch.Tensor,
-        kpe: torch.Tensor,
-        token_start: int = 0,
-        *,
+        self, room: int, layer: int, ckv: torch.Tensor, kpe: torch.Tensor, token_start: int = 0, *,
         draft: bool = False,
     ) -> None:
         """Stream tokens [token_start, token_start + n) of `layer`: ĉ [n, r] and k_pe [n, d_r].
 
         draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
         come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied
-        into pinned staging on the current stream, without waiting (the lane that sends them waits for it),
+        into pinned staging on the current stream, without waiting (they are sent once the copy is done),
         cut by latent group on the device once the room's decode layout is known."""
         check_room(room)
         spec = self.kv
@@ -144,11 +141,11 @@ class KVSender(TransportLoop):
         spec.check_layer_rows(layer, token_start, ckv, kpe)
         wire_layer = layer + self.kv.num_layers if draft else layer
         if ckv.device.type == "cpu" and kpe.device.type == "cpu":
-            self._submit(LayerCmd(room, wire_layer, token_start, ckv, kpe))
+            self._engine(LayerCmd(room, wire_layer, token_start, ckv, kpe))
             return
         groups = 1 if draft else self._latent_groups.get(room, 1)
         host_ckv, host_kpe, ready, holds = stage_device_layer(self._staging, ckv, kpe, groups)
-        self._submit(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups))
+        self._engine(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups))
 
     def send_done(
         self,
@@ -164,12 +161,12 @@ class KVSender(TransportLoop):
         if type(first_token_id) is not int or not 0 <= first_token_id < 1 << 31:
             raise ValueError(f"first_token_id must be a non-negative int32, got {first_token_id!r}")
         logprob = None if first_token_logprob is None else float(first_token_logprob)
-        self._submit(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs, False, first_token_top)))
+        self._engine(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs, False, first_token_top)))
 
     def abort(self, room: int, message: str) -> None:
         """End the room from the prefill side; the decode ranks get ABORT with `message`."""
         check_room(room)
-        self._submit(AbortCmd(room, str(message)))
+        self._engine(AbortCmd(room, str(message)))
 
     def stats(self) -> SenderStats:
         gate, out = self._gate, self._streamer
@@ -179,6 +176,18 @@ class KVSender(TransportLoop):
             self._staging.in_use,
         )
 
+    def close(self, timeout_s: float = 5.0) -> None:  # the watcher first: what it holds is dropped
+        if self._copies is not None:
+            self._copies.close()
+        super().close(timeout_s)
+
+    def _engine(self, cmd: Command) -> None:
+        """An engine's command, in order behind the layers still being copied to staging."""
+        if self._copies is not None:
+            self._copies.put(cmd)
+        else:
+            self._submit(cmd)
+
     # ------------------------------------------------------------ IO thread
 
     def _send_failed(self, room: int, error: str) -> None:
@@ -186,7 +195,11 @@ class KVSender(TransportLoop):
         with contextlib.suppress(RuntimeError):  # the sender closed meanwhile
             self._submit(SendFailedCmd(room, error))
 
-    def _on_command(self, cmd: Command) -> None:
+    def _on_command(self, cmd: Command | list[Command]) -> None:
+        if isinstance(cmd, list):  # from the copy watcher: these batch
+            for one in cmd:
+                self._on_command(one)
+            return
         now = time.monotonic()
         if isinstance(cmd, SendFailedCmd):
             state = self._rooms.get(cmd.room)
@@ -194,26 +207,21 @@ class KVSender(TransportLoop):
                 self._fail(state, f"cannot send to the decode server: {cmd.message}")
             return
         ended = self._ended.get(cmd.room)
-        if ended is not None and isinstance(cmd, LayerCmd):
-            cmd.release()
         if ended is not None:
-            if isinstance(cmd, AbortCmd):
-                ended.reported = True
-            elif not ended.reported and ended.message is not None:
-                ended.reported = True
-                self._events.emit([RoomFailed(cmd.room, ended.message)])
+            message = ended.late(cmd)
+            if message is not None:
+                self._events.emit([RoomFailed(cmd.room, message)])
             return
         state = self._rooms.get(cmd.room)
         if state is None:
             if isinstance(cmd, AbortCmd):
-                self._end(cmd.room, cmd.message, reported=True)
+                self._ended.end(cmd.room, cmd.message, reported=True)
                 return
             if len(self._rooms) >= self.max_rooms:
                 message = f"prefill has too many rooms in flight ({self.max_rooms})"
-                if isinstance(cmd, LayerCmd):
-                    cmd.release()
+                release(cmd)
                 self._rooms_failed += 1
-                self._end(cmd.room, message, reported=True)
+                self._ended.end(cmd.room, message, reported=True)
                 self._events.emit([RoomFailed(cmd.room, message)])
                 return
             state = self._new_room(cmd.room, now)
@@ -269,7 +277,7 @@ class KVSender(TransportLoop):
             # Tell every decode rank, so ranks that did not fail end the room now rather than by timeout.
             self._fail(state, message)
         elif msg.room not in self._ended:
-            self._end(msg.room, message, reported=False)
+            self._ended.end(msg.room, message, reported=False)
 
     def _on_register(self, reg: Register, now: float) -> None:
         """An authenticated REGISTER: bind its room to the decode's endpoints, unless the room cannot be
@@ -311,8 +319,7 @@ class KVSender(TransportLoop):
         state.buffered_bytes = 0
         for cmd in buffered:
             if self._rooms.get(reg.room) is not state:  # a buffered command ended the room
-                if isinstance(cmd, LayerCmd):
-                    cmd.release()
+                release(cmd)
                 continue
             self._stream(state, cmd, now)
 
@@ -324,7 +331,7 @@ class KVSender(TransportLoop):
         if state is not None:
             self._fail(state, problem, tell_decode=state.registration is not None)
         elif reg.room not in self._ended:
-            self._end(reg.room, problem, reported=False)
+            self._ended.end(reg.room, problem, reported=False)
         self._send_abort(reg, problem, now, notify_only)
 
     def _new_room(self, room: int, now: float) -> SenderRoom:
@@ -336,8 +343,7 @@ class KVSender(TransportLoop):
     def _buffer(self, state: SenderRoom, cmd: Command) -> None:
         problem = state.buffer(cmd, self._buffered_bytes, self.max_buffered_bytes_per_room, self.max_buffered_bytes)
         if problem is not None:
-            if isinstance(cmd, LayerCmd):
-                cmd.release()
+            release(cmd)
             self._fail(state, problem)
         elif isinstance(cmd, LayerCmd):
             self._buffered_bytes += cmd.nbytes
@@ -356,7 +362,7 @@ class KVSender(TransportLoop):
         elif isinstance(cmd, DoneCmd):
             self._rooms_sent += 1
             self._remove(state)
-            self._end(state.room, None, reported=True)
+            self._ended.end(state.room, None, reported=True)
 
     def _fail(self, state: SenderRoom, message: str, tell_decode: bool = True, report: bool = True) -> None:
         """End a live room: drop what is still queued, tell the decode ranks and, once the engine has
@@ -368,7 +374,7 @@ class KVSender(TransportLoop):
             self._send_abort(state.registration, message, time.monotonic())
         self._rooms_failed += 1
         report = report and state.touched
-        self._end(state.room, message, reported=report or state.touched)
+        self._ended.end(state.room, message, reported=report or state.touched)
         if report:
             self._events.emit([RoomFailed(state.room, message)])
 
@@ -389,12 +395,5 @@ class KVSender(TransportLoop):
             self._gate.peers.remove(state.registration)
         self._buffered_bytes -= state.buffered_bytes
         for cmd in state.buffered:
-            if isinstance(cmd, LayerCmd):
-                cmd.release()
+            release(cmd)
         state.buffered, state.buffered_bytes = [], 0
-
-    def _end(self, room: int, message: str | None, reported: bool) -> None:
-        self._ended[room] = EndedRoom(message, reported)
-        self._ended.move_to_end(room)
-        while len(self._ended) > 4 * self.max_rooms:
-            self._ended.popitem(last=False)

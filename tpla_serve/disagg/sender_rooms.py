@@ -3,6 +3,7 @@ decode server registers, then streamed along the room's routes; and what is reme
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -72,6 +73,12 @@ class SendFailedCmd:
 Command = LayerCmd | DoneCmd | AbortCmd | SendFailedCmd
 
 
+def release(cmd: Command) -> None:
+    """Give back what a command holds (a layer's staging) when it will not be streamed."""
+    if isinstance(cmd, LayerCmd):
+        cmd.release()
+
+
 @dataclass
 class SenderRoom:
     room: int
@@ -131,6 +138,36 @@ class SenderRoom:
 class EndedRoom:
     message: str | None  # None: completed
     reported: bool  # a RoomFailed went (or need not go) to the engine
+
+    def late(self, cmd: Command) -> str | None:
+        """A command for the ended room: the failure the engine has yet to hear (once), or None."""
+        release(cmd)
+        if isinstance(cmd, AbortCmd) or self.reported or self.message is None:
+            self.reported = self.reported or isinstance(cmd, AbortCmd)
+            return None
+        self.reported = True
+        return self.message
+
+
+class EndedRooms:
+    """Rooms ended lately, for the commands and REGISTERs that still name them; the oldest are forgotten
+    past `capacity`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._rooms: OrderedDict[int, EndedRoom] = OrderedDict()
+
+    def get(self, room: int) -> EndedRoom | None:
+        return self._rooms.get(room)
+
+    def __contains__(self, room: int) -> bool:
+        return room in self._rooms
+
+    def end(self, room: int, message: str | None, reported: bool) -> None:
+        self._rooms[room] = EndedRoom(message, reported)
+        self._rooms.move_to_end(room)
+        while len(self._rooms) > self.capacity:
+            self._rooms.popitem(last=False)
 
 
 @dataclass(frozen=True)
