@@ -13,7 +13,7 @@ import torch
 import zmq
 
 from tpla_serve.cache.pool import LatentKVPool, PageAllocator
-from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, RoomEvent
+from tpla_serve.disagg import DecodeLayout, KVReceiver, KVSender, KVSpec, LayerKV, RoomEvent, decode
 from tpla_serve.disagg.auth import TAG_BYTES
 from tpla_serve.disagg.pages import KVPages
 from tpla_serve.disagg.tcp_stream import PREFIX, SIZE, envelope
@@ -243,6 +243,19 @@ class StreamPeer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class LayerCounter:
+    """A sink in front of a receiver that records how many layers each LAYER_KV carried."""
+
+    def __init__(self, sink: object) -> None:
+        self.sink, self.layers_per_message = sink, []
+
+    def land(self, header: memoryview, tag: memoryview, sizes: list[int]) -> object:
+        msg = decode([bytes(header), bytes(tag), *(b"" for _ in sizes)])
+        if isinstance(msg, LayerKV):
+            self.layers_per_message.append(msg.n_layers)
+        return self.sink.land(header, tag, sizes)
 
 
 class TcpEndpoint:

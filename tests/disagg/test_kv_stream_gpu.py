@@ -5,12 +5,14 @@ CUDA pages; byte-exact on every rank, with the draft's KV along, and every stagi
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
-from kv_stream_helpers import InPlaceRank, prompt_kv, small_spec, wait_events, wait_until
+from kv_stream_helpers import InPlaceRank, LayerCounter, prompt_kv, small_spec, wait_events, wait_until
 
 from tpla_serve.disagg import DecodeLayout, KVSender, RoomCompleted, RoomFailed
+from tpla_serve.disagg.loopback import LoopbackPlane
 
 pytestmark = pytest.mark.gpu
 SECRET = "the GPU stream tests' secret"
@@ -26,11 +28,11 @@ def closing() -> Iterator[list]:
         obj.close()
 
 
-def _ranks(closing: list, layout: DecodeLayout) -> list[InPlaceRank]:
+def _ranks(closing: list, layout: DecodeLayout, **kwargs: object) -> list[InPlaceRank]:
     """Device pools at both ends; chunks land in pinned staging, then one device copy each."""
     rng = random.Random(layout.tp_size)
     ranks = [InPlaceRank(layout, r, rng, SECRET, device="cuda", num_pages=96, pin_staging=True,
-                         max_frame_bytes=1 << 16) for r in range(layout.tp_size)]
+                         max_frame_bytes=1 << 16, **kwargs) for r in range(layout.tp_size)]
     closing.extend(ranks)
     return ranks
 
@@ -87,3 +89,31 @@ def test_an_aborted_device_room_gives_back_every_pinned_buffer(closing: list) ->
         assert isinstance(event, RoomFailed) and "the prefill request ended" in event.message
     assert wait_until(lambda: sender.stats().staging_bytes == 0, 10.0)
     assert all(wait_until(lambda r=r: r.rx.stats().staging_bytes == 0, 10.0) for r in ranks)
+
+
+def test_small_device_layers_handed_over_one_by_one_travel_in_one_message_per_rank(closing: list) -> None:
+    """The engine computes between layers, so a GPU's layers reach the sender one at a time; small ones
+    wait in staging for more (a decode rank on a GPU pays a device copy per message) and go with DONE."""
+    net = LoopbackPlane()
+    layout = DecodeLayout(TARGET, 2, 2, 16)
+    ranks = _ranks(closing, layout, data_plane=net)
+    taps = []
+    for listener in net.listeners.values():
+        listener.sink = LayerCounter(listener.sink)
+        taps.append(listener.sink)
+    sender = KVSender(TARGET, secret=SECRET, data_plane=net)
+    closing.append(sender)
+    room, n = 9, 40
+    kv = prompt_kv(room, n, TARGET)
+    for r in ranks:
+        r.expect(room, n, sender.bootstrap_port)
+    ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+    assert wait_until(lambda: sender.stats().rooms_registered == 1)
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv.cuda(), kpe.cuda())
+        time.sleep(0.02)  # the IO thread handles each layer alone, with nothing queued behind it
+    sender.send_done(room, 1)
+    for rank, (event,) in zip(ranks, wait_events([r.rx for r in ranks], timeout_s=30.0)):
+        assert isinstance(event, RoomCompleted), event
+        rank.assert_holds(room, kv, None)
+    assert [t.layers_per_message for t in taps] == [[TARGET.num_layers]] * layout.tp_size

@@ -16,6 +16,7 @@ import torch
 import zmq
 from kv_stream_helpers import (
     InPlaceRank,
+    LayerCounter,
     StreamPeer,
     StreamTap,
     TcpEndpoint,
@@ -211,26 +212,13 @@ def test_a_connection_that_breaks_mid_payload_fails_the_room_and_frees_its_stagi
     assert rx.stats().staging_bytes == 0
 
 
-class _Recording:
-    """A sink in front of a receiver that records how many layers each LAYER_KV carried."""
-
-    def __init__(self, sink: object) -> None:
-        self.sink, self.layers_per_message = sink, []
-
-    def land(self, header: memoryview, tag: memoryview, sizes: list[int]) -> object:
-        msg = decode([bytes(header), bytes(tag), *(b"" for _ in sizes)])
-        if isinstance(msg, LayerKV):
-            self.layers_per_message.append(msg.n_layers)
-        return self.sink.land(header, tag, sizes)
-
-
 def test_small_layers_ready_together_travel_in_one_message_per_rank(closing: list) -> None:
     net = LoopbackPlane()
     layout = DecodeLayout(TARGET, 2, 2, 16, draft=DRAFT, draft_ranks=(1,))
     ranks = _ranks(closing, layout, seed=3, data_plane=net)
     taps = []
     for listener in net.listeners.values():
-        listener.sink = _Recording(listener.sink)
+        listener.sink = LayerCounter(listener.sink)
         taps.append(listener.sink)
     sender = KVSender(TARGET, draft=DRAFT, secret=SECRET, data_plane=net)
     closing.append(sender)

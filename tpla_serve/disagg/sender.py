@@ -1,10 +1,10 @@
 """Prefill side of the KV stream: one KVSender per prefill scheduler.
 
 The engine calls send_layer() after each layer and send_done() after sampling the first token; both
-return at once (a GPU's layer is copied into pinned staging without waiting, and reaches the IO thread once
-copied: staging.CopyWatcher). The IO thread cuts layers into per-rank messages (sender_stream.py, routes.py)
-for the data plane (transport.py), whose lanes write them zero-copy while the engine computes on; DONE
-follows the last layer on its lane. Decode servers REGISTER on the bootstrap socket; layers ready before
+return at once (a GPU's layer is copied into pinned staging without waiting). The IO thread cuts layers into
+per-rank messages (sender_stream.py, routes.py) for the data plane (transport.py), whose lanes write them
+zero-copy, each once its copy is complete, while the engine computes on; DONE follows the last layer on its
+lane. Decode servers REGISTER on the bootstrap socket; layers ready before
 their room registers wait in a bounded buffer.
 
 With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
@@ -45,7 +45,7 @@ from tpla_serve.disagg.sender_rooms import (
     release,
 )
 from tpla_serve.disagg.sender_stream import RoomStreamer
-from tpla_serve.disagg.staging import CopyWatcher, StagingPool, stage_device_layer
+from tpla_serve.disagg.staging import StagingPool, stage_device_layer
 from tpla_serve.disagg.tcp_listen import TcpPlane
 from tpla_serve.disagg.transport import DataPlane
 
@@ -102,8 +102,6 @@ class KVSender(TransportLoop):
         self.max_buffered_bytes = max_buffered_bytes
         self._data = (data_plane if data_plane is not None else TcpPlane()).sender(timeout_s, max_sockets)
         self._staging = StagingPool(pin=torch.cuda.is_available())
-        # With a GPU, the engine's commands reach the IO thread once their layers are in staging.
-        self._copies = CopyWatcher(self._submit, release) if self._staging.pin else None
         self._streamer = RoomStreamer(kv, self._data, self._staging, self._send_failed)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
@@ -130,7 +128,7 @@ class KVSender(TransportLoop):
 
         draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
         come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied
-        into pinned staging on the current stream, without waiting (they are sent once the copy is done),
+        into pinned staging on the current stream, without waiting (a lane sends them once the copy is done),
         cut by latent group on the device once the room's decode layout is known."""
         check_room(room)
         spec = self.kv
@@ -141,11 +139,11 @@ class KVSender(TransportLoop):
         spec.check_layer_rows(layer, token_start, ckv, kpe)
         wire_layer = layer + self.kv.num_layers if draft else layer
         if ckv.device.type == "cpu" and kpe.device.type == "cpu":
-            self._engine(LayerCmd(room, wire_layer, token_start, ckv, kpe))
+            self._submit(LayerCmd(room, wire_layer, token_start, ckv, kpe))
             return
         groups = 1 if draft else self._latent_groups.get(room, 1)
         host_ckv, host_kpe, ready, holds = stage_device_layer(self._staging, ckv, kpe, groups)
-        self._engine(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups))
+        self._submit(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups))
 
     def send_done(
         self,
@@ -161,12 +159,12 @@ class KVSender(TransportLoop):
         if type(first_token_id) is not int or not 0 <= first_token_id < 1 << 31:
             raise ValueError(f"first_token_id must be a non-negative int32, got {first_token_id!r}")
         logprob = None if first_token_logprob is None else float(first_token_logprob)
-        self._engine(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs, False, first_token_top)))
+        self._submit(DoneCmd(Done(room, first_token_id, logprob, prompt_logprobs, False, first_token_top)))
 
     def abort(self, room: int, message: str) -> None:
         """End the room from the prefill side; the decode ranks get ABORT with `message`."""
         check_room(room)
-        self._engine(AbortCmd(room, str(message)))
+        self._submit(AbortCmd(room, str(message)))
 
     def stats(self) -> SenderStats:
         gate, out = self._gate, self._streamer
@@ -176,18 +174,6 @@ class KVSender(TransportLoop):
             self._staging.in_use,
         )
 
-    def close(self, timeout_s: float = 5.0) -> None:  # the watcher first: what it holds is dropped
-        if self._copies is not None:
-            self._copies.close()
-        super().close(timeout_s)
-
-    def _engine(self, cmd: Command) -> None:
-        """An engine's command, in order behind the layers still being copied to staging."""
-        if self._copies is not None:
-            self._copies.put(cmd)
-        else:
-            self._submit(cmd)
-
     # ------------------------------------------------------------ IO thread
 
     def _send_failed(self, room: int, error: str) -> None:
@@ -195,11 +181,7 @@ class KVSender(TransportLoop):
         with contextlib.suppress(RuntimeError):  # the sender closed meanwhile
             self._submit(SendFailedCmd(room, error))
 
-    def _on_command(self, cmd: Command | list[Command]) -> None:
-        if isinstance(cmd, list):  # from the copy watcher: these batch
-            for one in cmd:
-                self._on_command(one)
-            return
+    def _on_command(self, cmd: Command) -> None:
         now = time.monotonic()
         if isinstance(cmd, SendFailedCmd):
             state = self._rooms.get(cmd.room)
@@ -236,7 +218,7 @@ class KVSender(TransportLoop):
 
     def _flush(self) -> None:
         """Layers batched in this round of commands (or of REGISTERs) go out now."""
-        for room in self._streamer.rooms_batched():
+        for room in self._streamer.rooms_to_flush():
             try:
                 self._streamer.flush(room)
             except SEND_ERRORS as exc:

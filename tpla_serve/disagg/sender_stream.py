@@ -2,9 +2,12 @@
 (routes.py), each message handed to the data plane on its layer's lane with what it must give back
 when done (staging buffers) and who hears when it could not be sent.
 
-Layers the engine handed over together (queued while the IO thread was busy: a short prompt computes
-faster than its KV moves) leave as one message per rank when they are small, consecutive and of the same
-tokens; a layer that comes alone leaves at once, so batching never waits for anything."""
+Small layers of one room leave as one message per rank when they are consecutive and of the same tokens:
+host layers the engine handed over together (queued while the IO thread was busy: a short prompt computes
+faster than its KV moves), so a host layer that comes alone leaves at once; and staged layers (a GPU's,
+copied to pinned memory) until BATCH_BYTES, DONE or a layer that does not join: each message costs a
+decode rank on a GPU a host → device copy and an event, several times what a host rank pays per message,
+and a staged layer's bytes cannot leave before its copy is complete anyway."""
 
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ class _Batch:
     def add(self, cmd: LayerCmd) -> None:
         self.cmds.append(cmd)
         self.nbytes += cmd.nbytes
+
+    @property
+    def staged(self) -> bool:
+        """Its layers are a GPU's, in pinned staging: they wait for more."""
+        return self.cmds[0].ready is not None
 
 
 class RoomStreamer:
@@ -81,7 +89,7 @@ class RoomStreamer:
         lane = batch.state.layer_lanes.get(cmd.layer, batch.lane)
         return (
             cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.n_tokens
-            and cmd.latent_groups == last.latent_groups
+            and cmd.latent_groups == last.latent_groups and (cmd.ready is None) == (last.ready is None)
             and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
             and len(batch.cmds) < MAX_BATCH_LAYERS
             and lane == batch.lane
@@ -116,8 +124,9 @@ class RoomStreamer:
             for cmd in cmds:
                 cmd.release()
 
-    def rooms_batched(self) -> list[int]:
-        return list(self._batches)
+    def rooms_to_flush(self) -> list[int]:
+        """Rooms whose batched layers go at the end of the IO thread's round (staged ones wait for more)."""
+        return [room for room, batch in self._batches.items() if not batch.staged]
 
     def drop(self, room: int) -> None:
         """Forget the room's batched layers (it ended)."""

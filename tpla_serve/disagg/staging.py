@@ -10,9 +10,6 @@ that ends mid-stream can be checked to have given back every buffer.
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -106,63 +103,3 @@ class Holds:
                 self._pool.release(buf)
             self._buffers = []
 
-
-class CopyWatcher:
-    """Passes the engine's commands on in order, each once its copy into staging is complete (`ready`, a
-    CUDA event; commands without one pass at once), with every command behind it whose copy is complete
-    too, as one list: layers whose copies complete together are sent together, and no layer's bytes wait
-    for a later layer's copy. The engine runs ahead of the GPU, so this thread sleeps on events instead of
-    the threads that send."""
-
-    def __init__(self, forward: Callable[[list[Any]], None], drop: Callable[[Any], None]) -> None:
-        self._forward, self._drop = forward, drop
-        self._queue: deque[Any] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kv-staging", daemon=True)
-        self._thread.start()
-
-    def put(self, cmd: Any) -> None:
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the KV sender is closed")
-            self._queue.append(cmd)
-            self._cond.notify()
-
-    def close(self) -> None:
-        """Stop; what was not passed on yet is dropped (`drop` gives back what it holds)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        left: list[Any] = []
-        while not left:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    break
-                head = self._queue[0]
-            if getattr(head, "ready", None) is not None:
-                head.ready.synchronize()
-            with self._cond:
-                ready = [self._queue.popleft()]
-                while self._queue and _copied(self._queue[0]):
-                    ready.append(self._queue.popleft())
-            try:
-                self._forward(ready)
-            except RuntimeError:  # the IO thread closed meanwhile
-                left = ready
-        with self._cond:
-            self._closed = True
-            left += self._queue
-            self._queue.clear()
-        for cmd in left:
-            self._drop(cmd)
-
-
-def _copied(cmd: Any) -> bool:
-    ready = getattr(cmd, "ready", None)
-    return ready is None or ready.query()

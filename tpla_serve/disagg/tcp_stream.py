@@ -5,7 +5,8 @@ On the stream each message is an envelope — header length (u32) and payload fr
 payload frame's size (u64) — then the msgpack header, its 16-byte tag and the payload frames' raw bytes.
 The sender writes a lane's queued messages with one sendmsg over their buffers (staged slices and the
 engine's own tensors, never copied in user space), so a small layer, or DONE behind the last layer, shares
-a write with what precedes it. A decode rank reads each envelope and header into fixed buffers, asks the
+a write with what precedes it; a message whose buffers must be prepared first (a GPU copy waited for)
+starts a new write. A decode rank reads each envelope and header into fixed buffers, asks the
 receiver where the payload goes and recv_into()s it there: straight into the room's KV pages on the CPU, into
 a pinned staging buffer for one device copy on a GPU. Frames past max_frame_bytes or headers past their
 limit close the connection before anything is allocated for them.
@@ -131,10 +132,7 @@ class _Lane:
                     self._drop_socket()  # the decode closed it while idle: what we wrote now would be lost
                 if self._sock is None:
                     self._sock = self._connect()
-                for msg in batch:
-                    if msg.prepare is not None:
-                        msg.prepare()
-                _send_all(self._sock, [b for m in batch for b in m.buffers])
+                _send_prepared(self._sock, batch)
             except OSError as exc:
                 error = f"cannot send to {self.endpoint}: {exc}"
                 self._drop_socket()
@@ -183,6 +181,20 @@ def _peer_closed(sock: socket.socket) -> bool:
         return bool(readable) and not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except OSError:
         return True
+
+
+def _send_prepared(sock: socket.socket, batch: list[_Message]) -> None:
+    """Each message once prepared, in one write with those behind it that need no preparing: no message
+    waits for a later one's preparation (a GPU copy that may still be running)."""
+    i = 0
+    while i < len(batch):
+        if batch[i].prepare is not None:
+            batch[i].prepare()
+        j = i + 1
+        while j < len(batch) and batch[j].prepare is None:
+            j += 1
+        _send_all(sock, [b for m in batch[i:j] for b in m.buffers])
+        i = j
 
 
 def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
