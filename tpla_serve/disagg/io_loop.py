@@ -43,11 +43,14 @@ class IOLoop:
     def _start(self) -> None:
         self._thread.start()
 
-    def _submit(self, command: Any) -> None:
+    def _submit(self, command: Any, wake: bool = True) -> None:
+        """Queue a command; wake=False leaves it for the thread's next wake-up (another command's, or its
+        tick at the latest)."""
         if self._closed:
             raise RuntimeError(f"{self._thread.name} is closed")
         self._commands.put(command)
-        self._waker.wake()
+        if wake:
+            self._waker.wake()
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the IO thread and close every socket; queued outbound messages are dropped."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +45,7 @@ from tpla_serve.disagg.sender_rooms import (
     SenderStats,
     release,
 )
-from tpla_serve.disagg.sender_stream import RoomStreamer
+from tpla_serve.disagg.sender_stream import BATCH_BYTES, RoomStreamer
 from tpla_serve.disagg.staging import StagingPool, stage_device_layer
 from tpla_serve.disagg.tcp_listen import TcpPlane
 from tpla_serve.disagg.transport import DataPlane
@@ -107,6 +108,8 @@ class KVSender(TransportLoop):
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
         # Registered rooms' latent groups (> 1 only): written by the IO thread, read by send_layer.
         self._latent_groups: dict[int, int] = {}
+        self._quiet_lock = threading.Lock()
+        self._quiet_bytes = 0  # staged layers' bytes queued without waking the IO thread
         # IO-thread state
         self._rooms: dict[int, SenderRoom] = {}
         self._buffered_bytes = 0
@@ -143,7 +146,13 @@ class KVSender(TransportLoop):
             return
         groups = 1 if draft else self._latent_groups.get(room, 1)
         host_ckv, host_kpe, ready, holds = stage_device_layer(self._staging, ckv, kpe, groups)
-        self._submit(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups))
+        # Staged layers wait to batch anyway (sender_stream.py): the IO thread need not wake for each.
+        with self._quiet_lock:
+            self._quiet_bytes += host_ckv.nbytes + host_kpe.nbytes
+            wake = self._quiet_bytes >= BATCH_BYTES
+            if wake:
+                self._quiet_bytes = 0
+        self._submit(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups), wake)
 
     def send_done(
         self,
