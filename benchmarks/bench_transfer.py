@@ -321,9 +321,9 @@ def main() -> None:
             + ("." if args.device == "cpu" else
                ": raw copies each pre-sliced device tensor to a pinned buffer before sendall and each rank's "
                "bytes to the device once all arrived; ours stages layers in pinned memory (one device→host "
-               "copy per layer, cut by latent group on the device once the room is registered) and lands each "
-               "message in pinned staging, one host→device copy per message and a copy per run of pages, "
-               "queued without waiting.")
+               "copy per layer, cut by latent group on the device once the room is registered; small layers "
+               "batched up to 4 MiB a message) and lands each message in pinned staging, one host→device copy "
+               "per message and a copy per run of pages, queued without waiting.")
         ),
         "",
         "| decode T | g | prompt tokens | MB received | raw ms | raw GB/s | ours ms | ours GB/s | ours / raw "
