@@ -28,7 +28,10 @@ EXPECTED_FILES = {
 
 def test_smoke_run_trains_saves_and_is_deterministic(tmp_path: Path) -> None:
     cli_out = tmp_path / "cli"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # The in-process run below uses this process's thread count (earlier tests may have lowered it); the
+    # CLI run must use the same, or float sums reduce in another order and the weights differ in the last bit.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
     proc = subprocess.run(
         [sys.executable, "-m", "training.train", "--smoke", "--out", str(cli_out)],
         check=False,
