@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 
 import pytest
 from kv_stream_helpers import InPlaceRank, LayerCounter, prompt_kv, small_spec, wait_events, wait_until
@@ -20,14 +19,6 @@ TARGET = small_spec(num_layers=4, kv_lora_rank=512, rope_dim=64)
 DRAFT = small_spec(num_layers=2, kv_lora_rank=128, rope_dim=64, fingerprint="draft-1")
 
 
-@pytest.fixture
-def closing() -> Iterator[list]:
-    objs: list = []
-    yield objs
-    for obj in reversed(objs):
-        obj.close()
-
-
 def _ranks(closing: list, layout: DecodeLayout, **kwargs: object) -> list[InPlaceRank]:
     """Device pools at both ends; chunks land in pinned staging, then one device copy each."""
     rng = random.Random(layout.tp_size)
@@ -35,6 +26,13 @@ def _ranks(closing: list, layout: DecodeLayout, **kwargs: object) -> list[InPlac
                          max_frame_bytes=1 << 16, **kwargs) for r in range(layout.tp_size)]
     closing.extend(ranks)
     return ranks
+
+
+def _register(ranks: list[InPlaceRank], sender: KVSender, room: int, n: int) -> None:
+    """Every rank expects the room; rank 0 registers it with the prefill, as a decode server does."""
+    for r in ranks:
+        r.expect(room, n, sender.bootstrap_port)
+    ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
 
 
 @pytest.mark.parametrize("page_size", [16, 64])
@@ -50,9 +48,7 @@ def test_device_kv_lands_byte_exact_on_every_rank(
     for i, n in enumerate([1, page_size + 3, 5 * page_size - 1, 700]):
         room = 100 * page_size + i
         kv, draft_kv = prompt_kv(room, n, TARGET), prompt_kv(room + 1, n, DRAFT)
-        for r in ranks:
-            r.expect(room, n, sender.bootstrap_port)
-        ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+        _register(ranks, sender, room, n)
         half = n // 2 + 1
         for start, end in ((0, half), (half, n)):  # chunked prefill: two chunks per layer
             if start >= end:
@@ -79,9 +75,7 @@ def test_an_aborted_device_room_gives_back_every_pinned_buffer(closing: list) ->
     closing.append(sender)
     room, n = 7, 2048
     kv = prompt_kv(room, n, TARGET)
-    for r in ranks:
-        r.expect(room, n, sender.bootstrap_port)
-    ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+    _register(ranks, sender, room, n)
     for layer, (ckv, kpe) in enumerate(kv[:2]):
         sender.send_layer(room, layer, ckv.cuda(), kpe.cuda())
     sender.abort(room, "the prefill request ended")
@@ -105,9 +99,7 @@ def test_small_device_layers_handed_over_one_by_one_travel_in_one_message_per_ra
     closing.append(sender)
     room, n = 9, 40
     kv = prompt_kv(room, n, TARGET)
-    for r in ranks:
-        r.expect(room, n, sender.bootstrap_port)
-    ranks[0].rx.send_register(room, [r.rx.endpoint for r in ranks])
+    _register(ranks, sender, room, n)
     assert wait_until(lambda: sender.stats().rooms_registered == 1)
     for layer, (ckv, kpe) in enumerate(kv):
         sender.send_layer(room, layer, ckv.cuda(), kpe.cuda())

@@ -9,7 +9,6 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -48,14 +47,6 @@ from tpla_serve.disagg.wire import tensor_frame
 SECRET = "the paged stream tests' secret"
 TARGET = small_spec(num_layers=3, kv_lora_rank=32, rope_dim=8)
 DRAFT = small_spec(num_layers=2, kv_lora_rank=16, rope_dim=8, fingerprint="draft-1")
-
-
-@pytest.fixture
-def closing() -> Iterator[list]:
-    objs: list = []
-    yield objs
-    for obj in reversed(objs):
-        obj.close()
 
 
 def _ranks(closing: list, layout: DecodeLayout, seed: int, **kwargs: object) -> list[InPlaceRank]:

@@ -7,20 +7,10 @@ cannot run)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
-import pytest
 from kv_stream_helpers import StreamTap
 
 from tpla_serve.disagg.tcp_stream import TcpSender
-
-
-@pytest.fixture
-def closing() -> Iterator[list]:
-    objs: list = []
-    yield objs
-    for obj in reversed(objs):
-        obj.close()
 
 
 def _frames(name: str) -> list[bytes]:

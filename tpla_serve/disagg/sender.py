@@ -4,8 +4,8 @@ The engine calls send_layer() after each layer and send_done() after sampling th
 return at once (a GPU's layer is copied into pinned staging without waiting). The IO thread cuts layers into
 per-rank messages (sender_stream.py, routes.py) for the data plane (transport.py), whose lanes write them
 zero-copy, each once its copy is complete, while the engine computes on; DONE follows the last layer on its
-lane. Decode servers REGISTER on the bootstrap socket; layers ready before
-their room registers wait in a bounded buffer.
+lane. Decode servers REGISTER on the bootstrap socket; layers ready before their room registers wait in a
+bounded buffer.
 
 With a draft model (speculative decoding on the decode side), its layers follow the target's on the same
 stream, whole, to the decode ranks that keep a draft pool. A decode whose draft the prefill cannot serve

@@ -43,6 +43,11 @@ class LayerCmd:
         ckv, kpe = (t.contiguous().view(torch.uint8).numpy() for t in (self.ckv, self.kpe))
         return ckv, kpe
 
+    @property
+    def staged(self) -> bool:
+        """Its rows are a GPU's, copied into pinned staging (`ready` says when)."""
+        return self.ready is not None
+
     def release(self) -> None:
         """The command is done with (its messages hold what they still read)."""
         if self.holds is not None:
@@ -142,8 +147,9 @@ class EndedRoom:
     def late(self, cmd: Command) -> str | None:
         """A command for the ended room: the failure the engine has yet to hear (once), or None."""
         release(cmd)
-        if isinstance(cmd, AbortCmd) or self.reported or self.message is None:
-            self.reported = self.reported or isinstance(cmd, AbortCmd)
+        if isinstance(cmd, AbortCmd):  # the engine ended the room itself: nothing to tell it
+            self.reported = True
+        if self.reported or self.message is None:
             return None
         self.reported = True
         return self.message

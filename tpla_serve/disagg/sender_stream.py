@@ -41,7 +41,7 @@ class _Batch:
     @property
     def staged(self) -> bool:
         """Its layers are a GPU's, in pinned staging: they wait for more."""
-        return self.cmds[0].ready is not None
+        return self.cmds[0].staged
 
 
 class RoomStreamer:
@@ -89,7 +89,7 @@ class RoomStreamer:
         lane = batch.state.layer_lanes.get(cmd.layer, batch.lane)
         return (
             cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.n_tokens
-            and cmd.latent_groups == last.latent_groups and (cmd.ready is None) == (last.ready is None)
+            and cmd.latent_groups == last.latent_groups and cmd.staged == last.staged
             and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
             and len(batch.cmds) < MAX_BATCH_LAYERS
             and lane == batch.lane

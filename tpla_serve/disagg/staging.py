@@ -102,4 +102,3 @@ class Holds:
             for buf in self._buffers:
                 self._pool.release(buf)
             self._buffers = []
-
