@@ -131,7 +131,7 @@ def main() -> None:
         client.close()
         stop_servers(procs)
     table = "| prompt tokens | KV streamed (MB) | TTFT prefill alone (ms) | TTFT prefill + transfer (ms) | ratio |\n|---|---|---|---|---|\n"
-    table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.2f}x |" for n, a, p, mb in rows)
+    table += "\n".join(f"| {n} | {mb:.1f} | {a * 1e3:.1f} | {p * 1e3:.1f} | {p / a:.3f}x |" for n, a, p, mb in rows)
     split_table = ("| prompt tokens | PD TTFT (client) | prefill: arrival → answer | decode: arrival → KV complete "
                    "| decode: first KV message → DONE | decode: arrival → answer | router + HTTP (client − decode's) "
                    "| alone: HTTP (client − server's) |\n|---|---|---|---|---|---|---|---|\n")
