@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -120,10 +121,10 @@ def main() -> None:
                         for name in servers for key in (E2E, TTFT, KV_SECONDS)}
                 split.append((pd[-1], grew["prefill", E2E], grew["decode", TTFT], grew["decode", KV_SECONDS],
                               grew["decode", E2E], pd[-1] - grew["decode", E2E], plain_http))
-            a, p = median(alone), median(pd)
+            a, p = statistics.median(alone), statistics.median(pd)
             kv_mb = n * 8 * (512 + 64) * 4 / 1e6
             rows.append((n, a, p, kv_mb))
-            parts.append((n, *(median([s[i] for s in split]) for i in range(7))))
+            parts.append((n, *(statistics.median(s[i] for s in split) for i in range(7))))
             print(f"{n:>6} tokens: prefill alone {a * 1e3:9.1f} ms, PD {p * 1e3:9.1f} ms ({p / a:.2f}x), "
                   f"{kv_mb:.1f} MB of KV; PD split (ms): " + " ".join(f"{x * 1e3:.1f}" for x in parts[-1][1:]),
                   flush=True)
@@ -146,10 +147,6 @@ def main() -> None:
             + split_table
             + f"\n\n1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after.")
     print(write_result(args.name, "Time to first token: prefill alone vs prefill + KV transfer", body))
-
-
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 if __name__ == "__main__":
