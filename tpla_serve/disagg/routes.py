@@ -69,10 +69,10 @@ Message = tuple[str, list[Frame], int, tuple[Holds, ...], Callable[[], None] | N
 
 class _Fill:
     """Fills a message's frames once, on whichever lane thread sends the first message that reads them:
-    waits for the engine's copy to pinned staging (`ready`, a CUDA event) and copies a latent slice."""
+    waits for the engine's copies to pinned staging (`ready`, CUDA events) and copies latent slices."""
 
-    def __init__(self, ready: Any, dst: np.ndarray | None = None, src: np.ndarray | None = None) -> None:
-        self._ready, self._dst, self._src = ready, dst, src
+    def __init__(self, ready: list[Any], copies: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self._ready, self._copies = ready, copies
         self._lock = threading.Lock()
         self._done = False
 
@@ -80,11 +80,49 @@ class _Fill:
         with self._lock:
             if self._done:
                 return
-            if self._ready is not None:
-                self._ready.synchronize()
-            if self._dst is not None and self._src is not None:
-                np.copyto(self._dst, self._src)
-            self._done, self._src = True, None
+            for event in self._ready:
+                event.synchronize()
+            for dst, src in self._copies:
+                np.copyto(dst, src)
+            self._done, self._copies = True, []
+
+
+@dataclass
+class _Rows:
+    """Rows [s, e) of a message's layers for one latent group: ĉ and k_pe frames per layer, the buffers
+    they read, what fills them before they go out, and the hold of the slice staged for them (dropped once
+    its messages hold it)."""
+
+    frames: list[Any]
+    holds: tuple[Holds, ...]
+    fill: Callable[[], None] | None
+    own: Holds | None = None
+
+
+def _rows(cmds: list[LayerCmd], s: int, e: int, a: int, b: int, staging: StagingPool) -> _Rows:
+    """Rows [s, e) of the layers for the latent group of dims [a, b). Whole rows, and groups a GPU staged
+    apart, go from the layers' own memory; a slice of host rows is copied, every layer's into one staging
+    buffer (one buffer, hold and fill per message and group: the per-layer bookkeeping cost more than the
+    copy of a short prompt's rows)."""
+    first = cmds[0]  # the layers of one message share latent_groups and staging (RoomStreamer._joins)
+    width = first.ckv.shape[-1]
+    base = tuple(cmd.holds for cmd in cmds if cmd.holds is not None)
+    ready = [cmd.ready for cmd in cmds if cmd.ready is not None]
+    kpes = [cmd.row_bytes[1][s:e].reshape(-1) for cmd in cmds]
+    if first.latent_groups > 1 or b - a == width:
+        if first.latent_groups > 1:
+            assert b - a == width and a % width == 0, f"latent slice [{a}, {b}) is not one of the groups"
+        ckvs = [cmd.row_bytes[0][a // width] if first.latent_groups > 1 else cmd.row_bytes[0] for cmd in cmds]
+        frames = [f for ckv, kpe in zip(ckvs, kpes) for f in (ckv[s:e].reshape(-1), kpe)]
+        return _Rows(frames, base, _Fill(ready, []) if ready else None)
+    size = first.ckv.element_size()
+    row = (b - a) * size
+    buf = staging.acquire(len(cmds) * (e - s) * row)
+    own = Holds(staging, [buf])
+    dst = buf.numpy().reshape(len(cmds), e - s, row)
+    copies = [(dst[i], cmd.row_bytes[0][s:e, a * size : b * size]) for i, cmd in enumerate(cmds)]
+    frames = [f for i, kpe in enumerate(kpes) for f in (dst[i].reshape(-1), kpe)]
+    return _Rows(frames, (own, *base), _Fill(ready, copies), own)
 
 
 def target_layer_messages(
@@ -97,61 +135,16 @@ def target_layer_messages(
     n = cmds[0].n_tokens
     for s in range(0, n, routes.chunk_tokens):
         e = min(n, s + routes.chunk_tokens)
-        groups: dict[int, tuple[list[_Part], list[Frame], int, Callable[[], None] | None]] = {}
+        groups: dict[int, tuple[_Rows, list[Frame], int]] = {}
         for endpoint, a, b in routes.targets:
             if a not in groups:
-                parts = [_slice(cmd, s, e, a, b, staging) for cmd in cmds]
-                groups[a] = (parts, *_message(routes, room, cmds, s, e, parts))
-            parts, frames, nbytes, fill = groups[a]
-            yield endpoint, frames, nbytes, _hold(parts), fill
-        for parts, *_ in groups.values():
-            for p in parts:
-                if p.own is not None:
-                    p.own.drop()  # the slice's own hold: its messages hold it now
-
-
-@dataclass
-class _Part:
-    """One layer's rows for one latent group: its frames, the buffers they read, what fills them before
-    they go out, and the hold of a slice staged for them (dropped once its messages hold it)."""
-
-    ckv: Any
-    kpe: Any
-    holds: tuple[Holds, ...]
-    fill: Callable[[], None] | None
-    own: Holds | None = None
-
-
-def _slice(cmd: LayerCmd, s: int, e: int, a: int, b: int, staging: StagingPool) -> _Part:
-    """Rows [s, e) of one layer for the latent group of dims [a, b)."""
-    ckv_rows, kpe_rows = cmd.row_bytes
-    base = () if cmd.holds is None else (cmd.holds,)
-    kpe_frame = kpe_rows[s:e].reshape(-1)
-    width = cmd.ckv.shape[-1]
-    if cmd.latent_groups > 1 or b - a == width:  # the whole rows, or a group staged by the device: no copy
-        if cmd.latent_groups > 1:
-            assert b - a == width and a % width == 0, f"latent slice [{a}, {b}) is not one of the groups"
-            ckv_rows = ckv_rows[a // width]
-        fill = None if cmd.ready is None else _Fill(cmd.ready)
-        return _Part(ckv_rows[s:e].reshape(-1), kpe_frame, base, fill)
-    size = cmd.ckv.element_size()
-    buf = staging.acquire((e - s) * (b - a) * size)
-    own = Holds(staging, [buf])
-    dst = buf.numpy()
-    fill = _Fill(cmd.ready, dst.reshape(e - s, (b - a) * size), ckv_rows[s:e, a * size : b * size])
-    return _Part(dst, kpe_frame, (own, *base), fill, own)
-
-
-def _all(fills: list[Callable[[], None]]) -> Callable[[], None] | None:
-    if not fills:
-        return None
-    if len(fills) == 1:
-        return fills[0]
-    def fill_all() -> None:
-        for fill in fills:
-            fill()
-
-    return fill_all
+                rows = _rows(cmds, s, e, a, b, staging)
+                groups[a] = (rows, *_message(routes, room, cmds, s, e, rows))
+            rows, frames, nbytes = groups[a]
+            yield endpoint, frames, nbytes, _hold(rows), rows.fill
+        for rows, *_ in groups.values():
+            if rows.own is not None:
+                rows.own.drop()  # the slice's own hold: its messages hold it now
 
 
 def draft_layer_messages(
@@ -161,27 +154,25 @@ def draft_layer_messages(
     n = cmds[0].n_tokens
     for s in range(0, n, routes.draft_chunk_tokens):
         e = min(n, s + routes.draft_chunk_tokens)
-        parts = [_slice(cmd, s, e, 0, cmd.ckv.shape[1], staging) for cmd in cmds]
-        frames, nbytes, fill = _message(routes, room, cmds, s, e, parts)
+        rows = _rows(cmds, s, e, 0, cmds[0].ckv.shape[1], staging)
+        frames, nbytes = _message(routes, room, cmds, s, e, rows)
         for endpoint in routes.draft_targets:
-            yield endpoint, frames, nbytes, _hold(parts), fill
+            yield endpoint, frames, nbytes, _hold(rows), rows.fill
 
 
 def _message(
-    routes: Routes, room: int, cmds: list[LayerCmd], s: int, e: int, parts: list[_Part]
-) -> tuple[list[Frame], int, Callable[[], None] | None]:
-    """One LAYER_KV of rows [s, e) of the layers in `cmds`, encoded: its frames, payload bytes and fill."""
-    first = cmds[0]
-    payload = [f for p in parts for f in (p.ckv, p.kpe)]
+    routes: Routes, room: int, cmds: list[LayerCmd], s: int, e: int, rows: _Rows
+) -> tuple[list[Frame], int]:
+    """One LAYER_KV of rows [s, e) of the layers in `cmds`, encoded: its frames and payload bytes."""
+    first, payload = cmds[0], rows.frames
     msg = LayerKV(room, first.layer, first.token_start + s, e - s, payload[0], payload[1], len(cmds),
                   tuple(payload[2:]))
-    fill = _all([p.fill for p in parts if p.fill is not None])
-    return encode(msg, routes.key), sum(f.nbytes for f in payload), fill
+    return encode(msg, routes.key), sum(f.nbytes for f in payload)
 
 
-def _hold(parts: list[_Part]) -> tuple[Holds, ...]:
-    """One more hold on every buffer the parts read, for one message that reads them."""
-    return tuple(h.hold() for p in parts for h in p.holds)
+def _hold(rows: _Rows) -> tuple[Holds, ...]:
+    """One more hold on every buffer the rows read, for one message that reads them."""
+    return tuple(h.hold() for h in rows.holds)
 
 
 class OncePerPeer:
