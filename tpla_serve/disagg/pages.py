@@ -99,16 +99,18 @@ class RoomPages:
             return self._of.draft_pool, layer - pool.num_layers
         return pool, layer
 
-    def host_segments(self, layer: int, token_start: int, n: int) -> list[memoryview] | None:
-        """Byte views of the pages tokens [token_start, token_start + n) of `layer` go to: ĉ, then k_pe,
-        each as runs of consecutive pages. None when the pool is not in host memory."""
+    def host_segments(self, layers: Sequence[int], token_start: int, n: int) -> list[memoryview] | None:
+        """Byte views of the pages tokens [token_start, token_start + n) of `layers` go to: per layer its ĉ,
+        then its k_pe, each as runs of consecutive pages. None when the pool is not in host memory."""
         if not self._of.on_host:
             return None
-        ckv, kpe, ckv_row, kpe_row = self._of._layers[layer]
-        runs = self._runs(token_start, n)
-        return [ckv[a * ckv_row : b * ckv_row] for a, b in runs] + [
-            kpe[a * kpe_row : b * kpe_row] for a, b in runs
-        ]
+        runs = self._runs(token_start, n)  # the same for every layer of the chunk
+        segments = []
+        for layer in layers:
+            ckv, kpe, ckv_row, kpe_row = self._of._layers[layer]
+            segments += [ckv[a * ckv_row : b * ckv_row] for a, b in runs]
+            segments += [kpe[a * kpe_row : b * kpe_row] for a, b in runs]
+        return segments
 
     def _runs(self, token_start: int, n: int) -> list[tuple[int, int]]:
         """Slot ranges [a, b) holding the tokens, consecutive pages merged."""

@@ -115,10 +115,9 @@ def layer_landing(
     nbytes = sum(expected)
     host = getattr(state.writer, "host_segments", None)
     if host is not None:
-        segments = [host(layer, msg.token_start, n) for layer in layers]
-        if all(s is not None for s in segments):
-            return Landing([v for s in segments if s is not None for v in s], state.lock, state.is_live,
-                           lambda: on_layer(nbytes, None),
+        segments = host(layers, msg.token_start, n)
+        if segments is not None:
+            return Landing(segments, state.lock, state.is_live, lambda: on_layer(nbytes, None),
                            lambda why: on_layer(0, f"KV for layer {msg.layer} broke off: {why}")), None
     buf = staging.acquire(nbytes)
     released = threading.Lock()

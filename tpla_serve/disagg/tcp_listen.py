@@ -112,8 +112,9 @@ class _Reader:
 
     def __init__(self, listener: TcpListener, conn: socket.socket, poller: select.poll, peer: object) -> None:
         self.listener, self.conn, self.poller, self.peer = listener, conn, poller, peer
-        self.head = memoryview(bytearray(PREFIX.size + SIZE.size * MAX_PAYLOAD_FRAMES))
-        self.header = memoryview(bytearray(MAX_HEADER_BYTES + TAG_BYTES))
+        # The envelope, header and tag of one message: its prefix, then the rest in one read.
+        envelope = PREFIX.size + SIZE.size * MAX_PAYLOAD_FRAMES
+        self.head = memoryview(bytearray(envelope + MAX_HEADER_BYTES + TAG_BYTES))
         self.scratch: memoryview | None = None
         self.lowat = 1
 
@@ -124,13 +125,13 @@ class _Reader:
             header_len, n = PREFIX.unpack_from(self.head)
             if not 0 < header_len <= MAX_HEADER_BYTES or n > MAX_PAYLOAD_FRAMES:
                 self._refuse(f"an envelope of a {header_len}-byte header and {n} frames")
-            self._fill(self.head[PREFIX.size : PREFIX.size + SIZE.size * n])
+            header_at = PREFIX.size + SIZE.size * n
+            self._fill(self.head[PREFIX.size : header_at + header_len + TAG_BYTES])
             sizes = [SIZE.unpack_from(self.head, PREFIX.size + SIZE.size * i)[0] for i in range(n)]
             if any(s > lst.max_frame_bytes for s in sizes):
                 self._refuse(f"a frame of {max(sizes)} bytes (the limit is {lst.max_frame_bytes})")
-            self._fill(self.header[: header_len + TAG_BYTES])
-            tag = self.header[header_len : header_len + TAG_BYTES]
-            landing = lst._sink.land(self.header[:header_len], tag, sizes)
+            header, tag_at = self.head[header_at : header_at + header_len], header_at + header_len
+            landing = lst._sink.land(header, self.head[tag_at : tag_at + TAG_BYTES], sizes)
             self._payload(landing, sum(sizes))
 
     def _refuse(self, what: str) -> None:
