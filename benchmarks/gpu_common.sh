@@ -1,7 +1,8 @@
 # Sourced by the benchmarks/gpu_*.sh scripts, from the repository root: the environment every GPU run shares
 # (wheels from .whl/ installed into /tmp/site, NCCL's NVLink multicast off, FlashInfer's JIT settings), the
-# machine's name in $OUT/gpu.txt, and step(): one timed command logged to $OUT/<name>.log, whose failure is
-# recorded in $status without stopping the steps after it; result tables it writes are copied to $OUT/results.
+# machine's name in $OUT/gpu.txt and the GPU's short name in $GPU (result file names), and step(): one timed
+# command logged to $OUT/<name>.log, whose failure is recorded in $status without stopping the steps after
+# it; result tables it writes are copied to $OUT/results.
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT/results"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -17,6 +18,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="/tmp/site:$PWD:$PWD/router:$PWD/kernels"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# The GPU's short name for result files (h100, h200, ...): a table says which card measured it.
+GPU=$(grep -o -m1 "[HABL][0-9]\{2,3\}" "$OUT/gpu.txt" | tr "[:upper:]" "[:lower:]")
+GPU=${GPU:-gpu}
 status=0
 step() {  # name, time limit, command...
     local name=$1 limit=$2

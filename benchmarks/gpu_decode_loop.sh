@@ -9,6 +9,6 @@ source "$(dirname "$0")/gpu_common.sh"
 step pytest_gpu 300 python3 -m pytest -m gpu -q -p no:cacheprovider -k "not tp2" \
     tests/kernels/test_flashinfer_gpu.py tests/engine/test_cuda_graph_gpu.py tests/engine/test_gpu_engine.py \
     tests/speculative/test_spec_gpu.py
-step decode_busy 220 python3 benchmarks/bench_decode_busy.py --contexts 4096,32768 --batch 256 --tag h200
+step decode_busy 220 python3 benchmarks/bench_decode_busy.py --contexts 4096,32768 --batch 256 --tag "$GPU"
 stamp "total; exit $status"
 exit $status

@@ -16,7 +16,7 @@ if [ "$GPUS" -ge 2 ]; then
         --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 2 --contexts 4096,16384,32768 \
         --attention-backend triton --steps 12 --tag v3attn-4layers-graphs
     step spec 110 python3 benchmarks/bench_spec.py --tp-size 2 --device cuda --dtype float32 --ks 2,4,6 \
-        --group-sizes 2 --num-prompts 16 --new-tokens 128 --name spec_decode_h200x2
+        --group-sizes 2 --num-prompts 16 --new-tokens 128 --name spec_decode_${GPU}x2
     step e2e_v3attn_eager 90 python3 benchmarks/bench_e2e_decode.py --model deepseek-v3 \
         --override '{"num_hidden_layers": 4, "first_k_dense_replace": 4}' --tp 2 --contexts 4096,32768 \
         --attention-backend triton --steps 12 --disable-cuda-graph --tag v3attn-4layers-eager
@@ -30,7 +30,7 @@ else
             --tag "v3attn-4layers-tp1${graphs:+-eager}"
     done
     step spec 110 python3 benchmarks/bench_spec.py --tp-size 1 --device cuda --dtype float32 --ks 2,4,6 \
-        --group-sizes "" --num-prompts 16 --new-tokens 128 --name spec_decode_h200x1
+        --group-sizes "" --num-prompts 16 --new-tokens 128 --name spec_decode_${GPU}x1
 fi
 step kernel 100 python3 benchmarks/bench_decode_kernel.py --quick --skip-grid --out-dir "$OUT/results"
 stamp "total; exit $status"

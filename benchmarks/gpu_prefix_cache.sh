@@ -7,6 +7,6 @@ set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 step pytest_gpu 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/engine/test_gpu_engine.py -k prefix_cache
 step prefix_cache_gpu 300 python3 benchmarks/bench_prefix_cache.py --model-path deepseek-v2-lite \
-    --load-format dummy --device cuda --dtype bfloat16 --repeats 2 --tag h200
+    --load-format dummy --device cuda --dtype bfloat16 --repeats 2 --tag "$GPU"
 stamp "total; exit $status"
 exit $status

@@ -15,9 +15,9 @@ step pytest_spec 130 python3 -m pytest -m gpu -q -p no:cacheprovider -k "not tp2
     tests/speculative/test_spec_gpu.py tests/engine/test_cuda_graph_gpu.py
 step spec_b1 130 python3 benchmarks/bench_spec.py --device cuda --dtype bfloat16 --attention-backend triton \
     --tp-size 1 --batch-size 1 --num-prompts 4 --new-tokens 128 --ks 2,4 --group-sizes 4 \
-    --cuda-graph-max-bs 8 --name spec_decode_h200_b1
+    --cuda-graph-max-bs 8 --name spec_decode_"$GPU"_b1
 step spec_b8 110 python3 benchmarks/bench_spec.py --device cuda --dtype bfloat16 --attention-backend triton \
     --tp-size 1 --batch-size 8 --num-prompts 8 --new-tokens 128 --ks 2,4 --group-sizes 4 \
-    --cuda-graph-max-bs 8 --name spec_decode_h200_b8
+    --cuda-graph-max-bs 8 --name spec_decode_"$GPU"_b8
 stamp "total; exit $status"
 exit $status
