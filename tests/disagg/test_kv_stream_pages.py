@@ -124,10 +124,11 @@ class _Stalled(TcpEndpoint):
             c.close()
 
 
+@pytest.mark.parametrize("num_layers, n", [(8, 4096), (32, 1024)])  # a layer per message; 4 per message
 def test_a_room_aborted_while_its_slices_wait_for_a_stalled_decode_frees_every_staging_buffer(
-    closing: list,
+    closing: list, num_layers: int, n: int
 ) -> None:
-    spec = KVSpec(num_layers=8, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="big")
+    spec = KVSpec(num_layers=num_layers, kv_lora_rank=512, rope_dim=64, dtype="bfloat16", fingerprint="big")
     sender = KVSender(spec, secret=SECRET, timeout_s=1.0)
     stalled, fine = _Stalled(), _Stalled()
     closing += [sender, stalled, fine]
@@ -135,7 +136,7 @@ def test_a_room_aborted_while_its_slices_wait_for_a_stalled_decode_frees_every_s
     # A REGISTER as a decode server holding the secret sends it, naming the stalled endpoints.
     rx = KVReceiver(layout, 0, secret=SECRET, default_bootstrap_port=sender.bootstrap_port)
     closing.append(rx)
-    room, n = 77, 4096
+    room = 77
     rx.expect(room, n, lambda *a: None, "127.0.0.1", None)
     rx.send_register(room, [stalled.endpoint, fine.endpoint])
     assert wait_until(lambda: sender.stats().rooms_registered == 1, 5.0)
