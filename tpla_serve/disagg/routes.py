@@ -110,9 +110,10 @@ def _rows(cmds: list[LayerCmd], s: int, e: int, a: int, b: int, staging: Staging
     ready = [cmd.ready for cmd in cmds if cmd.ready is not None]
     kpes = [cmd.row_bytes[1][s:e].reshape(-1) for cmd in cmds]
     if first.latent_groups > 1 or b - a == width:
+        ckvs = [cmd.row_bytes[0] for cmd in cmds]
         if first.latent_groups > 1:
             assert b - a == width and a % width == 0, f"latent slice [{a}, {b}) is not one of the groups"
-        ckvs = [cmd.row_bytes[0][a // width] if first.latent_groups > 1 else cmd.row_bytes[0] for cmd in cmds]
+            ckvs = [ckv[a // width] for ckv in ckvs]
         frames = [f for ckv, kpe in zip(ckvs, kpes) for f in (ckv[s:e].reshape(-1), kpe)]
         return _Rows(frames, base, _Fill(ready, []) if ready else None)
     size = first.ckv.element_size()
