@@ -320,9 +320,9 @@ def main() -> None:
             f"KV in {args.device} memory at both ends"
             + ("." if args.device == "cpu" else
                ": raw copies each pre-sliced device tensor to a pinned buffer before sendall and each rank's "
-               "bytes to the device once all arrived; ours stages layers in pinned memory (one device→host "
-               "copy per layer, cut by latent group on the device once the room is registered; small layers "
-               "batched up to 4 MiB a message) and lands each message in pinned staging, one host→device copy "
+               "bytes to the device once all arrived; ours stages a registered room's layers in pinned memory "
+               "a batch at a time (up to 4 MiB a message: one gather, cut by latent group, and one device→host "
+               "copy on the sender's IO thread) and lands each message in pinned staging, one host→device copy "
                "per message and a copy per run of pages, queued without waiting.")
         ),
         "",

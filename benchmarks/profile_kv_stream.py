@@ -8,7 +8,8 @@ sender's and receiver's functions wrapped to add up their calls, wall time and C
 thread (wall beyond CPU is waiting: for bytes, a GPU copy, or the GIL). Prints, per configuration, the
 median transfer time and a table per process (S.* sender side, R.* receiver side; R.payload includes the
 landing it finishes, R.land_staged). With cuda it first times the device path's two pieces alone, without
-the other threads: staging a layer (stage_device_layer) and landing a staged chunk (RoomPages.land_staged).
+the other threads: staging layers (stage_device_layers, one layer or a batch) and landing a staged chunk
+(RoomPages.land_staged).
 """
 import collections, sys, threading, time, multiprocessing as mp, itertools
 from pathlib import Path
@@ -34,7 +35,8 @@ def wrap(obj, name, tag):
 def patch_prefill():
     from tpla_serve.disagg import routes, sender, sender_stream, staging, tcp_stream
     wrap(sender.KVSender, "send_layer", "S.send_layer")
-    wrap(sender, "stage_device_layer", "S.stage")
+    wrap(sender, "stage_device_layers", "S.stage")  # a layer of a room not registered yet
+    wrap(sender_stream, "stage_device_layers", "S.stage_batch")  # a registered room's batch, IO thread
     wrap(sender.KVSender, "_on_command", "S.io_cmd")
     wrap(sender_stream.RoomStreamer, "flush", "S.flush")
     wrap(routes._Fill, "__call__", "S.fill")
@@ -75,7 +77,7 @@ def child(conn, max_len, device):
 
 def micro(device):
     """Uncontended costs of the device path's pieces: stage a layer; land a staged chunk."""
-    from tpla_serve.disagg.staging import StagingPool, stage_device_layer
+    from tpla_serve.disagg.staging import StagingPool, stage_device_layers
     from tpla_serve.disagg.pages import KVPages
     from tpla_serve.cache.pool import LatentKVPool
     pool = StagingPool(pin=True)
@@ -85,11 +87,24 @@ def micro(device):
             for rep in range(2):
                 torch.cuda.synchronize(); t0 = time.perf_counter(); out = []
                 for _ in range(27):
-                    out.append(stage_device_layer(pool, ckv, kpe, g))
+                    out.append(stage_device_layers(pool, [ckv], [kpe], g))
                 t1 = time.perf_counter()
                 for o in out: o[2].synchronize(); o[3].drop()
                 t2 = time.perf_counter()
             print(f"micro stage n={n} g={g}: {(t1-t0)/27*1e6:.1f} us/layer to issue, {(t2-t0)*1e3:.2f} ms to all ready", flush=True)
+            side = torch.cuda.Stream()
+            for rep in range(2):
+                torch.cuda.synchronize(); t0 = time.perf_counter()
+                events = []
+                for _ in range(27):
+                    e = torch.cuda.Event(); e.record(); events.append(e)
+                t1 = time.perf_counter()
+                o = stage_device_layers(pool, [ckv] * 27, [kpe] * 27, g, side, tuple(events))
+                t2 = time.perf_counter()
+                o[2].synchronize(); o[3].drop()
+                t3 = time.perf_counter()
+            print(f"micro stage_batch n={n} g={g}: {(t1-t0)/27*1e6:.1f} us/layer to record, {(t2-t1)*1e3:.2f} ms to "
+                  f"issue 27 layers, {(t3-t0)*1e3:.2f} ms to all ready", flush=True)
         kp = KVPages(LatentKVPool(27, n // 64 + 2, 64, 256, 64, torch.bfloat16, device))
         rp = kp.room(list(range(1, n // 64 + 1)))
         for count in (1, 9):

@@ -109,3 +109,33 @@ def test_small_device_layers_handed_over_one_by_one_travel_in_one_message_per_ra
         assert isinstance(event, RoomCompleted), event
         rank.assert_holds(room, kv, None)
     assert [t.layers_per_message for t in taps] == [[TARGET.num_layers]] * layout.tp_size
+
+
+@pytest.mark.parametrize("registered_first", [True, False])
+def test_device_layers_land_byte_exact_whether_or_not_the_room_registered_first(
+    closing: list, registered_first: bool
+) -> None:
+    """A registered room's device layers reach the IO thread still on the device and are staged a batch at
+    a time (one gather, cut by latent group, and one device → host copy); a room's layers that come before
+    its REGISTER are staged at once, whole, and cut per rank on the host. Both land byte-exact."""
+    layout = DecodeLayout(TARGET, 2, 2, 16, draft=DRAFT, draft_ranks=(0,))
+    ranks = _ranks(closing, layout)
+    sender = KVSender(TARGET, draft=DRAFT, secret=SECRET)
+    closing.append(sender)
+    room, n = 11, 300
+    kv, draft_kv = prompt_kv(room, n, TARGET), prompt_kv(room + 1, n, DRAFT)
+    if registered_first:
+        _register(ranks, sender, room, n)
+        assert wait_until(lambda: sender.stats().rooms_registered == 1)
+    for layer, (ckv, kpe) in enumerate(kv):
+        sender.send_layer(room, layer, ckv.cuda(), kpe.cuda())
+    for layer, (ckv, kpe) in enumerate(draft_kv):
+        sender.send_layer(room, layer, ckv.cuda(), kpe.cuda(), draft=True)
+    if not registered_first:
+        time.sleep(0.2)  # every layer waits in the sender's buffer before the REGISTER
+        _register(ranks, sender, room, n)
+    sender.send_done(room, 1)
+    for rank, (event,) in zip(ranks, wait_events([r.rx for r in ranks], timeout_s=30.0)):
+        assert isinstance(event, RoomCompleted), event
+        rank.assert_holds(room, kv, draft_kv)
+    assert wait_until(lambda: sender.stats().staging_bytes == 0, 5.0)

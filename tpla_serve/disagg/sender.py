@@ -46,7 +46,7 @@ from tpla_serve.disagg.sender_rooms import (
     release,
 )
 from tpla_serve.disagg.sender_stream import BATCH_BYTES, RoomStreamer
-from tpla_serve.disagg.staging import StagingPool, stage_device_layer
+from tpla_serve.disagg.staging import StagingPool, stage_device_layers
 from tpla_serve.disagg.tcp_listen import TcpPlane
 from tpla_serve.disagg.transport import DataPlane
 
@@ -106,7 +106,7 @@ class KVSender(TransportLoop):
         self._streamer = RoomStreamer(kv, self._data, self._staging, self._send_failed)
         if not auth.authenticated:
             logger.warning(UNAUTHENTICATED_WARNING, f"the KV bootstrap socket {self.bootstrap_endpoint}")
-        # Registered rooms' latent groups (> 1 only): written by the IO thread, read by send_layer.
+        # Registered rooms' latent groups: written by the IO thread, read by send_layer.
         self._latent_groups: dict[int, int] = {}
         self._quiet_lock = threading.Lock()
         self._quiet_bytes = 0  # staged layers' bytes queued without waking the IO thread
@@ -130,9 +130,10 @@ class KVSender(TransportLoop):
         """Stream tokens [token_start, token_start + n) of `layer`: ĉ [n, r] and k_pe [n, d_r].
 
         draft: the layer is the draft model's (a sender made with draft=). Each layer's token ranges must
-        come in order without gaps (chunked prefill sends chunk after chunk). Device tensors are copied
-        into pinned staging on the current stream, without waiting (a lane sends them once the copy is done),
-        cut by latent group on the device once the room's decode layout is known."""
+        come in order without gaps (chunked prefill sends chunk after chunk). Nothing waits for device tensors:
+        a registered room's are staged to pinned memory by the IO thread with the rest of their batch, cut by
+        latent group on the device; a room not registered yet has them copied on the current stream now.
+        A lane sends staged rows once their copy is complete."""
         check_room(room)
         spec = self.kv
         if draft:
@@ -144,15 +145,23 @@ class KVSender(TransportLoop):
         if ckv.device.type == "cpu" and kpe.device.type == "cpu":
             self._submit(LayerCmd(room, wire_layer, token_start, ckv, kpe))
             return
-        groups = 1 if draft else self._latent_groups.get(room, 1)
-        host_ckv, host_kpe, ready, holds = stage_device_layer(self._staging, ckv, kpe, groups)
+        groups = self._latent_groups.get(room)
+        if groups is not None:
+            # Registered: the IO thread stages the layer with the rest of its batch (one gather and one
+            # device→host copy per batch, off the engine's thread) once the engine's stream computed it.
+            computed = torch.cuda.Event()
+            computed.record(torch.cuda.current_stream(ckv.device))
+            cmd = LayerCmd(room, wire_layer, token_start, ckv, kpe, computed, None, 1 if draft else groups)
+        else:  # the decode's layout is not known yet: staged now, whole, to wait in pinned memory
+            (host_ckv,), (host_kpe,), ready, holds = stage_device_layers(self._staging, [ckv], [kpe], 1)
+            cmd = LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds)
         # Staged layers wait to batch anyway (sender_stream.py): the IO thread need not wake for each.
         with self._quiet_lock:
-            self._quiet_bytes += host_ckv.nbytes + host_kpe.nbytes
+            self._quiet_bytes += cmd.nbytes
             wake = self._quiet_bytes >= BATCH_BYTES
             if wake:
                 self._quiet_bytes = 0
-        self._submit(LayerCmd(room, wire_layer, token_start, host_ckv, host_kpe, ready, holds, groups), wake)
+        self._submit(cmd, wake)
 
     def send_done(
         self,
@@ -300,8 +309,7 @@ class KVSender(TransportLoop):
         self._rooms_registered += 1
         key = self._gate.auth.room_keys(reg.room).to_decode
         state.routes, draft_problem = plan_routes(reg, self.kv, self.draft, key)
-        if reg.layout.latent_groups > 1:
-            self._latent_groups[reg.room] = reg.layout.latent_groups
+        self._latent_groups[reg.room] = reg.layout.latent_groups
         if draft_problem is not None:
             self._draft_warnings.warn(reg.notify_endpoint, draft_problem)
         state.deadline = now + self.timeout_s

@@ -21,9 +21,11 @@ class LayerCmd:
     room: int
     layer: int  # wire numbering: the draft's layers follow the target's
     token_start: int
-    ckv: torch.Tensor  # host memory: the engine's own tensors, or pinned staging (`holds`) for a GPU's
+    # Host memory: the engine's own tensors, or pinned staging (`holds`) for a GPU's; or a GPU's own tensors,
+    # which a registered room's batch stages on the IO thread (on_device).
+    ckv: torch.Tensor
     kpe: torch.Tensor
-    ready: Any = None  # a CUDA event: the copy into staging is complete
+    ready: Any = None  # a CUDA event: the copy into staging is complete (on_device: the rows are computed)
     holds: Holds | None = None
     latent_groups: int = 1  # > 1: ckv holds the decode's latent groups one after another, [g, n, r/g]
 
@@ -45,8 +47,13 @@ class LayerCmd:
 
     @property
     def staged(self) -> bool:
-        """Its rows are a GPU's, copied into pinned staging (`ready` says when)."""
+        """Its rows are a GPU's: copied into pinned staging (`ready` says when), or still on the device."""
         return self.ready is not None
+
+    @property
+    def on_device(self) -> bool:
+        """Its rows are still in device memory: they are staged with their batch before they go out."""
+        return self.ckv.device.type != "cpu"
 
     def release(self) -> None:
         """The command is done with (its messages hold what they still read)."""

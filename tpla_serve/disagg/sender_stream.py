@@ -4,21 +4,25 @@ when done (staging buffers) and who hears when it could not be sent.
 
 Small layers of one room leave as one message per rank when they are consecutive and of the same tokens:
 host layers the engine handed over together (queued while the IO thread was busy: a short prompt computes
-faster than its KV moves), so a host layer that comes alone leaves at once; and staged layers (a GPU's,
-copied to pinned memory) until BATCH_BYTES, DONE or a layer that does not join: each message costs a
-decode rank on a GPU a host → device copy and an event, several times what a host rank pays per message,
-and a staged layer's bytes cannot leave before its copy is complete anyway."""
+faster than its KV moves), so a host layer that comes alone leaves at once; and a GPU's layers until
+BATCH_BYTES, DONE or a layer that does not join: each message costs a decode rank on a GPU a host → device
+copy and an event, several times what a host rank pays per message, and a GPU's bytes cannot leave before
+their copy to pinned memory is complete anyway. A registered room's GPU layers reach this thread still on
+the device and are staged here, a batch at a time: one gather and one device → host copy for the batch, on
+this thread's copy stream, instead of two copies per layer on the engine's thread."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 
+import torch
+
 from tpla_serve.disagg.handshake import KVSpec
 from tpla_serve.disagg.messages import MAX_BATCH_LAYERS, Done, encode
 from tpla_serve.disagg.routes import draft_layer_messages, target_layer_messages
 from tpla_serve.disagg.sender_rooms import LayerCmd, SenderRoom
-from tpla_serve.disagg.staging import Holds, StagingPool
+from tpla_serve.disagg.staging import Holds, StagingPool, stage_device_layers
 from tpla_serve.disagg.transport import DataSender, SendDone
 
 BATCH_BYTES = 4 << 20  # a message per rank stops taking more layers at this size (fewer messages: less CPU)
@@ -59,6 +63,7 @@ class RoomStreamer:
         self.bytes_sent = 0  # draft included
         self.draft_bytes_sent = 0
         self._batches: dict[int, _Batch] = {}  # room -> layers not sent yet
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # this thread's, for staging
 
     def layer(self, state: SenderRoom, cmd: LayerCmd) -> str | None:
         """Take the layer (and its hold on any staging) into the room's batch, or send it."""
@@ -90,6 +95,7 @@ class RoomStreamer:
         return (
             cmd.layer == last.layer + 1 and cmd.token_start == last.token_start and n == last.n_tokens
             and cmd.latent_groups == last.latent_groups and cmd.staged == last.staged
+            and cmd.on_device == last.on_device
             and (last.layer >= self.kv.num_layers) == draft and (draft or n <= chunk_tokens)
             and len(batch.cmds) < MAX_BATCH_LAYERS
             and lane == batch.lane
@@ -110,6 +116,8 @@ class RoomStreamer:
                 self._batches[room].add(cmd)
                 self.flush(room)
             return
+        if cmds[0].on_device:
+            cmds = self._stage(cmds)
         messages = draft_layer_messages if draft else target_layer_messages
         lane = batch.lane
         for cmd in cmds:
@@ -123,6 +131,21 @@ class RoomStreamer:
         finally:
             for cmd in cmds:
                 cmd.release()
+
+    def _stage(self, cmds: list[LayerCmd]) -> list[LayerCmd]:
+        """Device layers into pinned staging, the batch at once; each copy waits for its layer's compute."""
+        device = cmds[0].ckv.device
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            stream = self._copy_streams[device] = torch.cuda.Stream(device)
+        ckvs, kpes, ready, holds = stage_device_layers(
+            self.staging, [c.ckv for c in cmds], [c.kpe for c in cmds], cmds[0].latent_groups, stream,
+            tuple(c.ready for c in cmds),
+        )
+        staged = [dataclasses.replace(c, ckv=ckv, kpe=kpe, ready=ready, holds=holds.hold())
+                  for c, ckv, kpe in zip(cmds, ckvs, kpes)]
+        holds.drop()  # each layer holds the buffer now
+        return staged
 
     def rooms_to_flush(self) -> list[int]:
         """Rooms whose batched layers go at the end of the IO thread's round (staged ones wait for more)."""

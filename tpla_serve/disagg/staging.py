@@ -65,20 +65,50 @@ class StagingPool:
             self._cached = 0
 
 
-def stage_device_layer(
-    pool: StagingPool, ckv: torch.Tensor, kpe: torch.Tensor, latent_groups: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event, Holds]:
-    """Copy a device layer's ĉ [n, r] and k_pe into pinned staging on the current stream, without waiting:
-    ĉ as [g, n, r/g] (each latent group's slice contiguous) when latent_groups > 1. Returns the host
-    tensors, the event that says the copies are complete, and the buffers' hold."""
-    buf = pool.acquire(ckv.nbytes + kpe.nbytes)  # one buffer for both: half the pool's work per layer
-    n, width = ckv.shape[0], ckv.shape[1] // latent_groups
-    src = ckv if latent_groups == 1 else ckv.view(n, latent_groups, width).transpose(0, 1)
-    host_ckv = buf[: ckv.nbytes].view(ckv.dtype).view(src.shape).copy_(src, non_blocking=True)
-    host_kpe = buf[ckv.nbytes :].view(kpe.dtype).view(kpe.shape).copy_(kpe, non_blocking=True)
-    ready = torch.cuda.Event(blocking=True)  # who waits for it sleeps rather than spins
-    ready.record(torch.cuda.current_stream(ckv.device))
-    return host_ckv, host_kpe, ready, Holds(pool, [buf])
+def stage_device_layers(
+    pool: StagingPool,
+    ckvs: list[torch.Tensor],
+    kpes: list[torch.Tensor],
+    latent_groups: int,
+    stream: torch.cuda.Stream | None = None,
+    after: tuple[torch.cuda.Event, ...] = (),
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.cuda.Event, Holds]:
+    """Copy device layers (ĉ [n, r] and k_pe [n, d_r] each, all of one shape) into one pinned buffer without
+    waiting: each layer's ĉ as [g, n, r/g] when latent_groups > 1 (each latent group's slice contiguous).
+    Several layers are gathered on the device first, so the batch costs one device→host copy, not one per
+    layer. On `stream` (the current one when None) once the events `after` have completed; the inputs are
+    marked as used by it, so their memory is not reused before the copies ran. Returns the layers' host
+    tensors, the event that says the copies are complete, and the buffer's hold."""
+    count, (n, r), dr = len(ckvs), ckvs[0].shape, kpes[0].shape[1]
+    ckv_bytes, kpe_bytes = count * ckvs[0].nbytes, count * kpes[0].nbytes
+    buf = pool.acquire(ckv_bytes + kpe_bytes)
+    width = r // latent_groups
+    host_ckv = buf[:ckv_bytes].view(ckvs[0].dtype).view(count, latent_groups, n, width)
+    host_kpe = buf[ckv_bytes:].view(kpes[0].dtype).view(count, n, dr)
+    side_stream = stream is not None
+    stream = stream if stream is not None else torch.cuda.current_stream(ckvs[0].device)
+    with torch.cuda.stream(stream):
+        for event in after:
+            stream.wait_event(event)
+        if count == 1:
+            host_ckv[0].copy_(ckvs[0].view(n, latent_groups, width).transpose(0, 1), non_blocking=True)
+            host_kpe[0].copy_(kpes[0], non_blocking=True)
+        else:
+            gathered = torch.empty(ckv_bytes + kpe_bytes, dtype=torch.uint8, device=ckvs[0].device)
+            dev_ckv = gathered[:ckv_bytes].view(ckvs[0].dtype).view(count, latent_groups, n, width)
+            if latent_groups == 1:
+                torch.stack(ckvs, out=dev_ckv.view(count, n, r))
+            else:
+                dev_ckv.copy_(torch.stack(ckvs).view(count, n, latent_groups, width).transpose(1, 2))
+            torch.stack(kpes, out=gathered[ckv_bytes:].view(kpes[0].dtype).view(count, n, dr))
+            buf.copy_(gathered, non_blocking=True)
+        ready = torch.cuda.Event(blocking=True)  # who waits for it sleeps rather than spins
+        ready.record(stream)
+    if side_stream:
+        for t in (*ckvs, *kpes):
+            t.record_stream(stream)
+    ckv_layers = list(host_ckv) if latent_groups > 1 else [c[0] for c in host_ckv]
+    return ckv_layers, list(host_kpe), ready, Holds(pool, [buf])
 
 
 class Holds:
